@@ -1,0 +1,1 @@
+"""jrlhf: accelerator-native RLHF in JAX/Flax."""

@@ -1,0 +1,128 @@
+"""Training objectives as pure functions (token-level math lives in `jrlhf.rl`).
+
+Losses over tokens take an explicit `[B, T]` mask and average over unmasked tokens only.
+Pairwise losses return one value per pair; callers choose the weighting.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jrlhf.rl import masked_mean, masked_sum
+
+
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps: float):
+    """Clipped surrogate objective (PPO), negated for minimisation.
+
+    Args:
+        logprobs: `[B, T]` current policy log-probs of the taken tokens.
+        old_logprobs: `[B, T]` log-probs under the policy that sampled them.
+        advantages: `[B, T]`.
+        mask: `[B, T]` response-token mask.
+        clip_eps: ratio clip range ε.
+
+    Returns:
+        `(loss, metrics)`: loss = mean over tokens of max(−A·r, −A·clip(r, 1−ε, 1+ε));
+        metrics: `clipfrac` (share of tokens where the clipped term is active) and `approx_kl`
+        (mean of ½(log r)²).
+    """
+    log_ratio = jnp.where(mask > 0, logprobs - old_logprobs, 0.0)
+    ratio = jnp.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    loss = masked_mean(jnp.maximum(unclipped, clipped), mask)
+    metrics = {
+        "clipfrac": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
+        "approx_kl": masked_mean(0.5 * jnp.square(log_ratio), mask),
+    }
+    return loss, metrics
+
+
+def ppo_value_loss(values, old_values, returns, mask, clip_eps: float):
+    """Clipped value loss: ½·mean over tokens of max((V − R)², (clip(V, V_old ± ε) − R)²).
+
+    Returns `(loss, metrics)` with `clipfrac` (share of tokens where the clipped error is larger).
+    """
+    clipped_values = old_values + jnp.clip(values - old_values, -clip_eps, clip_eps)
+    err = jnp.square(values - returns)
+    err_clipped = jnp.square(clipped_values - returns)
+    loss = 0.5 * masked_mean(jnp.maximum(err, err_clipped), mask)
+    return loss, {"clipfrac": masked_mean((err_clipped > err).astype(jnp.float32), mask)}
+
+
+def token_cross_entropy(logprobs, mask):
+    """`(sum, count)` of next-token NLL over unmasked tokens; divide after accumulating."""
+    return -masked_sum(logprobs, mask), jnp.sum(mask > 0)
+
+
+def pairwise_loss(chosen_rewards, rejected_rewards, margin=None):
+    """Bradley-Terry loss per pair: −log σ(r_chosen − r_rejected − margin). Shapes `[P]`."""
+    diff = chosen_rewards - rejected_rewards
+    if margin is not None:
+        diff = diff - margin
+    return -jax.nn.log_sigmoid(diff)
+
+
+def ranking_pair_indices(num_responses: int) -> tuple[np.ndarray, np.ndarray]:
+    """All K·(K−1)/2 unordered index pairs (i < j) of a K-way group, as two `[M]` arrays."""
+    pairs = np.array(list(itertools.combinations(range(num_responses), 2)), np.int32)
+    pairs = pairs.reshape(-1, 2)
+    return pairs[:, 0], pairs[:, 1]
+
+
+def ranking_to_pairs(ranks):
+    """Ordered (better, worse) pairs from a K-way ranking. Lower rank is better; ties allowed.
+
+    Args:
+        ranks: `[..., K]` ranks (1 = best). A negative rank marks an absent response.
+
+    Returns:
+        `(better, worse, valid)`, each `[..., K·(K−1)/2]`: indices into the K responses and a
+        bool that is False for ties and for pairs with an absent response.
+    """
+    ranks = jnp.asarray(ranks)
+    i, j = ranking_pair_indices(ranks.shape[-1])
+    ri, rj = ranks[..., i], ranks[..., j]
+    i_better = ri < rj
+    better = jnp.where(i_better, i, j)
+    worse = jnp.where(i_better, j, i)
+    valid = (ri != rj) & (ri >= 0) & (rj >= 0)
+    return better, worse, valid
+
+
+def ranking_loss(rewards, ranks, per_prompt: bool = True):
+    """Bradley-Terry loss over every ranked pair of K-way groups.
+
+    Args:
+        rewards: `[G, K]` reward-model scores of each group's responses.
+        ranks: `[G, K]` ranks (1 = best, ties equal, negative = absent).
+        per_prompt: weight pairs so each group counts once (default); else every pair counts
+            once.
+
+    Returns:
+        `(loss, metrics)`; metrics: `accuracy` (share of valid pairs ordered correctly, ties in
+        reward count as wrong), `margin` (mean r_better − r_worse), `num_pairs`.
+    """
+    better, worse, valid = ranking_to_pairs(ranks)
+    r_better = jnp.take_along_axis(rewards, better, axis=-1)
+    r_worse = jnp.take_along_axis(rewards, worse, axis=-1)
+    losses = pairwise_loss(r_better, r_worse)
+    valid_f = valid.astype(jnp.float32)
+    if per_prompt:
+        pairs_per_group = jnp.sum(valid_f, axis=-1, keepdims=True)
+        groups = jnp.sum(pairs_per_group > 0)
+        weights = valid_f / jnp.maximum(pairs_per_group, 1.0) / jnp.maximum(groups, 1)
+    else:
+        weights = valid_f / jnp.maximum(jnp.sum(valid_f), 1.0)
+    loss = jnp.sum(jnp.where(valid, losses, 0.0) * weights)
+    margin = r_better - r_worse
+    metrics = {
+        "accuracy": masked_mean((margin > 0).astype(jnp.float32), valid),
+        "margin": masked_mean(margin, valid),
+        "num_pairs": jnp.sum(valid_f),
+    }
+    return loss, metrics

@@ -1,0 +1,143 @@
+"""Token-level RLHF math as small pure functions.
+
+Conventions: B rows, T tokens. `mask` is `[B, T]`, 1 where a token counts (response tokens,
+up to and including EOS) and 0 elsewhere (prompt, padding). Every function here is jittable and
+gives results that do not depend on what sits at masked positions.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+KLKind = Literal["k1", "k2", "k3", "abs"]
+
+
+def logprobs_from_logits(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Log-probability of each token. logits `[B, T, V]`, tokens `[B, T]` -> `[B, T]` float32."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def entropy_from_logits(logits: jax.Array) -> jax.Array:
+    """Entropy of the categorical at each position. `[B, T, V]` -> `[B, T]` float32."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+
+
+def masked_sum(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
+    """Sum of `x` where `mask` is 1 (masked entries contribute exactly 0, even if NaN/inf)."""
+    return jnp.sum(jnp.where(mask > 0, x, 0.0), axis=axis)
+
+
+def masked_mean(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
+    """Mean of `x` over entries where `mask` is 1; 0 where nothing is unmasked."""
+    count = jnp.sum(mask > 0, axis=axis)
+    return masked_sum(x, mask, axis) / jnp.maximum(count, 1)
+
+
+def masked_var(x: jax.Array, mask: jax.Array, unbiased: bool = True) -> jax.Array:
+    """Variance of all unmasked entries (scalar). Bessel-corrected when `unbiased`."""
+    mean = masked_mean(x, mask)
+    sq = masked_mean(jnp.square(x - mean), mask)
+    if unbiased:
+        n = jnp.sum(mask > 0)
+        sq = sq * n / jnp.maximum(n - 1, 1)
+    return sq
+
+
+def masked_whiten(x: jax.Array, mask: jax.Array, shift_mean: bool = True,
+                  eps: float = 1e-8) -> jax.Array:
+    """Normalise unmasked entries to unit variance (and zero mean if `shift_mean`).
+
+    Statistics use only unmasked entries; masked entries of the result are 0.
+    """
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * jax.lax.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return jnp.where(mask > 0, out, 0.0)
+
+
+def kl_penalty(logprobs: jax.Array, ref_logprobs: jax.Array, kind: KLKind = "k1") -> jax.Array:
+    """Per-token estimate of KL(policy || reference) from sampled-token log-probs `[B, T]`.
+
+    k1: logp - ref (unbiased, can be negative); k2: (logp - ref)^2 / 2; k3: (r - 1) - log r with
+    r = exp(ref - logp) (unbiased and non-negative); abs: |logp - ref|.
+    """
+    log_ratio = logprobs - ref_logprobs
+    if kind == "k1":
+        return log_ratio
+    if kind == "k2":
+        return 0.5 * jnp.square(log_ratio)
+    if kind == "k3":
+        return jnp.expm1(-log_ratio) + log_ratio
+    if kind == "abs":
+        return jnp.abs(log_ratio)
+    raise ValueError(f"unknown KL estimator {kind!r}; choose from k1, k2, k3, abs")
+
+
+def last_valid_index(mask: jax.Array) -> jax.Array:
+    """Index `[B]` of the last 1 in each row of a right-padded `[B, T]` mask (0 if none)."""
+    T = mask.shape[-1]
+    positions = jnp.arange(T)
+    return jnp.max(jnp.where(mask > 0, positions, 0), axis=-1)
+
+
+def token_rewards(scores: jax.Array, kl: jax.Array, mask: jax.Array, kl_coef) -> jax.Array:
+    """Per-token rewards `[B, T]`: `-kl_coef * kl` on every response token, plus the scalar
+    `scores [B]` on each row's last response token. Zero where `mask` is 0."""
+    rewards = jnp.where(mask > 0, -kl_coef * kl, 0.0)
+    last = last_valid_index(mask)
+    has_tokens = jnp.any(mask > 0, axis=-1)
+    bonus = jax.nn.one_hot(last, mask.shape[-1]) * jnp.where(has_tokens, scores, 0.0)[:, None]
+    return rewards + bonus
+
+
+def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, gamma: float, lam: float):
+    """Generalised advantage estimation over right-padded response tokens.
+
+    Args:
+        rewards, values: `[B, T]`.
+        mask: `[B, T]`, 1 on response tokens then 0 on right padding. The last valid token is
+            terminal: the value after it is 0.
+        gamma, lam: discount and GAE lambda.
+
+    Returns:
+        `(advantages, returns)`, both `[B, T]`, with returns = advantages + values, both 0
+        where `mask` is 0. δ_t = r_t + γ·V_{t+1}·m_{t+1} − V_t;
+        A_t = δ_t + γλ·m_{t+1}·A_{t+1}.
+    """
+    mask = (mask > 0).astype(jnp.float32)
+    rewards = jnp.where(mask > 0, rewards, 0.0)
+    values = jnp.where(mask > 0, values, 0.0)
+    next_values = jnp.pad(values[:, 1:], ((0, 0), (0, 1)))
+    next_mask = jnp.pad(mask[:, 1:], ((0, 0), (0, 1)))
+    deltas = rewards + gamma * next_values * next_mask - values
+
+    def backward(next_adv, xs):
+        delta, m_next = xs
+        adv = delta + gamma * lam * m_next * next_adv
+        return adv, adv
+
+    _, adv_t = jax.lax.scan(backward, jnp.zeros(rewards.shape[0], jnp.float32),
+                            (deltas.T, next_mask.T), reverse=True)
+    advantages = adv_t.T * mask
+    return advantages, (advantages + values) * mask
+
+
+def explained_variance(predictions: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    """1 - Var[targets - predictions] / Var[targets] over unmasked entries."""
+    return 1.0 - masked_var(targets - predictions, mask) / jnp.maximum(masked_var(targets, mask),
+                                                                       1e-8)
+
+
+def adaptive_kl_coef(kl_coef, observed_kl, *, target: float, horizon: float, n_steps: int):
+    """Ziegler et al. (2019) adaptive KL controller: one update of the coefficient β.
+
+    β ← β · (1 + clip(KL / target − 1, −0.2, 0.2) · n_steps / horizon).
+    """
+    error = jnp.clip(observed_kl / target - 1.0, -0.2, 0.2)
+    return kl_coef * (1.0 + error * n_steps / horizon)

@@ -1,0 +1,64 @@
+"""Test set-up: 8 fake CPU devices and an offline hub, before anything imports jax."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+TINY_CONFIGS = {
+    # name: (family, kwargs for the transformers config class)
+    "gpt2": ("gpt2", dict(n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=97)),
+    "gpt2_gelu": ("gpt2", dict(n_layer=3, n_embd=48, n_head=3, n_positions=64, vocab_size=89,
+                               activation_function="gelu", n_inner=80)),
+    "llama_gqa": ("llama", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, vocab_size=97,
+                                max_position_embeddings=64, rope_theta=10000.0)),
+    "llama_mqa_tied": ("llama", dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                     num_attention_heads=6, num_key_value_heads=1,
+                                     vocab_size=101, max_position_embeddings=64,
+                                     tie_word_embeddings=True, rope_theta=500.0)),
+    "qwen2_bias": ("qwen2", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=97,
+                                 max_position_embeddings=64, use_sliding_window=False)),
+}
+
+
+def make_hf_model(name: str, seed: int = 0, head: str = "lm"):
+    """A tiny transformers model (torch, random weights) for one of TINY_CONFIGS."""
+    import torch
+    import transformers
+
+    model_type, kwargs = TINY_CONFIGS[name]
+    config = transformers.AutoConfig.for_model(model_type, **kwargs)
+    config.pad_token_id = 0
+    torch.manual_seed(seed)
+    auto = (transformers.AutoModelForCausalLM if head == "lm"
+            else transformers.AutoModelForSequenceClassification)
+    if head != "lm":
+        config.num_labels = 1
+    return auto.from_config(config, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def hf_folder(tmp_path_factory):
+    """`hf_folder(name)` -> (torch model, folder saved by transformers)."""
+    cache = {}
+
+    def get(name: str, head: str = "lm"):
+        if (name, head) not in cache:
+            model = make_hf_model(name, head=head)
+            folder = tmp_path_factory.mktemp(f"{name}_{head}")
+            model.save_pretrained(folder)
+            cache[(name, head)] = (model, folder)
+        return cache[(name, head)]
+
+    return get
