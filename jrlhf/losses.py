@@ -94,7 +94,23 @@ def ranking_to_pairs(ranks):
     return better, worse, valid
 
 
-def ranking_loss(rewards, ranks, per_prompt: bool = True):
+def ranking_pair_weights(ranks, per_prompt: bool = True):
+    """Weights `[G, M]` of the ranked pairs of `ranks [G, K]`, summing to 1 over valid pairs.
+
+    `per_prompt`: each group with at least one valid pair counts once (its pairs share 1/G');
+    otherwise every valid pair counts once. Depends only on the ranks, so it can be computed for
+    a whole batch before splitting it into micro-batches.
+    """
+    _, _, valid = ranking_to_pairs(ranks)
+    valid_f = valid.astype(jnp.float32)
+    if per_prompt:
+        pairs_per_group = jnp.sum(valid_f, axis=-1, keepdims=True)
+        groups = jnp.sum(pairs_per_group > 0)
+        return valid_f / jnp.maximum(pairs_per_group, 1.0) / jnp.maximum(groups, 1)
+    return valid_f / jnp.maximum(jnp.sum(valid_f), 1.0)
+
+
+def ranking_loss(rewards, ranks, per_prompt: bool = True, weights=None):
     """Bradley-Terry loss over every ranked pair of K-way groups.
 
     Args:
@@ -102,27 +118,24 @@ def ranking_loss(rewards, ranks, per_prompt: bool = True):
         ranks: `[G, K]` ranks (1 = best, ties equal, negative = absent).
         per_prompt: weight pairs so each group counts once (default); else every pair counts
             once.
+        weights: precomputed `ranking_pair_weights` (e.g. of a whole batch, when `rewards` is one
+            micro-batch of it); overrides `per_prompt`.
 
     Returns:
-        `(loss, metrics)`; metrics: `accuracy` (share of valid pairs ordered correctly, ties in
-        reward count as wrong), `margin` (mean r_better − r_worse), `num_pairs`.
+        `(loss, metrics)`; loss = Σ weight · −log σ(r_better − r_worse); metrics (sums, so
+        micro-batches add up): `correct` (valid pairs ordered correctly; a reward tie is wrong),
+        `margin_sum` (Σ r_better − r_worse), `num_pairs`.
     """
     better, worse, valid = ranking_to_pairs(ranks)
+    if weights is None:
+        weights = ranking_pair_weights(ranks, per_prompt)
     r_better = jnp.take_along_axis(rewards, better, axis=-1)
     r_worse = jnp.take_along_axis(rewards, worse, axis=-1)
-    losses = pairwise_loss(r_better, r_worse)
-    valid_f = valid.astype(jnp.float32)
-    if per_prompt:
-        pairs_per_group = jnp.sum(valid_f, axis=-1, keepdims=True)
-        groups = jnp.sum(pairs_per_group > 0)
-        weights = valid_f / jnp.maximum(pairs_per_group, 1.0) / jnp.maximum(groups, 1)
-    else:
-        weights = valid_f / jnp.maximum(jnp.sum(valid_f), 1.0)
-    loss = jnp.sum(jnp.where(valid, losses, 0.0) * weights)
+    loss = jnp.sum(jnp.where(valid, pairwise_loss(r_better, r_worse) * weights, 0.0))
     margin = r_better - r_worse
     metrics = {
-        "accuracy": masked_mean((margin > 0).astype(jnp.float32), valid),
-        "margin": masked_mean(margin, valid),
-        "num_pairs": jnp.sum(valid_f),
+        "correct": masked_sum((margin > 0).astype(jnp.float32), valid),
+        "margin_sum": masked_sum(margin, valid),
+        "num_pairs": jnp.sum(valid.astype(jnp.float32)),
     }
     return loss, metrics

@@ -77,13 +77,15 @@ def match_rules(tree, rules: Sequence[tuple[str, T]], *, what: str = "rule",
 
     out = map_with_path(choose, tree)
     if require_all_used:
-        paths = list(flatten(tree))
-        unused = [p for (p, _), (rx, _) in zip(rules, compiled)
-                  if not any(rx.fullmatch(path) for path in paths)]
-        if unused:
-            example = ", ".join(paths[:6])
-            raise ValueError(
-                f"{what} regex {unused[0]!r} matches no parameter path "
-                f"(paths look like: {example}, ...)"
-            )
+        require_matches(tree, [pattern for pattern, _ in rules], what=what)
     return out
+
+
+def require_matches(tree, regexes: Sequence[str], *, what: str = "rule") -> None:
+    """Raise if any regex fully matches no path of `tree` (a typo would silently do nothing)."""
+    paths = list(flatten(tree))
+    for pattern in regexes:
+        regex = re.compile(pattern)
+        if not any(regex.fullmatch(path) for path in paths):
+            raise ValueError(f"{what} regex {pattern!r} matches no parameter path "
+                             f"(paths look like: {', '.join(paths[:6])}, ...)")

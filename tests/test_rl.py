@@ -225,5 +225,8 @@ def test_ranking_loss_weights_each_prompt_once():
     np.testing.assert_allclose(loss, (g1 + g2) / 2, rtol=1e-6)
     per_pair, _ = losses.ranking_loss(rewards, ranks, per_prompt=False)
     np.testing.assert_allclose(per_pair, (3 * g1 + g2) / 4, rtol=1e-6)
-    assert float(m["accuracy"]) == 1.0 and float(m["num_pairs"]) == 4
-    np.testing.assert_allclose(m["margin"], (1 + 2 + 1 + 0.5) / 4)
+    assert float(m["correct"]) == 4 and float(m["num_pairs"]) == 4
+    np.testing.assert_allclose(m["margin_sum"], 1 + 2 + 1 + 0.5)
+    # A reward tie on a ranked pair counts as wrong.
+    _, m = losses.ranking_loss(jnp.zeros((1, 2)), jnp.array([[1, 2]]))
+    assert float(m["correct"]) == 0

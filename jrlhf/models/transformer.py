@@ -238,7 +238,7 @@ def graphdef(cfg: ModelConfig) -> nnx.GraphDef:
 def init_params(cfg: ModelConfig, rng: jax.Array | int = 0) -> Params:
     """Randomly initialised parameters (normal(0.02) weights, unit norms) as a nested dict."""
     rng = jax.random.key(rng) if isinstance(rng, int) else rng
-    return nnx.split(Transformer(cfg, nnx.Rngs(params=rng)))[1].to_pure_dict()
+    return nnx.to_pure_dict(nnx.split(Transformer(cfg, nnx.Rngs(params=rng)))[1])
 
 
 def abstract_params(cfg: ModelConfig) -> Params:

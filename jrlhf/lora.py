@@ -1,0 +1,66 @@
+"""LoRA: low-rank adapters stored beside the kernels they adapt.
+
+A targeted kernel `W [in, out]` at path `.../q_proj/kernel` gets siblings `lora_a [in, r]`
+(random) and `lora_b [r, out]` (zeros, so training starts at the base model). The forward pass
+uses `W + scale · A·B` (`merge_lora`); the base model is the same tree without the adapters
+(`base_params`) — no second copy of the weights is kept for the PPO reference.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jrlhf import paths
+from jrlhf.config import LoRAConfig
+
+ADAPTER_KEYS = ("lora_a", "lora_b")
+# Train-only rules for `optim.trainable_labels` when LoRA is on: adapters (and scalar heads).
+LORA_TRAINABLE = (r".*/lora_[ab]", r"score/kernel", r"value/score/kernel")
+
+
+def add_lora(params, cfg: LoRAConfig, rng: jax.Array):
+    """Return `params` with adapters next to every kernel matched by `cfg.targets`."""
+    targets = paths.match_rules(params, [(rx, True) for rx in cfg.targets], what="LoRA target",
+                                default=False)
+    flat, flat_targets = paths.flatten(params), paths.flatten(targets)
+    out = dict(flat)
+    for i, (path, kernel) in enumerate(flat.items()):
+        if not flat_targets[path]:
+            continue
+        if kernel.ndim != 2 or not path.endswith("/kernel"):
+            raise ValueError(f"LoRA target {path!r} is not a 2-D kernel (shape {kernel.shape})")
+        d_in, d_out = kernel.shape
+        stem = path[: -len("kernel")]
+        key = jax.random.fold_in(rng, i)
+        out[stem + "lora_a"] = jax.random.normal(key, (d_in, cfg.rank), kernel.dtype) / cfg.rank
+        out[stem + "lora_b"] = jnp.zeros((cfg.rank, d_out), kernel.dtype)
+    return paths.unflatten(out)
+
+
+def _is_adapted(node) -> bool:
+    return isinstance(node, dict) and "lora_a" in node
+
+
+def merge_lora(params, scale: float):
+    """Params without adapters where each adapted kernel is `W + scale · A·B` (for forward
+    passes and export)."""
+    if not isinstance(params, dict):
+        return params
+    if _is_adapted(params):
+        merged = {k: v for k, v in params.items() if k not in ADAPTER_KEYS}
+        delta = params["lora_a"] @ params["lora_b"]
+        merged["kernel"] = params["kernel"] + (scale * delta).astype(params["kernel"].dtype)
+        return merged
+    return {k: merge_lora(v, scale) for k, v in params.items()}
+
+
+def base_params(params):
+    """The base model: `params` with the adapters dropped (shares the base arrays)."""
+    if not isinstance(params, dict):
+        return params
+    return {k: base_params(v) for k, v in params.items() if k not in ADAPTER_KEYS}
+
+
+def has_lora(params) -> bool:
+    return any(p.endswith(("/lora_a", "/lora_b")) for p in paths.flatten(params))

@@ -1,0 +1,96 @@
+"""Device meshes and partition rules (regex over parameter paths -> PartitionSpec).
+
+Axes: `data` (pure data parallel), `fsdp` (data parallel with parameters and optimizer state
+sharded), `tensor` (attention heads / MLP hidden split). Batches are split over (data, fsdp).
+Meshes use `AxisType.Auto` deliberately: GSPMD propagates shardings through the model, and
+plain indexing of results keeps working.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jrlhf import paths
+from jrlhf.config import MeshConfig
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# First match wins. Kernels are [in, out]; embeddings [vocab, hidden].
+PARAM_RULES: tuple[tuple[str, P], ...] = (
+    (r"(.*/)?embed/embedding", P("tensor", "fsdp")),
+    (r"(.*/)?pos_embed/embedding", P(None, "fsdp")),
+    (r".*attn/(q_proj|k_proj|v_proj)/kernel", P("fsdp", "tensor")),
+    (r".*attn/(q_proj|k_proj|v_proj)/bias", P("tensor")),
+    (r".*attn/o_proj/kernel", P("tensor", "fsdp")),
+    (r".*mlp/(gate_proj|up_proj|fc_in)/kernel", P("fsdp", "tensor")),
+    (r".*mlp/fc_in/bias", P("tensor")),
+    (r".*mlp/(down_proj|fc_out)/kernel", P("tensor", "fsdp")),
+    (r"(.*/)?lm_head/kernel", P("fsdp", "tensor")),
+    (r"(.*/)?score/kernel", P("fsdp", None)),
+    (r".*/lora_a", P("fsdp", None)),
+    (r".*/lora_b", P(None, "tensor")),
+    (r".*", P()),
+)
+
+
+def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all). The product must match."""
+    devices = list(jax.devices() if devices is None else devices)
+    if any(n < 1 for n in cfg.shape):
+        raise ValueError(f"mesh axis sizes must be >= 1, got data={cfg.data} fsdp={cfg.fsdp} "
+                         f"tensor={cfg.tensor}")
+    size = int(np.prod(cfg.shape))
+    if size != len(devices):
+        raise ValueError(f"mesh data={cfg.data} x fsdp={cfg.fsdp} x tensor={cfg.tensor} = {size} "
+                         f"devices, but {len(devices)} are available")
+    return jax.make_mesh(cfg.shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                         devices=devices)
+
+
+def _fit(spec: P, shape, mesh) -> P:
+    """Drop mesh axes from dimensions they do not divide (e.g. a vocabulary of 50257)."""
+    dims = []
+    for i, axis in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec))):
+        if i >= len(shape):
+            break
+        size = 1 if axis is None else mesh.shape[axis]
+        dims.append(axis if shape[i] % size == 0 else None)
+    return P(*dims)
+
+
+def param_shardings(params, mesh, rules=PARAM_RULES):
+    """NamedSharding per parameter leaf from the ordered regex rule table."""
+    specs = paths.match_rules(params, rules, what="sharding rule", require_all_used=False)
+    return jax.tree.map(lambda x, spec: NamedSharding(mesh, _fit(spec, x.shape, mesh)),
+                        params, specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh) -> NamedSharding:
+    """Leading (batch) dimension split over data x fsdp, the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def check_batch_divisible(batch, mesh, name: str = "batch") -> None:
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    for key, x in paths.flatten(batch).items():
+        if np.ndim(x) and np.shape(x)[0] % ways:
+            raise ValueError(f"{name}[{key!r}] has leading size {np.shape(x)[0]}, not divisible by "
+                             f"data x fsdp = {ways}")
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, opt_state, params_sharding, mesh):
+    """Optimizer-state shardings mirroring the params' (moments sharded like their params)."""
+    return optax.tree_map_params(
+        tx, lambda _, sharding: sharding, opt_state, params_sharding,
+        transform_non_params=lambda _: replicated(mesh),
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    )

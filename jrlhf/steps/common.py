@@ -1,0 +1,92 @@
+"""Pieces every step shares: micro-batching, LoRA-aware params, and jit with shardings."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jrlhf import lora, sharding
+from jrlhf.optim import stop_frozen_gradients
+
+
+def forward_params(params, labels=None, lora_scale: float = 0.0):
+    """The params a forward pass uses: frozen leaves gradient-stopped, LoRA merged."""
+    if labels is not None:
+        params = stop_frozen_gradients(params, labels)
+    if lora_scale:
+        params = lora.merge_lora(params, lora_scale)
+    return params
+
+
+def split_micro_batches(batch, n: int):
+    """Reshape every leaf's leading dim B into `[n, B // n]`."""
+    def split(x):
+        if x.shape[0] % n:
+            raise ValueError(f"batch size {x.shape[0]} is not divisible by {n} micro-batches")
+        return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+
+    return jax.tree.map(split, batch)
+
+
+def accumulate_gradients(loss_fn, params, batch, num_micro_batches: int):
+    """Sum `grad(loss_fn)` and its aux sums over micro-batches with one `lax.scan`.
+
+    `loss_fn(params, micro_batch) -> (loss, aux)` must return *already normalised* contributions
+    (e.g. token-weighted by the whole batch's token count), so that the sum over micro-batches
+    equals the loss of the full batch; `aux` holds sums as well.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if num_micro_batches == 1:
+        (loss, aux), grads = grad_fn(params, batch)
+        return loss, aux, grads
+
+    def body(carry, micro):
+        (loss, aux), grads = grad_fn(params, micro)
+        return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
+
+    micro = split_micro_batches(batch, num_micro_batches)
+    first = jax.tree.map(lambda x: x[0], micro)
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, first))
+    (loss, aux), grads = zeros
+    (loss, aux, grads), _ = jax.lax.scan(body, (loss, aux, grads), micro)
+    return loss, aux, grads
+
+
+def state_shardings(state, mesh):
+    """Shardings for a `TrainState`: params by the rule table, moments like their params."""
+    params_sh = sharding.param_shardings(state.params, mesh)
+    return state.replace(
+        params=params_sh,
+        opt_state=sharding.opt_state_shardings(state.tx, state.opt_state, params_sh, mesh),
+        step=sharding.replicated(mesh),
+        rng=sharding.replicated(mesh),
+        kl_coef=None if state.kl_coef is None else sharding.replicated(mesh),
+    )
+
+
+def jit_step(step_fn, state=None, mesh=None):
+    """`jax.jit` a `(state, batch) -> (state, metrics)` step with the state donated.
+
+    With a mesh, in/out shardings are explicit: the state by `state_shardings`, the batch split
+    over (data, fsdp), metrics replicated. Use `place_state` to put a state on the mesh first.
+    """
+    if mesh is None:
+        return jax.jit(step_fn, donate_argnums=0)
+    state_sh = state_shardings(state, mesh)
+    jitted = jax.jit(step_fn, in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+                     out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+
+    @functools.wraps(step_fn)
+    def checked(state, batch):
+        sharding.check_batch_divisible(batch, mesh)
+        return jitted(state, batch)
+
+    checked.jitted = jitted
+    return checked
+
+
+def place_state(state, mesh):
+    """Put a state's arrays on the mesh with `state_shardings`."""
+    return jax.device_put(state, state_shardings(state, mesh))

@@ -1,0 +1,62 @@
+"""Reward-model step: Bradley-Terry over every ranked pair of K-way groups."""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jrlhf import losses
+from jrlhf.models import transformer as tfm
+from jrlhf.models.config import ModelConfig
+from jrlhf.steps.common import accumulate_gradients, forward_params, jit_step
+
+
+def pairs_to_groups(chosen_ids, chosen_mask, rejected_ids, rejected_mask):
+    """A (chosen, rejected) pair batch as K=2 ranking groups for `reward_step`."""
+    ids = np.stack([chosen_ids, rejected_ids], axis=1)
+    mask = np.stack([chosen_mask, rejected_mask], axis=1)
+    ranks = np.tile(np.array([[1, 2]], np.int32), (ids.shape[0], 1))
+    return {"input_ids": ids, "attention_mask": mask, "ranks": ranks}
+
+
+def group_rewards(params, batch, model_cfg: ModelConfig):
+    """Scores `[G, K]` of `input_ids [G, K, T]` (reward read at each row's last real token)."""
+    G, K, T = batch["input_ids"].shape
+    scores = tfm.reward_scores(model_cfg, params, batch["input_ids"].reshape(G * K, T),
+                               batch["attention_mask"].reshape(G * K, T))
+    return scores.reshape(G, K)
+
+
+def reward_step(state, batch, *, model_cfg: ModelConfig, labels=None, lora_scale: float = 0.0,
+                per_prompt: bool = True, grad_accum_steps: int = 1):
+    """One optimizer step of reward-model training.
+
+    batch: `input_ids [G, K, T]`, `attention_mask [G, K, T]`, `ranks [G, K]` (1 = best, ties
+    equal, negative = absent response). Pairs come from `losses.ranking_to_pairs`; by default
+    each group counts once. Metrics: `reward/loss`, `reward/accuracy`, `reward/margin`,
+    `reward/num_pairs`, `reward/grad_norm`.
+    """
+    weights = losses.ranking_pair_weights(batch["ranks"], per_prompt)
+    batch = dict(batch, pair_weights=weights)
+
+    def loss_fn(params, micro):
+        rewards = group_rewards(forward_params(params, labels, lora_scale), micro, model_cfg)
+        return losses.ranking_loss(rewards, micro["ranks"], weights=micro["pair_weights"])
+
+    loss, aux, grads = accumulate_gradients(loss_fn, state.params, batch, grad_accum_steps)
+    pairs = jnp.maximum(aux["num_pairs"], 1.0)
+    metrics = {"reward/loss": loss, "reward/accuracy": aux["correct"] / pairs,
+               "reward/margin": aux["margin_sum"] / pairs, "reward/num_pairs": aux["num_pairs"],
+               "reward/grad_norm": optax.tree.norm(grads)}
+    return state.apply_gradients(grads), metrics
+
+
+def make_reward_step(model_cfg: ModelConfig, *, labels=None, lora_scale: float = 0.0,
+                     per_prompt: bool = True, grad_accum_steps: int = 1, state=None, mesh=None):
+    """Jitted `reward_step` with its hyper-parameters bound (sharded when `mesh` is given)."""
+    fn = functools.partial(reward_step, model_cfg=model_cfg, labels=labels, lora_scale=lora_scale,
+                           per_prompt=per_prompt, grad_accum_steps=grad_accum_steps)
+    return jit_step(fn, state, mesh)

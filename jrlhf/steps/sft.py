@@ -1,0 +1,57 @@
+"""Supervised fine-tuning step: next-token cross-entropy on response tokens only."""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+import optax
+
+from jrlhf import rl
+from jrlhf.models import transformer as tfm
+from jrlhf.models.config import ModelConfig
+from jrlhf.steps.common import accumulate_gradients, forward_params, jit_step
+
+
+def sft_loss(params, batch, *, model_cfg: ModelConfig, token_weights):
+    """Σ weight · NLL over predicted tokens, and its aux sums.
+
+    batch: `input_ids [B, T]`, `attention_mask [B, T]`, and `loss_mask [B, T]` (1 on response
+    tokens: the tokens to be predicted; prompt and padding 0). `token_weights [B, T-1]` weights
+    each predicted position (1 / total response tokens of the full batch).
+    """
+    logits = tfm.forward(model_cfg, params, batch["input_ids"], batch["attention_mask"])
+    logprobs = rl.logprobs_from_logits(logits[:, :-1], batch["input_ids"][:, 1:])
+    nll = -jnp.where(token_weights > 0, logprobs, 0.0)
+    return jnp.sum(nll * token_weights), {"tokens": jnp.sum(token_weights > 0)}
+
+
+def sft_step(state, batch, *, model_cfg: ModelConfig, labels=None, lora_scale: float = 0.0,
+             grad_accum_steps: int = 1):
+    """One optimizer step of SFT, accumulating over `grad_accum_steps` micro-batches.
+
+    Token-weighted: every response token of the whole batch has the same weight, however the
+    tokens fall into micro-batches. Metrics: `sft/loss` (mean NLL per response token),
+    `sft/tokens`, `sft/grad_norm`.
+    """
+    mask = batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]
+    weights = mask / jnp.maximum(jnp.sum(mask), 1).astype(jnp.float32)
+    batch = dict(batch, token_weights=weights)
+
+    def loss_fn(params, micro):
+        fp = forward_params(params, labels, lora_scale)
+        micro = dict(micro)
+        return sft_loss(fp, micro, model_cfg=model_cfg, token_weights=micro.pop("token_weights"))
+
+    loss, aux, grads = accumulate_gradients(loss_fn, state.params, batch, grad_accum_steps)
+    metrics = {"sft/loss": loss, "sft/tokens": aux["tokens"],
+               "sft/grad_norm": optax.tree.norm(grads)}
+    return state.apply_gradients(grads), metrics
+
+
+def make_sft_step(model_cfg: ModelConfig, *, labels=None, lora_scale: float = 0.0,
+                  grad_accum_steps: int = 1, state=None, mesh=None):
+    """Jitted `sft_step` with its hyper-parameters bound (sharded when `mesh` is given)."""
+    fn = functools.partial(sft_step, model_cfg=model_cfg, labels=labels, lora_scale=lora_scale,
+                           grad_accum_steps=grad_accum_steps)
+    return jit_step(fn, state, mesh)
