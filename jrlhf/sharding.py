@@ -8,6 +8,8 @@ plain indexing of results keeps working.
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import numpy as np
 import optax
@@ -39,17 +41,23 @@ PARAM_RULES: tuple[tuple[str, P], ...] = (
 
 
 def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
-    """A (data, fsdp, tensor) mesh over `devices` (default: all). The product must match."""
+    """A (data, fsdp, tensor) mesh over the first data*fsdp*tensor of `devices` (default: all).
+
+    The mesh size must divide the device count; a mesh smaller than it leaves devices idle
+    (with a warning).
+    """
     devices = list(jax.devices() if devices is None else devices)
     if any(n < 1 for n in cfg.shape):
         raise ValueError(f"mesh axis sizes must be >= 1, got data={cfg.data} fsdp={cfg.fsdp} "
                          f"tensor={cfg.tensor}")
     size = int(np.prod(cfg.shape))
-    if size != len(devices):
+    if len(devices) % size:
         raise ValueError(f"mesh data={cfg.data} x fsdp={cfg.fsdp} x tensor={cfg.tensor} = {size} "
-                         f"devices, but {len(devices)} are available")
+                         f"devices does not divide the {len(devices)} devices available")
+    if size < len(devices):
+        warnings.warn(f"mesh uses {size} of {len(devices)} devices", stacklevel=2)
     return jax.make_mesh(cfg.shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
-                         devices=devices)
+                         devices=devices[:size])
 
 
 def _fit(spec: P, shape, mesh) -> P:
