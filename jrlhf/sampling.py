@@ -27,6 +27,7 @@ class Generation(NamedTuple):
     tokens: jax.Array  # [B, N] sampled tokens, pad_token_id after a row's EOS
     mask: jax.Array  # [B, N] 1 on generated tokens up to and including EOS, 0 after
     logprobs: jax.Array  # [B, N] log-prob of each token under logits/temperature (0 where mask 0)
+    steps: jax.Array  # () decoding iterations run (< N when every row stopped early)
 
 
 def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
@@ -84,7 +85,7 @@ def generate(cfg: ModelConfig, params, prompt_ids, prompt_mask, rng, *, max_new_
         pad_token_id: written after a row's EOS.
 
     Returns:
-        `Generation(tokens [B, N], mask [B, N], logprobs [B, N])`.
+        `Generation(tokens [B, N], mask [B, N], logprobs [B, N], steps)`.
     """
     B, P = prompt_ids.shape
     N = max_new_tokens
@@ -120,5 +121,5 @@ def generate(cfg: ModelConfig, params, prompt_ids, prompt_mask, rng, *, max_new_
         jnp.zeros((B, N), jnp.float32),
         jnp.zeros((B,), bool),
     )
-    _, _, _, _, tokens, mask, logprobs, _ = jax.lax.while_loop(cond, body, init)
-    return Generation(tokens, mask, logprobs)
+    steps, _, _, _, tokens, mask, logprobs, _ = jax.lax.while_loop(cond, body, init)
+    return Generation(tokens, mask, logprobs, steps)

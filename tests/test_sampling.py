@@ -1,0 +1,174 @@
+"""The KV-cache sampler: greedy parity with transformers, the sampled distribution, log-probs
+that the trainer agrees with, EOS handling, and sharding."""
+
+import dataclasses
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from jrlhf import models, rl, sharding
+from jrlhf.config import MeshConfig, PPOConfig
+from jrlhf.models import ModelConfig, init_params
+from jrlhf.sampling import filter_logits, generate
+from jrlhf.steps import make_ppo_step
+from jrlhf.steps.ppo import policy_outputs
+from test_models import left_padded_batch
+from test_steps import OPT_EQ, make_state
+
+CFG = ModelConfig(family="llama", vocab_size=32, hidden_size=32, num_layers=2, num_heads=4,
+                  num_kv_heads=2, head_dim=8, intermediate_size=64, scalar_head=True)
+
+
+def prompts(B=8, seed=0, vocab=32):
+    ids, mask = left_padded_batch(vocab, [3 + (b * 5) % 7 for b in range(B)], seed=seed)
+    return jnp.asarray(ids), jnp.asarray(mask)
+
+
+def sampled_logprobs_by_forward(cfg, params, ids, mask, out, temperature):
+    full_ids = jnp.concatenate([ids, out.tokens], 1)
+    full_mask = jnp.concatenate([mask, out.mask], 1)
+    logits = models.forward(cfg, params, full_ids, full_mask)
+    N = out.tokens.shape[1]
+    return rl.logprobs_from_logits(logits[:, -N - 1:-1] / temperature, out.tokens) * out.mask
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
+def test_greedy_generate_equals_transformers(name, hf_folder):
+    torch_model, folder = hf_folder(name)
+    cfg, params = models.load_pretrained(folder)
+    lengths = [5, 2, 8]
+    ids, mask = left_padded_batch(cfg.vocab_size, lengths, seed=9)
+    out = generate(cfg, params, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0),
+                   max_new_tokens=6, temperature=0.0, pad_token_id=0)
+    T = ids.shape[1]
+    for b, n in enumerate(lengths):
+        with torch.no_grad():
+            ref = torch_model.generate(torch.tensor(ids[b:b + 1, T - n:]), max_new_tokens=6,
+                                       do_sample=False, pad_token_id=0, eos_token_id=None)
+        np.testing.assert_array_equal(np.asarray(out.tokens[b]), ref[0, n:].numpy())
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+def test_returned_logprobs_equal_full_forward(temperature):
+    params = init_params(CFG, 0)
+    ids, mask = prompts()
+    out = generate(CFG, params, ids, mask, jax.random.key(1), max_new_tokens=7,
+                   temperature=temperature, eos_token_id=5, pad_token_id=0)
+    ref = sampled_logprobs_by_forward(CFG, params, ids, mask, out, temperature)
+    np.testing.assert_allclose(out.logprobs, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+def test_ppo_ratio_is_one_before_any_update(temperature):
+    """The trainer's log-probs of sampled tokens equal the sampler's: ratio 1, approx-KL 0."""
+    params = {"policy": init_params(CFG, 0)}
+    ids, mask = prompts()
+    out = generate(CFG, params["policy"], ids, mask, jax.random.key(2), max_new_tokens=6,
+                   temperature=temperature, eos_token_id=5, pad_token_id=0)
+    full_ids = jnp.concatenate([ids, out.tokens], 1)
+    full_mask = jnp.concatenate([mask, out.mask], 1)
+    logits, values = policy_outputs(params, full_ids, full_mask, 6, policy_cfg=CFG,
+                                    value_cfg=None, temperature=temperature)
+    trainer_logprobs = rl.logprobs_from_logits(logits, out.tokens) * out.mask
+    log_ratio = np.asarray(trainer_logprobs - out.logprobs)
+    assert np.abs(log_ratio).max() < 1e-5
+    cfg = PPOConfig(ppo_epochs=1, num_minibatches=1, temperature=temperature)
+    batch = {"input_ids": full_ids, "attention_mask": full_mask, "response_mask": out.mask,
+             "logprobs": out.logprobs, "ref_logprobs": out.logprobs, "values": values * out.mask,
+             "scores": jnp.ones(8)}
+    state = make_state(params, OPT_EQ, kl_coef=0.05)[0]
+    _, metrics = make_ppo_step(cfg, CFG)(state, batch)
+    assert float(metrics["ppo/approx_kl"]) < 1e-10
+    assert float(metrics["ppo/clipfrac"]) == 0.0
+
+
+def test_filter_logits_top_k_and_top_p():
+    logits = jnp.log(jnp.array([[0.4, 0.3, 0.2, 0.1]]))
+    neg = float(jnp.finfo(jnp.float32).min)
+    np.testing.assert_array_equal(filter_logits(logits, top_k=2)[0, 2:], [neg, neg])
+    kept = np.asarray(filter_logits(logits, top_p=0.65)[0]) > neg
+    np.testing.assert_array_equal(kept, [True, True, False, False])  # 0.4 < 0.65 <= 0.7
+    kept = np.asarray(filter_logits(logits, top_p=0.7)[0]) > neg
+    np.testing.assert_array_equal(kept, [True, True, False, False])
+    kept = np.asarray(filter_logits(logits, top_p=0.71)[0]) > neg
+    np.testing.assert_array_equal(kept, [True, True, True, False])
+    kept = np.asarray(filter_logits(logits, top_p=0.1)[0]) > neg
+    np.testing.assert_array_equal(kept, [True, False, False, False])  # the top token always
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (5, 1.0), (0, 0.8), (6, 0.9)])
+def test_sampling_matches_filtered_distribution(top_k, top_p):
+    """n=8000 draws of the first token; every frequency within 0.02 of the filtered softmax
+    (4.5 sigma for p=0.5) and tokens outside the filtered set never drawn. Fixed seed."""
+    n, temperature = 8000, 0.7
+    params = init_params(CFG, 3)
+    ids = jnp.tile(jnp.array([[4, 9, 2]]), (n, 1))
+    out = generate(CFG, params, ids, jnp.ones_like(ids), jax.random.key(4), max_new_tokens=1,
+                   temperature=temperature, top_k=top_k, top_p=top_p)
+    logits = models.forward(CFG, params, ids[:1], jnp.ones_like(ids[:1]))[0, -1] / temperature
+    probs = np.asarray(jax.nn.softmax(filter_logits(logits[None], top_k, top_p))[0])
+    freq = np.bincount(np.asarray(out.tokens[:, 0]), minlength=CFG.vocab_size) / n
+    assert np.all(freq[probs == 0] == 0)
+    assert np.abs(freq - probs).max() < 0.02, (freq, probs)
+    if top_k:
+        assert (probs > 0).sum() == top_k
+
+
+def test_eos_stops_rows_and_pads_after():
+    params = init_params(CFG, 0)
+    ids, mask = prompts()
+    free = generate(CFG, params, ids, mask, jax.random.key(5), max_new_tokens=10,
+                    temperature=1.0, pad_token_id=31)
+    tokens = np.asarray(free.tokens)
+    eos = int(tokens[0, 3])  # a token that row 0 emits at step 3: now make it EOS
+    out = generate(CFG, params, ids, mask, jax.random.key(5), max_new_tokens=10,
+                   temperature=1.0, eos_token_id=eos, pad_token_id=31)
+    got, m, lp = np.asarray(out.tokens), np.asarray(out.mask), np.asarray(out.logprobs)
+    for b in range(8):
+        hits = np.flatnonzero(tokens[b] == eos)
+        stop = hits[0] + 1 if len(hits) else 10
+        # Identical up to and including EOS (same keys per step), padding after it.
+        np.testing.assert_array_equal(got[b, :stop], tokens[b, :stop])
+        assert np.all(got[b, stop:] == 31) and np.all(m[b, stop:] == 0) and np.all(m[b, :stop] == 1)
+        assert np.all(lp[b, stop:] == 0)
+    assert got[0, 3] == eos and m[0, 3] == 1
+
+
+def test_loop_ends_when_every_row_is_done():
+    params = init_params(CFG, 0)
+    ids, mask = prompts()
+    greedy = generate(CFG, params, ids, mask, jax.random.key(0), max_new_tokens=12,
+                      temperature=0.0)
+    assert int(greedy.steps) == 12
+    # With every row's second greedy token as EOS... use one row so that token is shared.
+    one_ids, one_mask = ids[:1], mask[:1]
+    first = generate(CFG, params, one_ids, one_mask, jax.random.key(0), max_new_tokens=12,
+                     temperature=0.0)
+    eos = int(first.tokens[0, 1])
+    out = generate(CFG, params, one_ids, one_mask, jax.random.key(0), max_new_tokens=12,
+                   temperature=0.0, eos_token_id=eos)
+    stop = int(np.flatnonzero(np.asarray(first.tokens[0]) == eos)[0]) + 1
+    assert int(out.steps) == stop <= 2
+    assert int(out.mask.sum()) == stop
+
+
+def test_sharded_generate_equals_unsharded():
+    params = init_params(CFG, 0)
+    ids, mask = prompts()
+    ref = generate(CFG, params, ids, mask, jax.random.key(6), max_new_tokens=6, temperature=1.0,
+                   eos_token_id=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mesh = sharding.make_mesh(MeshConfig(2, 2, 2))
+    sharded_params = jax.device_put(params, sharding.param_shardings(params, mesh))
+    batch_sh = sharding.batch_sharding(mesh)
+    out = generate(CFG, sharded_params, jax.device_put(ids, batch_sh),
+                   jax.device_put(mask, batch_sh), jax.random.key(6), max_new_tokens=6,
+                   temperature=1.0, eos_token_id=5)
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
+    assert out.tokens.sharding.spec[0] == ("data", "fsdp")
