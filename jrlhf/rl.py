@@ -11,6 +11,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 KLKind = Literal["k1", "k2", "k3", "abs"]
 
@@ -141,3 +142,34 @@ def adaptive_kl_coef(kl_coef, observed_kl, *, target: float, horizon: float, n_s
     """
     error = jnp.clip(observed_kl / target - 1.0, -0.2, 0.2)
     return kl_coef * (1.0 + error * n_steps / horizon)
+
+
+@struct.dataclass
+class RunningMoments:
+    """Running mean / variance of a stream of scalars (for reward normalisation)."""
+
+    count: jax.Array
+    mean: jax.Array
+    var: jax.Array  # population variance
+
+    @classmethod
+    def create(cls) -> "RunningMoments":
+        zero = jnp.zeros((), jnp.float32)
+        return cls(count=zero, mean=zero, var=jnp.ones((), jnp.float32))
+
+
+def update_moments(moments: RunningMoments, x: jax.Array) -> RunningMoments:
+    """Merge a batch `x [B]` into the running moments (Chan et al.'s parallel update)."""
+    n = jnp.asarray(x.size, jnp.float32)
+    batch_mean, batch_var = jnp.mean(x), jnp.var(x)
+    total = moments.count + n
+    delta = batch_mean - moments.mean
+    mean = moments.mean + delta * n / total
+    m2 = moments.var * moments.count + batch_var * n + delta ** 2 * moments.count * n / total
+    return RunningMoments(count=total, mean=mean, var=m2 / total)
+
+
+def normalize_scores(scores: jax.Array, moments: RunningMoments, clip: float = 0.0) -> jax.Array:
+    """(scores − mean) / std with the running moments, then clipped to ±clip if clip > 0."""
+    out = (scores - moments.mean) * jax.lax.rsqrt(moments.var + 1e-8)
+    return jnp.clip(out, -clip, clip) if clip > 0 else out

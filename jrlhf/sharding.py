@@ -97,8 +97,10 @@ def check_batch_divisible(batch, mesh, name: str = "batch") -> None:
 
 def opt_state_shardings(tx: optax.GradientTransformation, opt_state, params_sharding, mesh):
     """Optimizer-state shardings mirroring the params' (moments sharded like their params)."""
+    masked = optax.transforms.MaskedNode  # a frozen leaf's empty slot (no moments)
     return optax.tree_map_params(
-        tx, lambda _, sharding: sharding, opt_state, params_sharding,
+        tx, lambda leaf, sharding: leaf if isinstance(leaf, masked) else sharding,
+        opt_state, params_sharding,
         transform_non_params=lambda _: replicated(mesh),
-        is_leaf=lambda x: isinstance(x, NamedSharding),
+        is_leaf=lambda x: isinstance(x, (NamedSharding, masked)),
     )

@@ -206,7 +206,7 @@ def test_reward_step_pairs_and_accumulation():
 # ---------------------------------------------------------------------------------------------
 # PPO
 
-PPO_CFG = PPOConfig(ppo_epochs=2, num_minibatches=2, kl_coef=0.05, vf_coef=0.1,
+PPO_CFG = PPOConfig(ppo_epochs=2, minibatch_size=4, kl_coef=0.05, vf_coef=0.1,
                     entropy_coef=0.01, temperature=0.7)
 POLICY_CFG = dataclasses.replace(CFG, scalar_head=True)
 
@@ -249,12 +249,12 @@ def test_ppo_step_improves_its_objective():
     # The clipped surrogate can improve by at most ~clip_eps * mean|A| (~0.16 here).
     assert float(last["ppo/policy_loss"]) < float(first["ppo/policy_loss"]) - 0.02
     assert float(last["value/loss"]) < float(first["value/loss"])
-    assert int(state.step) == 5 * PPO_CFG.ppo_epochs * PPO_CFG.num_minibatches
+    assert int(state.step) == 5 * PPO_CFG.ppo_epochs * 2
 
 
 def test_ppo_first_minibatch_has_ratio_one():
     """Before any update the policy is the sampling policy: approx-KL and clipfrac are 0."""
-    cfg = dataclasses.replace(PPO_CFG, ppo_epochs=1, num_minibatches=1)
+    cfg = dataclasses.replace(PPO_CFG, ppo_epochs=1, minibatch_size=0)
     params = {"policy": init_params(POLICY_CFG, 0)}
     _, metrics = make_ppo_step(cfg, POLICY_CFG)(ppo_state(params, cfg), rollout_batch(params))
     assert float(metrics["ppo/approx_kl"]) < 1e-12
@@ -303,7 +303,7 @@ def test_ppo_update_is_one_dispatch_and_equals_a_minibatch_loop():
     keys = jax.random.split(jax.random.fold_in(s.rng, s.step), cfg.ppo_epochs)
     for e in range(cfg.ppo_epochs):
         perm = np.asarray(jax.random.permutation(keys[e], 8))
-        for i in range(cfg.num_minibatches):
+        for i in range(2):
             idx = perm[i * 4:(i + 1) * 4]
             mb = {k: v[idx] for k, v in data.items() if k not in ("scores", "ref_logprobs")}
             s = s.apply_gradients(grad_fn(s.params, mb))

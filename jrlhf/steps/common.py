@@ -75,13 +75,15 @@ def jit_step(step_fn, state=None, mesh=None):
     if mesh is None:
         return jax.jit(step_fn, donate_argnums=0)
     state_sh = state_shardings(state, mesh)
-    jitted = jax.jit(step_fn, in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+    batch_sh = sharding.batch_sharding(mesh)
+    jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh),
                      out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
 
     @functools.wraps(step_fn)
     def checked(state, batch):
         sharding.check_batch_divisible(batch, mesh)
-        return jitted(state, batch)
+        # Arrays another computation left with another layout are resharded, not refused.
+        return jitted(state, jax.device_put(batch, batch_sh))
 
     checked.jitted = jitted
     return checked

@@ -18,7 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jrlhf import losses, rl
+from jrlhf import lora, losses, rl
 from jrlhf.config import PPOConfig
 from jrlhf.models import transformer as tfm
 from jrlhf.models.config import ModelConfig
@@ -78,15 +78,13 @@ def ppo_step(state, batch, *, cfg: PPOConfig, policy_cfg: ModelConfig,
              value_cfg: ModelConfig | None = None, labels=None, lora_scale: float = 0.0):
     """A whole PPO update phase on one rollout batch, as one function (jit it once).
 
-    KL penalty → rewards → GAE → whitening, then `cfg.ppo_epochs` × `cfg.num_minibatches`
+    KL penalty → rewards → GAE → whitening, then `cfg.ppo_epochs` × (B / `cfg.minibatch_size`)
     optimizer steps over RNG-drawn permutations (nested `lax.scan`), then the adaptive-KL
     update. `state.kl_coef` holds β.
     """
     mask = batch["response_mask"]
     B, N = mask.shape
-    if B % cfg.num_minibatches:
-        raise ValueError(f"rollout batch {B} is not divisible by num_minibatches="
-                         f"{cfg.num_minibatches}")
+    num_minibatches = cfg.num_minibatches(B)
     kl_coef = state.kl_coef
     kl, rewards, advantages, returns = rollout_advantages(batch, kl_coef, cfg)
     data = dict(batch, advantages=advantages, returns=returns,
@@ -97,7 +95,7 @@ def ppo_step(state, batch, *, cfg: PPOConfig, policy_cfg: ModelConfig,
                                 temperature=cfg.temperature, labels=labels, lora_scale=lora_scale)
     grad_fn = jax.value_and_grad(functools.partial(ppo_loss, cfg=cfg, forward=forward),
                                  has_aux=True)
-    mb_size = B // cfg.num_minibatches
+    mb_size = B // num_minibatches
     epoch_key = jax.random.fold_in(state.rng, state.step)
 
     def minibatch_update(train_state, mb):
@@ -107,7 +105,7 @@ def ppo_step(state, batch, *, cfg: PPOConfig, policy_cfg: ModelConfig,
     def epoch(train_state, key):
         perm = jax.random.permutation(key, B)
         shuffled = jax.tree.map(
-            lambda x: x[perm].reshape(cfg.num_minibatches, mb_size, *x.shape[1:]), data)
+            lambda x: x[perm].reshape(num_minibatches, mb_size, *x.shape[1:]), data)
         return jax.lax.scan(minibatch_update, train_state, shuffled)
 
     keys = jax.random.split(epoch_key, cfg.ppo_epochs)
@@ -146,3 +144,51 @@ def make_ppo_step(cfg: PPOConfig, policy_cfg: ModelConfig, value_cfg: ModelConfi
     fn = functools.partial(ppo_step, cfg=cfg, policy_cfg=policy_cfg, value_cfg=value_cfg,
                            labels=labels, lora_scale=lora_scale)
     return jit_step(fn, state, mesh)
+
+
+def reward_model_fn(rm_cfg: ModelConfig):
+    """A `reward_fn` scoring prompt + response with a reward model (same tokenizer as the
+    policy): the scalar head at each row's last real token."""
+    def reward_fn(rm_params, prompt_ids, prompt_mask, response_ids, response_mask):
+        ids = jnp.concatenate([prompt_ids, response_ids], axis=1)
+        mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
+        return tfm.reward_scores(rm_cfg, rm_params, ids, mask)
+
+    return reward_fn
+
+
+def score_rollout(params, ref_params, reward_params, prompt_ids, prompt_mask, response_ids,
+                  response_mask, *, cfg: PPOConfig, policy_cfg: ModelConfig,
+                  value_cfg: ModelConfig | None, reward_fn, lora_scale: float = 0.0,
+                  eos_token_id: int | None = None):
+    """The experience phase: one function giving `ppo_step`'s rollout batch.
+
+    Policy log-probs and values, reference log-probs (`ref_params`: the frozen initial policy;
+    None with LoRA, where the reference is the trained tree's frozen base without adapters), and `reward_fn(reward_params, prompt_ids,
+    prompt_mask, response_ids, response_mask) -> [B]` scores, minus `cfg.missing_eos_penalty`
+    for responses that never emitted EOS. Log-probs are recomputed with the trainer's own full
+    forward at `cfg.temperature` (equal to the sampler's within float32 rounding).
+
+    Returns `(batch, scores)`; `batch["scores"]` is filled by the caller (after optional
+    normalisation), the raw `scores [B]` are returned for metrics.
+    """
+    N = response_ids.shape[1]
+    ids = jnp.concatenate([prompt_ids, response_ids], axis=1)
+    mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
+    logits, values = policy_outputs(params, ids, mask, N, policy_cfg=policy_cfg,
+                                    value_cfg=value_cfg, temperature=cfg.temperature,
+                                    lora_scale=lora_scale)
+    logprobs = rl.logprobs_from_logits(logits, response_ids)
+    if ref_params is None:
+        ref_params = lora.base_params(params["policy"])
+    ref_logits = tfm.forward(policy_cfg, ref_params, ids, mask)[:, -N - 1:-1]
+    ref_logprobs = rl.logprobs_from_logits(ref_logits / cfg.temperature, response_ids)
+    scores = reward_fn(reward_params, prompt_ids, prompt_mask, response_ids, response_mask)
+    scores = scores.astype(jnp.float32)
+    if eos_token_id is not None and cfg.missing_eos_penalty:
+        has_eos = jnp.any((response_ids == eos_token_id) & (response_mask > 0), axis=1)
+        scores = jnp.where(has_eos, scores, scores - cfg.missing_eos_penalty)
+    m = response_mask.astype(jnp.float32)
+    batch = {"input_ids": ids, "attention_mask": mask, "response_mask": response_mask,
+             "logprobs": logprobs * m, "ref_logprobs": ref_logprobs * m, "values": values * m}
+    return batch, scores
