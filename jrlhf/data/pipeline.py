@@ -1,0 +1,148 @@
+"""Tokenization and grain input pipelines over TFDS data sources.
+
+Shapes are fixed per config (P = max_prompt_length, R = max_response_length, T = P + R), so each
+step compiles once:
+
+- SFT:      input_ids, attention_mask, loss_mask `[B, T]` (right-padded; loss on the response
+            and its EOS).
+- Rankings: input_ids, attention_mask `[G, K, T]`, ranks `[G, K]` (absent responses rank -1).
+- Prompts:  input_ids, attention_mask `[B, P]` (left-padded, ready for generation).
+
+Truncation is explicit: an over-long prompt loses tokens from its *left* (the end of the prompt,
+next to the response, is kept); an over-long response is cut at R tokens (and then has no EOS).
+Both are counted in `Encoder.stats` and reported.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+@dataclass
+class Encoder:
+    """Turns normalised rows (as read back from TFDS) into fixed-shape token arrays."""
+
+    tokenizer: Any
+    max_prompt_length: int = 64
+    max_response_length: int = 64
+    chat_template: bool = True
+    stats: collections.Counter = field(default_factory=collections.Counter)
+
+    def __post_init__(self):
+        tok = self.tokenizer
+        self.eos_id = tok.eos_token_id
+        if self.eos_id is None:
+            raise ValueError("the tokenizer has no eos_token_id; jrlhf ends responses with EOS")
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_id
+        self.use_template = bool(self.chat_template and getattr(tok, "chat_template", None))
+
+    @property
+    def total_length(self) -> int:
+        return self.max_prompt_length + self.max_response_length
+
+    def prompt_text(self, prompt: str, messages: str = "") -> str:
+        """The prompt as the model sees it (chat-formatted when the tokenizer has a template)."""
+        if not self.use_template:
+            return prompt
+        turns = json.loads(messages) if messages else [{"role": "user", "content": prompt}]
+        return self.tokenizer.apply_chat_template(turns, tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def prompt_ids(self, prompt: str, messages: str = "") -> list[int]:
+        ids = self.tokenizer(self.prompt_text(prompt, messages),
+                             add_special_tokens=not self.use_template)["input_ids"]
+        if len(ids) > self.max_prompt_length:
+            self.stats["prompt_truncated"] += 1
+            ids = ids[-self.max_prompt_length:]
+        return ids
+
+    def response_ids(self, response: str) -> list[int]:
+        ids = self.tokenizer(response, add_special_tokens=False)["input_ids"] + [self.eos_id]
+        if len(ids) > self.max_response_length:
+            self.stats["response_truncated"] += 1
+            ids = ids[: self.max_response_length]
+        return ids
+
+    def _sequence(self, prompt_ids, response_ids):
+        T = self.total_length
+        ids = np.full(T, self.pad_id, np.int32)
+        attn = np.zeros(T, np.int32)
+        loss = np.zeros(T, np.int32)
+        n_p, n_r = len(prompt_ids), len(response_ids)
+        ids[: n_p + n_r] = prompt_ids + response_ids
+        attn[: n_p + n_r] = 1
+        loss[n_p: n_p + n_r] = 1
+        return ids, attn, loss
+
+    def sft_example(self, row) -> dict:
+        p = self.prompt_ids(_text(row["prompt"]), _text(row.get("messages", b"")))
+        r = self.response_ids(_text(row["response"]))
+        self.stats["examples"] += 1
+        ids, attn, loss = self._sequence(p, r)
+        return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
+
+    def ranking_example(self, row, max_responses: int) -> dict:
+        responses = [_text(r) for r in row["responses"]]
+        ranks = [int(r) for r in row["ranks"]]
+        if len(responses) > max_responses:
+            raise ValueError(f"a ranking has {len(responses)} responses but max_responses="
+                             f"{max_responses}")
+        p = self.prompt_ids(_text(row["prompt"]), _text(row.get("messages", b"")))
+        K, T = max_responses, self.total_length
+        ids = np.full((K, T), self.pad_id, np.int32)
+        attn = np.zeros((K, T), np.int32)
+        out_ranks = np.full(K, -1, np.int32)
+        for k, (text, rank) in enumerate(zip(responses, ranks)):
+            ids[k], attn[k], _ = self._sequence(p, self.response_ids(text))
+            out_ranks[k] = rank
+        self.stats["examples"] += 1
+        return {"input_ids": ids, "attention_mask": attn, "ranks": out_ranks}
+
+    def prompt_example(self, row) -> dict:
+        p = self.prompt_ids(_text(row["prompt"]), _text(row.get("messages", b"")))
+        P = self.max_prompt_length
+        ids = np.full(P, self.pad_id, np.int32)
+        attn = np.zeros(P, np.int32)
+        ids[P - len(p):] = p
+        attn[P - len(p):] = 1
+        self.stats["examples"] += 1
+        return {"input_ids": ids, "attention_mask": attn}
+
+    def report(self) -> str:
+        s = self.stats
+        return (f"{s['examples']} examples tokenized; {s['prompt_truncated']} prompts truncated "
+                f"(left) to {self.max_prompt_length} tokens; {s['response_truncated']} responses "
+                f"cut at {self.max_response_length} tokens")
+
+
+def make_loader(source, example_fn, batch_size: int, *, seed: int = 0, shuffle: bool = True,
+                process_index: int | None = None, process_count: int | None = None):
+    """An endless grain iterator of batches over a TFDS data source.
+
+    Each host reads its own slice (`process_index::process_count`, default from jax) and batches
+    `batch_size` examples (the per-host batch). Epochs are reshuffled with `seed`. The iterator
+    has `get_state()` / `set_state()`, so a resumed run sees exactly the batches it would have.
+    """
+    import grain
+
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+    ds = grain.MapDataset.source(source)[process_index::process_count]
+    if len(ds) < batch_size:
+        raise ValueError(f"data source has {len(ds)} examples on this host, fewer than the batch "
+                         f"size {batch_size}")
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(None).map(example_fn).batch(batch_size, drop_remainder=True)
+    return iter(ds.to_iter_dataset())

