@@ -1,0 +1,115 @@
+"""Metrics out: metrics.jsonl, TensorBoard event files, one-line summaries and a PNG report."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+SUMMARY_KEYS = ("sft/loss", "reward/loss", "reward/accuracy", "score/mean", "ppo/kl",
+                "ppo/kl_coef", "ppo/entropy", "ppo/response_length", "ppo/clipfrac",
+                "value/error")
+
+
+def check_finite(step: int, metrics: dict[str, float], stage: str) -> None:
+    """Halt on NaN/inf in any loss or gradient-norm metric, naming the step and metric."""
+    for key, value in metrics.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise FloatingPointError(
+                f"{stage} step {step}: metric {key!r} is {value}; stopping before saving "
+                f"(the last good checkpoint stays the latest)")
+
+
+def one_line(stage: str, step: int, metrics: dict[str, float]) -> str:
+    parts = [f"{k.split('/')[-1] if k.startswith(stage) else k}={metrics[k]:.4g}"
+             for k in SUMMARY_KEYS if k in metrics]
+    return f"[{stage} {step}] " + " ".join(parts)
+
+
+class MetricsWriter:
+    """Appends `{"stage", "step", ...metrics}` rows to metrics.jsonl and TensorBoard."""
+
+    def __init__(self, out_dir: str | os.PathLike, stage: str):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.out_dir / "metrics.jsonl"
+        self.stage = stage
+        from tensorboardX import SummaryWriter
+
+        self.tb = SummaryWriter(str(self.out_dir / "tensorboard" / stage))
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop this stage's rows past the restored checkpoint's step."""
+        if not self.path.exists():
+            return
+        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        kept = [r for r in rows if not (r.get("stage") == self.stage and r["step"] > step)]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        row = {"stage": self.stage, "step": step, **metrics}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.tb.flush()
+        self.tb.close()
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+PANELS = (
+    ("SFT loss", "sft", "sft/loss"),
+    ("Reward model loss", "reward", "reward/loss"),
+    ("Reward model accuracy", "reward", "reward/accuracy"),
+    ("PPO: reward-model score", "ppo", "score/mean"),
+    ("PPO: KL to reference (nats/response)", "ppo", "ppo/kl"),
+    ("PPO: policy / value loss", "ppo", ("ppo/policy_loss", "value/loss")),
+    ("PPO: response length", "ppo", "ppo/response_length"),
+    ("PPO: entropy", "ppo", "ppo/entropy"),
+)
+
+
+def write_report(metrics_path: str | os.PathLike, png_path: str | os.PathLike,
+                 title: str = "jrlhf run", notes: list[str] | None = None) -> Path:
+    """Draw the run's curves (reward, KL, losses, response length) into one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    panels = [p for p in PANELS if any(r.get("stage") == p[1] and
+                                       any(k in r for k in (p[2] if isinstance(p[2], tuple)
+                                                            else (p[2],))) for r in rows)]
+    n = max(len(panels), 1)
+    cols = 2 if n > 1 else 1
+    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(6 * cols, 3 * ((n + 1) // 2)),
+                             squeeze=False)
+    for ax, (label, stage, keys) in zip(axes.flat, panels):
+        for key in keys if isinstance(keys, tuple) else (keys,):
+            pts = [(r["step"], r[key]) for r in rows if r.get("stage") == stage and key in r]
+            if pts:
+                ax.plot(*zip(*pts), label=key, marker="." if len(pts) < 40 else None)
+        ax.set_title(label)
+        ax.set_xlabel(f"{stage} step")
+        ax.grid(alpha=0.3)
+        if isinstance(keys, tuple):
+            ax.legend()
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(title + ("\n" + " | ".join(notes) if notes else ""), fontsize=10)
+    fig.tight_layout()
+    png_path = Path(png_path)
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return png_path
