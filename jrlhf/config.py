@@ -106,6 +106,12 @@ class DataConfig:
     chat_template: bool = True  # format prompts with the tokenizer's chat template if it has one
     on_bad_row: str = "error"  # error | skip
     shuffle_seed: int = 0
+    # The built-in task (used for files left empty above, and as the pipeline's annotator).
+    task: str = "reviews"
+    num_sft_examples: int = 256
+    num_ranking_prompts: int = 64  # prompts whose sampled responses the annotator ranks
+    responses_per_prompt: int = 4  # K responses ranked per prompt
+    num_eval_prompts: int = 32  # held-out prompts for the before/after comparison
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +128,8 @@ class RewardConfig:
     learning_rate: float = 1e-4
     per_prompt: bool = True  # weight ranked pairs so each prompt counts once
     freeze: tuple[str, ...] = ()  # frozen parameter paths of the reward model
+    num_layers: int = 0  # reward-model depth: the policy's first N layers (0 = all)
+    model_path: str = ""  # a trained reward model (HF folder) for `jrlhf ppo`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +193,11 @@ class RunConfig:
     save_every: int = 0  # 0: save at the end of each stage only
     keep_checkpoints: int = 2
     progress: bool = True  # progress bars on stderr
+    # Multi-host: jax.distributed.initialize (env JRLHF_COORDINATOR / JRLHF_NUM_PROCESSES /
+    # JRLHF_PROCESS_ID override these; JRLHF_DISTRIBUTED=auto lets jax detect TPU pods / SLURM).
+    coordinator_address: str = ""
+    num_processes: int = 1
+    process_id: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,27 +284,45 @@ def _parse_value(text: str, tp, key: str):
     raise ValueError(f"--set {key}: fields of type {tp} cannot be set from the command line")
 
 
-def override(config, key: str, text: str, _prefix: str = ""):
-    """`config` with the dotted `key` set from its string form, parsed by the field's type."""
+def _set_path(config, key: str, make_value, prefix: str = ""):
+    """`config` with dotted `key` replaced by `make_value(field_type, full_key)`."""
     head, _, rest = key.partition(".")
     types_ = _field_types(type(config))
     if head not in types_:
-        raise KeyError(f"unknown config key {_prefix + key!r}; valid keys: "
-                       + ", ".join(_valid_keys(type(config), _prefix)))
+        raise KeyError(f"unknown config key {prefix + key!r}; valid keys: "
+                       + ", ".join(_valid_keys(type(config), prefix)))
     tp = types_[head]
-    current = getattr(config, head)
     if rest:
         inner = _dataclass_type(tp)
         if inner is None:
-            raise KeyError(f"config key {_prefix + head!r} has no field {rest!r}")
+            raise KeyError(f"config key {prefix + head!r} has no field {rest!r}")
+        current = getattr(config, head)
         if current is None:
             current = inner()
         return dataclasses.replace(
-            config, **{head: override(current, rest, text, f"{_prefix}{head}.")})
-    if _dataclass_type(tp) is not None and text.lower() not in ("none", "null"):
-        raise KeyError(f"config key {_prefix + key!r} is a section; set one of: "
-                       + ", ".join(_valid_keys(_dataclass_type(tp), f"{_prefix}{key}.")))
-    return dataclasses.replace(config, **{head: _parse_value(text, tp, _prefix + key)})
+            config, **{head: _set_path(current, rest, make_value, f"{prefix}{head}.")})
+    return dataclasses.replace(config, **{head: make_value(tp, prefix + key)})
+
+
+def override(config, key: str, text: str):
+    """`config` with the dotted `key` set from its string form, parsed by the field's type."""
+    def parse(tp, full_key):
+        if _dataclass_type(tp) is not None and text.lower() not in ("none", "null"):
+            raise KeyError(f"config key {full_key!r} is a section; set one of: "
+                           + ", ".join(_valid_keys(_dataclass_type(tp), f"{full_key}.")))
+        return _parse_value(text, tp, full_key)
+
+    return _set_path(config, key, parse)
+
+
+def derive(config, changes: dict[str, Any]):
+    """`config` with each dotted key of `changes` set to its (already typed) value.
+
+    What `configs/*.py` use to change only what differs from their base.
+    """
+    for key, value in changes.items():
+        config = _set_path(config, key, lambda tp, full_key, v=value: v)
+    return config
 
 
 def apply_overrides(config, assignments: list[str]):

@@ -1,10 +1,15 @@
-"""Host loops: they only orchestrate the jitted pieces (sample, score, update) and log."""
+"""Host loops: they only orchestrate the jitted pieces (sample, score, update), log and save.
+
+`run_stage` is the one loop every stage uses: step, check for NaN/inf, log (metrics.jsonl,
+TensorBoard, a one-line summary), save periodically with the data iterator's state, resume
+exactly from the latest checkpoint, and on SIGTERM (preemption) save and stop cleanly.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -16,13 +21,200 @@ import jax.numpy as jnp
 import numpy as np
 
 from jrlhf import lora, optim, rl, sharding
-from jrlhf.config import Config
-from jrlhf.models import transformer as tfm
+from jrlhf.checkpoint import Checkpointer
+from jrlhf.config import Config, save_config
 from jrlhf.models.config import ModelConfig
+from jrlhf.report import MetricsWriter, check_finite, one_line
 from jrlhf.sampling import generate
 from jrlhf.state import TrainState
 from jrlhf.steps.common import place_state
 from jrlhf.steps.ppo import make_ppo_step, score_rollout
+from jrlhf.steps.reward import make_reward_step
+from jrlhf.steps.sft import make_sft_step
+
+
+def progress(iterable, total: int, desc: str, enabled: bool = True, initial: int = 0):
+    """A tqdm progress bar on stderr (the plain iterable when disabled)."""
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, file=sys.stderr, dynamic_ncols=True,
+                initial=initial)
+
+
+def make_mesh_or_none(config: Config):
+    """The configured mesh, or None for a 1x1x1 mesh (plain jit on the default device)."""
+    if config.mesh.shape == (1, 1, 1):
+        return None
+    return sharding.make_mesh(config.mesh)
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks between steps (main thread only)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no handler
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class StageResult(NamedTuple):
+    state: TrainState
+    history: list[dict]
+    preempted: bool
+
+
+def run_stage(name: str, config: Config, state: TrainState, step_fn: Callable, batches: Iterator,
+              num_steps: int, *, out_dir: str | Path | None = None, resume: bool = False,
+              loop_state: Callable[[], dict] | None = None,
+              set_loop_state: Callable[[dict], None] | None = None,
+              log: Callable[[str], None] | None = print, train: bool = True) -> StageResult:
+    """Run `num_steps` of `state, metrics = step_fn(state, next(batches))` with checkpoints.
+
+    Args:
+        name: stage name (metrics rows, checkpoint folder `out_dir/name/checkpoints`).
+        config: uses `run.save_every`, `run.keep_checkpoints`, `run.log_every`, `run.progress`.
+        state: the initial state (also the layout restored checkpoints take).
+        batches: iterator; if it has `get_state`/`set_state` (grain) its position is saved.
+        out_dir: where metrics.jsonl, TensorBoard files and checkpoints go (None: nothing saved).
+        resume: continue from the latest checkpoint of this stage if there is one.
+        loop_state / set_loop_state: extra JSON-able loop state to save and restore.
+        train: False restores the latest checkpoint (resume) and returns without stepping.
+    """
+    run = config.run
+    history: list[dict] = []
+    start = 0
+    ckpt = writer = None
+    if out_dir is not None:
+        stage_dir = Path(out_dir) / name
+        ckpt = Checkpointer(stage_dir / "checkpoints", keep=run.keep_checkpoints)
+        writer = MetricsWriter(out_dir, name)
+        save_config(config, stage_dir / "config.json")
+        if resume and ckpt.latest_step() is not None:
+            state, meta = ckpt.restore(state)
+            start = int(meta["stage_step"])
+            if "data" in meta and hasattr(batches, "set_state"):
+                batches.set_state(meta["data"])
+            if set_loop_state and "loop" in meta:
+                set_loop_state(meta["loop"])
+            writer.truncate_after(start)
+            if log:
+                log(f"[{name}] resumed from step {start} ({ckpt.directory})")
+
+    def save(step: int):
+        if ckpt is None:
+            return
+        meta = {"stage_step": step, "stage": name}
+        if hasattr(batches, "get_state"):
+            meta["data"] = batches.get_state()
+        if loop_state:
+            meta["loop"] = loop_state()
+        ckpt.save(step, state, meta)
+
+    preempted = False
+    try:
+        with _Preemption() as preemption:
+            end = num_steps if train else start
+            bar = progress(range(start, end), num_steps, name, run.progress and train,
+                           initial=start)
+            for step in bar:
+                state, metrics = step_fn(state, next(batches))
+                metrics = {k: float(v) for k, v in metrics.items()}
+                check_finite(step + 1, metrics, name)
+                history.append(metrics)
+                if writer:
+                    writer.write(step + 1, metrics)
+                if log and run.log_every and (step + 1) % run.log_every == 0:
+                    if hasattr(bar, "write"):
+                        bar.write(one_line(name, step + 1, metrics))
+                    else:
+                        log(one_line(name, step + 1, metrics))
+                done = step + 1 == num_steps
+                if done or (run.save_every and (step + 1) % run.save_every == 0) or \
+                        preemption.requested:
+                    save(step + 1)
+                if preemption.requested and not done:
+                    preempted = True
+                    if log:
+                        log(f"[{name}] SIGTERM: saved step {step + 1}, stopping")
+                    break
+    finally:
+        if ckpt is not None:
+            ckpt.close()
+        if writer is not None:
+            writer.close()
+    return StageResult(state, history, preempted)
+
+
+# ----------------------------------------------------------------------------------------------
+# SFT and reward-model stages.
+
+
+def make_stage_state(config: Config, params, steps: int, learning_rate: float, *,
+                     freeze: tuple[str, ...] = (), use_lora: bool = False, rng_offset: int = 0):
+    """TrainState + freeze labels for a stage (LoRA adapters added when `use_lora`).
+
+    The state gets its own copy of `params`: steps donate their state, and the caller's arrays
+    stay valid.
+    """
+    rng = jax.random.fold_in(jax.random.key(config.run.seed), rng_offset)
+    params = jax.tree.map(jnp.array, params)
+    if use_lora:
+        params = lora.add_lora(params, config.lora, jax.random.fold_in(rng, 1))
+        labels = optim.trainable_labels(params, freeze, train_only=lora.LORA_TRAINABLE)
+    else:
+        labels = optim.trainable_labels(params, freeze)
+    optim_cfg = dataclasses.replace(config.optim, learning_rate=learning_rate, total_steps=steps)
+    return TrainState.create(params, optim.make_optimizer(optim_cfg, labels), rng), labels
+
+
+def train_sft(config: Config, model_cfg: ModelConfig, params, batches: Iterator, *,
+              out_dir=None, resume=False, log=print, train=True) -> StageResult:
+    """Supervised fine-tuning (LoRA when `config.lora.rank > 0`, `config.optim.freeze` frozen)."""
+    cfg = config.sft
+    state, labels = make_stage_state(config, params, cfg.steps, cfg.learning_rate,
+                                     freeze=config.optim.freeze, use_lora=config.lora.enabled)
+    mesh = make_mesh_or_none(config)
+    if mesh is not None:
+        state = place_state(state, mesh)
+    step = make_sft_step(model_cfg, labels=labels, lora_scale=config.lora.scale,
+                         grad_accum_steps=config.optim.grad_accum_steps, state=state, mesh=mesh)
+    return run_stage("sft", config, state, step, batches, cfg.steps, out_dir=out_dir,
+                     resume=resume, log=log, train=train)
+
+
+def train_reward(config: Config, rm_cfg: ModelConfig, params, batches: Iterator, *,
+                 out_dir=None, resume=False, log=print, train=True) -> StageResult:
+    """Reward model from rankings (Bradley-Terry over all ranked pairs)."""
+    cfg = config.reward
+    state, labels = make_stage_state(config, params, cfg.steps, cfg.learning_rate,
+                                     freeze=cfg.freeze, rng_offset=1)
+    mesh = make_mesh_or_none(config)
+    if mesh is not None:
+        state = place_state(state, mesh)
+    step = make_reward_step(rm_cfg, labels=labels, per_prompt=cfg.per_prompt,
+                            grad_accum_steps=config.optim.grad_accum_steps, state=state,
+                            mesh=mesh)
+    return run_stage("reward", config, state, step, batches, cfg.steps, out_dir=out_dir,
+                     resume=resume, log=log, train=train)
+
+
+# ----------------------------------------------------------------------------------------------
+# PPO.
 
 
 class PPOResult(NamedTuple):
@@ -31,23 +223,7 @@ class PPOResult(NamedTuple):
     value_cfg: ModelConfig | None
     ref_params: Any
     history: list[dict[str, float]]
-
-
-def progress(iterable, total: int, desc: str, enabled: bool = True):
-    """A tqdm progress bar on stderr (a plain iterator when disabled)."""
-    if not enabled:
-        return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, file=sys.stderr, dynamic_ncols=True,
-                leave=True)
-
-
-def make_mesh_or_none(config: Config):
-    """The configured mesh, or None for a 1x1x1 mesh (plain jit on the default device)."""
-    if config.mesh.shape == (1, 1, 1):
-        return None
-    return sharding.make_mesh(config.mesh)
+    preempted: bool = False
 
 
 def _timed(fn, *args, **kwargs):
@@ -65,15 +241,17 @@ def prepare_ppo_params(config: Config, policy_cfg: ModelConfig, params, rng):
     """
     cfg = config.ppo
     value_cfg = None
+    # The state owns a copy (steps donate it); the caller's params stay valid.
+    params = {k: v for k, v in jax.tree.map(jnp.array, params).items() if k != "score"}
     if cfg.critic == "shared":
-        if not policy_cfg.scalar_head:
-            policy_cfg = dataclasses.replace(policy_cfg, scalar_head=True)
-            params = dict(params, score={"kernel": jnp.zeros((policy_cfg.hidden_size, 1))})
+        policy_cfg = dataclasses.replace(policy_cfg, scalar_head=True)
+        params = dict(params, score={"kernel": jnp.zeros((policy_cfg.hidden_size, 1))})
         tree = {"policy": params}
     else:
+        policy_cfg = dataclasses.replace(policy_cfg, scalar_head=False)
         value_cfg = dataclasses.replace(policy_cfg, lm_head=False, scalar_head=True)
         copy = jax.tree.map(jnp.array, params)  # the critic starts from the policy's backbone
-        value = {k: v for k, v in copy.items() if k not in ("lm_head", "score")}
+        value = {k: v for k, v in copy.items() if k != "lm_head"}
         value["score"] = {"kernel": jnp.zeros((policy_cfg.hidden_size, 1))}
         tree = {"policy": params, "value": value}
     if config.lora.enabled:
@@ -87,11 +265,10 @@ def prepare_ppo_params(config: Config, policy_cfg: ModelConfig, params, rng):
     return tree, ref_params, labels, policy_cfg, value_cfg
 
 
-def train_ppo(config: Config, *, policy: tuple[ModelConfig, Any],
-              reward_fn: Callable, reward_params: Any = None,
-              prompt_batches: Iterator[dict], eos_token_id: int | None, pad_token_id: int = 0,
-              metrics_path: str | Path | None = None,
-              on_iteration: Callable[[int, dict], None] | None = None) -> PPOResult:
+def train_ppo(config: Config, *, policy: tuple[ModelConfig, Any], reward_fn: Callable,
+              reward_params: Any = None, prompt_batches: Iterator[dict],
+              eos_token_id: int | None, pad_token_id: int = 0, out_dir=None, resume=False,
+              log=print, train=True) -> PPOResult:
     """PPO: prompts → generate → score (policy, reference, reward) → `ppo_step`, repeated.
 
     Args:
@@ -100,12 +277,11 @@ def train_ppo(config: Config, *, policy: tuple[ModelConfig, Any],
         reward_fn: `reward_fn(reward_params, prompt_ids, prompt_mask, response_ids,
             response_mask) -> scores [B]`, jittable (`steps.ppo.reward_model_fn` for an RM).
         prompt_batches: iterator of `{"input_ids", "attention_mask"}` left-padded prompt
-            batches of `ppo.rollout_batch_size` rows.
-        metrics_path: a JSONL file that gets one metrics line per iteration.
-        on_iteration: called as `on_iteration(i, metrics)` after each iteration.
+            batches of `ppo.rollout_batch_size` rows (a grain iterator is checkpointed too).
+        out_dir / resume: as for `run_stage` (stage name "ppo").
 
     Returns:
-        `PPOResult(state, policy_cfg, value_cfg, ref_params, history)`.
+        `PPOResult(state, policy_cfg, value_cfg, ref_params, history, preempted)`.
     """
     cfg = config.ppo
     rng = jax.random.key(config.run.seed)
@@ -137,55 +313,53 @@ def train_ppo(config: Config, *, policy: tuple[ModelConfig, Any],
         moments = rl.update_moments(moments, scores)
         return moments, rl.normalize_scores(scores, moments, cfg.reward_clip)
 
-    moments = rl.RunningMoments.create()
-    history = []
-    out = open(metrics_path, "a") if metrics_path else None
-    bar = progress(range(cfg.iterations), cfg.iterations, "ppo", config.run.progress)
-    try:
-        for it in bar:
-            prompts = next(prompt_batches)
-            ids, mask = prompts["input_ids"], prompts["attention_mask"]
-            if mesh is not None:
-                ids, mask = jax.device_put((ids, mask), sharding.batch_sharding(mesh))
-            ids, mask = jnp.asarray(ids), jnp.asarray(mask)
-            key = jax.random.fold_in(jax.random.fold_in(rng, 3), it)
-            policy_now = lora.merge_lora(state.params["policy"], lora_scale)
-            gen, t_gen = _timed(sample, policy_now, ids, mask, key)
-            (batch, raw_scores), t_score = _timed(
-                scorer, state.params, ref_params, reward_params, ids, mask, gen.tokens, gen.mask)
-            if cfg.normalize_rewards or cfg.reward_clip:
-                if cfg.normalize_rewards:
-                    moments, scores = normalize(moments, raw_scores)
-                else:
-                    scores = jnp.clip(raw_scores, -cfg.reward_clip, cfg.reward_clip)
-            else:
-                scores = raw_scores
-            batch["scores"] = scores
-            (state, metrics), t_update = _timed(ppo_step, state, batch)
-            metrics = {k: float(v) for k, v in metrics.items()}
-            raw = np.asarray(raw_scores)
-            B, P = ids.shape
-            new_tokens = float(np.asarray(gen.mask).sum())
-            seq_tokens = B * (P + gen.tokens.shape[1])
-            metrics.update({
-                "iteration": it, "score/mean": float(raw.mean()), "score/min": float(raw.min()),
-                "score/max": float(raw.max()),
-                "time/generate": t_gen, "time/score": t_score, "time/update": t_update,
-                "tokens_per_s/generate": new_tokens / t_gen,
-                "tokens_per_s/score": seq_tokens / t_score,
-                "tokens_per_s/update": seq_tokens * cfg.ppo_epochs / t_update,
-            })
-            history.append(metrics)
-            if out:
-                out.write(json.dumps(metrics) + "\n")
-                out.flush()
-            if config.run.progress and hasattr(bar, "set_postfix"):
-                bar.set_postfix(score=f"{metrics['score/mean']:.3f}",
-                                kl=f"{metrics['ppo/kl']:.3f}",
-                                len=f"{metrics['ppo/response_length']:.1f}")
-            if on_iteration:
-                on_iteration(it, metrics)
-    finally:
-        if out:
-            out.close()
-    return PPOResult(state, policy_cfg, value_cfg, ref_params, history)
+    loop = {"moments": rl.RunningMoments.create(), "iteration": 0}
+
+    def iteration(state, prompts):
+        ids, mask = prompts["input_ids"], prompts["attention_mask"]
+        if mesh is not None:
+            ids, mask = jax.device_put((ids, mask), sharding.batch_sharding(mesh))
+        ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+        key = jax.random.fold_in(jax.random.fold_in(rng, 3), loop["iteration"])
+        policy_now = lora.merge_lora(state.params["policy"], lora_scale)
+        gen, t_gen = _timed(sample, policy_now, ids, mask, key)
+        (batch, raw_scores), t_score = _timed(
+            scorer, state.params, ref_params, reward_params, ids, mask, gen.tokens, gen.mask)
+        scores = raw_scores
+        if cfg.normalize_rewards:
+            loop["moments"], scores = normalize(loop["moments"], raw_scores)
+        elif cfg.reward_clip:
+            scores = jnp.clip(raw_scores, -cfg.reward_clip, cfg.reward_clip)
+        batch["scores"] = scores
+        (state, metrics), t_update = _timed(ppo_step, state, batch)
+        loop["iteration"] += 1
+        raw = np.asarray(raw_scores)
+        B, P = ids.shape
+        new_tokens = float(np.asarray(gen.mask).sum())
+        seq_tokens = B * (P + gen.tokens.shape[1])
+        metrics = dict(metrics)
+        metrics.update({
+            "score/mean": float(raw.mean()), "score/min": float(raw.min()),
+            "score/max": float(raw.max()),
+            "time/generate": t_gen, "time/score": t_score, "time/update": t_update,
+            "tokens_per_s/generate": new_tokens / t_gen,
+            "tokens_per_s/score": seq_tokens / t_score,
+            "tokens_per_s/update": seq_tokens * cfg.ppo_epochs / t_update,
+        })
+        return state, metrics
+
+    def get_loop_state():
+        m = loop["moments"]
+        return {"iteration": loop["iteration"], "moments": [float(m.count), float(m.mean),
+                                                            float(m.var)]}
+
+    def set_loop_state(saved):
+        loop["iteration"] = saved["iteration"]
+        c, mu, var = (jnp.asarray(x, jnp.float32) for x in saved["moments"])
+        loop["moments"] = rl.RunningMoments(count=c, mean=mu, var=var)
+
+    result = run_stage("ppo", config, state, iteration, prompt_batches, cfg.iterations,
+                       out_dir=out_dir, resume=resume, loop_state=get_loop_state,
+                       set_loop_state=set_loop_state, log=log, train=train)
+    return PPOResult(result.state, policy_cfg, value_cfg, ref_params, result.history,
+                     result.preempted)

@@ -145,4 +145,6 @@ def make_loader(source, example_fn, batch_size: int, *, seed: int = 0, shuffle: 
     if shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(None).map(example_fn).batch(batch_size, drop_remainder=True)
-    return iter(ds.to_iter_dataset())
+    # Small read-ahead: tokenization is cheap next to a step, and counters stay meaningful.
+    options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2 * batch_size)
+    return iter(ds.to_iter_dataset(read_options=options))

@@ -1,0 +1,1 @@
+"""Built-in tasks: prompt/SFT data generators and programmatic annotators."""
