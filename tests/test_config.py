@@ -1,0 +1,68 @@
+"""Configs are typed data: every file loads, --set parses by type, bad keys are clear errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from jrlhf.config import (Config, PPOConfig, apply_overrides, derive, from_dict, load_config,
+                          save_config, to_dict)
+
+CONFIGS = sorted(Path(__file__).parent.parent.glob("configs/*.py"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_file_loads_and_round_trips(path, tmp_path):
+    config = load_config(path)
+    assert isinstance(config, Config)
+    saved = save_config(config, tmp_path / "c.json")
+    assert from_dict(Config, json.loads(saved.read_text())) == config
+
+
+def test_configs_derive_from_base_changing_only_what_differs():
+    base, tiny = load_config(CONFIGS[0].with_name("base.py")), load_config(
+        CONFIGS[0].with_name("tiny.py"))
+    assert base == Config()
+    assert tiny.ppo.kl_coef == base.ppo.kl_coef and tiny.sft.steps != base.sft.steps
+    default = load_config(CONFIGS[0].with_name("default.py"))
+    real = load_config(CONFIGS[0].with_name("smollm2_135m.py"))
+    assert default.model == real.model and default.lora == real.lora
+
+
+def test_set_parses_by_field_type():
+    c = apply_overrides(Config(), ["ppo.kl_coef=0.1", "mesh.fsdp=8", "ppo.adaptive_kl=true",
+                                   "optim.freeze=embed/.*,layers/0/.*", "run.out_dir=/x",
+                                   "model.arch.hidden_size=32"])
+    assert c.ppo.kl_coef == 0.1 and c.mesh.fsdp == 8 and c.ppo.adaptive_kl is True
+    assert c.optim.freeze == ("embed/.*", "layers/0/.*") and c.run.out_dir == "/x"
+    assert c.model.arch.hidden_size == 32
+    assert apply_overrides(Config(), ['optim.freeze=["a,b", "c"]']).optim.freeze == ("a,b", "c")
+
+
+def test_bad_keys_and_values_are_clear_errors():
+    with pytest.raises(KeyError, match=r"unknown config key 'ppo.klcoef'; valid keys: ppo.kl_coef"):
+        apply_overrides(Config(), ["ppo.klcoef=1"])
+    with pytest.raises(KeyError, match=r"unknown config key 'pop.x'; valid keys: model\.source"):
+        apply_overrides(Config(), ["pop.x=1"])
+    with pytest.raises(ValueError, match=r"--set ppo.kl_coef='abc': expected float"):
+        apply_overrides(Config(), ["ppo.kl_coef=abc"])
+    with pytest.raises(ValueError, match=r"--set ppo.adaptive_kl='maybe': expected bool"):
+        apply_overrides(Config(), ["ppo.adaptive_kl=maybe"])
+    with pytest.raises(KeyError, match="is a section; set one of: ppo.kl_coef"):
+        apply_overrides(Config(), ["ppo=1"])
+    with pytest.raises(ValueError, match="expected key=value"):
+        apply_overrides(Config(), ["ppo.kl_coef"])
+    with pytest.raises(ValueError, match="ppo.kl_estimator must be k1"):
+        apply_overrides(Config(), ["ppo.kl_estimator=k7"])
+    with pytest.raises(KeyError, match="'ppo.nope'"):
+        derive(Config(), {"ppo.nope": 1})
+    with pytest.raises(ValueError, match="not divisible by ppo.minibatch_size=3"):
+        PPOConfig(rollout_batch_size=8, minibatch_size=3)
+
+
+def test_cli_reports_config_errors(capsys):
+    from jrlhf.cli import main
+
+    assert main(["sft", "--set", "sft.stepz=3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'sft.stepz'" in err and "sft.steps" in err
