@@ -297,7 +297,7 @@ def train_ppo(config: Config, *, policy: tuple[ModelConfig, Any], reward_fn: Cal
     if mesh is not None:
         state = place_state(state, mesh)
         if ref_params is not None:
-            ref_params = jax.device_put(ref_params, sharding.param_shardings(ref_params, mesh))
+            ref_params = sharding.put(ref_params, sharding.param_shardings(ref_params, mesh))
     lora_scale = config.lora.scale
     ppo_step = make_ppo_step(cfg, policy_cfg, value_cfg, labels=labels, lora_scale=lora_scale,
                              state=state, mesh=mesh)
@@ -318,7 +318,7 @@ def train_ppo(config: Config, *, policy: tuple[ModelConfig, Any], reward_fn: Cal
     def iteration(state, prompts):
         ids, mask = prompts["input_ids"], prompts["attention_mask"]
         if mesh is not None:
-            ids, mask = jax.device_put((ids, mask), sharding.batch_sharding(mesh))
+            ids, mask = sharding.put((ids, mask), sharding.batch_sharding(mesh))
         ids, mask = jnp.asarray(ids), jnp.asarray(mask)
         key = jax.random.fold_in(jax.random.fold_in(rng, 3), loop["iteration"])
         policy_now = lora.merge_lora(state.params["policy"], lora_scale)

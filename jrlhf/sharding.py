@@ -104,3 +104,26 @@ def opt_state_shardings(tx: optax.GradientTransformation, opt_state, params_shar
         transform_non_params=lambda _: replicated(mesh),
         is_leaf=lambda x: isinstance(x, (NamedSharding, masked)),
     )
+
+
+def put(tree, shardings):
+    """Place a tree's leaves with the given shardings (a prefix tree, or one sharding).
+
+    Works in multi-process runs too, where a sharding spans devices of other processes: each
+    process then builds its own shards from its (identical) host copy. Arrays that already have
+    the target sharding are returned as they are.
+    """
+    def one(x, sh):
+        if isinstance(x, jax.Array) and x.sharding == sh:
+            return x
+        if sh.is_fully_addressable:
+            return jax.device_put(x, sh)
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = one(jax.random.key_data(x), sh)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sh, lambda index: host[index])
+
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: one(x, shardings), tree)
+    return jax.tree.map(one, tree, shardings)

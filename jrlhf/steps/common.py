@@ -83,12 +83,12 @@ def jit_step(step_fn, state=None, mesh=None):
     def checked(state, batch):
         sharding.check_batch_divisible(batch, mesh)
         # Arrays another computation left with another layout are resharded, not refused.
-        return jitted(state, jax.device_put(batch, batch_sh))
+        return jitted(state, sharding.put(batch, batch_sh))
 
     checked.jitted = jitted
     return checked
 
 
 def place_state(state, mesh):
-    """Put a state's arrays on the mesh with `state_shardings`."""
-    return jax.device_put(state, state_shardings(state, mesh))
+    """Put a state's arrays on the mesh with `state_shardings` (multi-process safe)."""
+    return sharding.put(state, state_shardings(state, mesh))
