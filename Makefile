@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# The end-to-end RLHF pipeline on the embedded default (SmolLM2-135M). --resume makes a second
+# `make run` continue (or just re-evaluate) instead of refusing the existing run folder.
 run: $(STAMP)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/jrlhf generate --prompt "What is the capital of France?"
+	HF_HUB_OFFLINE=1 $(VENV)/bin/jrlhf pipeline --config configs/default.py --resume
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

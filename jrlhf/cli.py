@@ -88,6 +88,37 @@ def _stage(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from jrlhf import bench
+
+    config = _config(args)
+    work = bench.Workload.from_config(config)
+    results = [bench.bench_step(work, step, steps=args.steps, warmup=args.warmup)
+               for step in args.step]
+    for r in results:
+        print(bench.to_json(r) if args.json else bench.format_result(r))
+    return 0
+
+
+def _plan(args) -> int:
+    from jrlhf.plan import format_plan, parse_mesh, plan
+
+    mesh = parse_mesh(args.mesh)
+    n = mesh.data * mesh.fsdp * mesh.tensor
+    if "jax" not in sys.modules or not sys.modules["jax"].config.jax_platforms:
+        # Fake CPU devices stand in for the accelerators being planned for.
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={n}").strip()
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import dataclasses
+    import json
+
+    config = dataclasses.replace(_config(args), mesh=mesh)
+    result = plan(config, args.step, args.device)
+    print(json.dumps(result, indent=2) if args.json else format_plan(result))
+    return 0
+
+
 def _elo(args) -> int:
     from jrlhf import elo
 
@@ -162,6 +193,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="export folder (default: run.out_dir/<stage>/export)")
     p.set_defaults(func=_stage, resume=True)
 
+    p = with_config(sub.add_parser("bench", help="time compiled steps: tokens/s, FLOPs, MFU, "
+                                                 "memory"))
+    p.add_argument("--step", action="append", choices=("sft", "reward", "ppo", "generate",
+                                                        "ppo_iteration"), required=True)
+    p.add_argument("--steps", type=int, default=5, help="timed steps (after warm-up)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_bench)
+
+    p = with_config(sub.add_parser("plan", help="compile a step for a mesh without weights: "
+                                                "per-device memory, FLOPs, collectives"))
+    p.add_argument("--mesh", default="data=1,fsdp=1,tensor=1")
+    p.add_argument("--step", default="sft", choices=("sft", "reward", "ppo"))
+    p.add_argument("--device", default="h100", help="h100, h200, a100, tpu v4/v5e/v5p/v6e")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_plan)
+
     p = sub.add_parser("elo", help="leaderboard from pairwise comparisons (JSONL: a, b, winner)")
     p.add_argument("comparisons")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap samples for the CIs")
@@ -185,7 +233,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (KeyError, ValueError, FileNotFoundError, FloatingPointError) as err:
+    except (KeyError, ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         print(f"jrlhf {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -103,6 +103,11 @@ def run_stage(name: str, config: Config, state: TrainState, step_fn: Callable, b
         stage_dir = Path(out_dir) / name
         ckpt = Checkpointer(stage_dir / "checkpoints", keep=run.keep_checkpoints)
         writer = MetricsWriter(out_dir, name)
+        if not resume and ckpt.latest_step() is not None:
+            ckpt.close()
+            raise FileExistsError(
+                f"{ckpt.directory} already holds checkpoints (latest step {ckpt.latest_step()}): "
+                "pass --resume to continue that run, or set run.out_dir to a new folder")
         save_config(config, stage_dir / "config.json")
         if resume and ckpt.latest_step() is not None:
             state, meta = ckpt.restore(state)

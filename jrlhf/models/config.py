@@ -47,6 +47,8 @@ class ModelConfig:
     lm_head: bool = True
     scalar_head: bool = False
     dtype: str = "float32"  # compute dtype; parameters keep their own dtype
+    scan_layers: bool = False  # one compiled layer body (lax.scan) for cache-free forwards
+    remat: str = "none"  # rematerialise each layer in the backward pass: none | full | dots
 
     def __post_init__(self):
         if self.family not in ("gpt2", "llama"):
@@ -57,6 +59,8 @@ class ModelConfig:
             )
         if not (self.lm_head or self.scalar_head):
             raise ValueError("a model needs at least one head: lm_head or scalar_head")
+        if self.remat not in ("none", "full", "dots"):
+            raise ValueError(f"remat must be none|full|dots, got {self.remat!r}")
 
     @property
     def num_params(self) -> int:

@@ -206,12 +206,34 @@ class Transformer(nnx.Module):
         x = self.embed(input_ids)
         if self.cfg.family == "gpt2":
             x = x + self.pos_embed(positions)
+        if cache is None:
+            return self.final_norm(self._layers_without_cache(x, positions, attention_mask)), None
         new_cache = []
         for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else cache[i]
-            x, layer_new = layer(x, positions, attention_mask, layer_cache, cache_index)
+            x, layer_new = layer(x, positions, attention_mask, cache[i], cache_index)
             new_cache.append(layer_new)
-        return self.final_norm(x), (None if cache is None else tuple(new_cache))
+        return self.final_norm(x), tuple(new_cache)
+
+    def _layers_without_cache(self, x, positions, attention_mask):
+        """All layers, unrolled or as one `lax.scan` body, each optionally rematerialised."""
+        block_def = nnx.graphdef(self.layers[0])
+
+        def block(layer_state, x):
+            out, _ = nnx.merge(block_def, layer_state)(x, positions, attention_mask, None, 0)
+            return out
+
+        if self.cfg.remat == "full":
+            block = jax.checkpoint(block)
+        elif self.cfg.remat == "dots":
+            block = jax.checkpoint(block, policy=jax.checkpoint_policies.dots_saveable)
+        states = [nnx.state(layer) for layer in self.layers]
+        if not self.cfg.scan_layers:
+            for state in states:
+                x = block(state, x)
+            return x
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+        x, _ = jax.lax.scan(lambda h, state: (block(state, h), None), x, stacked)
+        return x
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """LM logits `[B, T, V]` in float32."""

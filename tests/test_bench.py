@@ -1,0 +1,124 @@
+"""`jrlhf bench` and `jrlhf plan` on small configs, checked against analytic and measured numbers."""
+
+import dataclasses
+import json
+import warnings
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jrlhf import bench, optim, sharding
+from jrlhf.config import MeshConfig, derive, load_config
+from jrlhf.models import ModelConfig, init_params
+from jrlhf.plan import count_collectives, parse_mesh, plan
+from jrlhf.state import TrainState
+from jrlhf.steps import place_state
+
+ROOT = Path(__file__).parent.parent
+SMALL = ModelConfig(family="gpt2", vocab_size=512, hidden_size=128, num_layers=2, num_heads=4,
+                    num_kv_heads=4, head_dim=32, intermediate_size=512, max_position_embeddings=64,
+                    activation="gelu_new", tie_word_embeddings=True, attention_bias=True,
+                    output_bias=True, hf_model_type="gpt2", eos_token_id=511, pad_token_id=511)
+
+
+def small_config(**changes):
+    base = load_config(ROOT / "configs" / "bench_gpt2.py")
+    return derive(base, {"model.arch": SMALL, "data.max_prompt_length": 16,
+                         "data.max_response_length": 16, "ppo.max_new_tokens": 8,
+                         "ppo.ppo_epochs": 2, **changes})
+
+
+@pytest.mark.parametrize("step", bench.STEPS)
+def test_bench_reports_consistent_numbers(step):
+    work = bench.Workload.from_config(small_config())
+    r = bench.bench_step(work, step, steps=3, warmup=1)
+    assert r["steps_timed"] == 3 and r["min_s"] <= r["median_s"] <= r["max_s"]
+    np.testing.assert_allclose(r["tokens_per_s"], r["tokens_per_step"] / r["median_s"])
+    assert 0 < r["mfu"] < 1.5
+    if step in ("sft", "reward", "ppo"):
+        # Analytic 6·N·tokens + attention agrees with XLA's count to within 25%. XLA's
+        # cost analysis counts a while-loop body once: PPO's scan runs epochs x minibatches.
+        loops = r["ppo_epochs"] * r["minibatches"] if step == "ppo" else 1
+        ratio = r["xla_flops_per_step"] * loops / r["model_flops_per_step"]
+        assert 0.75 < ratio < 1.35, ratio
+        assert r["memory_per_device"]["argument_bytes"] > SMALL.num_params * 4
+        assert r["dispatches_per_step"] == 1
+    if step == "ppo_iteration":
+        assert set(r["phases"]) == {"generate", "score", "update"}
+        assert r["dispatches_per_step"] == 3
+    json.loads(bench.to_json(r))
+    assert "tokens / s" in bench.format_result(r)
+
+
+def test_model_flops_hand_count():
+    cfg = SMALL
+    per_layer = 4 * 128 * 128 + 4 * 128 + 2 * 128 * 512 + 512 + 128 + 4 * 128
+    n = cfg.num_layers * per_layer + 2 * 128 + 512 * 128  # + final norm + tied LM head matmul
+    assert bench.matmul_params(cfg) == n
+    assert bench.model_flops(cfg, 10, 16, True) == 6 * (n + 2 * 2 * 16 * 128) * 10
+
+
+def test_parse_mesh():
+    assert parse_mesh("data=2,fsdp=4,tensor=1") == MeshConfig(2, 4, 1)
+    assert parse_mesh("fsdp=8") == MeshConfig(1, 8, 1)
+    with pytest.raises(ValueError, match="expected e.g."):
+        parse_mesh("dp=2")
+
+
+def measured_state_bytes(config, mesh):
+    """Bytes the placed train state really occupies on device 0."""
+    params = init_params(SMALL, 0)
+    labels = optim.trainable_labels(params)
+    state = place_state(TrainState.create(params, optim.make_optimizer(config.optim, labels), 0),
+                        mesh)
+    dev = jax.devices()[0]
+
+    def on_dev0(tree):
+        return sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards
+                   if s.device == dev)
+    return on_dev0(state.params), on_dev0(state.opt_state)
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2)])
+def test_plan_matches_measured_and_analytic(shape):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = dataclasses.replace(small_config(), mesh=MeshConfig(*shape))
+        r = plan(config, "sft", "h100")
+        mesh = sharding.make_mesh(config.mesh)
+    params_bytes, opt_bytes = measured_state_bytes(config, mesh)
+    assert r["params_bytes_per_device"] == params_bytes
+    # Adam's two moments plus optax's scalar counters.
+    assert r["optimizer_bytes_per_device"] - opt_bytes in range(0, 64)
+    assert r["fits"] and r["xla_flops_per_step"] > 0
+    if shape == (8, 1, 1):  # pure data parallel: everything replicated
+        assert r["params_bytes_per_device"] == SMALL.num_params * 4
+        assert r["collectives"]["all-reduce"] > 0
+
+
+def test_fsdp8_cuts_state_bytes_about_8x():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dp = plan(dataclasses.replace(small_config(), mesh=MeshConfig(8, 1, 1)), "sft")
+        fsdp = plan(dataclasses.replace(small_config(), mesh=MeshConfig(1, 8, 1)), "sft")
+    total = lambda r: r["params_bytes_per_device"] + r["optimizer_bytes_per_device"]  # noqa
+    assert 6.5 < total(dp) / total(fsdp) <= 8.0
+    assert fsdp["collectives"]["all-gather"] > 0
+
+
+def test_plan_reports_too_big():
+    config = dataclasses.replace(small_config(), mesh=MeshConfig(1, 1, 1))
+    huge = derive(config, {"model.arch": dataclasses.replace(SMALL, hidden_size=4096,
+                                                             intermediate_size=16384,
+                                                             num_heads=32, num_kv_heads=32,
+                                                             head_dim=128, num_layers=4)})
+    r = plan(huge, "sft", "tpu v5e")
+    assert not r["fits"]
+
+
+def test_count_collectives():
+    text = "%a = f32[] all-reduce(f32[] %x)\n%b = all-gather-start(%y)\n%c = all-reduce(%z)"
+    assert count_collectives(text)["all-reduce"] == 2
+    assert count_collectives(text)["all-gather"] == 1
