@@ -33,6 +33,7 @@ def get_config():
         "ppo.vf_coef": 0.1,
         "ppo.learning_rate": 1e-5,
         "ppo.whiten_advantages": True,
+        "ppo.critic": "separate",  # TRL: a separate value model (and a reward model)
         "optim.max_grad_norm": 1.0,
         "run.out_dir": "runs/bench",
     })

@@ -211,32 +211,44 @@ def bench_step(work: Workload, kind: str, *, steps: int = 5, warmup: int = 1) ->
 
 
 def _bench_ppo(work, kind, result, steps, warmup, rng):
+    from jrlhf.loops import prepare_ppo_params
+    from jrlhf.steps.ppo import reward_model_fn
+
     c = work.config
     pc = c.ppo
-    cfg = dataclasses.replace(work.policy_cfg, scalar_head=True)
     B, P, N = pc.rollout_batch_size, c.data.max_prompt_length, pc.max_new_tokens
-    params = dict(work.params, score={"kernel": jnp.zeros((cfg.hidden_size, 1))})
+    tree, ref, labels, cfg, value_cfg = prepare_ppo_params(c, work.policy_cfg, work.params,
+                                                           jax.random.key(1))
+    ocfg = dataclasses.replace(c.optim, learning_rate=pc.learning_rate)
+    state = TrainState.create(tree, optim.make_optimizer(ocfg, labels), 0, pc.kl_coef)
+    if work.mesh is not None:
+        state = place_state(state, work.mesh)
+    rm_cfg = dataclasses.replace(work.policy_cfg, lm_head=False, scalar_head=True)
+    rm_params = {k: v for k, v in jax.tree.map(jnp.array, work.params).items()
+                 if k not in ("lm_head", "score")}
+    rm_params["score"] = {"kernel": jnp.zeros((cfg.hidden_size, 1))}
     prompt = random_ids(rng, (B, P), cfg.vocab_size, work.avoid)
     prompt_mask = np.ones_like(prompt)
-    state, labels = work.state({"policy": params}, 10, pc.learning_rate, kl_coef=pc.kl_coef,
-                               use_lora=False)
     mb = pc.num_minibatches(B)
-    step = make_ppo_step(pc, cfg, None, labels=labels, state=state, mesh=work.mesh)
+    lora_scale = c.lora.scale
+    step = make_ppo_step(pc, cfg, value_cfg, labels=labels, lora_scale=lora_scale, state=state,
+                         mesh=work.mesh)
     sample = jax.jit(functools.partial(generate, cfg, max_new_tokens=N, temperature=pc.temperature,
                                        eos_token_id=None, pad_token_id=0))
-    reward_fn = lambda _, pi, pm, ri, rm: jnp.zeros(ri.shape[0])  # noqa: E731
-    scorer = jax.jit(functools.partial(score_rollout, cfg=pc, policy_cfg=cfg, value_cfg=None,
-                                       reward_fn=reward_fn))
-    ref = jax.tree.map(jnp.array, params)
+    scorer = jax.jit(functools.partial(score_rollout, cfg=pc, policy_cfg=cfg, value_cfg=value_cfg,
+                                       reward_fn=reward_model_fn(rm_cfg), lora_scale=lora_scale))
     key = jax.random.key(0)
-    gen = sample(state.params["policy"], prompt, prompt_mask, key)
-    batch, _ = scorer(state.params, ref, None, prompt, prompt_mask, gen.tokens, gen.mask)
+    policy = lambda s: lora.merge_lora(s.params["policy"], lora_scale)  # noqa: E731
+    gen = sample(policy(state), prompt, prompt_mask, key)
+    batch, _ = scorer(state.params, ref, rm_params, prompt, prompt_mask, gen.tokens, gen.mask)
     batch = dict(batch, scores=jnp.asarray(rng.randn(B), jnp.float32))
+    models_in_update = 1 if value_cfg is None else 2  # policy (+ a separate value model)
+    models_scored = 3 if value_cfg is None else 4  # policy, reference, reward (+ value)
     T = P + N
     fwd_tokens = B * T
-    update_flops = model_flops(cfg, fwd_tokens * pc.ppo_epochs, T, True)
+    update_flops = models_in_update * model_flops(cfg, fwd_tokens * pc.ppo_epochs, T, True)
     gen_flops = model_flops(cfg, B * N, T, False)
-    score_flops = 2 * model_flops(cfg, fwd_tokens, T, False)
+    score_flops = models_scored * model_flops(cfg, fwd_tokens, T, False)
     result.update({"ppo_epochs": pc.ppo_epochs, "minibatches": mb})
     if kind == "ppo":
         t0 = time.perf_counter()
@@ -247,10 +259,9 @@ def _bench_ppo(work, kind, result, steps, warmup, rng):
         return _finish(result, compiled, times, fwd_tokens * pc.ppo_epochs, B, update_flops)
     if kind == "generate":
         t0 = time.perf_counter()
-        compiled = sample.lower(state.params["policy"], prompt, prompt_mask, key).compile()
+        compiled = sample.lower(policy(state), prompt, prompt_mask, key).compile()
         result["compile_s"] = time.perf_counter() - t0
-        times = _time(sample, lambda: (state.params["policy"], prompt, prompt_mask, key), steps,
-                      warmup)
+        times = _time(sample, lambda: (policy(state), prompt, prompt_mask, key), steps, warmup)
         return _finish(result, compiled, times, B * N, B, gen_flops)
     # A whole iteration, with the time split into its three dispatches.
     phases = {"generate": [], "score": [], "update": []}
@@ -259,10 +270,10 @@ def _bench_ppo(work, kind, result, steps, warmup, rng):
     def iteration():
         s = box["state"]
         t0 = time.perf_counter()
-        g = jax.block_until_ready(sample(s.params["policy"], prompt, prompt_mask, key))
+        g = jax.block_until_ready(sample(policy(s), prompt, prompt_mask, key))
         t1 = time.perf_counter()
-        b, _ = jax.block_until_ready(scorer(s.params, ref, None, prompt, prompt_mask, g.tokens,
-                                            g.mask))
+        b, _ = jax.block_until_ready(scorer(s.params, ref, rm_params, prompt, prompt_mask,
+                                            g.tokens, g.mask))
         t2 = time.perf_counter()
         b = dict(b, scores=batch["scores"])
         box["state"], m = step(s, b)
@@ -330,5 +341,5 @@ def format_result(r: dict) -> str:
     return "\n".join(lines + [f"  {k:<{width}}  {v}" for k, v in rows])
 
 
-def to_json(r: dict) -> str:
-    return json.dumps(r, indent=2, default=float)
+def to_json(result) -> str:
+    return json.dumps(result, indent=2, default=float)

@@ -95,8 +95,10 @@ def _bench(args) -> int:
     work = bench.Workload.from_config(config)
     results = [bench.bench_step(work, step, steps=args.steps, warmup=args.warmup)
                for step in args.step]
-    for r in results:
-        print(bench.to_json(r) if args.json else bench.format_result(r))
+    if args.json:
+        print(bench.to_json(results))
+    else:
+        print("\n\n".join(bench.format_result(r) for r in results))
     return 0
 
 

@@ -186,6 +186,42 @@ class PPOConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DPOConfig:
+    """Reference-free-at-train-time preference optimisation: DPO / IPO, and ORPO."""
+
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # conservative DPO: assumed share of flipped labels
+    loss: str = "sigmoid"  # sigmoid (DPO) | ipo
+    orpo_lambda: float = 0.1  # weight of ORPO's odds-ratio term
+    steps: int = 100
+    batch_size: int = 8
+    learning_rate: float = 5e-6
+
+    def __post_init__(self):
+        if self.loss not in ("sigmoid", "ipo"):
+            raise ValueError(f"dpo.loss must be sigmoid|ipo, got {self.loss!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    """Critic-free policy optimisation with group baselines: GRPO and RLOO."""
+
+    estimator: str = "grpo"  # grpo (group-normalised) | rloo (leave-one-out)
+    group_size: int = 4  # samples per prompt
+    kl_coef: float = 0.04  # weight of the k3 KL-to-reference loss term
+    clip_eps: float = 0.2
+    epochs: int = 1
+    minibatch_size: int = 0  # rows per optimizer step; 0 = the whole batch
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        if self.estimator not in ("grpo", "rloo"):
+            raise ValueError(f"grpo.estimator must be grpo|rloo, got {self.estimator!r}")
+        if self.group_size < 2:
+            raise ValueError(f"grpo.group_size must be >= 2, got {self.group_size}")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     out_dir: str = "runs/default"
     seed: int = 0
@@ -210,6 +246,8 @@ class Config:
     sft: SFTConfig = SFTConfig()
     reward: RewardConfig = RewardConfig()
     ppo: PPOConfig = PPOConfig()
+    dpo: DPOConfig = DPOConfig()
+    grpo: GRPOConfig = GRPOConfig()
     run: RunConfig = RunConfig()
 
 

@@ -139,3 +139,71 @@ def ranking_loss(rewards, ranks, per_prompt: bool = True, weights=None):
         "num_pairs": jnp.sum(valid.astype(jnp.float32)),
     }
     return loss, metrics
+
+
+def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float,
+             label_smoothing: float = 0.0, kind: str = "sigmoid"):
+    """Direct Preference Optimisation per pair (Rafailov et al. 2023); IPO (Azar et al. 2023).
+
+    Args:
+        *_logps: `[P]` summed response log-probs under the policy and the reference.
+        beta: strength of the implicit KL constraint.
+        label_smoothing: ε, the assumed share of flipped preference labels (sigmoid only).
+        kind: "sigmoid" (DPO) or "ipo".
+
+    Returns:
+        `(losses [P], metrics)` with the implicit rewards β·(log π − log π_ref) of both sides.
+        sigmoid: −(1−ε)·log σ(β·h) − ε·log σ(−β·h); ipo: (h − 1/(2β))²; h is the difference of
+        the chosen and rejected log-ratios.
+    """
+    h = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)
+    if kind == "sigmoid":
+        losses = (-(1 - label_smoothing) * jax.nn.log_sigmoid(beta * h)
+                  - label_smoothing * jax.nn.log_sigmoid(-beta * h))
+    elif kind == "ipo":
+        losses = jnp.square(h - 1.0 / (2.0 * beta))
+    else:
+        raise ValueError(f"unknown DPO loss {kind!r}; choose sigmoid or ipo")
+    chosen_rewards = beta * (chosen_logps - ref_chosen_logps)
+    rejected_rewards = beta * (rejected_logps - ref_rejected_logps)
+    return losses, {"chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards}
+
+
+def orpo_loss(chosen_mean_logps, rejected_mean_logps, chosen_nll, lam: float):
+    """ORPO (Hong et al. 2024) per pair: NLL of the chosen response − λ·log σ(log odds ratio).
+
+    `*_mean_logps [P]` are per-token mean log-probs (so exp(·) is in (0, 1)); odds(y) =
+    p / (1 − p). Returns `(losses [P], log_odds_ratio [P])`; no reference model is involved.
+    """
+    def log_odds(mean_logp):
+        return mean_logp - jnp.log1p(-jnp.exp(jnp.minimum(mean_logp, -1e-6)))
+
+    ratio = log_odds(chosen_mean_logps) - log_odds(rejected_mean_logps)
+    return chosen_nll - lam * jax.nn.log_sigmoid(ratio), ratio
+
+
+def group_advantages(scores, eps: float = 1e-6):
+    """GRPO: scores `[G, K]` of K samples per prompt, normalised within each group:
+    (r − mean_g) / (std_g + eps)."""
+    mean = jnp.mean(scores, axis=-1, keepdims=True)
+    std = jnp.std(scores, axis=-1, keepdims=True)
+    return (scores - mean) / (std + eps)
+
+
+def leave_one_out_advantages(scores):
+    """RLOO: each sample's score minus the mean of the other K−1 in its group. `[G, K]`."""
+    K = scores.shape[-1]
+    total = jnp.sum(scores, axis=-1, keepdims=True)
+    return scores - (total - scores) / (K - 1)
+
+
+def clipped_kl_regularised_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask,
+                                clip_eps: float, kl_coef: float):
+    """GRPO/RLOO token loss: clipped surrogate with a per-sequence advantage `[B]` broadcast over
+    its tokens, plus `kl_coef`·k3 KL to the reference as a loss term. Returns (loss, metrics)."""
+    from jrlhf.rl import kl_penalty
+
+    adv = jnp.broadcast_to(advantages[:, None], logprobs.shape)
+    pg, metrics = ppo_policy_loss(logprobs, old_logprobs, adv, mask, clip_eps)
+    kl = masked_mean(kl_penalty(logprobs, ref_logprobs, "k3"), mask)
+    return pg + kl_coef * kl, dict(metrics, kl=kl, policy_loss=pg)

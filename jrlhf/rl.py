@@ -173,3 +173,10 @@ def normalize_scores(scores: jax.Array, moments: RunningMoments, clip: float = 0
     """(scores − mean) / std with the running moments, then clipped to ±clip if clip > 0."""
     out = (scores - moments.mean) * jax.lax.rsqrt(moments.var + 1e-8)
     return jnp.clip(out, -clip, clip) if clip > 0 else out
+
+
+def sequence_logprobs(logits, tokens, mask):
+    """Summed log-probs `[B]` of `tokens [B, T]` where `mask` is 1 (logits `[B, T, V]` predict
+    `tokens` position by position), and the token counts `[B]`."""
+    logp = logprobs_from_logits(logits, tokens)
+    return masked_sum(logp, mask, axis=-1), jnp.sum(mask > 0, axis=-1)

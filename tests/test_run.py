@@ -203,3 +203,35 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     out2 = again.stdout.read()
     assert again.wait() == 0, out2
     assert "resumed from step 12" in out2 and "resumed from step 4" in out2
+
+
+def test_export_merges_lora_into_a_transformers_folder(tmp_path):
+    """`jrlhf sft` with LoRA, then `jrlhf export`: the HF folder holds W + scale·A·B."""
+    from jrlhf import lora, models
+    from jrlhf.cli import main
+
+    common = ["--config", TINY, "--set", f"run.out_dir={tmp_path}", "--set", "sft.steps=3",
+              "--set", "lora.rank=2", "--set", "lora.targets=.*attn/(q_proj|v_proj)/kernel",
+              "--set", "run.log_every=0"]
+    assert main(["sft", *common]) == 0
+    assert main(["export", *common, "--stage", "sft", "--out", str(tmp_path / "hf")]) == 0
+    ckpt = Checkpointer(tmp_path / "sft" / "checkpoints")
+    from jrlhf.loops import make_stage_state
+
+    config = apply_overrides(load_config(TINY), common[3::2])
+    from jrlhf.pipeline import load_policy
+
+    cfg, params, _ = load_policy(config)
+    template = make_stage_state(config, params, 3, 1.0, use_lora=True)[0]
+    state, _ = ckpt.restore(template)
+    ckpt.close()
+    assert lora.has_lora(state.params)
+    merged = lora.merge_lora(state.params, config.lora.scale)
+    cfg2, exported = models.load_pretrained(tmp_path / "hf")
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7), exported,
+                 jax.tree.map(np.asarray, merged))
+    delta = merged["layers"][0]["attn"]["q_proj"]["kernel"] - params["layers"][0]["attn"][
+        "q_proj"]["kernel"]
+    assert np.abs(np.asarray(delta)).max() > 0  # the adapters really trained
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert hf.config.num_hidden_layers == cfg2.num_layers

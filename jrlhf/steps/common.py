@@ -54,6 +54,31 @@ def accumulate_gradients(loss_fn, params, batch, num_micro_batches: int):
     return loss, aux, grads
 
 
+def minibatch_epochs(state, data, grad_fn, *, epochs: int, num_minibatches: int, key):
+    """`epochs` passes over `data`, each in `num_minibatches` shuffled optimizer steps.
+
+    One nested `lax.scan` (epochs outside, minibatches inside; a fresh permutation per epoch
+    from `key`), so a whole update phase is one compiled loop with no host round trip.
+    `grad_fn(params, minibatch) -> ((loss, metrics), grads)`. Returns `(state, metrics)` with
+    each metric averaged over all optimizer steps.
+    """
+    B = jax.tree.leaves(data)[0].shape[0]
+    mb_size = B // num_minibatches
+
+    def minibatch_update(train_state, mb):
+        (_, metrics), grads = grad_fn(train_state.params, mb)
+        return train_state.apply_gradients(grads), metrics
+
+    def epoch(train_state, epoch_key):
+        perm = jax.random.permutation(epoch_key, B)
+        shuffled = jax.tree.map(
+            lambda x: x[perm].reshape(num_minibatches, mb_size, *x.shape[1:]), data)
+        return jax.lax.scan(minibatch_update, train_state, shuffled)
+
+    state, metrics = jax.lax.scan(epoch, state, jax.random.split(key, epochs))
+    return state, jax.tree.map(jnp.mean, metrics)
+
+
 def state_shardings(state, mesh):
     """Shardings for a `TrainState`: params by the rule table, moments like their params."""
     params_sh = sharding.param_shardings(state.params, mesh)

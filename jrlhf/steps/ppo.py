@@ -22,7 +22,7 @@ from jrlhf import lora, losses, rl
 from jrlhf.config import PPOConfig
 from jrlhf.models import transformer as tfm
 from jrlhf.models.config import ModelConfig
-from jrlhf.steps.common import forward_params, jit_step
+from jrlhf.steps.common import forward_params, jit_step, minibatch_epochs
 
 
 def policy_outputs(params, input_ids, attention_mask, num_response: int, *,
@@ -95,22 +95,9 @@ def ppo_step(state, batch, *, cfg: PPOConfig, policy_cfg: ModelConfig,
                                 temperature=cfg.temperature, labels=labels, lora_scale=lora_scale)
     grad_fn = jax.value_and_grad(functools.partial(ppo_loss, cfg=cfg, forward=forward),
                                  has_aux=True)
-    mb_size = B // num_minibatches
-    epoch_key = jax.random.fold_in(state.rng, state.step)
-
-    def minibatch_update(train_state, mb):
-        (_, metrics), grads = grad_fn(train_state.params, mb)
-        return train_state.apply_gradients(grads), metrics
-
-    def epoch(train_state, key):
-        perm = jax.random.permutation(key, B)
-        shuffled = jax.tree.map(
-            lambda x: x[perm].reshape(num_minibatches, mb_size, *x.shape[1:]), data)
-        return jax.lax.scan(minibatch_update, train_state, shuffled)
-
-    keys = jax.random.split(epoch_key, cfg.ppo_epochs)
-    state, metrics = jax.lax.scan(epoch, state, keys)
-    metrics = jax.tree.map(jnp.mean, metrics)
+    state, metrics = minibatch_epochs(state, data, grad_fn, epochs=cfg.ppo_epochs,
+                                      num_minibatches=num_minibatches,
+                                      key=jax.random.fold_in(state.rng, state.step))
 
     seq_kl = jnp.sum(kl, axis=-1)
     mean_kl = jnp.mean(seq_kl)

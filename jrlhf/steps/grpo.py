@@ -1,0 +1,83 @@
+"""GRPO and RLOO: critic-free policy updates with group baselines, one compiled update.
+
+Rollout batch: B = G·K rows, the K samples of each prompt consecutive. `input_ids,
+attention_mask [B, P+N]`, `response_mask, logprobs, ref_logprobs [B, N]`, `scores [B]`.
+Inside one function: advantages from the scores within each group (GRPO: normalised by the
+group's mean and std; RLOO: minus the mean of the other K−1), then epochs × minibatches of the
+clipped surrogate with `kl_coef`·k3 KL to the reference as a loss term.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jrlhf import losses, rl
+from jrlhf.config import GRPOConfig
+from jrlhf.models import transformer as tfm
+from jrlhf.models.config import ModelConfig
+from jrlhf.steps.common import forward_params, jit_step, minibatch_epochs
+
+
+def sequence_advantages(scores, group_size: int, estimator: str):
+    """Advantages `[B]` from scores `[B]` grouped in consecutive runs of `group_size`."""
+    groups = scores.reshape(-1, group_size)
+    if estimator == "grpo":
+        adv = losses.group_advantages(groups)
+    elif estimator == "rloo":
+        adv = losses.leave_one_out_advantages(groups)
+    else:
+        raise ValueError(f"unknown estimator {estimator!r}; choose grpo or rloo")
+    return adv.reshape(-1)
+
+
+def grpo_step(state, batch, *, cfg: GRPOConfig, model_cfg: ModelConfig, labels=None,
+              lora_scale: float = 0.0):
+    """One GRPO/RLOO update phase (all epochs × minibatches) on a grouped rollout batch."""
+    mask = batch["response_mask"]
+    B, N = mask.shape
+    if B % cfg.group_size:
+        raise ValueError(f"batch of {B} rows is not a whole number of groups of "
+                         f"{cfg.group_size}")
+    size = cfg.minibatch_size or B
+    if B % size:
+        raise ValueError(f"batch of {B} rows is not divisible by grpo.minibatch_size={size}")
+    advantages = sequence_advantages(batch["scores"], cfg.group_size, cfg.estimator)
+    data = {k: batch[k] for k in ("input_ids", "attention_mask", "response_mask", "logprobs",
+                                  "ref_logprobs")}
+    data["advantages"] = advantages
+
+    def loss_fn(params, mb):
+        fp = forward_params(params, labels, lora_scale)
+        logits = tfm.forward(model_cfg, fp, mb["input_ids"], mb["attention_mask"])
+        logits = logits[:, -N - 1:-1] / cfg.temperature
+        logprobs = rl.logprobs_from_logits(logits, mb["input_ids"][:, -N:])
+        loss, m = losses.clipped_kl_regularised_loss(
+            logprobs, mb["logprobs"], mb["ref_logprobs"], mb["advantages"], mb["response_mask"],
+            cfg.clip_eps, cfg.kl_coef)
+        return loss, {f"{cfg.estimator}/{k}": v for k, v in dict(m, loss=loss).items()}
+
+    state, metrics = minibatch_epochs(
+        state, data, jax.value_and_grad(loss_fn, has_aux=True), epochs=cfg.epochs,
+        num_minibatches=B // size, key=jax.random.fold_in(state.rng, state.step))
+    metrics.update({f"{cfg.estimator}/mean_score": jnp.mean(batch["scores"]),
+                    f"{cfg.estimator}/advantages_std": jnp.std(advantages)})
+    return state, metrics
+
+
+def make_grpo_step(cfg: GRPOConfig, model_cfg: ModelConfig, *, labels=None,
+                   lora_scale: float = 0.0, state=None, mesh=None):
+    """Jitted `grpo_step` (RLOO with `cfg.estimator="rloo"`): one dispatch per update phase."""
+    fn = functools.partial(grpo_step, cfg=cfg, model_cfg=model_cfg, labels=labels,
+                           lora_scale=lora_scale)
+    return jit_step(fn, state, mesh)
+
+
+def rloo_step(state, batch, *, cfg: GRPOConfig, model_cfg: ModelConfig, labels=None,
+              lora_scale: float = 0.0):
+    """RLOO: `grpo_step` with leave-one-out baselines instead of group normalisation."""
+    return grpo_step(state, batch, cfg=dataclasses.replace(cfg, estimator="rloo"),
+                     model_cfg=model_cfg, labels=labels, lora_scale=lora_scale)

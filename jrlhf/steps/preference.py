@@ -1,0 +1,109 @@
+"""DPO (and IPO) and ORPO steps over (chosen, rejected) pairs.
+
+Batch (P pairs, T tokens): `chosen_ids, chosen_mask, chosen_loss_mask, rejected_ids,
+rejected_mask, rejected_loss_mask` `[P, T]` — `*_mask` is the attention mask, `*_loss_mask` is 1
+on response tokens. DPO also takes `ref_chosen_logps, ref_rejected_logps` `[P]` (precompute them
+once with `reference_logps`); without them, a LoRA policy uses its own frozen base weights as
+the reference, inside the step.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jrlhf import lora, losses, rl
+from jrlhf.config import DPOConfig
+from jrlhf.models import transformer as tfm
+from jrlhf.models.config import ModelConfig
+from jrlhf.steps.common import accumulate_gradients, forward_params, jit_step
+
+
+def response_logps(cfg: ModelConfig, params, ids, attention_mask, loss_mask):
+    """Summed log-probs `[B]` of the response tokens and their counts `[B]`."""
+    logits = tfm.forward(cfg, params, ids, attention_mask)
+    return rl.sequence_logprobs(logits[:, :-1], ids[:, 1:], loss_mask[:, 1:] * attention_mask[:, 1:])
+
+
+def _pair_logps(cfg, params, batch):
+    """Policy log-probs of chosen and rejected in one forward over `[2P, T]`."""
+    cat = lambda k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]])  # noqa
+    logps, counts = response_logps(cfg, params, cat("ids"), cat("mask"), cat("loss_mask"))
+    P = batch["chosen_ids"].shape[0]
+    return (logps[:P], logps[P:]), (counts[:P], counts[P:])
+
+
+def reference_logps(cfg: ModelConfig, ref_params, batch) -> dict:
+    """`{"ref_chosen_logps", "ref_rejected_logps"}` for a batch (jit it; run once per batch)."""
+    (chosen, rejected), _ = _pair_logps(cfg, ref_params, batch)
+    return {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
+
+
+def _pair_metrics(prefix, losses_sum, aux, num_pairs, grads):
+    n = jnp.maximum(num_pairs, 1.0)
+    return {f"{prefix}/loss": losses_sum, f"{prefix}/accuracy": aux["correct"] / n,
+            f"{prefix}/margin": aux["margin"] / n, f"{prefix}/grad_norm": optax.tree.norm(grads),
+            **{f"{prefix}/{k}": v / n for k, v in aux.items() if k not in ("correct", "margin")}}
+
+
+def dpo_step(state, batch, *, model_cfg: ModelConfig, cfg: DPOConfig, labels=None,
+             lora_scale: float = 0.0, grad_accum_steps: int = 1):
+    """One optimizer step of DPO / IPO. Metrics: loss, accuracy (implicit chosen reward >
+    rejected), margin, chosen/rejected implicit rewards, grad norm."""
+    P = batch["chosen_ids"].shape[0]
+    if "ref_chosen_logps" not in batch:
+        if not lora_scale:
+            raise ValueError("dpo_step needs ref_chosen_logps/ref_rejected_logps in the batch "
+                             "(see reference_logps), or a LoRA policy whose base is the reference")
+        ref = reference_logps(model_cfg, jax.lax.stop_gradient(lora.base_params(state.params)),
+                              batch)
+        batch = dict(batch, **ref)
+
+    def loss_fn(params, micro):
+        fp = forward_params(params, labels, lora_scale)
+        (chosen, rejected), _ = _pair_logps(model_cfg, fp, micro)
+        pair_losses, m = losses.dpo_loss(chosen, rejected, micro["ref_chosen_logps"],
+                                         micro["ref_rejected_logps"], cfg.beta,
+                                         cfg.label_smoothing, cfg.loss)
+        margin = m["chosen_rewards"] - m["rejected_rewards"]
+        aux = {"correct": jnp.sum(margin > 0), "margin": jnp.sum(margin),
+               "chosen_reward": jnp.sum(m["chosen_rewards"]),
+               "rejected_reward": jnp.sum(m["rejected_rewards"])}
+        return jnp.sum(pair_losses) / P, jax.tree.map(lambda x: x.astype(jnp.float32), aux)
+
+    loss, aux, grads = accumulate_gradients(loss_fn, state.params, batch, grad_accum_steps)
+    return state.apply_gradients(grads), _pair_metrics("dpo", loss, aux, P, grads)
+
+
+def orpo_step(state, batch, *, model_cfg: ModelConfig, cfg: DPOConfig, labels=None,
+              lora_scale: float = 0.0, grad_accum_steps: int = 1):
+    """One optimizer step of ORPO: SFT on the chosen response plus the odds-ratio term; no
+    reference model. Metrics: loss, nll, log_odds_ratio, accuracy (log odds ratio > 0)."""
+    P = batch["chosen_ids"].shape[0]
+
+    def loss_fn(params, micro):
+        fp = forward_params(params, labels, lora_scale)
+        (chosen, rejected), (n_c, n_r) = _pair_logps(model_cfg, fp, micro)
+        mean_c = chosen / jnp.maximum(n_c, 1)
+        mean_r = rejected / jnp.maximum(n_r, 1)
+        pair_losses, ratio = losses.orpo_loss(mean_c, mean_r, -mean_c, cfg.orpo_lambda)
+        aux = {"correct": jnp.sum(ratio > 0).astype(jnp.float32), "margin": jnp.sum(ratio),
+               "nll": -jnp.sum(mean_c)}
+        return jnp.sum(pair_losses) / P, aux
+
+    loss, aux, grads = accumulate_gradients(loss_fn, state.params, batch, grad_accum_steps)
+    metrics = _pair_metrics("orpo", loss, aux, P, grads)
+    metrics["orpo/log_odds_ratio"] = metrics.pop("orpo/margin")
+    return state.apply_gradients(grads), metrics
+
+
+def make_dpo_step(model_cfg, cfg: DPOConfig, *, orpo: bool = False, labels=None,
+                  lora_scale: float = 0.0, grad_accum_steps: int = 1, state=None, mesh=None):
+    """Jitted `dpo_step` (or `orpo_step`) with hyper-parameters bound; sharded with a mesh."""
+    fn = functools.partial(orpo_step if orpo else dpo_step, model_cfg=model_cfg, cfg=cfg,
+                           labels=labels, lora_scale=lora_scale,
+                           grad_accum_steps=grad_accum_steps)
+    return jit_step(fn, state, mesh)
