@@ -71,11 +71,19 @@ def matmul_params(cfg: ModelConfig) -> int:
     return n
 
 
-def model_flops(cfg: ModelConfig, tokens: int, seq_len: int, backward: bool) -> float:
-    """Analytic FLOPs: (2 or 6)·N·tokens plus attention (2 or 6)·2·L·T·H·Dh per token."""
+def model_flops(cfg: ModelConfig, tokens: int, seq_len: int, backward: bool,
+                lm_tokens: int | None = None) -> float:
+    """Analytic FLOPs: (2 or 6)·N·tokens plus attention (2 or 6)·2·L·T·H·Dh per token.
+
+    `lm_tokens`: positions that go through the LM head (default: all `tokens`); the PPO
+    update and scoring only compute response positions' logits, the sampler's prefill only the
+    last prompt position's.
+    """
     mult = 6 if backward else 2
     attn = 2 * cfg.num_layers * seq_len * cfg.num_heads * cfg.head_dim
-    return mult * (matmul_params(cfg) + attn) * tokens
+    head = cfg.vocab_size * cfg.hidden_size if cfg.lm_head else 0
+    lm_tokens = tokens if lm_tokens is None else lm_tokens
+    return mult * ((matmul_params(cfg) - head + attn) * tokens + head * lm_tokens)
 
 
 def xla_flops(compiled) -> float | None:
@@ -246,9 +254,18 @@ def _bench_ppo(work, kind, result, steps, warmup, rng):
     models_scored = 3 if value_cfg is None else 4  # policy, reference, reward (+ value)
     T = P + N
     fwd_tokens = B * T
-    update_flops = models_in_update * model_flops(cfg, fwd_tokens * pc.ppo_epochs, T, True)
-    gen_flops = model_flops(cfg, B * N, T, False)
-    score_flops = models_scored * model_flops(cfg, fwd_tokens, T, False)
+    backbone = dataclasses.replace(cfg, lm_head=False, scalar_head=True)
+    E = pc.ppo_epochs
+    # Update: the policy's backbone on every position, its LM head on the response positions;
+    # a separate value model as a backbone. Scoring: policy and reference likewise, plus the
+    # reward model (and value model). Generation: prefill B·P tokens with one LM-head position
+    # per row, then B·N single-token steps.
+    update_flops = (model_flops(cfg, fwd_tokens * E, T, True, lm_tokens=B * N * E)
+                    + (models_in_update - 1) * model_flops(backbone, fwd_tokens * E, T, True))
+    score_flops = (2 * model_flops(cfg, fwd_tokens, T, False, lm_tokens=B * N)
+                   + (models_scored - 2) * model_flops(backbone, fwd_tokens, T, False))
+    gen_flops = (model_flops(cfg, B * P, P, False, lm_tokens=B)
+                 + model_flops(cfg, B * N, T, False))
     result.update({"ppo_epochs": pc.ppo_epochs, "minibatches": mb})
     if kind == "ppo":
         t0 = time.perf_counter()

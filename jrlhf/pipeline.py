@@ -145,7 +145,7 @@ def evaluate(config: Config, task, tokenizer, encoder, policies: dict, eval_path
         N = toks.shape[1]
 
         def logp(c, p):
-            logits = models.forward(c, p, full, fmask)[:, -N - 1:-1] / temperature
+            logits = models.forward(c, p, full, fmask, last=N) / temperature
             return rl.logprobs_from_logits(logits, jnp.asarray(toks))
 
         kl = (logp(cfg, params) - logp(ref_cfg, ref_params)) * tmask

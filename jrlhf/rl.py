@@ -17,9 +17,13 @@ KLKind = Literal["k1", "k2", "k3", "abs"]
 
 
 def logprobs_from_logits(logits: jax.Array, tokens: jax.Array) -> jax.Array:
-    """Log-probability of each token. logits `[B, T, V]`, tokens `[B, T]` -> `[B, T]` float32."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    """Log-probability of each token. logits `[B, T, V]`, tokens `[B, T]` -> `[B, T]` float32.
+
+    Computed as logit[token] − logsumexp(logits): no `[B, T, V]` log-softmax is materialised.
+    """
+    logits = logits.astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
 def entropy_from_logits(logits: jax.Array) -> jax.Array:

@@ -58,6 +58,9 @@ def test_model_flops_hand_count():
     n = cfg.num_layers * per_layer + 2 * 128 + 512 * 128  # + final norm + tied LM head matmul
     assert bench.matmul_params(cfg) == n
     assert bench.model_flops(cfg, 10, 16, True) == 6 * (n + 2 * 2 * 16 * 128) * 10
+    head = 512 * 128
+    assert bench.model_flops(cfg, 10, 16, False, lm_tokens=4) == \
+        2 * ((n - head + 2 * 2 * 16 * 128) * 10 + head * 4)
 
 
 def test_parse_mesh():

@@ -45,7 +45,7 @@ def wait_for_rows(path: Path, stage: str, n: int, proc, timeout=240):
 
 
 def sft_args(out):
-    return ["sft", "--config", TINY, "--set", f"run.out_dir={out}", "--set", "sft.steps=120",
+    return ["sft", "--config", TINY, "--set", f"run.out_dir={out}", "--set", "sft.steps=60",
             "--set", "run.save_every=10", "--set", "run.log_every=0"]
 
 
@@ -55,11 +55,11 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     assert full.wait() == 0, full.stdout.read()
 
     killed = jrlhf(*sft_args(tmp_path / "killed"))
-    wait_for_rows(tmp_path / "killed" / "metrics.jsonl", "sft", 45, killed)
+    wait_for_rows(tmp_path / "killed" / "metrics.jsonl", "sft", 25, killed)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     ckpt = Checkpointer(tmp_path / "killed" / "sft" / "checkpoints")
-    assert 0 < ckpt.latest_step() < 120  # really killed mid-training
+    assert 0 < ckpt.latest_step() < 60  # really killed mid-training
     ckpt.close()
     resumed = jrlhf(*sft_args(tmp_path / "killed"), "--resume")
     out = resumed.stdout.read()
@@ -73,7 +73,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
         np.testing.assert_array_equal(a[k], b[k])  # bit for bit
     rows_a = read_metrics(tmp_path / "full" / "metrics.jsonl")
     rows_b = read_metrics(tmp_path / "killed" / "metrics.jsonl")
-    assert len(rows_a) == len(rows_b) == 120
+    assert len(rows_a) == len(rows_b) == 60
     assert rows_a == rows_b
 
 
@@ -87,7 +87,7 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
     assert "SIGTERM: saved step" in out
     step = int(out.split("SIGTERM: saved step ")[1].split(",")[0])
     ckpt = Checkpointer(tmp_path / "sft" / "checkpoints")
-    assert ckpt.latest_step() == step < 120
+    assert ckpt.latest_step() == step < 60
     ckpt.close()
     assert len(read_metrics(tmp_path / "metrics.jsonl")) == step
 

@@ -284,25 +284,38 @@ def apply(cfg, params, input_ids, attention_mask, *, positions=None, cache=None,
     return ModelOutput(*model(input_ids, attention_mask, positions, cache, cache_index))
 
 
-def forward(cfg: ModelConfig, params: Params, input_ids, attention_mask, *, positions=None):
-    """LM logits `[B, T, V]` (float32) for `input_ids [B, T]` with `attention_mask [B, T]`."""
+def forward(cfg: ModelConfig, params: Params, input_ids, attention_mask, *, positions=None,
+            last: int | None = None):
+    """LM logits `[B, T, V]` (float32) for `input_ids [B, T]` with `attention_mask [B, T]`.
+
+    `last=n` returns only the logits of positions T−n−1 .. T−2 (those predicting the last n
+    tokens), so the LM head — a vocabulary-sized matmul — never runs on prompt positions.
+    """
     model = bind(cfg, params)
     hidden, _ = model(input_ids, attention_mask, positions)
-    return model.logits(hidden)
+    return model.logits(_predicting_last(hidden, last))
 
 
-def forward_with_values(cfg, params, input_ids, attention_mask, *, positions=None):
-    """`(logits [B, T, V], values [B, T])` for a policy with a shared-backbone value head."""
+def _predicting_last(x, last: int | None):
+    return x if last is None else x[:, -last - 1:-1]
+
+
+def forward_with_values(cfg, params, input_ids, attention_mask, *, positions=None,
+                        last: int | None = None):
+    """`(logits [B, T, V], values [B, T])` for a policy with a shared-backbone value head
+    (`last` as in `forward`, for both)."""
     model = bind(cfg, params)
     hidden, _ = model(input_ids, attention_mask, positions)
+    hidden = _predicting_last(hidden, last)
     return model.logits(hidden), model.scores(hidden)
 
 
-def token_scores(cfg, params, input_ids, attention_mask, *, positions=None):
-    """Per-token scalar head `[B, T]` (a value model's values)."""
+def token_scores(cfg, params, input_ids, attention_mask, *, positions=None,
+                 last: int | None = None):
+    """Per-token scalar head `[B, T]` (a value model's values; `last` as in `forward`)."""
     model = bind(cfg, params)
     hidden, _ = model(input_ids, attention_mask, positions)
-    return model.scores(hidden)
+    return model.scores(_predicting_last(hidden, last))
 
 
 def reward_scores(cfg, params, input_ids, attention_mask):

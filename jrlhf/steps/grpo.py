@@ -52,8 +52,8 @@ def grpo_step(state, batch, *, cfg: GRPOConfig, model_cfg: ModelConfig, labels=N
 
     def loss_fn(params, mb):
         fp = forward_params(params, labels, lora_scale)
-        logits = tfm.forward(model_cfg, fp, mb["input_ids"], mb["attention_mask"])
-        logits = logits[:, -N - 1:-1] / cfg.temperature
+        logits = tfm.forward(model_cfg, fp, mb["input_ids"], mb["attention_mask"], last=N)
+        logits = logits / cfg.temperature
         logprobs = rl.logprobs_from_logits(logits, mb["input_ids"][:, -N:])
         loss, m = losses.clipped_kl_regularised_loss(
             logprobs, mb["logprobs"], mb["ref_logprobs"], mb["advantages"], mb["response_mask"],

@@ -34,14 +34,14 @@ def policy_outputs(params, input_ids, attention_mask, num_response: int, *,
     "value": ...}` (a separate value model with config `value_cfg`).
     """
     fp = forward_params(params, labels, lora_scale)
-    cut = slice(input_ids.shape[1] - num_response - 1, -1)
+    n = num_response
     if value_cfg is None:
         logits, values = tfm.forward_with_values(policy_cfg, fp["policy"], input_ids,
-                                                 attention_mask)
+                                                 attention_mask, last=n)
     else:
-        logits = tfm.forward(policy_cfg, fp["policy"], input_ids, attention_mask)
-        values = tfm.token_scores(value_cfg, fp["value"], input_ids, attention_mask)
-    return logits[:, cut] / temperature, values[:, cut]
+        logits = tfm.forward(policy_cfg, fp["policy"], input_ids, attention_mask, last=n)
+        values = tfm.token_scores(value_cfg, fp["value"], input_ids, attention_mask, last=n)
+    return logits / temperature, values
 
 
 def rollout_advantages(batch, kl_coef, cfg: PPOConfig):
@@ -168,7 +168,7 @@ def score_rollout(params, ref_params, reward_params, prompt_ids, prompt_mask, re
     logprobs = rl.logprobs_from_logits(logits, response_ids)
     if ref_params is None:
         ref_params = lora.base_params(params["policy"])
-    ref_logits = tfm.forward(policy_cfg, ref_params, ids, mask)[:, -N - 1:-1]
+    ref_logits = tfm.forward(policy_cfg, ref_params, ids, mask, last=N)
     ref_logprobs = rl.logprobs_from_logits(ref_logits / cfg.temperature, response_ids)
     scores = reward_fn(reward_params, prompt_ids, prompt_mask, response_ids, response_mask)
     scores = scores.astype(jnp.float32)
