@@ -67,6 +67,16 @@ def _stage(args) -> int:
         result = reward_stage(config, cfg, init, encoder, config.data.rankings_path, out,
                               resume=resume, train=train)
         final = result.state.params
+    elif stage in ("dpo", "orpo"):
+        if not config.data.rankings_path:
+            raise SystemExit(f"jrlhf {stage} needs --set data.rankings_path=FILE (rankings or "
+                             "pairwise preferences; see README 'Data files')")
+        from jrlhf.pipeline import preference_stage
+
+        final, result = preference_stage(config, policy_cfg, params, encoder,
+                                         config.data.rankings_path, out, orpo=stage == "orpo",
+                                         resume=resume, train=train)
+        cfg = policy_cfg
     elif stage == "ppo":
         if not config.reward.model_path:
             raise SystemExit("jrlhf ppo needs --set reward.model_path=DIR (a reward model folder "
@@ -181,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("pipeline", "SFT → reward model from rankings → PPO → eval → export"),
                        ("sft", "supervised fine-tuning of model.source on data.sft_path"),
                        ("reward", "reward model from data.rankings_path"),
-                       ("ppo", "PPO of model.source against reward.model_path")):
+                       ("ppo", "PPO of model.source against reward.model_path"),
+                       ("dpo", "DPO / IPO of model.source on data.rankings_path"),
+                       ("orpo", "ORPO of model.source on data.rankings_path")):
         p = with_config(sub.add_parser(name, help=text))
         p.add_argument("--resume", action="store_true",
                        help="continue from the latest checkpoint in run.out_dir")
@@ -191,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = with_config(sub.add_parser("export", help="write a stage's latest checkpoint (LoRA "
                                                    "merged) as a Hugging Face folder"))
-    p.add_argument("--stage", choices=("sft", "reward", "ppo"), default="ppo")
+    p.add_argument("--stage", choices=("sft", "reward", "ppo", "dpo", "orpo"), default="ppo")
     p.add_argument("--out", help="export folder (default: run.out_dir/<stage>/export)")
     p.set_defaults(func=_stage, resume=True)
 

@@ -218,6 +218,35 @@ def train_reward(config: Config, rm_cfg: ModelConfig, params, batches: Iterator,
                      resume=resume, log=log, train=train)
 
 
+def train_preference(config: Config, model_cfg: ModelConfig, params, batches: Iterator, *,
+                     orpo: bool = False, out_dir=None, resume=False, log=print,
+                     train=True) -> StageResult:
+    """DPO / IPO (reference: a frozen copy of `params`, or with LoRA the policy's own base) or
+    ORPO (no reference) on (chosen, rejected) pair batches."""
+    from jrlhf.steps.preference import make_dpo_step, reference_logps
+
+    cfg = config.dpo
+    name = "orpo" if orpo else "dpo"
+    state, labels = make_stage_state(config, params, cfg.steps, cfg.learning_rate,
+                                     freeze=config.optim.freeze, use_lora=config.lora.enabled,
+                                     rng_offset=3)
+    mesh = make_mesh_or_none(config)
+    if mesh is not None:
+        state = place_state(state, mesh)
+    step = make_dpo_step(model_cfg, cfg, orpo=orpo, labels=labels, lora_scale=config.lora.scale,
+                         grad_accum_steps=config.optim.grad_accum_steps, state=state, mesh=mesh)
+    step_fn = step
+    if not orpo and not config.lora.enabled:
+        ref_params = jax.tree.map(jnp.array, params)  # frozen copy of the initial policy
+        ref_fn = jax.jit(functools.partial(reference_logps, model_cfg))
+
+        def step_fn(state, batch):
+            return step(state, dict(batch, **ref_fn(ref_params, batch)))
+
+    return run_stage(name, config, state, step_fn, batches, cfg.steps, out_dir=out_dir,
+                     resume=resume, log=log, train=train)
+
+
 # ----------------------------------------------------------------------------------------------
 # PPO.
 

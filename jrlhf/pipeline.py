@@ -210,6 +210,20 @@ def reward_stage(config: Config, rm_cfg, rm_params, encoder: Encoder, rankings_p
                         train=train)
 
 
+def preference_stage(config: Config, policy_cfg, params, encoder: Encoder, rankings_path,
+                     out: Path, *, orpo=False, resume=False, train=True, log=print):
+    """DPO / ORPO on a rankings or pairwise file; returns `(merged params, StageResult)`."""
+    from jrlhf.loops import train_preference
+
+    d = config.data
+    source, _ = build_dataset("rankings", rankings_path, out / "tfds", d.on_bad_row, log=log)
+    batches = make_loader(source, encoder.preference_pair, config.dpo.batch_size,
+                          seed=d.shuffle_seed + 3)
+    result = train_preference(config, policy_cfg, params, batches, orpo=orpo, out_dir=out,
+                              resume=resume, log=log, train=train)
+    return lora.merge_lora(result.state.params, config.lora.scale), result
+
+
 def ppo_stage(config: Config, policy_cfg, params, rm_cfg, rm_params, encoder: Encoder,
               prompts_path, out: Path, *, resume=False, train=True, log=print):
     """PPO against a reward model; returns `(final policy config, merged params, PPOResult)`."""

@@ -235,3 +235,24 @@ def test_export_merges_lora_into_a_transformers_folder(tmp_path):
     assert np.abs(np.asarray(delta)).max() > 0  # the adapters really trained
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert hf.config.num_hidden_layers == cfg2.num_layers
+
+
+@pytest.mark.parametrize("method", ["dpo", "orpo"])
+def test_dpo_and_orpo_commands(tmp_path, method):
+    """`jrlhf dpo|orpo` on a rankings file: the preference margin grows; the export loads."""
+    from jrlhf.cli import main
+
+    rankings = tmp_path / "r.jsonl"
+    rows = [{"prompt": f"Review {i}:", "responses": [" great fun", " dull and bad", " fine"],
+             "ranks": [1, 3, 2]} for i in range(8)]
+    rankings.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    assert main([method, "--config", str(ROOT / "configs" / "dpo_tiny.py"), "--set",
+                 f"run.out_dir={out}", "--set", f"data.rankings_path={rankings}", "--set",
+                 "run.log_every=0"]) == 0
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if r["stage"] == method]
+    assert len(rows) == 10
+    key = f"{method}/margin" if method == "dpo" else "orpo/log_odds_ratio"
+    assert rows[-1][key] > rows[0][key]
+    assert rows[-1][f"{method}/loss"] < rows[0][f"{method}/loss"]
+    assert transformers.AutoConfig.from_pretrained(out / method / "export").num_hidden_layers == 2

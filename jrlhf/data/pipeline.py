@@ -107,6 +107,20 @@ class Encoder:
         self.stats["examples"] += 1
         return {"input_ids": ids, "attention_mask": attn, "ranks": out_ranks}
 
+    def preference_pair(self, row) -> dict:
+        """A rankings row as one (chosen, rejected) pair for DPO / ORPO: its best-ranked
+        response against its worst-ranked (the first of each in case of ties)."""
+        responses = [_text(r) for r in row["responses"]]
+        ranks = [int(r) for r in row["ranks"]]
+        best, worst = ranks.index(min(ranks)), ranks.index(max(ranks))
+        p = self.prompt_ids(_text(row["prompt"]), _text(row.get("messages", b"")))
+        out = {}
+        for side, k in (("chosen", best), ("rejected", worst)):
+            ids, attn, loss = self._sequence(p, self.response_ids(responses[k]))
+            out.update({f"{side}_ids": ids, f"{side}_mask": attn, f"{side}_loss_mask": loss})
+        self.stats["examples"] += 1
+        return out
+
     def prompt_example(self, row) -> dict:
         p = self.prompt_ids(_text(row["prompt"]), _text(row.get("messages", b"")))
         P = self.max_prompt_length
