@@ -77,6 +77,22 @@ def _stage(args) -> int:
                                          config.data.rankings_path, out, orpo=stage == "orpo",
                                          resume=resume, train=train)
         cfg = policy_cfg
+    elif stage in ("grpo", "rloo"):
+        import dataclasses
+
+        from jrlhf.pipeline import grpo_stage
+
+        config = dataclasses.replace(config, grpo=dataclasses.replace(config.grpo,
+                                                                      estimator=stage))
+        rm = None
+        if config.reward.model_path:
+            rm_cfg, rm_params = models.load_pretrained(config.reward.model_path, lm_head=False,
+                                                       scalar_head=True)
+            rm = (rm_cfg, jax.tree.map(jnp.asarray, rm_params))
+        files = task_files(config, out)
+        final, result = grpo_stage(config, policy_cfg, params, encoder, files["prompts"], out,
+                                   rm=rm, resume=resume, train=train)
+        cfg = policy_cfg
     elif stage == "ppo":
         if not config.reward.model_path:
             raise SystemExit("jrlhf ppo needs --set reward.model_path=DIR (a reward model folder "
@@ -193,7 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
                        ("reward", "reward model from data.rankings_path"),
                        ("ppo", "PPO of model.source against reward.model_path"),
                        ("dpo", "DPO / IPO of model.source on data.rankings_path"),
-                       ("orpo", "ORPO of model.source on data.rankings_path")):
+                       ("orpo", "ORPO of model.source on data.rankings_path"),
+                       ("grpo", "GRPO against reward.model_path (or the task's annotator)"),
+                       ("rloo", "RLOO against reward.model_path (or the task's annotator)")):
         p = with_config(sub.add_parser(name, help=text))
         p.add_argument("--resume", action="store_true",
                        help="continue from the latest checkpoint in run.out_dir")
@@ -203,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = with_config(sub.add_parser("export", help="write a stage's latest checkpoint (LoRA "
                                                    "merged) as a Hugging Face folder"))
-    p.add_argument("--stage", choices=("sft", "reward", "ppo", "dpo", "orpo"), default="ppo")
+    p.add_argument("--stage", choices=("sft", "reward", "ppo", "dpo", "orpo", "grpo", "rloo"),
+                   default="ppo")
     p.add_argument("--out", help="export folder (default: run.out_dir/<stage>/export)")
     p.set_defaults(func=_stage, resume=True)
 

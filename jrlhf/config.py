@@ -213,6 +213,11 @@ class GRPOConfig:
     epochs: int = 1
     minibatch_size: int = 0  # rows per optimizer step; 0 = the whole batch
     temperature: float = 1.0
+    # The loop (train_grpo).
+    iterations: int = 20
+    prompts_per_iteration: int = 4  # each sampled group_size times
+    max_new_tokens: int = 32
+    learning_rate: float = 1e-5
 
     def __post_init__(self):
         if self.estimator not in ("grpo", "rloo"):

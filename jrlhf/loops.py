@@ -397,3 +397,95 @@ def train_ppo(config: Config, *, policy: tuple[ModelConfig, Any], reward_fn: Cal
                        set_loop_state=set_loop_state, log=log, train=train)
     return PPOResult(result.state, policy_cfg, value_cfg, ref_params, result.history,
                      result.preempted)
+
+
+# ----------------------------------------------------------------------------------------------
+# GRPO / RLOO.
+
+
+def train_grpo(config: Config, *, policy: tuple[ModelConfig, Any], prompt_batches: Iterator[dict],
+               eos_token_id: int | None, pad_token_id: int = 0, reward_fn: Callable | None = None,
+               reward_params: Any = None, text_reward: Callable | None = None, decode=None,
+               out_dir=None, resume=False, log=print, train=True) -> StageResult:
+    """GRPO / RLOO: each prompt sampled `grpo.group_size` times → scores → `grpo_step`.
+
+    The reward is either a jittable `reward_fn` (as for `train_ppo`) or a host function
+    `text_reward(list[str]) -> scores` on the decoded responses (`decode(tokens, mask)`), e.g.
+    a programmatic checker. The reference is a frozen copy of the initial policy, or with LoRA
+    its own base weights.
+    """
+    from jrlhf.steps.grpo import make_grpo_step
+
+    cfg = config.grpo
+    K = cfg.group_size
+    if (reward_fn is None) == (text_reward is None):
+        raise ValueError("train_grpo needs exactly one of reward_fn or text_reward")
+    rng = jax.random.key(config.run.seed)
+    policy_cfg, params = policy
+    policy_cfg = dataclasses.replace(policy_cfg, scalar_head=False)
+    params = {k: v for k, v in params.items() if k != "score"}
+    size = cfg.minibatch_size or cfg.prompts_per_iteration * K
+    steps = cfg.iterations * cfg.epochs * (cfg.prompts_per_iteration * K // size)
+    state, labels = make_stage_state(config, params, steps, cfg.learning_rate,
+                                     freeze=config.optim.freeze, use_lora=config.lora.enabled,
+                                     rng_offset=4)
+    ref_params = None if config.lora.enabled else jax.tree.map(jnp.array, params)
+    mesh = make_mesh_or_none(config)
+    if mesh is not None:
+        state = place_state(state, mesh)
+        if ref_params is not None:
+            ref_params = sharding.put(ref_params, sharding.param_shardings(ref_params, mesh))
+    lora_scale = config.lora.scale
+    step = make_grpo_step(cfg, policy_cfg, labels=labels, lora_scale=lora_scale, state=state,
+                          mesh=mesh)
+    N = cfg.max_new_tokens
+    sample = functools.partial(generate, policy_cfg, max_new_tokens=N,
+                               temperature=cfg.temperature, eos_token_id=eos_token_id,
+                               pad_token_id=pad_token_id)
+
+    @jax.jit
+    def score(params, ref, reward_params, ids, mask, tokens, tmask):
+        from jrlhf.models import transformer as tfm
+
+        full = jnp.concatenate([ids, tokens], 1)
+        fmask = jnp.concatenate([mask, tmask], 1)
+        policy_params = lora.merge_lora(params, lora_scale)
+        ref = lora.base_params(params) if ref is None else ref
+        m = tmask.astype(jnp.float32)
+
+        def logps(p):
+            logits = tfm.forward(policy_cfg, p, full, fmask, last=N) / cfg.temperature
+            return rl.logprobs_from_logits(logits, tokens) * m
+
+        scores = (reward_fn(reward_params, ids, mask, tokens, tmask) if reward_fn is not None
+                  else jnp.zeros(ids.shape[0]))
+        return {"input_ids": full, "attention_mask": fmask, "response_mask": tmask,
+                "logprobs": logps(policy_params), "ref_logprobs": logps(ref)}, scores
+
+    loop = {"iteration": 0}
+
+    def iteration(state, prompts):
+        ids = np.repeat(np.asarray(prompts["input_ids"]), K, axis=0)
+        mask = np.repeat(np.asarray(prompts["attention_mask"]), K, axis=0)
+        if mesh is not None:
+            ids, mask = sharding.put((ids, mask), sharding.batch_sharding(mesh))
+        key = jax.random.fold_in(jax.random.fold_in(rng, 5), loop["iteration"])
+        gen, t_gen = _timed(sample, lora.merge_lora(state.params, lora_scale), ids, mask, key)
+        (batch, scores), t_score = _timed(score, state.params, ref_params, reward_params, ids,
+                                          mask, gen.tokens, gen.mask)
+        if text_reward is not None:
+            scores = jnp.asarray(text_reward(decode(gen.tokens, gen.mask)), jnp.float32)
+        batch["scores"] = scores
+        (state, metrics), t_update = _timed(step, state, batch)
+        loop["iteration"] += 1
+        raw = np.asarray(scores)
+        metrics = dict(metrics)
+        metrics.update({"score/mean": float(raw.mean()), "score/min": float(raw.min()),
+                        "score/max": float(raw.max()),
+                        "response_length": float(np.asarray(gen.mask).sum(1).mean()),
+                        "time/generate": t_gen, "time/score": t_score, "time/update": t_update})
+        return state, metrics
+
+    return run_stage(cfg.estimator, config, state, iteration, prompt_batches, cfg.iterations,
+                     out_dir=out_dir, resume=resume, log=log, train=train,
+                     loop_state=lambda: dict(loop), set_loop_state=loop.update)

@@ -224,6 +224,26 @@ def preference_stage(config: Config, policy_cfg, params, encoder: Encoder, ranki
     return lora.merge_lora(result.state.params, config.lora.scale), result
 
 
+def grpo_stage(config: Config, policy_cfg, params, encoder: Encoder, prompts_path, out: Path, *,
+               rm=None, resume=False, train=True, log=print):
+    """GRPO / RLOO (`config.grpo.estimator`) against a reward model `(rm_cfg, rm_params)`, or
+    without one against the task's annotator on the decoded responses. Returns
+    `(merged params, StageResult)`."""
+    from jrlhf.loops import train_grpo
+
+    d = config.data
+    source, _ = build_dataset("prompts", prompts_path, out / "tfds", d.on_bad_row, log=log)
+    batches = make_loader(source, encoder.prompt_example, config.grpo.prompts_per_iteration,
+                          seed=d.shuffle_seed + 4)
+    kwargs = dict(reward_fn=reward_model_fn(rm[0]), reward_params=rm[1]) if rm else dict(
+        text_reward=lambda texts: [TASKS[d.task].sentiment_score(t) for t in texts],
+        decode=functools.partial(decode, encoder.tokenizer))
+    result = train_grpo(config, policy=(policy_cfg, params), prompt_batches=batches,
+                        eos_token_id=encoder.eos_id, pad_token_id=encoder.pad_id, out_dir=out,
+                        resume=resume, log=log, train=train, **kwargs)
+    return lora.merge_lora(result.state.params, config.lora.scale), result
+
+
 def ppo_stage(config: Config, policy_cfg, params, rm_cfg, rm_params, encoder: Encoder,
               prompts_path, out: Path, *, resume=False, train=True, log=print):
     """PPO against a reward model; returns `(final policy config, merged params, PPOResult)`."""

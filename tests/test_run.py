@@ -256,3 +256,14 @@ def test_dpo_and_orpo_commands(tmp_path, method):
     assert rows[-1][key] > rows[0][key]
     assert rows[-1][f"{method}/loss"] < rows[0][f"{method}/loss"]
     assert transformers.AutoConfig.from_pretrained(out / method / "export").num_hidden_layers == 2
+
+
+def test_grpo_command_with_the_task_annotator(tmp_path):
+    from jrlhf.cli import main
+
+    out = tmp_path / "run"
+    assert main(["rloo", "--config", str(ROOT / "configs" / "grpo_tiny.py"), "--set",
+                 f"run.out_dir={out}", "--set", "run.log_every=0"]) == 0
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if r["stage"] == "rloo"]
+    assert len(rows) == 3 and all(np.isfinite(r["rloo/loss"]) for r in rows)
+    assert (out / "rloo" / "export" / "model.safetensors").exists()
