@@ -147,6 +147,12 @@ def _plan(args) -> int:
     return 0
 
 
+def _annotate(args) -> int:
+    from jrlhf.annotate import run
+
+    return run(args.samples, args.out)
+
+
 def _elo(args) -> int:
     from jrlhf import elo
 
@@ -242,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="h100", help="h100, h200, a100, tpu v4/v5e/v5p/v6e")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_plan)
+
+    p = sub.add_parser("annotate", help="rank sampled responses in the terminal (appends each "
+                                         "answer to --out at once; rerun to resume)")
+    p.add_argument("samples", help="JSONL rows {prompt, responses: [...]}")
+    p.add_argument("--out", required=True, help="rankings JSONL (the builders' rankings layout)")
+    p.set_defaults(func=_annotate)
 
     p = sub.add_parser("elo", help="leaderboard from pairwise comparisons (JSONL: a, b, winner)")
     p.add_argument("comparisons")
