@@ -36,6 +36,18 @@ def _pipeline(args) -> int:
     return 0
 
 
+def _iterate(args) -> int:
+    from jrlhf.pipeline import run_iterate
+
+    config = _config(args)
+    _init_distributed(config)
+    summary = run_iterate(config, resume=args.resume)
+    if "preempted" in summary:
+        print(f"[iterate] preempted during {summary['preempted']}; resume with --resume",
+              file=sys.stderr)
+    return 0
+
+
 def _stage(args) -> int:
     """`jrlhf sft | reward | ppo`: one stage, exported as an HF folder at the end."""
     import jax
@@ -224,6 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name != "pipeline":
             p.add_argument("--out", help="export folder (default: run.out_dir/<stage>/export)")
         p.set_defaults(func=_pipeline if name == "pipeline" else _stage)
+
+    p = with_config(sub.add_parser("iterate", help="iterative RLHF: rounds of sample → rank → "
+                                                   "refresh the reward model → PPO"))
+    p.add_argument("--resume", action="store_true")
+    p.set_defaults(func=_iterate)
 
     p = with_config(sub.add_parser("export", help="write a stage's latest checkpoint (LoRA "
                                                    "merged) as a Hugging Face folder"))

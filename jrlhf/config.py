@@ -227,6 +227,14 @@ class GRPOConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class IterateConfig:
+    """Iterative RLHF: rounds of (sample → rank → refresh the reward model → PPO)."""
+
+    rounds: int = 2
+    earlier_versions_share: float = 0.5  # share of each prompt's K responses from older versions
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     out_dir: str = "runs/default"
     seed: int = 0
@@ -253,6 +261,7 @@ class Config:
     ppo: PPOConfig = PPOConfig()
     dpo: DPOConfig = DPOConfig()
     grpo: GRPOConfig = GRPOConfig()
+    iterate: IterateConfig = IterateConfig()
     run: RunConfig = RunConfig()
 
 

@@ -326,3 +326,87 @@ def run_pipeline(config: Config, *, resume: bool = False, log=print) -> dict:
         f"time:         {summary['seconds']:.0f} s",
     ]))
     return summary
+
+
+def _sample_for_ranking(config, policies: dict, encoder, prompts_path, round_index: int):
+    """K responses per ranking prompt: the current policy's and earlier versions' mixed."""
+    d = config.data
+    prompts, ids, mask = encode_prompts(encoder, prompts_path)
+    n, K = min(d.num_ranking_prompts, len(prompts)), d.responses_per_prompt
+    names = list(policies)
+    current, earlier = names[-1], names[:-1]
+    n_old = int(round(K * config.iterate.earlier_versions_share)) if earlier else 0
+    sources = [current] * (K - n_old) + [earlier[j % len(earlier)] for j in range(n_old)]
+    texts = {}
+    for j, name in enumerate(sources):
+        cfg, params = policies[name]
+        key = jax.random.fold_in(jax.random.key(config.run.seed + 13), round_index * 100 + j)
+        texts[j], _, _ = sample_texts(cfg, params, encoder.tokenizer, ids[:n], mask[:n], key,
+                                      max_new_tokens=config.ppo.max_new_tokens,
+                                      temperature=config.ppo.temperature,
+                                      batch_size=config.ppo.rollout_batch_size)
+    return [{"prompt": prompts[i], "responses": [texts[j][i] or "(empty)" for j in range(K)],
+             "sources": sources} for i in range(n)]
+
+
+def run_iterate(config: Config, *, resume: bool = False, log=print) -> dict:
+    """Iterative RLHF: SFT once, then `iterate.rounds` rounds of (sample from the current and
+    earlier policy versions → the annotator ranks (or `data.rankings_path` adds human ranks) →
+    the reward model is refreshed on all rankings so far → PPO from the current policy), with
+    every version exported and a Bradley-Terry/Elo leaderboard of all versions after each
+    round."""
+    out = Path(config.run.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.json")
+    task = TASKS[config.data.task]
+    files = task_files(config, out)
+    policy_cfg, base_params, tokenizer = load_policy(config)
+    encoder = make_encoder(config, tokenizer)
+    sft_params, sft = sft_stage(config, policy_cfg, base_params, encoder, files["sft"], out,
+                                resume=resume, log=log)
+    if sft.preempted:
+        return {"preempted": "sft"}
+    versions = {"v0": (policy_cfg, sft_params)}
+    models.save_pretrained(out / "versions" / "v0", policy_cfg, sft_params, tokenizer=tokenizer)
+    all_rankings = out / "data" / "rankings_all.jsonl"
+    if not resume:
+        all_rankings.write_text(Path(config.data.rankings_path).read_text()
+                                if config.data.rankings_path else "")
+    rm_cfg, rm_params = reward_model_init(policy_cfg, sft_params, config.reward.num_layers)
+    boards = []
+    for r in range(1, config.iterate.rounds + 1):
+        round_dir = out / f"round{r}"
+        round_dir.mkdir(exist_ok=True)
+        marker = round_dir / "rankings_added"
+        if not marker.exists():
+            rows = _sample_for_ranking(config, versions, encoder, files["prompts"], r)
+            ranked = [dict(row, ranks=task.rank(row["responses"])) for row in rows]
+            ranked = [row for row in ranked if len(set(row["ranks"])) > 1]
+            with open(all_rankings, "a") as f:
+                f.write("".join(json.dumps(row) + "\n" for row in ranked))
+            marker.write_text(str(len(ranked)))
+            log(f"[round {r}] {len(ranked)} new rankings (annotator: {config.data.task}); "
+                f"{sum(1 for _ in open(all_rankings))} in all")
+        rm = reward_stage(config, rm_cfg, rm_params, encoder, all_rankings, round_dir,
+                          resume=resume, log=log)
+        rm_params = rm.state.params
+        cur_cfg, cur_params = versions[f"v{r - 1}"]
+        final_cfg, new_params, ppo = ppo_stage(config, cur_cfg, cur_params, rm_cfg, rm_params,
+                                               encoder, files["prompts"], round_dir,
+                                               resume=resume, log=log)
+        if rm.preempted or ppo.preempted:
+            return {"preempted": f"round {r}"}
+        versions[f"v{r}"] = (final_cfg, new_params)
+        models.save_pretrained(out / "versions" / f"v{r}", final_cfg, new_params,
+                               tokenizer=tokenizer)
+        scores, kls, board = evaluate(config, task, tokenizer, encoder, versions,
+                                      files["eval_prompts"], round_dir, policy_cfg, sft_params)
+        boards.append(board)
+        log(f"[round {r}] leaderboard of all versions (held-out annotator scores: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()) + ")\n"
+            + elo.format_leaderboard(board))
+    summary = {"versions": list(versions), "leaderboards": [
+        [{k: row[k] for k in ("name", "rating", "wins", "losses", "ties")} for row in b]
+        for b in boards], "rankings": str(all_rankings)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
