@@ -66,7 +66,7 @@ def make_optimizer(cfg: OptimConfig, labels) -> optax.GradientTransformation:
 
 def stop_frozen_gradients(params, labels):
     """`stop_gradient` on frozen leaves, so XLA skips their weight-gradient matmuls."""
-    return jax.tree.map(lambda p, l: jax.lax.stop_gradient(p) if l == FROZEN else p,
+    return jax.tree.map(lambda p, label: jax.lax.stop_gradient(p) if label == FROZEN else p,
                         params, labels)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from jrlhf.config import (Config, PPOConfig, apply_overrides, derive, from_dict, load_config,
-                          save_config, to_dict)
+                          save_config)
 
 CONFIGS = sorted(Path(__file__).parent.parent.glob("configs/*.py"))
 

@@ -1,7 +1,6 @@
 """train_ppo on a reward that is a known function of the tokens."""
 
 import dataclasses
-import functools
 import warnings
 
 import jax

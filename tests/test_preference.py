@@ -15,7 +15,7 @@ from jrlhf.config import DPOConfig, GRPOConfig, LoRAConfig, MeshConfig
 from jrlhf.models import init_params
 from jrlhf.steps import make_dpo_step, make_grpo_step, place_state, reference_logps
 from jrlhf.steps.grpo import rloo_step, sequence_advantages
-from test_steps import CFG, OPT, OPT_EQ, make_state
+from test_steps import CFG, OPT_EQ, make_state
 
 log_sigmoid = lambda x: -np.log1p(np.exp(-x))  # noqa: E731
 

@@ -1,6 +1,5 @@
 """Running it for real: exact resume after SIGKILL, SIGTERM preemption, NaN halt, the pipeline."""
 
-import dataclasses
 import json
 import os
 import signal

@@ -1,7 +1,6 @@
 """The KV-cache sampler: greedy parity with transformers, the sampled distribution, log-probs
 that the trainer agrees with, EOS handling, and sharding."""
 
-import dataclasses
 import warnings
 
 import jax

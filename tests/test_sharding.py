@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from jrlhf import optim, sharding
+from jrlhf import sharding
 from jrlhf.config import MeshConfig
 from jrlhf.models import init_params
 from jrlhf.steps import make_ppo_step, make_reward_step, make_sft_step, place_state

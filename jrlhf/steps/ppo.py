@@ -151,8 +151,9 @@ def score_rollout(params, ref_params, reward_params, prompt_ids, prompt_mask, re
     """The experience phase: one function giving `ppo_step`'s rollout batch.
 
     Policy log-probs and values, reference log-probs (`ref_params`: the frozen initial policy;
-    None with LoRA, where the reference is the trained tree's frozen base without adapters), and `reward_fn(reward_params, prompt_ids,
-    prompt_mask, response_ids, response_mask) -> [B]` scores, minus `cfg.missing_eos_penalty`
+    None with LoRA, where the reference is the trained tree's frozen base without adapters),
+    and `reward_fn(reward_params, prompt_ids, prompt_mask, response_ids, response_mask) -> [B]`
+    scores, minus `cfg.missing_eos_penalty`
     for responses that never emitted EOS. Log-probs are recomputed with the trainer's own full
     forward at `cfg.temperature` (equal to the sampler's within float32 rounding).
 
