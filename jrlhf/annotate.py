@@ -15,7 +15,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from jrlhf.data.rows import ranks_from_scores
+from jrlhf.data.rows import BadRow, ranks_from_scores, read_rows
 
 HELP = ("Rank the responses: one number per response, 1 = best, equal numbers for ties "
         "(e.g. '2 1 3' or '1 1 2').  s = skip, q = quit.")
@@ -47,20 +47,15 @@ def parse_ranking(text: str, k: int) -> list[int]:
 
 def load_items(path: Path) -> list[dict]:
     items = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
-            responses = row.get("responses")
-            if not isinstance(row.get("prompt"), str) or not isinstance(responses, list) or \
-                    len(responses) < 2 or not all(isinstance(r, str) for r in responses):
-                raise ValueError(f"{path}:{line_no}: expected {{\"prompt\": str, \"responses\": "
-                                 "[str, str, ...]}")
-            items.append(row)
+    for line_no, row in read_rows(path):
+        if isinstance(row, BadRow):
+            raise row
+        responses = row.get("responses") if isinstance(row, dict) else None
+        if not isinstance(row.get("prompt"), str) or not isinstance(responses, list) or \
+                len(responses) < 2 or not all(isinstance(r, str) for r in responses):
+            raise BadRow(path, line_no, "<row>", "expected {\"prompt\": str, \"responses\": "
+                                                 "[str, str, ...]}")
+        items.append(row)
     return items
 
 

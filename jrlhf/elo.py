@@ -8,7 +8,6 @@ compare versions. A tie counts as half a win for each side.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -121,24 +120,21 @@ def format_leaderboard(rows: list[dict]) -> str:
 
 def read_games(path: str | os.PathLike) -> list[Game]:
     """Games from JSONL rows `{"a": name, "b": name, "winner": "a" | "b" | "tie" | name}`."""
+    from jrlhf.data.rows import BadRow, read_rows
+
     games = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
-            for key in ("a", "b", "winner"):
-                if not isinstance(row.get(key), str):
-                    raise ValueError(f"{path}:{line_no}: field {key!r} missing or not a string")
-            a, b, w = row["a"], row["b"], row["winner"]
-            outcome = {a: "a", b: "b"}.get(w, w)
-            if outcome not in ("a", "b", "tie"):
-                raise ValueError(f"{path}:{line_no}: field 'winner' is {w!r}; expected 'a', 'b', "
-                                 f"'tie', {a!r} or {b!r}")
-            games.append((a, b, outcome))
+    for line_no, row in read_rows(path):
+        if isinstance(row, BadRow):
+            raise row
+        for key in ("a", "b", "winner"):
+            if not isinstance(row, dict) or not isinstance(row.get(key), str):
+                raise BadRow(path, line_no, key, "missing or not a string")
+        a, b, w = row["a"], row["b"], row["winner"]
+        outcome = {a: "a", b: "b"}.get(w, w)
+        if outcome not in ("a", "b", "tie"):
+            raise BadRow(path, line_no, "winner",
+                         f"is {w!r}; expected 'a', 'b', 'tie', {a!r} or {b!r}")
+        games.append((a, b, outcome))
     if not games:
         raise ValueError(f"{Path(path)}: no games")
     return games

@@ -50,6 +50,16 @@ def make_mesh_or_none(config: Config):
     return sharding.make_mesh(config.mesh)
 
 
+def place_on_mesh(config: Config, state, ref_params=None):
+    """`(state, ref_params, mesh)` placed on the configured mesh (unchanged without one)."""
+    mesh = make_mesh_or_none(config)
+    if mesh is not None:
+        state = place_state(state, mesh)
+        if ref_params is not None:
+            ref_params = sharding.put(ref_params, sharding.param_shardings(ref_params, mesh))
+    return state, ref_params, mesh
+
+
 class _Preemption:
     """Turns SIGTERM into a flag the loop checks between steps (main thread only)."""
 
@@ -327,11 +337,7 @@ def train_ppo(config: Config, *, policy: tuple[ModelConfig, Any], reward_fn: Cal
                                     total_steps=cfg.iterations * cfg.ppo_epochs * num_mb)
     state = TrainState.create(tree, optim.make_optimizer(optim_cfg, labels),
                               jax.random.fold_in(rng, 2), kl_coef=cfg.kl_coef)
-    mesh = make_mesh_or_none(config)
-    if mesh is not None:
-        state = place_state(state, mesh)
-        if ref_params is not None:
-            ref_params = sharding.put(ref_params, sharding.param_shardings(ref_params, mesh))
+    state, ref_params, mesh = place_on_mesh(config, state, ref_params)
     lora_scale = config.lora.scale
     ppo_step = make_ppo_step(cfg, policy_cfg, value_cfg, labels=labels, lora_scale=lora_scale,
                              state=state, mesh=mesh)
@@ -430,11 +436,7 @@ def train_grpo(config: Config, *, policy: tuple[ModelConfig, Any], prompt_batche
                                      freeze=config.optim.freeze, use_lora=config.lora.enabled,
                                      rng_offset=4)
     ref_params = None if config.lora.enabled else jax.tree.map(jnp.array, params)
-    mesh = make_mesh_or_none(config)
-    if mesh is not None:
-        state = place_state(state, mesh)
-        if ref_params is not None:
-            ref_params = sharding.put(ref_params, sharding.param_shardings(ref_params, mesh))
+    state, ref_params, mesh = place_on_mesh(config, state, ref_params)
     lora_scale = config.lora.scale
     step = make_grpo_step(cfg, policy_cfg, labels=labels, lora_scale=lora_scale, state=state,
                           mesh=mesh)

@@ -66,5 +66,5 @@ def test_undefeated_player_gets_finite_rating_and_leaderboard(tmp_path):
         {"a": "x", "b": "y", "winner": "b"}]))
     assert elo.read_games(path) == [("x", "y", "a"), ("x", "y", "tie"), ("x", "y", "b")]
     path.write_text(json.dumps({"a": "x", "b": "y", "winner": "z"}))
-    with pytest.raises(ValueError, match=r"c.jsonl:1: field 'winner' is 'z'"):
+    with pytest.raises(ValueError, match=r"c.jsonl:1: field 'winner': is 'z'"):
         elo.read_games(path)
