@@ -24,26 +24,16 @@ def _init_distributed(config) -> None:
     maybe_initialize(config.run)
 
 
-def _pipeline(args) -> int:
-    from jrlhf.pipeline import run_pipeline
+def _whole_run(args) -> int:
+    """`jrlhf pipeline` and `jrlhf iterate`: all stages, exit 0 also when preempted."""
+    from jrlhf.pipeline import run_iterate, run_pipeline
 
+    runner = run_iterate if args.command == "iterate" else run_pipeline
     config = _config(args)
     _init_distributed(config)
-    summary = run_pipeline(config, resume=args.resume)
+    summary = runner(config, resume=args.resume)
     if "preempted" in summary:
-        print(f"[pipeline] preempted during {summary['preempted']}; resume with --resume",
-              file=sys.stderr)
-    return 0
-
-
-def _iterate(args) -> int:
-    from jrlhf.pipeline import run_iterate
-
-    config = _config(args)
-    _init_distributed(config)
-    summary = run_iterate(config, resume=args.resume)
-    if "preempted" in summary:
-        print(f"[iterate] preempted during {summary['preempted']}; resume with --resume",
+        print(f"[{args.command}] preempted during {summary['preempted']}; resume with --resume",
               file=sys.stderr)
     return 0
 
@@ -235,12 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue from the latest checkpoint in run.out_dir")
         if name != "pipeline":
             p.add_argument("--out", help="export folder (default: run.out_dir/<stage>/export)")
-        p.set_defaults(func=_pipeline if name == "pipeline" else _stage)
+        p.set_defaults(func=_whole_run if name == "pipeline" else _stage)
 
     p = with_config(sub.add_parser("iterate", help="iterative RLHF: rounds of sample → rank → "
                                                    "refresh the reward model → PPO"))
     p.add_argument("--resume", action="store_true")
-    p.set_defaults(func=_iterate)
+    p.set_defaults(func=_whole_run)
 
     p = with_config(sub.add_parser("export", help="write a stage's latest checkpoint (LoRA "
                                                    "merged) as a Hugging Face folder"))
