@@ -28,7 +28,7 @@ def get_config():
         "ppo.rollout_batch_size": 8,
         "ppo.minibatch_size": 0,
         "ppo.ppo_epochs": 4,
-        "ppo.max_new_tokens": 64,
+        "rollout.max_new_tokens": 64,
         "ppo.kl_coef": 0.05,
         "ppo.vf_coef": 0.1,
         "ppo.learning_rate": 1e-5,

@@ -14,6 +14,6 @@ def get_config():
         "sft.steps": 40,
         "reward.steps": 40,
         "ppo.iterations": 24,
-        "ppo.max_new_tokens": 24,
+        "rollout.max_new_tokens": 24,
         "run.out_dir": "runs/default",
     })

@@ -11,7 +11,7 @@ def get_config():
         "grpo.group_size": 4,
         "grpo.prompts_per_iteration": 2,
         "grpo.iterations": 3,
-        "grpo.max_new_tokens": 8,
+        "rollout.max_new_tokens": 8,
         "grpo.learning_rate": 1e-3,
         "run.out_dir": "runs/grpo_tiny",
     })

@@ -30,7 +30,7 @@ def get_config():
         "ppo.rollout_batch_size": 8,
         "ppo.minibatch_size": 4,
         "ppo.ppo_epochs": 2,
-        "ppo.max_new_tokens": 12,
+        "rollout.max_new_tokens": 12,
         "ppo.learning_rate": 1e-3,
         "run.out_dir": "runs/tiny",
         "run.progress": False,

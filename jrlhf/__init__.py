@@ -1,15 +1,16 @@
 """jrlhf: accelerator-native RLHF in JAX/Flax.
 
 Top-level names are imported lazily (so `jrlhf annotate` starts without loading JAX):
-`jrlhf.generate`, `jrlhf.train_ppo`, and the modules `jrlhf.rl`, `jrlhf.losses`,
-`jrlhf.models`, `jrlhf.steps`, `jrlhf.elo`.
+`jrlhf.generate`, `jrlhf.make_setup` (one setup per algorithm), `jrlhf.train` (the host loop
+over a setup), `jrlhf.run_pipeline`, and the modules `jrlhf.rl`, `jrlhf.losses`, `jrlhf.models`,
+`jrlhf.steps`, `jrlhf.elo`.
 """
 
 import importlib
 
-_LAZY = {"generate": ("jrlhf.sampling", "generate"), "train_ppo": ("jrlhf.loops", "train_ppo"),
-         "train_sft": ("jrlhf.loops", "train_sft"), "train_reward": ("jrlhf.loops", "train_reward"),
-         "run_pipeline": ("jrlhf.pipeline", "run_pipeline")}
+_LAZY = {"generate": ("jrlhf.sampling", "generate"), "make_setup": ("jrlhf.setups", "make_setup"),
+         "train": ("jrlhf.loops", "train"), "Reward": ("jrlhf.rollouts", "Reward"),
+         "run_pipeline": ("jrlhf.stages", "run_pipeline")}
 __all__ = [*_LAZY, "elo", "losses", "models", "rl", "steps"]
 
 

@@ -1,14 +1,15 @@
 """`jrlhf bench`: step throughput, FLOPs, MFU and memory of the compiled steps.
 
-Each step is compiled once, warmed up, then timed `steps` times with `block_until_ready`.
-The workload comes from the config (model, batch sizes, sequence lengths); token ids are random
-and never the pad/EOS id, so every sequence has its full length.
+Every step is the one training runs: its state, reference and jitted update come from
+`setups.make_setup` with the same config, and `ppo_iteration` runs the training loop's own
+`RolloutLoop`. Each step is compiled once, warmed up, then timed `steps` times with
+`block_until_ready`. Batches are random with the config's shapes (`setups.batch_shapes`);
+token ids are never the pad/EOS id, so every sequence has its full length.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import time
 
@@ -16,49 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jrlhf import lora, optim, sharding
 from jrlhf.config import Config
-from jrlhf.models import transformer as tfm
+from jrlhf.hardware import device_peak, memory, xla_flops
 from jrlhf.models.config import ModelConfig
-from jrlhf.sampling import generate
-from jrlhf.state import TrainState
-from jrlhf.steps.common import place_state
-from jrlhf.steps.ppo import make_ppo_step, score_rollout
-from jrlhf.steps.reward import make_reward_step
-from jrlhf.steps.sft import make_sft_step
+from jrlhf.models.sources import load_policy
+from jrlhf.rollouts import Reward, RolloutLoop, make_sampler
+from jrlhf.setups import ALGORITHMS, Setup, batch_shapes, initial_weights, make_setup
 
-STEPS = ("sft", "reward", "ppo", "generate", "ppo_iteration")
-
-# Dense bf16 peak FLOP/s per chip (vendor figures, no sparsity).
-PEAK_FLOPS = {
-    "h100": 989e12, "h200": 989e12, "a100": 312e12, "tpu v4": 275e12, "tpu v5 lite": 197e12,
-    "tpu v5e": 197e12, "tpu v5p": 459e12, "tpu v5": 459e12, "tpu v6 lite": 918e12,
-    "tpu v6e": 918e12,
-}
-DEVICE_MEMORY = {"h100": 80e9, "h200": 141e9, "a100": 80e9, "a100-40gb": 40e9, "tpu v4": 32e9,
-                 "tpu v5e": 16e9, "tpu v5p": 95e9, "tpu v6e": 32e9}
-
-
-def matmul_peak(n: int = 1024, repeats: int = 5) -> float:
-    """Measured float32 matmul FLOP/s of the default device (the CPU 'peak')."""
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    jax.block_until_ready(f(a))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(f(a))
-        times.append(time.perf_counter() - start)
-    return 2 * n ** 3 / min(times)
-
-
-def device_peak() -> tuple[float, str]:
-    """(peak FLOP/s, where it comes from) for the default device."""
-    kind = jax.devices()[0].device_kind.lower()
-    for name, peak in PEAK_FLOPS.items():
-        if name in kind:
-            return peak, f"{jax.devices()[0].device_kind} bf16 peak"
-    return matmul_peak(), f"measured float32 matmul on {jax.devices()[0].device_kind}"
+STEPS = (*ALGORITHMS, "generate", "ppo_iteration")
 
 
 def matmul_params(cfg: ModelConfig) -> int:
@@ -86,23 +52,6 @@ def model_flops(cfg: ModelConfig, tokens: int, seq_len: int, backward: bool,
     return mult * ((matmul_params(cfg) - head + attn) * tokens + head * lm_tokens)
 
 
-def xla_flops(compiled) -> float | None:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, list):
-        cost = cost[0] if cost else {}
-    flops = (cost or {}).get("flops")
-    return float(flops) if flops is not None else None
-
-
-def memory(compiled) -> dict:
-    m = compiled.memory_analysis()
-    if m is None:
-        return {}
-    return {"argument_bytes": m.argument_size_in_bytes, "output_bytes": m.output_size_in_bytes,
-            "temp_bytes": m.temp_size_in_bytes, "alias_bytes": m.alias_size_in_bytes,
-            "code_bytes": m.generated_code_size_in_bytes}
-
-
 def random_ids(rng, shape, vocab, avoid: tuple[int, ...]):
     ids = rng.randint(0, vocab, shape).astype(np.int32)
     for a in avoid:
@@ -110,43 +59,43 @@ def random_ids(rng, shape, vocab, avoid: tuple[int, ...]):
     return ids
 
 
+def random_batch(shapes: dict, cfg: ModelConfig, rng) -> dict:
+    """A batch for `shapes` (`setups.batch_shapes`): random token ids that avoid EOS/pad, all
+    masks 1, ranks 1 > 2, log-probs ≤ 0, other floats standard normal."""
+    avoid = tuple(i for i in (cfg.eos_token_id, cfg.pad_token_id) if i is not None)
+    batch = {}
+    for key, spec in shapes.items():
+        if key.endswith("ids"):
+            x = random_ids(rng, spec.shape, cfg.vocab_size, avoid)
+        elif key.endswith("mask"):
+            x = np.ones(spec.shape, np.int32)
+        elif key == "ranks":
+            x = np.tile(np.arange(1, spec.shape[1] + 1, dtype=np.int32), (spec.shape[0], 1))
+        elif "logp" in key:
+            x = -np.abs(rng.randn(*spec.shape)).astype(np.float32)
+        else:
+            x = rng.randn(*spec.shape).astype(np.float32)
+        batch[key] = x if spec.sharding is None else jax.device_put(x, spec.sharding)
+    return batch
+
+
 @dataclasses.dataclass
 class Workload:
-    """Everything a benchmarked step needs, built from a config with random weights."""
+    """The config and the policy weights (random for `model.source="random"`) to benchmark."""
 
     config: Config
     policy_cfg: ModelConfig
     params: dict
-    mesh: object
 
     @classmethod
-    def from_config(cls, config: Config, params=None, policy_cfg=None):
-        if policy_cfg is None and config.model.source == "random":
-            policy_cfg = dataclasses.replace(config.model.arch, dtype=config.model.dtype)
-            params = tfm.init_params(policy_cfg, config.run.seed)
-        elif policy_cfg is None:
-            from jrlhf.pipeline import load_policy
+    def from_config(cls, config: Config):
+        policy_cfg, params, _ = load_policy(config.model, config.run.seed)
+        return cls(config, policy_cfg, params)
 
-            policy_cfg, params, _ = load_policy(config)
-        mesh = None if config.mesh.shape == (1, 1, 1) else sharding.make_mesh(config.mesh)
-        return cls(config, policy_cfg, params, mesh)
-
-    @property
-    def avoid(self):
-        return tuple(i for i in (self.policy_cfg.eos_token_id, self.policy_cfg.pad_token_id)
-                     if i is not None)
-
-    def state(self, params, steps, lr, kl_coef=None, use_lora=False):
-        if use_lora:
-            params = lora.add_lora(params, self.config.lora, jax.random.key(1))
-            labels = optim.trainable_labels(params, self.config.optim.freeze,
-                                            train_only=lora.LORA_TRAINABLE)
-        else:
-            labels = optim.trainable_labels(params, self.config.optim.freeze)
-        ocfg = dataclasses.replace(self.config.optim, learning_rate=lr, total_steps=steps)
-        st = TrainState.create(jax.tree.map(jnp.array, params),
-                               optim.make_optimizer(ocfg, labels), 0, kl_coef)
-        return (place_state(st, self.mesh) if self.mesh else st), labels
+    def setup(self, algorithm: str) -> Setup:
+        """The setup training builds for `algorithm` from these weights."""
+        cfg, params = initial_weights(algorithm, self.config, self.policy_cfg, self.params)
+        return make_setup(algorithm, self.config, cfg, params)
 
 
 def _time(fn, args_fn, steps: int, warmup: int):
@@ -161,160 +110,138 @@ def _time(fn, args_fn, steps: int, warmup: int):
     return times
 
 
-def _carry_state(step):
+def _carry_state(step, state):
     """Run a donating `(state, batch)` step repeatedly, threading the state through."""
-    box = {}
+    box = {"state": state}
 
-    def run(state_holder, batch):
-        box["state"], metrics = step(box.get("state", state_holder), batch)
+    def run(batch):
+        box["state"], metrics = step(box["state"], batch)
         return metrics
 
     return run
 
 
+def _compile(step, *args):
+    jitted = getattr(step, "jitted", step)
+    start = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    return compiled, time.perf_counter() - start
+
+
+def update_flops(setup: Setup, config: Config) -> tuple[float, int, int]:
+    """`(analytic FLOPs, tokens, samples)` of one `setup.step` on a `batch_shapes` batch."""
+    c, cfg, a = config, setup.model_cfg, setup.algorithm
+    P, R, N = c.data.max_prompt_length, c.data.max_response_length, c.rollout.max_new_tokens
+    if a == "sft":
+        B, T = c.sft.batch_size, P + R
+        return model_flops(cfg, B * T, T, True), B * T, B
+    if a == "reward":
+        G, T = c.reward.batch_size, P + R
+        return model_flops(cfg, 2 * G * T, T, True), 2 * G * T, G
+    if a in ("dpo", "orpo"):
+        B, T = c.dpo.batch_size, P + R
+        return model_flops(cfg, 2 * B * T, T, True), 2 * B * T, B
+    if a == "ppo":
+        B, E = c.ppo.rollout_batch_size, c.ppo.ppo_epochs
+    else:
+        B, E = c.grpo.prompts_per_iteration * c.grpo.group_size, c.grpo.epochs
+    T = P + N
+    # The policy's backbone on every position, its LM head on the response positions; a
+    # separate value model as a backbone.
+    flops = model_flops(cfg, B * T * E, T, True, lm_tokens=B * N * E)
+    if setup.value_cfg is not None:
+        flops += model_flops(setup.value_cfg, B * T * E, T, True)
+    return flops, B * T * E, B
+
+
 def bench_step(work: Workload, kind: str, *, steps: int = 5, warmup: int = 1) -> dict:
-    """Benchmark one step kind; returns a dict of measurements."""
+    """Benchmark one step kind (`STEPS`); returns a dict of measurements."""
     if kind not in STEPS:
         raise ValueError(f"unknown step {kind!r}; choose from {', '.join(STEPS)}")
     c = work.config
-    cfg = work.policy_cfg
-    rng = np.random.RandomState(0)
-    P, R = c.data.max_prompt_length, c.data.max_response_length
-    T = P + R
-    use_lora = c.lora.enabled
+    setup = work.setup("ppo" if kind in ("generate", "ppo_iteration") else kind)
     result = {"step": kind, "device": jax.devices()[0].device_kind,
               "devices": jax.device_count(), "mesh": list(c.mesh.shape),
-              "model_params": cfg.num_params, "dispatches_per_step": 1}
-    if kind == "sft":
-        B = c.sft.batch_size
-        state, labels = work.state(work.params, steps + warmup, c.sft.learning_rate,
-                                   use_lora=use_lora)
-        step = make_sft_step(cfg, labels=labels, lora_scale=c.lora.scale,
-                             grad_accum_steps=c.optim.grad_accum_steps, state=state,
-                             mesh=work.mesh)
-        ids = random_ids(rng, (B, T), cfg.vocab_size, work.avoid)
-        batch = {"input_ids": ids, "attention_mask": np.ones_like(ids),
-                 "loss_mask": np.ones_like(ids)}
-        tokens, samples, flops = B * T, B, model_flops(cfg, B * T, T, True)
-    elif kind == "reward":
-        G = c.reward.batch_size
-        rm_cfg = dataclasses.replace(cfg, lm_head=False, scalar_head=True)
-        rm_params = {k: v for k, v in work.params.items() if k not in ("lm_head", "score")}
-        rm_params["score"] = {"kernel": jnp.zeros((cfg.hidden_size, 1))}
-        state, labels = work.state(rm_params, steps + warmup, c.reward.learning_rate)
-        step = make_reward_step(rm_cfg, labels=labels, state=state, mesh=work.mesh)
-        ids = random_ids(rng, (G, 2, T), cfg.vocab_size, work.avoid)
-        batch = {"input_ids": ids, "attention_mask": np.ones_like(ids),
-                 "ranks": np.tile(np.array([[1, 2]], np.int32), (G, 1))}
-        tokens, samples = 2 * G * T, G
-        flops = model_flops(rm_cfg, tokens, T, True)
-    elif kind in ("ppo", "generate", "ppo_iteration"):
-        return _bench_ppo(work, kind, result, steps, warmup, rng)
-    jitted = step.jitted if hasattr(step, "jitted") else step
-    t0 = time.perf_counter()
-    compiled = jitted.lower(state, batch).compile()
-    result["compile_s"] = time.perf_counter() - t0
-    times = _time(_carry_state(step), lambda: (state, batch), steps, warmup)
-    return _finish(result, compiled, times, tokens, samples, flops)
-
-
-def _bench_ppo(work, kind, result, steps, warmup, rng):
-    from jrlhf.loops import prepare_ppo_params
-    from jrlhf.steps.ppo import reward_model_fn
-
-    c = work.config
-    pc = c.ppo
-    B, P, N = pc.rollout_batch_size, c.data.max_prompt_length, pc.max_new_tokens
-    tree, ref, labels, cfg, value_cfg = prepare_ppo_params(c, work.policy_cfg, work.params,
-                                                           jax.random.key(1))
-    ocfg = dataclasses.replace(c.optim, learning_rate=pc.learning_rate)
-    state = TrainState.create(tree, optim.make_optimizer(ocfg, labels), 0, pc.kl_coef)
-    if work.mesh is not None:
-        state = place_state(state, work.mesh)
-    rm_cfg = dataclasses.replace(work.policy_cfg, lm_head=False, scalar_head=True)
-    rm_params = {k: v for k, v in jax.tree.map(jnp.array, work.params).items()
-                 if k not in ("lm_head", "score")}
-    rm_params["score"] = {"kernel": jnp.zeros((cfg.hidden_size, 1))}
-    prompt = random_ids(rng, (B, P), cfg.vocab_size, work.avoid)
-    prompt_mask = np.ones_like(prompt)
-    mb = pc.num_minibatches(B)
-    lora_scale = c.lora.scale
-    step = make_ppo_step(pc, cfg, value_cfg, labels=labels, lora_scale=lora_scale, state=state,
-                         mesh=work.mesh)
-    sample = jax.jit(functools.partial(generate, cfg, max_new_tokens=N, temperature=pc.temperature,
-                                       eos_token_id=None, pad_token_id=0))
-    scorer = jax.jit(functools.partial(score_rollout, cfg=pc, policy_cfg=cfg, value_cfg=value_cfg,
-                                       reward_fn=reward_model_fn(rm_cfg), lora_scale=lora_scale))
-    key = jax.random.key(0)
-    policy = lambda s: lora.merge_lora(s.params["policy"], lora_scale)  # noqa: E731
-    gen = sample(policy(state), prompt, prompt_mask, key)
-    batch, _ = scorer(state.params, ref, rm_params, prompt, prompt_mask, gen.tokens, gen.mask)
-    batch = dict(batch, scores=jnp.asarray(rng.randn(B), jnp.float32))
-    models_in_update = 1 if value_cfg is None else 2  # policy (+ a separate value model)
-    models_scored = 3 if value_cfg is None else 4  # policy, reference, reward (+ value)
-    T = P + N
-    fwd_tokens = B * T
-    backbone = dataclasses.replace(cfg, lm_head=False, scalar_head=True)
-    E = pc.ppo_epochs
-    # Update: the policy's backbone on every position, its LM head on the response positions;
-    # a separate value model as a backbone. Scoring: policy and reference likewise, plus the
-    # reward model (and value model). Generation: prefill B·P tokens with one LM-head position
-    # per row, then B·N single-token steps.
-    update_flops = (model_flops(cfg, fwd_tokens * E, T, True, lm_tokens=B * N * E)
-                    + (models_in_update - 1) * model_flops(backbone, fwd_tokens * E, T, True))
-    score_flops = (2 * model_flops(cfg, fwd_tokens, T, False, lm_tokens=B * N)
-                   + (models_scored - 2) * model_flops(backbone, fwd_tokens, T, False))
-    gen_flops = (model_flops(cfg, B * P, P, False, lm_tokens=B)
-                 + model_flops(cfg, B * N, T, False))
-    result.update({"ppo_epochs": pc.ppo_epochs, "minibatches": mb})
-    if kind == "ppo":
-        t0 = time.perf_counter()
-        compiled = step.jitted.lower(state, batch).compile() if hasattr(step, "jitted") else \
-            step.lower(state, batch).compile()
-        result["compile_s"] = time.perf_counter() - t0
-        times = _time(_carry_state(step), lambda: (state, batch), steps, warmup)
-        return _finish(result, compiled, times, fwd_tokens * pc.ppo_epochs, B, update_flops)
+              "model_params": work.policy_cfg.num_params, "dispatches_per_step": 1}
+    rng = np.random.RandomState(0)
     if kind == "generate":
-        t0 = time.perf_counter()
-        compiled = sample.lower(policy(state), prompt, prompt_mask, key).compile()
-        result["compile_s"] = time.perf_counter() - t0
-        times = _time(sample, lambda: (policy(state), prompt, prompt_mask, key), steps, warmup)
-        return _finish(result, compiled, times, B * N, B, gen_flops)
-    # A whole iteration, with the time split into its three dispatches.
-    phases = {"generate": [], "score": [], "update": []}
-    box = {"state": state}
+        return _bench_generate(work, setup, result, steps, warmup, rng)
+    if kind == "ppo_iteration":
+        return _bench_iteration(work, setup, result, steps, warmup, rng)
+    batch = random_batch(batch_shapes(setup, c), setup.model_cfg, rng)
+    compiled, result["compile_s"] = _compile(setup.step, setup.state, batch)
+    if kind == "ppo":
+        result.update({"ppo_epochs": c.ppo.ppo_epochs,
+                       "minibatches": c.ppo.num_minibatches(c.ppo.rollout_batch_size)})
+    times = _time(_carry_state(setup.step, setup.state), lambda: (batch,), steps, warmup)
+    return _finish(result, compiled, times, *update_flops(setup, c))
 
-    def iteration():
-        s = box["state"]
-        t0 = time.perf_counter()
-        g = jax.block_until_ready(sample(policy(s), prompt, prompt_mask, key))
-        t1 = time.perf_counter()
-        b, _ = jax.block_until_ready(scorer(s.params, ref, rm_params, prompt, prompt_mask,
-                                            g.tokens, g.mask))
-        t2 = time.perf_counter()
-        b = dict(b, scores=batch["scores"])
-        box["state"], m = step(s, b)
-        jax.block_until_ready(m)
-        t3 = time.perf_counter()
-        return t1 - t0, t2 - t1, t3 - t2
 
+def _prompts(work: Workload, rng):
+    c = work.config
+    B, P = c.ppo.rollout_batch_size, c.data.max_prompt_length
+    cfg = work.policy_cfg
+    ids = random_ids(rng, (B, P), cfg.vocab_size,
+                     tuple(i for i in (cfg.eos_token_id, cfg.pad_token_id) if i is not None))
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
+def _generation_flops(cfg: ModelConfig, B: int, P: int, N: int) -> float:
+    """Prefill of B·P tokens with one LM-head position per row, then B·N single-token steps."""
+    return model_flops(cfg, B * P, P, False, lm_tokens=B) + model_flops(cfg, B * N, P + N, False)
+
+
+def _bench_generate(work, setup, result, steps, warmup, rng):
+    c = work.config
+    prompts = _prompts(work, rng)
+    ids, mask = jnp.asarray(prompts["input_ids"]), jnp.asarray(prompts["attention_mask"])
+    sample = jax.jit(make_sampler(setup.model_cfg, c.rollout, None, 0))
+    policy = setup.policy_params(setup.state.params)
+    key = jax.random.key(0)
+    compiled, result["compile_s"] = _compile(sample, policy, ids, mask, key)
+    times = _time(sample, lambda: (policy, ids, mask, key), steps, warmup)
+    B, P = ids.shape
+    N = c.rollout.max_new_tokens
+    return _finish(result, compiled, times, _generation_flops(setup.model_cfg, B, P, N), B * N, B)
+
+
+def _bench_iteration(work, setup, result, steps, warmup, rng):
+    """A whole PPO iteration of the training loop, split into its three dispatches."""
+    c = work.config
+    rm_cfg, rm_params = initial_weights("reward", c, work.policy_cfg, work.params)
+    loop = RolloutLoop(setup, c, Reward.from_model(rm_cfg, jax.tree.map(jnp.asarray, rm_params)),
+                       eos_token_id=None, pad_token_id=0)
+    prompts = _prompts(work, rng)
+    state = setup.state
     for _ in range(warmup):
-        iteration()
+        state, _ = loop(state, prompts)
+    phases = {"generate": [], "score": [], "update": []}
     for _ in range(steps):
-        for name, t in zip(phases, iteration()):
-            phases[name].append(t)
-    total = [sum(ts) for ts in zip(*phases.values())]
-    result["dispatches_per_step"] = 3
-    result["phases"] = {}
-    for (name, ts), toks, fl in zip(phases.items(), (B * N, fwd_tokens, fwd_tokens * pc.ppo_epochs),
-                                    (gen_flops, score_flops, update_flops)):
+        state, metrics = loop(state, prompts)
+        for name in phases:
+            phases[name].append(metrics[f"time/{name}"])
+    B, P = prompts["input_ids"].shape
+    N, E = c.rollout.max_new_tokens, c.ppo.ppo_epochs
+    T = P + N
+    backbone = dataclasses.replace(setup.model_cfg, lm_head=False, scalar_head=True)
+    scored_backbones = 1 + (setup.value_cfg is not None)  # the reward model (+ value model)
+    flops = {"generate": _generation_flops(setup.model_cfg, B, P, N),
+             # policy and reference with LM heads on response positions, then backbones
+             "score": 2 * model_flops(setup.model_cfg, B * T, T, False, lm_tokens=B * N)
+             + scored_backbones * model_flops(backbone, B * T, T, False),
+             "update": update_flops(setup, c)[0]}
+    tokens = {"generate": B * N, "score": B * T, "update": B * T * E}
+    result.update({"dispatches_per_step": 3, "ppo_epochs": E,
+                   "minibatches": c.ppo.num_minibatches(B), "phases": {}})
+    for name, ts in phases.items():
         med = float(np.median(ts))
-        result["phases"][name] = {"median_s": med, "tokens_per_s": toks / med,
-                                  "flops_per_s": fl / med}
-    return _finish(result, None, total, B * T, B, gen_flops + score_flops + update_flops)
+        result["phases"][name] = {"median_s": med, "tokens_per_s": tokens[name] / med,
+                                  "flops_per_s": flops[name] / med}
+    total = [sum(ts) for ts in zip(*phases.values())]
+    return _finish(result, None, total, sum(flops.values()), B * T, B)
 
 
-def _finish(result, compiled, times, tokens, samples, flops):
+def _finish(result, compiled, times, flops, tokens, samples):
     med = float(np.median(times))
     peak, peak_source = device_peak()
     per_device_peak = peak * (jax.device_count() if "measured" not in peak_source else 1)

@@ -1,118 +1,66 @@
-"""`jrlhf` command line: `jrlhf <command> --config configs/x.py --set section.key=value ...`."""
+"""`jrlhf` command line: `jrlhf <command> --config configs/x.py --set section.key=value ...`.
+
+Each command maps to data: a training command to its stage description
+(`jrlhf.stages.COMMAND_STAGES`), `pipeline` / `iterate` to their stage lists. Command modules
+are imported inside the handlers, for two reasons: `jrlhf plan` must set its fake-device XLA
+flags before JAX initialises, and `jrlhf annotate` / `elo` start without loading JAX, TFDS and
+transformers (~5 s).
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
 import time
 from pathlib import Path
 
-COMMANDS_WITH_CONFIG = ("sft", "reward", "ppo", "pipeline", "export")
+# `jrlhf <command>` for one training algorithm (its stage: `jrlhf.stages.COMMAND_STAGES`).
+TRAIN_COMMANDS = {
+    "sft": "supervised fine-tuning of model.source on data.sft_path",
+    "reward": "reward model from data.rankings_path",
+    "ppo": "PPO of model.source against reward.model_path",
+    "dpo": "DPO / IPO of model.source on data.rankings_path",
+    "orpo": "ORPO of model.source on data.rankings_path",
+    "grpo": "GRPO against reward.model_path (or the task's annotator)",
+    "rloo": "RLOO against reward.model_path (or the task's annotator)",
+}
+# The step kinds of `jrlhf bench` / `jrlhf plan`: the setups of `jrlhf.setups.ALGORITHMS`.
+TRAIN_STEPS = ("sft", "reward", "dpo", "orpo", "ppo", "grpo")
 
 
-def _config(args):
+def _config(args, **changes):
     from jrlhf.config import Config, apply_overrides, load_config
-
-    config = load_config(args.config) if args.config else Config()
-    return apply_overrides(config, args.set or [])
-
-
-def _init_distributed(config) -> None:
     from jrlhf.distributed import maybe_initialize
 
+    config = load_config(args.config) if args.config else Config()
+    config = dataclasses.replace(apply_overrides(config, args.set or []), **changes)
     maybe_initialize(config.run)
+    return config
 
 
 def _whole_run(args) -> int:
     """`jrlhf pipeline` and `jrlhf iterate`: all stages, exit 0 also when preempted."""
-    from jrlhf.pipeline import run_iterate, run_pipeline
+    from jrlhf.stages import run_iterate, run_pipeline
 
     runner = run_iterate if args.command == "iterate" else run_pipeline
-    config = _config(args)
-    _init_distributed(config)
-    summary = runner(config, resume=args.resume)
-    if "preempted" in summary:
-        print(f"[{args.command}] preempted during {summary['preempted']}; resume with --resume",
-              file=sys.stderr)
+    runner(_config(args), resume=args.resume)
     return 0
 
 
-def _stage(args) -> int:
-    """`jrlhf sft | reward | ppo`: one stage, exported as an HF folder at the end."""
-    import jax
-    import jax.numpy as jnp
+def _train(args) -> int:
+    """`jrlhf sft | reward | ppo | dpo | orpo | grpo | rloo`: one stage, then its export as an
+    HF folder; `jrlhf export --stage X`: the stage's latest checkpoint, exported."""
+    from jrlhf.stages import COMMAND_STAGES, Stage, open_run, run_stages
 
-    from jrlhf import models
-    from jrlhf.pipeline import (load_policy, make_encoder, ppo_stage, reward_model_init,
-                                reward_stage, sft_stage, task_files)
-
-    config = _config(args)
-    _init_distributed(config)
-    out = Path(config.run.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    policy_cfg, params, tokenizer = load_policy(config)
-    encoder = make_encoder(config, tokenizer)
     train = args.command != "export"
-    stage = args.stage if args.command == "export" else args.command
-    resume = args.resume or not train
-    if stage == "sft":
-        files = task_files(config, out)
-        final, result = sft_stage(config, policy_cfg, params, encoder, files["sft"], out,
-                                  resume=resume, train=train)
-        cfg = policy_cfg
-    elif stage == "reward":
-        if not config.data.rankings_path:
-            raise SystemExit("jrlhf reward needs --set data.rankings_path=FILE (rankings or "
-                             "pairwise preferences; see README 'Data files')")
-        cfg, init = reward_model_init(policy_cfg, params, config.reward.num_layers)
-        result = reward_stage(config, cfg, init, encoder, config.data.rankings_path, out,
-                              resume=resume, train=train)
-        final = result.state.params
-    elif stage in ("dpo", "orpo"):
-        if not config.data.rankings_path:
-            raise SystemExit(f"jrlhf {stage} needs --set data.rankings_path=FILE (rankings or "
-                             "pairwise preferences; see README 'Data files')")
-        from jrlhf.pipeline import preference_stage
-
-        final, result = preference_stage(config, policy_cfg, params, encoder,
-                                         config.data.rankings_path, out, orpo=stage == "orpo",
-                                         resume=resume, train=train)
-        cfg = policy_cfg
-    elif stage in ("grpo", "rloo"):
-        import dataclasses
-
-        from jrlhf.pipeline import grpo_stage
-
-        config = dataclasses.replace(config, grpo=dataclasses.replace(config.grpo,
-                                                                      estimator=stage))
-        rm = None
-        if config.reward.model_path:
-            rm_cfg, rm_params = models.load_pretrained(config.reward.model_path, lm_head=False,
-                                                       scalar_head=True)
-            rm = (rm_cfg, jax.tree.map(jnp.asarray, rm_params))
-        files = task_files(config, out)
-        final, result = grpo_stage(config, policy_cfg, params, encoder, files["prompts"], out,
-                                   rm=rm, resume=resume, train=train)
-        cfg = policy_cfg
-    elif stage == "ppo":
-        if not config.reward.model_path:
-            raise SystemExit("jrlhf ppo needs --set reward.model_path=DIR (a reward model folder "
-                             "written by `jrlhf reward`)")
-        rm_cfg, rm_params = models.load_pretrained(config.reward.model_path, lm_head=False,
-                                                   scalar_head=True)
-        files = task_files(config, out)
-        cfg, final, result = ppo_stage(config, policy_cfg, params, rm_cfg,
-                                       jax.tree.map(jnp.asarray, rm_params), encoder,
-                                       files["prompts"], out, resume=resume, train=train)
-    else:
-        raise SystemExit(f"unknown stage {stage!r}")
-    if result.preempted:
-        print(f"[{stage}] preempted; resume with --resume", file=sys.stderr)
-        return 0
-    target = Path(args.out) if getattr(args, "out", None) else out / stage / "export"
-    models.save_pretrained(target, cfg, final, tokenizer=tokenizer)
-    print(f"[{stage}] exported {target}")
+    stage = COMMAND_STAGES[args.command if train else args.stage]
+    run = open_run(_config(args), resume=args.resume or not train, train=train)
+    folder = Path(args.out).absolute() if args.out else Path(stage.name) / "export"
+    export = Stage(f"{stage.name}/export", "export", start=stage.produces, folder=str(folder))
+    run_stages(run, [stage, export])
     return 0
 
 
@@ -135,16 +83,13 @@ def _plan(args) -> int:
 
     mesh = parse_mesh(args.mesh)
     n = mesh.data * mesh.fsdp * mesh.tensor
-    if "jax" not in sys.modules or not sys.modules["jax"].config.jax_platforms:
+    jax_started = "jax" in sys.modules and sys.modules["jax"].config.jax_platforms
+    if not args.on_device and not jax_started:
         # Fake CPU devices stand in for the accelerators being planned for.
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={n}").strip()
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    import dataclasses
-    import json
-
-    config = dataclasses.replace(_config(args), mesh=mesh)
-    result = plan(config, args.step, args.device)
+    result = plan(_config(args, mesh=mesh), args.step, args.device, on_device=args.on_device)
     print(json.dumps(result, indent=2) if args.json else format_plan(result))
     return 0
 
@@ -170,14 +115,13 @@ def _generate(args) -> int:
     import numpy as np
 
     from jrlhf import models
+    from jrlhf.models.sources import load_tokenizer
     from jrlhf.sampling import generate
 
     start = time.perf_counter()
     if args.model:
-        from transformers import AutoTokenizer
-
         cfg, params = models.load_pretrained(args.model)
-        tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+        tokenizer = load_tokenizer(args.model)
     else:
         path = args.gguf or models.smollm2_gguf_path()
         print(f"loading {path}", file=sys.stderr)
@@ -212,20 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config field, e.g. --set ppo.kl_coef=0.05 (repeatable)")
         return p
 
-    for name, text in (("pipeline", "SFT → reward model from rankings → PPO → eval → export"),
-                       ("sft", "supervised fine-tuning of model.source on data.sft_path"),
-                       ("reward", "reward model from data.rankings_path"),
-                       ("ppo", "PPO of model.source against reward.model_path"),
-                       ("dpo", "DPO / IPO of model.source on data.rankings_path"),
-                       ("orpo", "ORPO of model.source on data.rankings_path"),
-                       ("grpo", "GRPO against reward.model_path (or the task's annotator)"),
-                       ("rloo", "RLOO against reward.model_path (or the task's annotator)")):
+    commands = {"pipeline": "SFT → reward model from rankings → PPO → eval → export",
+                **TRAIN_COMMANDS}
+    for name, text in commands.items():
         p = with_config(sub.add_parser(name, help=text))
         p.add_argument("--resume", action="store_true",
                        help="continue from the latest checkpoint in run.out_dir")
         if name != "pipeline":
             p.add_argument("--out", help="export folder (default: run.out_dir/<stage>/export)")
-        p.set_defaults(func=_whole_run if name == "pipeline" else _stage)
+        p.set_defaults(func=_whole_run if name == "pipeline" else _train)
 
     p = with_config(sub.add_parser("iterate", help="iterative RLHF: rounds of sample → rank → "
                                                    "refresh the reward model → PPO"))
@@ -234,15 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = with_config(sub.add_parser("export", help="write a stage's latest checkpoint (LoRA "
                                                    "merged) as a Hugging Face folder"))
-    p.add_argument("--stage", choices=("sft", "reward", "ppo", "dpo", "orpo", "grpo", "rloo"),
-                   default="ppo")
+    p.add_argument("--stage", choices=tuple(TRAIN_COMMANDS), default="ppo")
     p.add_argument("--out", help="export folder (default: run.out_dir/<stage>/export)")
-    p.set_defaults(func=_stage, resume=True)
+    p.set_defaults(func=_train, resume=True)
 
     p = with_config(sub.add_parser("bench", help="time compiled steps: tokens/s, FLOPs, MFU, "
                                                  "memory"))
-    p.add_argument("--step", action="append", choices=("sft", "reward", "ppo", "generate",
-                                                        "ppo_iteration"), required=True)
+    p.add_argument("--step", action="append", choices=(*TRAIN_STEPS, "generate", "ppo_iteration"),
+                   required=True)
     p.add_argument("--steps", type=int, default=5, help="timed steps (after warm-up)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -251,8 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("plan", help="compile a step for a mesh without weights: "
                                                 "per-device memory, FLOPs, collectives"))
     p.add_argument("--mesh", default="data=1,fsdp=1,tensor=1")
-    p.add_argument("--step", default="sft", choices=("sft", "reward", "ppo"))
+    p.add_argument("--step", default="sft", choices=TRAIN_STEPS)
     p.add_argument("--device", default="h100", help="h100, h200, a100, tpu v4/v5e/v5p/v6e")
+    p.add_argument("--on-device", action="store_true",
+                   help="compile on the attached accelerators (they are the target) instead of "
+                        "fake CPU devices: memory figures are then the compiler's, not estimates")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_plan)
 

@@ -22,21 +22,21 @@ from jrlhf.models.config import ModelConfig
 class OptimConfig:
     """AdamW with warmup then constant / cosine / linear decay, global-norm clipping.
 
+    Shared by every stage. The peak learning rate and the schedule's length belong to each
+    stage (`sft.learning_rate`, `sft.steps`, ...) and are passed to `optim.make_optimizer`.
     `freeze` lists regexes over parameter paths (`layers/0/attn/q_proj/kernel`, see
     `jrlhf.paths`): matching parameters get no updates and no optimizer moments.
     """
 
-    learning_rate: float = 1e-5
     warmup_steps: int = 0
     decay: str = "constant"  # constant | cosine | linear
-    total_steps: int = 1000  # schedule length (decay ends here)
     end_lr_ratio: float = 0.0  # final lr = learning_rate * end_lr_ratio (cosine / linear)
     weight_decay: float = 0.0
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
     max_grad_norm: float = 1.0  # 0 disables clipping
-    grad_accum_steps: int = 1  # micro-batches per optimizer step (sft / reward)
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (sft / reward / dpo / orpo)
     freeze: tuple[str, ...] = ()
 
     def __post_init__(self):
@@ -115,6 +115,28 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    """Sampling, shared by PPO, GRPO/RLOO, the ranking stage and evaluation.
+
+    The PPO / GRPO scorers divide logits by the same `temperature`, so the trained log-probs are
+    those of the sampled distribution.
+    """
+
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off; on, the sampled distribution no longer equals the trained one
+    top_p: float = 1.0
+    missing_eos_penalty: float = 0.0  # subtracted from the score of responses without EOS
+    batch_size: int = 8  # rows per generate call when sampling for rankings and evaluation
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise ValueError(f"rollout.temperature must be > 0, got {self.temperature}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclasses.dataclass(frozen=True)
 class SFTConfig:
     steps: int = 100
     batch_size: int = 8
@@ -136,7 +158,8 @@ class RewardConfig:
 class PPOConfig:
     """PPO hyper-parameters (Ziegler et al. 2019 / Ouyang et al. 2022 defaults).
 
-    The update fields are what `ppo_step` uses; the rollout fields drive `train_ppo`.
+    The update fields are what `ppo_step` uses; the loop fields drive the PPO stage. Sampling
+    settings (temperature, max_new_tokens, top-k/p) are in `RolloutConfig`.
     """
 
     kl_coef: float = 0.05
@@ -153,16 +176,11 @@ class PPOConfig:
     ppo_epochs: int = 4
     minibatch_size: int = 0  # rows per optimizer step; 0 = the whole rollout batch
     whiten_advantages: bool = True
-    temperature: float = 1.0  # the sampling temperature; scoring divides logits by it too
     critic: str = "shared"  # shared (value head on the policy backbone) | separate
-    # Rollouts (train_ppo).
+    # The loop (the PPO stage).
     iterations: int = 20
-    rollout_batch_size: int = 8
+    rollout_batch_size: int = 8  # prompts sampled per iteration
     learning_rate: float = 1e-5
-    max_new_tokens: int = 32
-    top_k: int = 0  # 0 = off; on, the sampled distribution no longer equals the trained one
-    top_p: float = 1.0
-    missing_eos_penalty: float = 0.0  # subtracted from the score of responses without EOS
     normalize_rewards: bool = False  # running mean/std normalisation of scores
     reward_clip: float = 0.0  # clip (normalised) scores to ±reward_clip; 0 = off
 
@@ -171,8 +189,6 @@ class PPOConfig:
             raise ValueError(f"ppo.kl_estimator must be k1|k2|k3|abs, got {self.kl_estimator!r}")
         if self.critic not in ("shared", "separate"):
             raise ValueError(f"ppo.critic must be shared|separate, got {self.critic!r}")
-        if self.temperature <= 0:
-            raise ValueError(f"ppo.temperature must be > 0, got {self.temperature}")
         if self.minibatch_size and self.rollout_batch_size % self.minibatch_size:
             raise ValueError(f"ppo.rollout_batch_size={self.rollout_batch_size} is not divisible "
                              f"by ppo.minibatch_size={self.minibatch_size}")
@@ -212,11 +228,9 @@ class GRPOConfig:
     clip_eps: float = 0.2
     epochs: int = 1
     minibatch_size: int = 0  # rows per optimizer step; 0 = the whole batch
-    temperature: float = 1.0
-    # The loop (train_grpo).
+    # The loop (the GRPO / RLOO stage).
     iterations: int = 20
     prompts_per_iteration: int = 4  # each sampled group_size times
-    max_new_tokens: int = 32
     learning_rate: float = 1e-5
 
     def __post_init__(self):
@@ -238,10 +252,10 @@ class IterateConfig:
 class RunConfig:
     out_dir: str = "runs/default"
     seed: int = 0
-    log_every: int = 1
+    log_every: int = 1  # a one-line summary every N steps (0 = none)
     save_every: int = 0  # 0: save at the end of each stage only
     keep_checkpoints: int = 2
-    progress: bool = True  # progress bars on stderr
+    progress: bool = True  # progress bars on stderr (only when stderr is a terminal)
     # Multi-host: jax.distributed.initialize (env JRLHF_COORDINATOR / JRLHF_NUM_PROCESSES /
     # JRLHF_PROCESS_ID override these; JRLHF_DISTRIBUTED=auto lets jax detect TPU pods / SLURM).
     coordinator_address: str = ""
@@ -261,6 +275,7 @@ class Config:
     ppo: PPOConfig = PPOConfig()
     dpo: DPOConfig = DPOConfig()
     grpo: GRPOConfig = GRPOConfig()
+    rollout: RolloutConfig = RolloutConfig()
     iterate: IterateConfig = IterateConfig()
     run: RunConfig = RunConfig()
 

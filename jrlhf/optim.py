@@ -16,20 +16,20 @@ from jrlhf.config import OptimConfig
 TRAINABLE, FROZEN = "trainable", "frozen"
 
 
-def make_schedule(cfg: OptimConfig) -> optax.Schedule:
-    """Linear warmup from 0 to `learning_rate`, then constant / cosine / linear decay."""
-    decay_steps = max(cfg.total_steps - cfg.warmup_steps, 1)
-    end = cfg.learning_rate * cfg.end_lr_ratio
+def make_schedule(cfg: OptimConfig, learning_rate: float, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to `learning_rate`, then constant / cosine / linear decay that ends
+    at optimizer step `total_steps`."""
+    decay_steps = max(total_steps - cfg.warmup_steps, 1)
+    end = learning_rate * cfg.end_lr_ratio
     if cfg.decay == "constant":
-        after = optax.constant_schedule(cfg.learning_rate)
+        after = optax.constant_schedule(learning_rate)
     elif cfg.decay == "cosine":
-        after = optax.cosine_decay_schedule(cfg.learning_rate, decay_steps,
-                                            alpha=cfg.end_lr_ratio)
+        after = optax.cosine_decay_schedule(learning_rate, decay_steps, alpha=cfg.end_lr_ratio)
     else:
-        after = optax.linear_schedule(cfg.learning_rate, end, decay_steps)
+        after = optax.linear_schedule(learning_rate, end, decay_steps)
     if not cfg.warmup_steps:
         return after
-    warmup = optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
+    warmup = optax.linear_schedule(0.0, learning_rate, cfg.warmup_steps)
     return optax.join_schedules([warmup, after], [cfg.warmup_steps])
 
 
@@ -54,11 +54,16 @@ def decay_mask(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(cfg: OptimConfig, labels) -> optax.GradientTransformation:
-    """AdamW + clipping on the "trainable" group, `set_to_zero` on the "frozen" group."""
+def make_optimizer(cfg: OptimConfig, labels, *, learning_rate: float,
+                   total_steps: int = 1) -> optax.GradientTransformation:
+    """AdamW + clipping on the "trainable" group, `set_to_zero` on the "frozen" group.
+
+    `learning_rate` is the peak rate and `total_steps` the schedule's length in optimizer steps
+    (both per stage; `total_steps` matters only with warmup or decay).
+    """
     inner = optax.chain(
         optax.clip_by_global_norm(cfg.max_grad_norm) if cfg.max_grad_norm > 0 else optax.identity(),
-        optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+        optax.adamw(make_schedule(cfg, learning_rate, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                     weight_decay=cfg.weight_decay, mask=decay_mask),
     )
     return optax.partition({TRAINABLE: inner, FROZEN: optax.set_to_zero()}, labels)

@@ -1,30 +1,36 @@
-"""`jrlhf plan`: will a config fit a mesh? Compile the step for it without allocating weights.
+"""`jrlhf plan`: will a config fit a mesh? Compile its step for the mesh without any weights.
 
-The state and batch are abstract (`jax.ShapeDtypeStruct` with shardings); the step is lowered
-and compiled for the requested mesh — on fake CPU devices when the accelerators are not here —
-and XLA's memory and cost analyses are read back.
+The state comes from the same `setups.make_setup` training calls, on abstract weights
+(`jax.ShapeDtypeStruct`s with shardings), so parameter and optimizer bytes are those of the
+state the training loop builds (LoRA adapters, frozen leaves without moments, a separate critic,
+the reference copy). The step is lowered and compiled for the requested mesh and XLA's memory
+and cost analyses are read back.
+
+What the activation and peak figures are depends on where the step was compiled, and the output
+says which (`memory_basis`):
+- "compiled": on the attached accelerators (`--on-device`): XLA's buffer assignment for them.
+- "estimate": on fake CPU devices standing in for the accelerators. XLA:CPU's buffer
+  assignment is not the accelerator's (it fuses less, keeps float32 temporaries), so the
+  activations are an analytic estimate from the model's shape (`activation_estimate`) and
+  XLA:CPU's figure is reported beside it, labelled as such.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jrlhf import optim, sharding
-from jrlhf.bench import DEVICE_MEMORY, xla_flops
 from jrlhf.config import Config, MeshConfig
-from jrlhf.models import transformer as tfm
+from jrlhf.hardware import device_memory, xla_flops
 from jrlhf.models.config import ModelConfig
-from jrlhf.state import TrainState
+from jrlhf.models.sources import model_config
+from jrlhf.models.transformer import abstract_params
+from jrlhf.setups import ALGORITHMS, Setup, batch_shapes, initial_weights, make_setup
 from jrlhf.steps.common import state_shardings
-from jrlhf.steps.ppo import make_ppo_step
-from jrlhf.steps.reward import make_reward_step
-from jrlhf.steps.sft import make_sft_step
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
@@ -40,46 +46,12 @@ def parse_mesh(text: str) -> MeshConfig:
     return MeshConfig(**sizes)
 
 
-def _model_cfg(config: Config) -> ModelConfig:
-    if config.model.arch is not None:
-        return dataclasses.replace(config.model.arch, dtype=config.model.dtype)
-    if config.model.source == "smollm2" or config.model.source.endswith(".gguf"):
-        import gguf
-
-        from jrlhf.models.gguf_loader import smollm2_gguf_path
-
-        path = smollm2_gguf_path() if config.model.source == "smollm2" else config.model.source
-        reader = gguf.GGUFReader(str(path))  # metadata only: no weights are dequantised
-        f = lambda k: reader.fields[k].contents()  # noqa: E731
-        vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
-        return ModelConfig(family="llama", vocab_size=vocab,
-                           hidden_size=int(f("llama.embedding_length")),
-                           num_layers=int(f("llama.block_count")),
-                           num_heads=int(f("llama.attention.head_count")),
-                           num_kv_heads=int(f("llama.attention.head_count_kv")),
-                           head_dim=int(f("llama.rope.dimension_count")),
-                           intermediate_size=int(f("llama.feed_forward_length")),
-                           tie_word_embeddings=True, dtype=config.model.dtype)
-    import transformers
-
-    from jrlhf.models.config import from_hf_config
-
-    hf = transformers.AutoConfig.from_pretrained(config.model.source, local_files_only=True)
-    return from_hf_config(hf, dtype=config.model.dtype)
-
-
-def _abstract(tree, shardings):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        tree, shardings)
-
-
-def _bytes_per_device(tree, shardings) -> int:
+def bytes_per_device(tree, shardings) -> int:
     """Bytes one device holds of `tree` under `shardings` (the largest shard per leaf)."""
     total = 0
     for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(
             shardings, is_leaf=lambda v: isinstance(v, jax.sharding.Sharding))):
-        shard = s.shard_shape(x.shape)
-        total += math.prod(shard) * np.dtype(x.dtype).itemsize
+        total += math.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
     return total
 
 
@@ -87,88 +59,156 @@ def count_collectives(hlo_text: str) -> dict[str, int]:
     return {op: len(re.findall(rf"\b{op}(-start)?\(", hlo_text)) for op in COLLECTIVES}
 
 
-def plan(config: Config, step: str = "sft", device: str = "h100") -> dict:
-    """Per-device memory, FLOPs and collectives of `step` compiled for `config.mesh`."""
-    cfg = _model_cfg(config)
-    mesh = sharding.make_mesh(config.mesh, jax.devices()[: math.prod(config.mesh.shape)])
-    c = config
-    P, R = c.data.max_prompt_length, c.data.max_response_length
-    T = P + R
-    if step == "reward":
-        cfg = dataclasses.replace(cfg, lm_head=False, scalar_head=True)
-    if step == "ppo":
-        cfg = dataclasses.replace(cfg, scalar_head=True)
-    params = tfm.abstract_params(cfg)
-    tree = {"policy": params} if step == "ppo" else params
-    labels = optim.trainable_labels(tree, c.optim.freeze)
-    tx = optim.make_optimizer(c.optim, labels)
-    state = jax.eval_shape(lambda p: TrainState.create(p, tx, 0, c.ppo.kl_coef
-                                                       if step == "ppo" else None), tree)
-    state = state.replace(tx=tx)
-    state_sh = state_shardings(state, mesh)
-    abstract_state = _abstract(state, state_sh)
-    batch_sh = sharding.batch_sharding(mesh)
-    i32 = jnp.int32
-    if step == "sft":
-        B = c.sft.batch_size
-        shapes = {"input_ids": (B, T), "attention_mask": (B, T), "loss_mask": (B, T)}
-        dtypes = dict.fromkeys(shapes, i32)
-        fn = make_sft_step(cfg, labels=labels, state=state, mesh=mesh)
-    elif step == "reward":
-        G = c.reward.batch_size
-        shapes = {"input_ids": (G, 2, T), "attention_mask": (G, 2, T), "ranks": (G, 2)}
-        dtypes = dict.fromkeys(shapes, i32)
-        fn = make_reward_step(cfg, labels=labels, state=state, mesh=mesh)
-    elif step == "ppo":
-        B, N = c.ppo.rollout_batch_size, c.ppo.max_new_tokens
-        shapes = {"input_ids": (B, P + N), "attention_mask": (B, P + N),
-                  "response_mask": (B, N), "logprobs": (B, N), "ref_logprobs": (B, N),
-                  "values": (B, N), "scores": (B,)}
-        dtypes = {k: (i32 if k in ("input_ids", "attention_mask", "response_mask")
-                      else jnp.float32) for k in shapes}
-        fn = make_ppo_step(c.ppo, cfg, None, labels=labels, state=state, mesh=mesh)
+def layer_activation_bytes(cfg: ModelConfig, tokens: int, seq_len: int, tensor: int = 1) -> int:
+    """Bytes one decoder layer keeps for its backward pass over `tokens` tokens of sequences of
+    `seq_len`: the inputs of its norms and matmuls in the compute dtype (residual, normed input,
+    q/k/v, attention output, gate/up/activation/product of the MLP) and the float32 attention
+    probabilities `[heads, seq_len]` per token (this implementation materialises them). Head and
+    MLP terms are split over `tensor` devices."""
+    c = np.dtype(cfg.dtype).itemsize
+    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    heads = cfg.num_heads + 2 * cfg.num_kv_heads
+    per_token = c * (4 * d + (heads + 2 * cfg.num_heads) * hd // tensor + 4 * f // tensor)
+    per_token += 4 * cfg.num_heads * seq_len // tensor
+    return tokens * per_token
+
+
+def activation_estimate(cfg: ModelConfig, tokens: int, seq_len: int, lm_tokens: int,
+                        tensor: int = 1) -> int:
+    """Analytic bytes of a training step's activations on one device (`tokens` of its batch
+    shard): every layer's `layer_activation_bytes` (with `remat="full"` only each layer's input,
+    plus one layer recomputed), and the LM head's float32 logits and their gradient on
+    `lm_tokens` positions."""
+    layer = layer_activation_bytes(cfg, tokens, seq_len, tensor)
+    if cfg.remat == "full":
+        kept = cfg.num_layers * tokens * cfg.hidden_size * np.dtype(cfg.dtype).itemsize + layer
+    elif cfg.remat == "dots":  # matmul outputs kept, elementwise work recomputed
+        kept = cfg.num_layers * layer * 2 // 3
     else:
-        raise ValueError(f"jrlhf plan: unknown step {step!r}; choose sft, reward or ppo")
-    batch = {k: jax.ShapeDtypeStruct(v, dtypes[k], sharding=batch_sh) for k, v in shapes.items()}
-    jitted = fn.jitted if hasattr(fn, "jitted") else fn
-    compiled = jitted.lower(abstract_state, batch).compile()
+        kept = cfg.num_layers * layer
+    head = 2 * 4 * lm_tokens * cfg.vocab_size // tensor if cfg.lm_head else 0
+    return int(kept + head)
+
+
+def step_activations(setup: Setup, config: Config) -> int:
+    """`activation_estimate` for one optimizer step of `setup` per device: the models in its
+    loss (a separate critic too) on one (micro/mini)batch shard."""
+    c, a, cfg = config, setup.algorithm, setup.model_cfg
+    P, R, N = c.data.max_prompt_length, c.data.max_response_length, c.rollout.max_new_tokens
+    ways = c.mesh.data * c.mesh.fsdp
+    accum = c.optim.grad_accum_steps
+    if a in ("sft", "reward", "dpo", "orpo"):
+        rows = {"sft": c.sft.batch_size, "reward": 2 * c.reward.batch_size,
+                "dpo": 2 * c.dpo.batch_size, "orpo": 2 * c.dpo.batch_size}[a]
+        T = P + R
+        tokens = rows * T // accum // ways
+        return activation_estimate(cfg, tokens, T, tokens if a != "reward" else 0, c.mesh.tensor)
+    if a == "ppo":
+        rows = c.ppo.minibatch_size or c.ppo.rollout_batch_size
+    else:
+        rows = c.grpo.minibatch_size or c.grpo.prompts_per_iteration * c.grpo.group_size
+    T = P + N
+    tokens, lm_tokens = rows * T // ways, rows * N // ways
+    total = activation_estimate(cfg, tokens, T, lm_tokens, c.mesh.tensor)
+    if setup.value_cfg is not None:
+        total += activation_estimate(setup.value_cfg, tokens, T, 0, c.mesh.tensor)
+    return total
+
+
+def plan(config: Config, step: str = "sft", device: str = "h100", *,
+         on_device: bool = False) -> dict:
+    """Per-device memory, FLOPs and collectives of `step` compiled for `config.mesh`.
+
+    `on_device`: the attached devices are the target (their compiler's memory figures are
+    reported); otherwise they stand in for `device` and activations are estimated.
+    """
+    if step not in ALGORITHMS:
+        raise ValueError(f"jrlhf plan: unknown step {step!r}; choose from {', '.join(ALGORITHMS)}")
+    capacity = device_memory(device)
+    n = math.prod(config.mesh.shape)
+    devices = jax.devices()
+    if len(devices) < n:
+        raise ValueError(f"mesh of {n} devices, but only {len(devices)} are attached")
+    mesh = sharding.make_mesh(config.mesh, devices[:n])
+    policy_cfg = model_config(config.model)
+    model_cfg, params = initial_weights(step, config, policy_cfg, abstract_params(policy_cfg))
+    setup = make_setup(step, config, model_cfg, params, mesh=mesh)
+    state_sh = state_shardings(setup.state, mesh)
+    batch = batch_shapes(setup, config)
+    jitted = getattr(setup.step, "jitted", setup.step)
+    compiled = jitted.lower(setup.state, batch).compile()
     mem = compiled.memory_analysis()
-    params_bytes = _bytes_per_device(state.params, state_sh.params)
-    opt_bytes = _bytes_per_device(state.opt_state, state_sh.opt_state)
-    temp = mem.temp_size_in_bytes if mem else 0
+    params_bytes = bytes_per_device(setup.state.params, state_sh.params)
+    opt_bytes = bytes_per_device(setup.state.opt_state, state_sh.opt_state)
+    ref_bytes = 0
+    if setup.ref_params is not None:
+        ref_bytes = bytes_per_device(setup.ref_params,
+                                     sharding.param_shardings(setup.ref_params, mesh))
+    xla_temp = mem.temp_size_in_bytes if mem else 0
     args = mem.argument_size_in_bytes if mem else params_bytes + opt_bytes
     out = mem.output_size_in_bytes if mem else 0
     alias = mem.alias_size_in_bytes if mem else 0
-    peak = args + out - alias + temp
-    capacity = DEVICE_MEMORY.get(device.lower())
-    if capacity is None:
-        raise ValueError(f"unknown device {device!r}; known: {', '.join(DEVICE_MEMORY)}")
-    return {
+    result = {
         "step": step, "mesh": dict(zip(sharding.AXES, config.mesh.shape)),
-        "model_params": cfg.num_params,
+        "model_params": policy_cfg.num_params,
         "params_bytes_per_device": params_bytes, "optimizer_bytes_per_device": opt_bytes,
-        "argument_bytes_per_device": args, "temp_bytes_per_device": temp,
-        "output_bytes_per_device": out, "peak_bytes_per_device": peak,
+        "reference_bytes_per_device": ref_bytes, "argument_bytes_per_device": args,
+        "output_bytes_per_device": out,
         "xla_flops_per_step": xla_flops(compiled),
         "collectives": count_collectives(compiled.as_text()),
-        "device": device, "device_memory_bytes": capacity, "fits": peak <= capacity,
+        "device": device, "device_memory_bytes": capacity,
     }
+    if on_device:
+        result.update({"memory_basis": f"compiled for {devices[0].device_kind}",
+                       "temp_bytes_per_device": xla_temp,
+                       "peak_bytes_per_device": args + out - alias + xla_temp + ref_bytes})
+    else:
+        activations = step_activations(setup, config)
+        # Gradients: one copy of the trainable parameters' shards.
+        trainable = [(x, s) for x, s, label in zip(
+            jax.tree.leaves(setup.state.params), jax.tree.leaves(
+                state_sh.params, is_leaf=lambda v: isinstance(v, jax.sharding.Sharding)),
+            jax.tree.leaves(setup.labels)) if label == optim.TRAINABLE]
+        grads = bytes_per_device(*zip(*trainable)) if trainable else 0
+        result.update({"memory_basis": "estimate", "xla_cpu_temp_bytes_per_device": xla_temp,
+                       "activation_estimate_bytes_per_device": activations,
+                       "temp_bytes_per_device": activations + grads,
+                       "peak_bytes_per_device": params_bytes + opt_bytes + ref_bytes + grads
+                       + activations})
+    result["fits"] = result["peak_bytes_per_device"] <= capacity
+    return result
 
 
 def format_plan(r: dict) -> str:
     gib = lambda b: f"{b / 2**30:,.3f} GiB"  # noqa: E731
     mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items())
     flops = r["xla_flops_per_step"]
+    estimate = r["memory_basis"] == "estimate"
     lines = [
         f"jrlhf plan: {r['step']} step, {r['model_params'] / 1e6:.1f}M parameters, mesh {mesh}",
+        f"  memory basis             {r['memory_basis'] if not estimate else 'analytic estimate (compiled on CPU stand-ins)'}",
         f"  parameters / device      {gib(r['params_bytes_per_device'])}",
         f"  optimizer state / device {gib(r['optimizer_bytes_per_device'])}",
-        f"  activations+temps / dev  {gib(r['temp_bytes_per_device'])}",
-        f"  peak / device            {gib(r['peak_bytes_per_device'])}",
+    ]
+    if r["reference_bytes_per_device"]:
+        lines.append(f"  frozen reference / dev   {gib(r['reference_bytes_per_device'])}")
+    if estimate:
+        lines += [
+            f"  activations / device     {gib(r['activation_estimate_bytes_per_device'])}"
+            "  (analytic estimate from the model shape)",
+            f"  XLA:CPU temps / device   {gib(r['xla_cpu_temp_bytes_per_device'])}"
+            "  (CPU buffer assignment, not the accelerator's)",
+            f"  peak / device            {gib(r['peak_bytes_per_device'])}"
+            "  (state + gradients + estimated activations)",
+        ]
+    else:
+        lines += [f"  activations+temps / dev  {gib(r['temp_bytes_per_device'])}",
+                  f"  peak / device            {gib(r['peak_bytes_per_device'])}"]
+    lines += [
         f"  FLOPs / step (XLA)       {flops / 1e12:,.3f} TFLOP" if flops else
         "  FLOPs / step (XLA)       n/a",
-        "  collectives              " + ", ".join(f"{k} x{v}" for k, v in
-                                                  r["collectives"].items() if v) or "none",
+        "  collectives              " + (", ".join(f"{k} x{v}" for k, v in
+                                                   r["collectives"].items() if v) or "none"),
         f"  fits {r['device']} ({gib(r['device_memory_bytes'])})?  "
         + ("yes" if r["fits"] else "NO"),
     ]

@@ -32,7 +32,7 @@ CFG = ModelConfig(family="llama", vocab_size=64, hidden_size=32, num_layers=2, n
 mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=1))
 params = init_params(CFG, 0)
 labels = optim.trainable_labels(params)
-tx = optim.make_optimizer(OptimConfig(learning_rate=3e-4, eps=1e-6), labels)
+tx = optim.make_optimizer(OptimConfig(eps=1e-6), labels, learning_rate=3e-4)
 state = place_state(TrainState.create(params, tx, 0), mesh)
 step = make_sft_step(CFG, labels=labels, state=state, mesh=mesh)
 batch_sh = sharding.batch_sharding(mesh)

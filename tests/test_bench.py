@@ -26,7 +26,7 @@ SMALL = ModelConfig(family="gpt2", vocab_size=512, hidden_size=128, num_layers=2
 def small_config(**changes):
     base = load_config(ROOT / "configs" / "bench_gpt2.py")
     return derive(base, {"model.arch": SMALL, "data.max_prompt_length": 16,
-                         "data.max_response_length": 16, "ppo.max_new_tokens": 8,
+                         "data.max_response_length": 16, "rollout.max_new_tokens": 8,
                          "ppo.ppo_epochs": 2, **changes})
 
 

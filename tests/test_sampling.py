@@ -75,12 +75,12 @@ def test_ppo_ratio_is_one_before_any_update(temperature):
     trainer_logprobs = rl.logprobs_from_logits(logits, out.tokens) * out.mask
     log_ratio = np.asarray(trainer_logprobs - out.logprobs)
     assert np.abs(log_ratio).max() < 1e-5
-    cfg = PPOConfig(ppo_epochs=1, temperature=temperature)
+    cfg = PPOConfig(ppo_epochs=1)
     batch = {"input_ids": full_ids, "attention_mask": full_mask, "response_mask": out.mask,
              "logprobs": out.logprobs, "ref_logprobs": out.logprobs, "values": values * out.mask,
              "scores": jnp.ones(8)}
     state = make_state(params, OPT_EQ, kl_coef=0.05)[0]
-    _, metrics = make_ppo_step(cfg, CFG)(state, batch)
+    _, metrics = make_ppo_step(cfg, CFG, temperature=temperature)(state, batch)
     assert float(metrics["ppo/approx_kl"]) < 1e-10
     assert float(metrics["ppo/clipfrac"]) == 0.0
 

@@ -12,7 +12,7 @@ from jrlhf import sharding
 from jrlhf.config import MeshConfig
 from jrlhf.models import init_params
 from jrlhf.steps import make_ppo_step, make_reward_step, make_sft_step, place_state
-from test_steps import (CFG, OPT_EQ, POLICY_CFG, PPO_CFG, make_state, reward_batch,
+from test_steps import (CFG, OPT_EQ, POLICY_CFG, PPO_CFG, TEMPERATURE, make_state, reward_batch,
                         rollout_batch, sft_batch)
 
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 1, 1)]
@@ -35,7 +35,8 @@ def run(kind, mesh=None):
         params = {"policy": init_params(POLICY_CFG, 0)}
         state = make_state(params, OPT_EQ, kl_coef=PPO_CFG.kl_coef)[0]
         batch = rollout_batch(params)
-        factory = functools.partial(make_ppo_step, PPO_CFG, POLICY_CFG)
+        factory = functools.partial(make_ppo_step, PPO_CFG, POLICY_CFG,
+                                    temperature=TEMPERATURE)
     if mesh is not None:
         state = place_state(state, mesh)
     step = factory(state=state, mesh=mesh)

@@ -23,18 +23,20 @@ GPT2 = ModelConfig(family="gpt2", vocab_size=64, hidden_size=32, num_layers=2, n
                    num_kv_heads=4, head_dim=8, intermediate_size=64, activation="gelu_new",
                    tie_word_embeddings=True, attention_bias=True, output_bias=True,
                    hf_model_type="gpt2", max_position_embeddings=64)
-OPT = OptimConfig(learning_rate=3e-3, max_grad_norm=1.0)
+OPT = (OptimConfig(max_grad_norm=1.0), 3e-3)  # (optimizer config, learning rate)
 # For equality checks: Adam's g / (|g| + eps) turns gradients that are zero in exact arithmetic
 # (e.g. the key bias, to which softmax is invariant) but ~1e-12 in float32 into full-size steps
 # in either direction. With eps=1e-6 and lr=3e-4 a summation-order difference in a gradient
 # moves a parameter by at most ~lr * 1e-3; params are compared at atol=1e-6 (~0.3% of a step).
-OPT_EQ = dataclasses.replace(OPT, learning_rate=3e-4, eps=1e-6)
+OPT_EQ = (dataclasses.replace(OPT[0], eps=1e-6), 3e-4)
 
 
 def make_state(params, optim_cfg=OPT, freeze=(), train_only=(), kl_coef=None):
     params = jax.tree.map(jnp.array, params)  # steps donate their state: keep the caller's copy
     labels = optim.trainable_labels(params, freeze, train_only)
-    return TrainState.create(params, optim.make_optimizer(optim_cfg, labels), 0, kl_coef), labels
+    cfg, learning_rate = optim_cfg
+    tx = optim.make_optimizer(cfg, labels, learning_rate=learning_rate)
+    return TrainState.create(params, tx, 0, kl_coef), labels
 
 
 def sft_batch(B=8, T=12, seed=0, vocab=64):
@@ -207,7 +209,8 @@ def test_reward_step_pairs_and_accumulation():
 # PPO
 
 PPO_CFG = PPOConfig(ppo_epochs=2, minibatch_size=4, kl_coef=0.05, vf_coef=0.1,
-                    entropy_coef=0.01, temperature=0.7)
+                    entropy_coef=0.01)
+TEMPERATURE = 0.7  # the sampler's, bound to the PPO step
 POLICY_CFG = dataclasses.replace(CFG, scalar_head=True)
 
 
@@ -225,7 +228,7 @@ def rollout_batch(params, policy_cfg=POLICY_CFG, value_cfg=None, cfg=PPO_CFG, B=
         attn[b, P + n:] = 0
         ids[b, P + n:] = 0
     logits, values = policy_outputs(params, ids, attn, N, policy_cfg=policy_cfg,
-                                    value_cfg=value_cfg, temperature=cfg.temperature)
+                                    value_cfg=value_cfg, temperature=TEMPERATURE)
     logprobs = rl.logprobs_from_logits(logits, ids[:, P:]) * resp_mask
     ref = logprobs + 0.1 * rng.randn(B, N).astype(np.float32) * resp_mask
     return {"input_ids": ids, "attention_mask": attn, "response_mask": resp_mask,
@@ -241,7 +244,7 @@ def ppo_state(params, cfg=PPO_CFG, optim_cfg=OPT):
 def test_ppo_step_improves_its_objective():
     params = {"policy": init_params(POLICY_CFG, 0)}
     batch = rollout_batch(params)
-    step = make_ppo_step(PPO_CFG, POLICY_CFG)
+    step = make_ppo_step(PPO_CFG, POLICY_CFG, temperature=TEMPERATURE)
     state = ppo_state(params)
     state, first = step(state, batch)
     for _ in range(4):
@@ -256,7 +259,8 @@ def test_ppo_first_minibatch_has_ratio_one():
     """Before any update the policy is the sampling policy: approx-KL and clipfrac are 0."""
     cfg = dataclasses.replace(PPO_CFG, ppo_epochs=1, minibatch_size=0)
     params = {"policy": init_params(POLICY_CFG, 0)}
-    _, metrics = make_ppo_step(cfg, POLICY_CFG)(ppo_state(params, cfg), rollout_batch(params))
+    step = make_ppo_step(cfg, POLICY_CFG, temperature=TEMPERATURE)
+    _, metrics = step(ppo_state(params, cfg), rollout_batch(params))
     assert float(metrics["ppo/approx_kl"]) < 1e-12
     assert float(metrics["ppo/clipfrac"]) == 0.0
 
@@ -264,7 +268,8 @@ def test_ppo_first_minibatch_has_ratio_one():
 def test_ppo_metrics_match_the_math():
     params = {"policy": init_params(POLICY_CFG, 0)}
     batch = rollout_batch(params)
-    _, metrics = make_ppo_step(PPO_CFG, POLICY_CFG)(ppo_state(params), batch)
+    step = make_ppo_step(PPO_CFG, POLICY_CFG, temperature=TEMPERATURE)
+    _, metrics = step(ppo_state(params), batch)
     m = batch["response_mask"]
     kl = (batch["logprobs"] - batch["ref_logprobs"]) * m
     np.testing.assert_allclose(metrics["ppo/kl"], kl.sum(1).mean(), rtol=1e-5)
@@ -280,7 +285,7 @@ def test_ppo_update_is_one_dispatch_and_equals_a_minibatch_loop():
     params = {"policy": init_params(POLICY_CFG, 0)}
     batch = jax.device_put(rollout_batch(params))
     state = jax.device_put(ppo_state(params, optim_cfg=OPT_EQ))
-    step = make_ppo_step(PPO_CFG, POLICY_CFG)
+    step = make_ppo_step(PPO_CFG, POLICY_CFG, temperature=TEMPERATURE)
     compiled = step.lower(state, batch).compile()
     reference_state = jax.tree.map(jnp.copy, state)
     with jax.transfer_guard("disallow"):
@@ -297,7 +302,7 @@ def test_ppo_update_is_one_dispatch_and_equals_a_minibatch_loop():
     N = batch["response_mask"].shape[1]
     data = dict(batch, advantages=adv, returns=returns, response_ids=batch["input_ids"][:, -N:])
     forward_fn = functools.partial(policy_outputs, policy_cfg=POLICY_CFG, value_cfg=None,
-                                   temperature=cfg.temperature)
+                                   temperature=TEMPERATURE)
     grad_fn = jax.jit(jax.grad(lambda p, mb: ppo_loss(p, mb, cfg=cfg, forward=forward_fn)[0]))
     s = reference_state
     keys = jax.random.split(jax.random.fold_in(s.rng, s.step), cfg.ppo_epochs)
@@ -318,7 +323,7 @@ def test_ppo_separate_critic_and_adaptive_kl():
     params = {"policy": init_params(CFG, 0), "value": init_params(value_cfg, 1)}
     batch = rollout_batch(params, policy_cfg=CFG, value_cfg=value_cfg, cfg=cfg)
     state = ppo_state(params, cfg)
-    new, metrics = make_ppo_step(cfg, CFG, value_cfg)(state, batch)
+    new, metrics = make_ppo_step(cfg, CFG, value_cfg, temperature=TEMPERATURE)(state, batch)
     kl = float(metrics["ppo/kl"])
     expected = 0.05 * (1 + np.clip(kl / 0.01 - 1, -0.2, 0.2) * 8 / 100.0)
     np.testing.assert_allclose(new.kl_coef, expected, rtol=1e-6)
@@ -327,7 +332,7 @@ def test_ppo_separate_critic_and_adaptive_kl():
                                new.params[part])
         assert any(jax.tree.leaves(changed)), part
     with pytest.raises(ValueError, match="critic"):
-        make_ppo_step(cfg, CFG, None)
+        make_ppo_step(cfg, CFG, None, temperature=TEMPERATURE)
 
 
 def test_ppo_padding_has_no_effect():
@@ -339,7 +344,7 @@ def test_ppo_padding_has_no_effect():
         noisy[key] = np.where(m > 0, batch[key], 123.0).astype(np.float32)
     pad = batch["attention_mask"] == 0
     noisy["input_ids"] = np.where(pad, 17, batch["input_ids"])
-    step = make_ppo_step(PPO_CFG, POLICY_CFG)
+    step = make_ppo_step(PPO_CFG, POLICY_CFG, temperature=TEMPERATURE)
     a, ma = step(ppo_state(params, optim_cfg=OPT_EQ), batch)
     b, mb = step(ppo_state(params, optim_cfg=OPT_EQ), noisy)
     jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-6, rtol=0),
@@ -351,6 +356,7 @@ def test_ppo_padding_has_no_effect():
 def test_ppo_step_is_a_plain_pure_function():
     """`ppo_step` itself is importable and jittable by research code with partial()."""
     params = {"policy": init_params(POLICY_CFG, 0)}
-    fn = jax.jit(functools.partial(ppo_step, cfg=PPO_CFG, policy_cfg=POLICY_CFG))
+    fn = jax.jit(functools.partial(ppo_step, cfg=PPO_CFG, policy_cfg=POLICY_CFG,
+                                   temperature=TEMPERATURE))
     _, metrics = fn(ppo_state(params), rollout_batch(params))
     assert np.isfinite(float(metrics["ppo/loss"]))

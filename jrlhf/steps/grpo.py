@@ -35,8 +35,11 @@ def sequence_advantages(scores, group_size: int, estimator: str):
 
 
 def grpo_step(state, batch, *, cfg: GRPOConfig, model_cfg: ModelConfig, labels=None,
-              lora_scale: float = 0.0):
-    """One GRPO/RLOO update phase (all epochs × minibatches) on a grouped rollout batch."""
+              lora_scale: float = 0.0, temperature: float = 1.0):
+    """One GRPO/RLOO update phase (all epochs × minibatches) on a grouped rollout batch.
+
+    `temperature` is the sampler's: the trained log-probs are those of logits / temperature.
+    """
     mask = batch["response_mask"]
     B, N = mask.shape
     if B % cfg.group_size:
@@ -53,7 +56,7 @@ def grpo_step(state, batch, *, cfg: GRPOConfig, model_cfg: ModelConfig, labels=N
     def loss_fn(params, mb):
         fp = forward_params(params, labels, lora_scale)
         logits = tfm.forward(model_cfg, fp, mb["input_ids"], mb["attention_mask"], last=N)
-        logits = logits / cfg.temperature
+        logits = logits / temperature
         logprobs = rl.logprobs_from_logits(logits, mb["input_ids"][:, -N:])
         loss, m = losses.clipped_kl_regularised_loss(
             logprobs, mb["logprobs"], mb["ref_logprobs"], mb["advantages"], mb["response_mask"],
@@ -69,15 +72,16 @@ def grpo_step(state, batch, *, cfg: GRPOConfig, model_cfg: ModelConfig, labels=N
 
 
 def make_grpo_step(cfg: GRPOConfig, model_cfg: ModelConfig, *, labels=None,
-                   lora_scale: float = 0.0, state=None, mesh=None):
+                   lora_scale: float = 0.0, temperature: float = 1.0, state=None, mesh=None):
     """Jitted `grpo_step` (RLOO with `cfg.estimator="rloo"`): one dispatch per update phase."""
     fn = functools.partial(grpo_step, cfg=cfg, model_cfg=model_cfg, labels=labels,
-                           lora_scale=lora_scale)
+                           lora_scale=lora_scale, temperature=temperature)
     return jit_step(fn, state, mesh)
 
 
 def rloo_step(state, batch, *, cfg: GRPOConfig, model_cfg: ModelConfig, labels=None,
-              lora_scale: float = 0.0):
+              lora_scale: float = 0.0, temperature: float = 1.0):
     """RLOO: `grpo_step` with leave-one-out baselines instead of group normalisation."""
     return grpo_step(state, batch, cfg=dataclasses.replace(cfg, estimator="rloo"),
-                     model_cfg=model_cfg, labels=labels, lora_scale=lora_scale)
+                     model_cfg=model_cfg, labels=labels, lora_scale=lora_scale,
+                     temperature=temperature)

