@@ -46,10 +46,13 @@ def stream_key(seed: int, *names: str) -> jax.Array:
     return jax.random.key(stream_seed(seed, *names))
 
 
-def with_scalar_head(cfg: ModelConfig, params):
-    """`(cfg, params)` with a zero-initialised scalar head `score/kernel [D, 1]`."""
-    params = dict(params, score={"kernel": jnp.zeros((cfg.hidden_size, 1), jnp.float32)})
-    return dataclasses.replace(cfg, scalar_head=True), params
+def with_scalar_head(cfg: ModelConfig, params, *, lm_head: bool | None = None):
+    """`(cfg, params)` with a zero-initialised scalar head `score/kernel [D, 1]` (and the LM
+    head kept, or dropped with `lm_head=False`)."""
+    lm_head = cfg.lm_head if lm_head is None else lm_head
+    params = {k: v for k, v in params.items() if lm_head or k != "lm_head"}
+    params["score"] = {"kernel": jnp.zeros((cfg.hidden_size, 1), jnp.float32)}
+    return dataclasses.replace(cfg, scalar_head=True, lm_head=lm_head), params
 
 
 def without_scalar_head(cfg: ModelConfig, params):
@@ -64,10 +67,9 @@ def reward_model_init(policy_cfg: ModelConfig, params, num_layers: int = 0):
     n = num_layers or policy_cfg.num_layers
     if n > policy_cfg.num_layers:
         raise ValueError(f"reward.num_layers={n} exceeds the policy's {policy_cfg.num_layers}")
-    cfg = dataclasses.replace(policy_cfg, num_layers=n, lm_head=False)
-    rm = {k: v for k, v in params.items() if k not in ("lm_head", "score", "layers")}
+    rm = {k: v for k, v in params.items() if k not in ("score", "layers")}
     rm["layers"] = {i: params["layers"][i] for i in range(n)}
-    return with_scalar_head(cfg, rm)
+    return with_scalar_head(dataclasses.replace(policy_cfg, num_layers=n), rm, lm_head=False)
 
 
 def initial_weights(algorithm: str, config: Config, model_cfg: ModelConfig, params):
@@ -130,8 +132,7 @@ def _trained_tree(algorithm: str, config: Config, cfg: ModelConfig, params):
     if config.ppo.critic == "shared":
         cfg, params = with_scalar_head(cfg, params)
         return cfg, None, {"policy": params}
-    backbone = {k: v for k, v in params.items() if k != "lm_head"}
-    value_cfg, value = with_scalar_head(dataclasses.replace(cfg, lm_head=False), backbone)
+    value_cfg, value = with_scalar_head(cfg, params, lm_head=False)
     return cfg, value_cfg, {"policy": params, "value": value}
 
 
@@ -187,16 +188,16 @@ def make_setup(algorithm: str, config: Config, model_cfg: ModelConfig, params, *
     configs = {}
 
     def trained(p):
+        """`(tree, reference)`: the trained weights (LoRA added) and the initial policy."""
         cfg, value_cfg, tree = _trained_tree(algorithm, config, model_cfg, p)
         configs.update(model=cfg, value=value_cfg)  # static facts, the same on every trace
+        policy = tree["policy"] if algorithm == "ppo" else tree
         if use_lora:
-            part = "policy" if algorithm == "ppo" else None
-            adapted = lora.add_lora(tree[part] if part else tree, config.lora,
-                                    stream_key(seed, name, "lora"))
-            tree = dict(tree, policy=adapted) if part else adapted
-        return tree
+            adapted = lora.add_lora(policy, config.lora, stream_key(seed, name, "lora"))
+            tree = dict(tree, policy=adapted) if algorithm == "ppo" else adapted
+        return tree, policy
 
-    tree_shape = jax.eval_shape(trained, params)
+    tree_shape = jax.eval_shape(lambda p: trained(p)[0], params)
     shape_cfg, value_cfg = configs["model"], configs["value"]
     freeze = config.reward.freeze if algorithm == "reward" else config.optim.freeze
     labels = optim.trainable_labels(tree_shape, freeze,
@@ -210,10 +211,11 @@ def make_setup(algorithm: str, config: Config, model_cfg: ModelConfig, params, *
     def build(p):
         # The state owns its copy of the weights: steps donate their state, the caller's
         # arrays stay valid (and a separate critic gets buffers of its own).
-        tree = jax.tree.map(jnp.array, trained(p))
+        tree, policy = trained(p)
+        tree = jax.tree.map(jnp.array, tree)
         reference = None
         if _needs_reference_copy(algorithm, config):
-            reference = jax.tree.map(jnp.array, without_scalar_head(model_cfg, p)[1])
+            reference = jax.tree.map(jnp.array, policy)
         return TrainState.create(tree, tx, stream_key(seed, name, "state"), kl_coef), reference
 
     if _is_abstract(params):

@@ -74,8 +74,8 @@ def measured_state_bytes(config, mesh):
     """Bytes the placed train state really occupies on device 0."""
     params = init_params(SMALL, 0)
     labels = optim.trainable_labels(params)
-    state = place_state(TrainState.create(params, optim.make_optimizer(config.optim, labels), 0),
-                        mesh)
+    tx = optim.make_optimizer(config.optim, labels, learning_rate=config.sft.learning_rate)
+    state = place_state(TrainState.create(params, tx, 0), mesh)
     dev = jax.devices()[0]
 
     def on_dev0(tree):

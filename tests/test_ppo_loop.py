@@ -1,4 +1,5 @@
-"""train_ppo on a reward that is a known function of the tokens."""
+"""The PPO and GRPO/RLOO stages (setup + rollout loop) on a reward that is a known function of
+the tokens."""
 
 import dataclasses
 import warnings
@@ -9,9 +10,12 @@ import numpy as np
 import pytest
 
 from jrlhf import lora, rl
-from jrlhf.config import Config, LoRAConfig, MeshConfig, OptimConfig, PPOConfig, RunConfig
-from jrlhf.loops import train_ppo
+from jrlhf.config import (Config, LoRAConfig, MeshConfig, OptimConfig, PPOConfig, RolloutConfig,
+                          RunConfig)
+from jrlhf.loops import train
 from jrlhf.models import ModelConfig, init_params
+from jrlhf.rollouts import Reward
+from jrlhf.setups import make_setup
 from jrlhf.steps.ppo import score_rollout
 
 CFG = ModelConfig(family="llama", vocab_size=16, hidden_size=32, num_layers=2, num_heads=4,
@@ -34,14 +38,20 @@ def prompt_stream(B=16, P=4, seed=0):
         yield {"input_ids": ids, "attention_mask": mask}
 
 
+def train_with(algorithm, config, prompts):
+    """The PPO / GRPO stage on `CFG` against `count_target`: `(setup, StageResult)`."""
+    setup = make_setup(algorithm, config, CFG, init_params(CFG, 0))
+    return setup, train(setup, config, prompts, reward=Reward(fn=count_target),
+                        eos_token_id=None, log=None)
+
+
 def run(kl_coef, iterations=30, **overrides):
     ppo = PPOConfig(iterations=iterations, rollout_batch_size=16, minibatch_size=8, ppo_epochs=4,
-                    learning_rate=2e-3, kl_coef=kl_coef, max_new_tokens=N)
+                    learning_rate=2e-3, kl_coef=kl_coef)
     config = Config(ppo=dataclasses.replace(ppo, **overrides.pop("ppo", {})),
-                    run=RunConfig(progress=False), optim=OptimConfig(max_grad_norm=1.0),
-                    **overrides)
-    return train_ppo(config, policy=(CFG, init_params(CFG, 0)), reward_fn=count_target,
-                     prompt_batches=prompt_stream(), eos_token_id=None)
+                    rollout=RolloutConfig(max_new_tokens=N), run=RunConfig(progress=False),
+                    optim=OptimConfig(max_grad_norm=1.0), **overrides)
+    return train_with("ppo", config, prompt_stream())
 
 
 def tail_mean(history, key, n=5):
@@ -52,7 +62,7 @@ def tail_mean(history, key, n=5):
 def test_ppo_raises_score_with_bounded_kl():
     """β=0.3: the KL-regularised optimum puts p(3) ≈ 0.65 (count ≈ 5.2 of 8) at a KL of
     ≈ 9.4 nats per sequence. Start: uniform-ish policy, count ≈ 0.5."""
-    history = run(0.3).history
+    history = run(0.3)[1].history
     assert history[0]["score/mean"] < 1.0
     assert tail_mean(history, "score/mean") > 3.0
     assert tail_mean(history, "ppo/kl") < 15.0
@@ -65,7 +75,7 @@ def test_ppo_raises_score_with_bounded_kl():
 @pytest.mark.slow
 def test_large_beta_keeps_policy_near_reference():
     """β=5: the optimum barely differs from the reference (p(3) ≈ 0.077, count ≈ 0.6)."""
-    history = run(5.0).history
+    history = run(5.0)[1].history
     assert tail_mean(history, "score/mean") < 1.0
     assert tail_mean(history, "ppo/kl") < 0.5
 
@@ -73,9 +83,10 @@ def test_large_beta_keeps_policy_near_reference():
 def test_lora_separate_critic_on_a_mesh():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = run(0.1, iterations=3, ppo={"critic": "separate", "normalize_rewards": True},
-                     lora=LoRAConfig(rank=4, alpha=8.0), mesh=MeshConfig(2, 2, 2))
-    assert result.value_cfg is not None and result.ref_params is None
+        setup, result = run(0.1, iterations=3,
+                            ppo={"critic": "separate", "normalize_rewards": True},
+                            lora=LoRAConfig(rank=4, alpha=8.0), mesh=MeshConfig(2, 2, 2))
+    assert setup.value_cfg is not None and setup.ref_params is None
     base = lora.base_params(result.state.params["policy"])
     jax.tree.map(np.testing.assert_array_equal, base,
                  jax.tree.map(np.asarray, init_params(CFG, 0)))
@@ -90,10 +101,9 @@ def test_score_rollout_penalty_and_reference():
     pmask = jnp.array([[1, 1], [0, 1]])
     resp = jnp.array([[9, 2, 0], [9, 9, 9]])  # row 0 ends with EOS=2, row 1 never does
     rmask = jnp.array([[1, 1, 0], [1, 1, 1]])
-    cfg = PPOConfig(missing_eos_penalty=1.5, temperature=0.9)
     batch, scores = score_rollout(params, params["policy"], None, prompt, pmask, resp, rmask,
-                                  cfg=cfg, policy_cfg=cfg_v, value_cfg=None,
-                                  reward_fn=count_target, eos_token_id=2)
+                                  temperature=0.9, missing_eos_penalty=1.5, policy_cfg=cfg_v,
+                                  value_cfg=None, reward_fn=count_target, eos_token_id=2)
     np.testing.assert_allclose(scores, [0.0, -1.5])
     # Reference == policy here: identical log-probs, so KL 0.
     np.testing.assert_allclose(batch["logprobs"], batch["ref_logprobs"], atol=1e-6)
@@ -118,16 +128,15 @@ def test_group_methods_raise_the_score(estimator):
     """GRPO / RLOO with the same token-count reward: the score rises clearly, and a larger
     KL coefficient keeps the policy closer to the reference."""
     from jrlhf.config import GRPOConfig
-    from jrlhf.loops import train_grpo
 
     def run(kl_coef):
         grpo = GRPOConfig(estimator=estimator, group_size=4, prompts_per_iteration=4,
-                          iterations=25, max_new_tokens=N, learning_rate=2e-3, kl_coef=kl_coef,
-                          epochs=2, minibatch_size=8)
-        config = Config(grpo=grpo, run=RunConfig(progress=False))
+                          iterations=25, learning_rate=2e-3, kl_coef=kl_coef, epochs=2,
+                          minibatch_size=8)
+        config = Config(grpo=grpo, rollout=RolloutConfig(max_new_tokens=N),
+                        run=RunConfig(progress=False))
         prompts = ({k: v[:4] for k, v in b.items()} for b in prompt_stream())
-        return train_grpo(config, policy=(CFG, init_params(CFG, 0)), prompt_batches=prompts,
-                          eos_token_id=None, reward_fn=count_target, log=None).history
+        return train_with("grpo", config, prompts)[1].history
 
     loose, tight = run(0.01), run(1.0)
     assert loose[0]["score/mean"] < 1.0

@@ -16,9 +16,11 @@ from safetensors.numpy import load_file
 
 from jrlhf.checkpoint import Checkpointer
 from jrlhf.config import apply_overrides, load_config
-from jrlhf.loops import train_ppo, train_sft
+from jrlhf.loops import train
 from jrlhf.models import ModelConfig, init_params
 from jrlhf.report import read_metrics
+from jrlhf.rollouts import Reward
+from jrlhf.setups import make_setup
 
 ROOT = Path(__file__).parent.parent
 TINY = str(ROOT / "configs" / "tiny.py")
@@ -108,7 +110,8 @@ def test_nan_halts_naming_step_and_keeps_last_good_checkpoint(tmp_path):
         "optim.max_grad_norm=0", "optim.eps=1e-30"])
     with pytest.raises(FloatingPointError, match=r"sft step (\d+): metric 'sft/\w+' is (nan|inf)"
                        ) as err:
-        train_sft(config, CFG, init_params(CFG, 0), sft_batches(), out_dir=tmp_path, log=None)
+        train(make_setup("sft", config, CFG, init_params(CFG, 0)), config, sft_batches(),
+              out_dir=tmp_path, log=None)
     bad_step = int(str(err.value).split("sft step ")[1].split(":")[0])
     ckpt = Checkpointer(tmp_path / "sft" / "checkpoints")
     assert ckpt.latest_step() == bad_step - 1
@@ -118,9 +121,7 @@ def test_nan_halts_naming_step_and_keeps_last_good_checkpoint(tmp_path):
 
 
 def _template(config):
-    from jrlhf.loops import make_stage_state
-
-    return make_stage_state(config, init_params(CFG, 0), 10, 1.0)[0]
+    return make_setup("sft", config, CFG, init_params(CFG, 0)).state
 
 
 def prompt_stream():
@@ -155,9 +156,10 @@ def test_ppo_resume_equals_uninterrupted(tmp_path):
             "ppo.adaptive_kl=true", "ppo.normalize_rewards=true", "lora.rank=2"])
 
     def run(out, iterations, resume=False):
-        return train_ppo(config(out, iterations), policy=(CFG, init_params(CFG, 0)),
-                         reward_fn=count_token_3, prompt_batches=prompt_stream(),
-                         eos_token_id=None, out_dir=out, resume=resume, log=None)
+        c = config(out, iterations)
+        return train(make_setup("ppo", c, CFG, init_params(CFG, 0)), c, prompt_stream(),
+                     reward=Reward(fn=count_token_3), eos_token_id=None, out_dir=out,
+                     resume=resume, log=None)
 
     full = run(tmp_path / "a", 4)
     run(tmp_path / "b", 2)
@@ -215,13 +217,11 @@ def test_export_merges_lora_into_a_transformers_folder(tmp_path):
     assert main(["sft", *common]) == 0
     assert main(["export", *common, "--stage", "sft", "--out", str(tmp_path / "hf")]) == 0
     ckpt = Checkpointer(tmp_path / "sft" / "checkpoints")
-    from jrlhf.loops import make_stage_state
+    from jrlhf.models.sources import load_policy
 
     config = apply_overrides(load_config(TINY), common[3::2])
-    from jrlhf.pipeline import load_policy
-
-    cfg, params, _ = load_policy(config)
-    template = make_stage_state(config, params, 3, 1.0, use_lora=True)[0]
+    cfg, params, _ = load_policy(config.model, config.run.seed)
+    template = make_setup("sft", config, cfg, params).state
     state, _ = ckpt.restore(template)
     ckpt.close()
     assert lora.has_lora(state.params)
@@ -283,9 +283,10 @@ def test_iterate_two_rounds(tmp_path):
     assert [len(b) for b in summary["leaderboards"]] == [2, 3]
     for v in ("v0", "v1", "v2"):
         assert (out / "versions" / v / "model.safetensors").exists()
-    added = [int((out / f"round{r}" / "rankings_added").read_text()) for r in (1, 2)]
-    total = sum(1 for _ in open(out / "data" / "rankings_all.jsonl"))
-    assert total == sum(added)
-    rows = [json.loads(line) for line in open(out / "data" / "rankings_all.jsonl")]
-    if added[1]:  # round 2 mixes the current policy with earlier versions
-        assert set(rows[-1]["sources"]) == {"v1", "v0"}
+    # Each round's rankings file holds all rankings so far: round 1's rows, then round 2's.
+    rows = [[json.loads(line) for line in open(out / f"round{r}" / "rankings.jsonl")]
+            for r in (1, 2)]
+    assert rows[1][:len(rows[0])] == rows[0]
+    assert all(set(row["sources"]) == {"v0"} for row in rows[0])
+    if len(rows[1]) > len(rows[0]):  # round 2 mixes the current policy with earlier versions
+        assert set(rows[1][-1]["sources"]) == {"v1", "v0"}

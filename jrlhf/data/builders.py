@@ -6,8 +6,11 @@ and `as_dataset` need TensorFlow and are deliberately not used.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -77,6 +80,22 @@ class PromptsFile(_LocalFile):
 BUILDERS = {"sft": SftFile, "rankings": RankingsFile, "prompts": PromptsFile}
 
 
+@contextlib.contextmanager
+def _quiet_tfds():
+    """TFDS talks as if it downloaded a hub dataset (absl warnings about the per-file builder
+    config, "Downloading and preparing dataset Unknown size", progress bars): for a local file
+    none of it says anything, so it is silenced; our own one-line build summary is logged."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    tfds.disable_progress_bar()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        absl.setLevel(level)
+
+
 def build_dataset(kind: str, source: str | os.PathLike, data_dir: str | os.PathLike,
                   on_bad_row: str = "error", log=print):
     """Build (once per source version) and open a local file as a TFDS data source.
@@ -86,10 +105,12 @@ def build_dataset(kind: str, source: str | os.PathLike, data_dir: str | os.PathL
     """
     if kind not in BUILDERS:
         raise ValueError(f"unknown data kind {kind!r}; choose from {', '.join(BUILDERS)}")
-    builder = BUILDERS[kind](source=source, on_bad_row=on_bad_row, data_dir=str(data_dir))
+    with _quiet_tfds():
+        builder = BUILDERS[kind](source=source, on_bad_row=on_bad_row, data_dir=str(data_dir))
     summary_path = Path(builder.data_dir) / "jrlhf_build_summary.json"
     if not summary_path.exists():
-        builder.download_and_prepare()
+        with _quiet_tfds():
+            builder.download_and_prepare()
         report = builder.report
         summary = {"source": str(source), "kind": kind, "rows": report.rows,
                    "skipped": report.skipped, "errors": report.errors[:20]}
