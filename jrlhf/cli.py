@@ -146,6 +146,29 @@ def _generate(args) -> int:
     return 0
 
 
+def _add_tool_commands(sub, with_config) -> None:
+    """`jrlhf bench` and `jrlhf plan`: they build the training setups, never run a stage."""
+    p = with_config(sub.add_parser("bench", help="time compiled steps: tokens/s, FLOPs, MFU, "
+                                                 "memory"))
+    p.add_argument("--step", action="append", choices=(*TRAIN_STEPS, "generate", "ppo_iteration"),
+                   required=True)
+    p.add_argument("--steps", type=int, default=5, help="timed steps (after warm-up)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_bench)
+
+    p = with_config(sub.add_parser("plan", help="compile a step for a mesh without weights: "
+                                                "per-device memory, FLOPs, collectives"))
+    p.add_argument("--mesh", default="data=1,fsdp=1,tensor=1")
+    p.add_argument("--step", default="sft", choices=TRAIN_STEPS)
+    p.add_argument("--device", default="h100", help="h100, h200, a100, tpu v4/v5e/v5p/v6e")
+    p.add_argument("--on-device", action="store_true",
+                   help="compile on the attached accelerators (they are the target) instead of "
+                        "fake CPU devices: memory figures are then the compiler's, not estimates")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_plan)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jrlhf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -177,25 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="export folder (default: run.out_dir/<stage>/export)")
     p.set_defaults(func=_train, resume=True)
 
-    p = with_config(sub.add_parser("bench", help="time compiled steps: tokens/s, FLOPs, MFU, "
-                                                 "memory"))
-    p.add_argument("--step", action="append", choices=(*TRAIN_STEPS, "generate", "ppo_iteration"),
-                   required=True)
-    p.add_argument("--steps", type=int, default=5, help="timed steps (after warm-up)")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=_bench)
-
-    p = with_config(sub.add_parser("plan", help="compile a step for a mesh without weights: "
-                                                "per-device memory, FLOPs, collectives"))
-    p.add_argument("--mesh", default="data=1,fsdp=1,tensor=1")
-    p.add_argument("--step", default="sft", choices=TRAIN_STEPS)
-    p.add_argument("--device", default="h100", help="h100, h200, a100, tpu v4/v5e/v5p/v6e")
-    p.add_argument("--on-device", action="store_true",
-                   help="compile on the attached accelerators (they are the target) instead of "
-                        "fake CPU devices: memory figures are then the compiler's, not estimates")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_plan)
+    _add_tool_commands(sub, with_config)
 
     p = sub.add_parser("annotate", help="rank sampled responses in the terminal (appends each "
                                          "answer to --out at once; rerun to resume)")

@@ -65,6 +65,42 @@ class StageResult(NamedTuple):
     preempted: bool
 
 
+def _open_stage(name: str, config: Config, out_dir: Path, resume: bool, train: bool):
+    """The stage's checkpointer and metrics writer; refuses to overwrite an earlier run's
+    checkpoints without `resume`, and to export (`train=False`) without a checkpoint."""
+    ckpt = Checkpointer(out_dir / name / "checkpoints", keep=config.run.keep_checkpoints)
+    latest = ckpt.latest_step()
+    if (latest is not None and not resume) or (latest is None and not train):
+        ckpt.close()
+        if latest is None:
+            raise FileNotFoundError(f"no checkpoint of stage {name!r} in {ckpt.directory}")
+        raise FileExistsError(
+            f"{ckpt.directory} already holds checkpoints (latest step {latest}): pass --resume "
+            "to continue that run, or set run.out_dir to a new folder")
+    save_config(config, out_dir / name / "config.json")
+    return ckpt, MetricsWriter(out_dir, name)
+
+
+def _restore(ckpt: Checkpointer, state, batches, set_loop_state):
+    """`(state, step)` of the latest checkpoint; the data iterator and loop state follow it."""
+    state, meta = ckpt.restore(state)
+    if "data" in meta and hasattr(batches, "set_state"):
+        batches.set_state(meta["data"])
+    if set_loop_state and "loop" in meta:
+        set_loop_state(meta["loop"])
+    return state, int(meta["stage_step"])
+
+
+def _save(ckpt: Checkpointer, name: str, step: int, state, batches, loop_state) -> None:
+    """Checkpoint `step` with the data iterator's position and the loop's own state."""
+    meta = {"stage_step": step, "stage": name}
+    if hasattr(batches, "get_state"):
+        meta["data"] = batches.get_state()
+    if loop_state:
+        meta["loop"] = loop_state()
+    ckpt.save(step, state, meta)
+
+
 def run_stage(name: str, config: Config, state: TrainState, step_fn: Callable, batches: Iterator,
               num_steps: int, *, out_dir: str | Path | None = None, resume: bool = False,
               loop_state: Callable[[], dict] | None = None,
@@ -87,35 +123,12 @@ def run_stage(name: str, config: Config, state: TrainState, step_fn: Callable, b
     start = 0
     ckpt = writer = None
     if out_dir is not None:
-        stage_dir = Path(out_dir) / name
-        ckpt = Checkpointer(stage_dir / "checkpoints", keep=run.keep_checkpoints)
-        writer = MetricsWriter(out_dir, name)
-        if not resume and ckpt.latest_step() is not None:
-            ckpt.close()
-            raise FileExistsError(
-                f"{ckpt.directory} already holds checkpoints (latest step {ckpt.latest_step()}): "
-                "pass --resume to continue that run, or set run.out_dir to a new folder")
-        save_config(config, stage_dir / "config.json")
+        ckpt, writer = _open_stage(name, config, Path(out_dir), resume, train)
         if resume and ckpt.latest_step() is not None:
-            state, meta = ckpt.restore(state)
-            start = int(meta["stage_step"])
-            if "data" in meta and hasattr(batches, "set_state"):
-                batches.set_state(meta["data"])
-            if set_loop_state and "loop" in meta:
-                set_loop_state(meta["loop"])
+            state, start = _restore(ckpt, state, batches, set_loop_state)
             writer.truncate_after(start)
             if log:
                 log(f"[{name}] resumed from step {start} ({ckpt.directory})")
-
-    def save(step: int):
-        if ckpt is None:
-            return
-        meta = {"stage_step": step, "stage": name}
-        if hasattr(batches, "get_state"):
-            meta["data"] = batches.get_state()
-        if loop_state:
-            meta["loop"] = loop_state()
-        ckpt.save(step, state, meta)
 
     preempted = False
     try:
@@ -131,14 +144,12 @@ def run_stage(name: str, config: Config, state: TrainState, step_fn: Callable, b
                 if writer:
                     writer.write(step + 1, metrics)
                 if log and run.log_every and (step + 1) % run.log_every == 0:
-                    if hasattr(bar, "write"):
-                        bar.write(one_line(name, step + 1, metrics))
-                    else:
-                        log(one_line(name, step + 1, metrics))
+                    # Through the bar when there is one, so the line does not break it.
+                    getattr(bar, "write", log)(one_line(name, step + 1, metrics))
                 done = step + 1 == num_steps
-                if done or (run.save_every and (step + 1) % run.save_every == 0) or \
-                        preemption.requested:
-                    save(step + 1)
+                if ckpt and (done or preemption.requested or
+                             (run.save_every and (step + 1) % run.save_every == 0)):
+                    _save(ckpt, name, step + 1, state, batches, loop_state)
                 if preemption.requested and not done:
                     preempted = True
                     if log:

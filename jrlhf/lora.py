@@ -16,7 +16,7 @@ from jrlhf.config import LoRAConfig
 
 ADAPTER_KEYS = ("lora_a", "lora_b")
 # Train-only rules for `optim.trainable_labels` when LoRA is on: adapters (and scalar heads).
-LORA_TRAINABLE = (r".*/lora_[ab]", r"score/kernel", r"value/score/kernel")
+LORA_TRAINABLE = (r".*/lora_[ab]", r"score/kernel")
 
 
 def add_lora(params, cfg: LoRAConfig, rng: jax.Array):

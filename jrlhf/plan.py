@@ -115,6 +115,15 @@ def step_activations(setup: Setup, config: Config) -> int:
     return total
 
 
+def gradient_bytes(setup: Setup, state_sh) -> int:
+    """Bytes per device of one gradient copy: the trainable parameters' shards."""
+    trainable = [(x, s) for x, s, label in zip(
+        jax.tree.leaves(setup.state.params),
+        jax.tree.leaves(state_sh.params, is_leaf=lambda v: isinstance(v, jax.sharding.Sharding)),
+        jax.tree.leaves(setup.labels)) if label == optim.TRAINABLE]
+    return bytes_per_device(*zip(*trainable)) if trainable else 0
+
+
 def plan(config: Config, step: str = "sft", device: str = "h100", *,
          on_device: bool = False) -> dict:
     """Per-device memory, FLOPs and collectives of `step` compiled for `config.mesh`.
@@ -144,32 +153,27 @@ def plan(config: Config, step: str = "sft", device: str = "h100", *,
     if setup.ref_params is not None:
         ref_bytes = bytes_per_device(setup.ref_params,
                                      sharding.param_shardings(setup.ref_params, mesh))
-    xla_temp = mem.temp_size_in_bytes if mem else 0
     args = mem.argument_size_in_bytes if mem else params_bytes + opt_bytes
-    out = mem.output_size_in_bytes if mem else 0
-    alias = mem.alias_size_in_bytes if mem else 0
     result = {
         "step": step, "mesh": dict(zip(sharding.AXES, config.mesh.shape)),
         "model_params": policy_cfg.num_params,
         "params_bytes_per_device": params_bytes, "optimizer_bytes_per_device": opt_bytes,
         "reference_bytes_per_device": ref_bytes, "argument_bytes_per_device": args,
-        "output_bytes_per_device": out,
+        "output_bytes_per_device": mem.output_size_in_bytes if mem else 0,
         "xla_flops_per_step": xla_flops(compiled),
         "collectives": count_collectives(compiled.as_text()),
         "device": device, "device_memory_bytes": capacity,
     }
+    xla_temp = mem.temp_size_in_bytes if mem else 0
     if on_device:
+        alias = mem.alias_size_in_bytes if mem else 0
         result.update({"memory_basis": f"compiled for {devices[0].device_kind}",
                        "temp_bytes_per_device": xla_temp,
-                       "peak_bytes_per_device": args + out - alias + xla_temp + ref_bytes})
+                       "peak_bytes_per_device": args + result["output_bytes_per_device"]
+                       - alias + xla_temp + ref_bytes})
     else:
         activations = step_activations(setup, config)
-        # Gradients: one copy of the trainable parameters' shards.
-        trainable = [(x, s) for x, s, label in zip(
-            jax.tree.leaves(setup.state.params), jax.tree.leaves(
-                state_sh.params, is_leaf=lambda v: isinstance(v, jax.sharding.Sharding)),
-            jax.tree.leaves(setup.labels)) if label == optim.TRAINABLE]
-        grads = bytes_per_device(*zip(*trainable)) if trainable else 0
+        grads = gradient_bytes(setup, state_sh)
         result.update({"memory_basis": "estimate", "xla_cpu_temp_bytes_per_device": xla_temp,
                        "activation_estimate_bytes_per_device": activations,
                        "temp_bytes_per_device": activations + grads,

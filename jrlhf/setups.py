@@ -136,7 +136,7 @@ def _trained_tree(algorithm: str, config: Config, cfg: ModelConfig, params):
     return cfg, value_cfg, {"policy": params, "value": value}
 
 
-def _schedule(algorithm: str, config: Config, batch_rows: int) -> tuple[float, int, int]:
+def _schedule(algorithm: str, config: Config) -> tuple[float, int, int]:
     """`(learning_rate, optimizer steps, loop steps)` of an algorithm's stage."""
     c = config
     if algorithm == "sft":
@@ -146,11 +146,27 @@ def _schedule(algorithm: str, config: Config, batch_rows: int) -> tuple[float, i
     if algorithm in ("dpo", "orpo"):
         return c.dpo.learning_rate, c.dpo.steps, c.dpo.steps
     if algorithm == "ppo":
-        per_iteration = c.ppo.ppo_epochs * c.ppo.num_minibatches(batch_rows)
+        per_iteration = c.ppo.ppo_epochs * c.ppo.num_minibatches(c.ppo.rollout_batch_size)
         return c.ppo.learning_rate, c.ppo.iterations * per_iteration, c.ppo.iterations
     rows = c.grpo.prompts_per_iteration * c.grpo.group_size
     per_iteration = c.grpo.epochs * (rows // (c.grpo.minibatch_size or rows))
     return c.grpo.learning_rate, c.grpo.iterations * per_iteration, c.grpo.iterations
+
+
+def _optimizer(algorithm: str, config: Config, tree, use_lora: bool):
+    """`(freeze labels, optax transformation)` of the trained tree: the stage's learning rate
+    and schedule length, the reward model's own freeze rules, LoRA training only adapters and
+    scalar heads. PPO's tree holds models under `policy/` (and `value/`): its rules match the
+    paths inside each model, as for every other algorithm."""
+    freeze = config.reward.freeze if algorithm == "reward" else config.optim.freeze
+    train_only = lora.LORA_TRAINABLE if use_lora else ()
+    if algorithm == "ppo":
+        freeze, train_only = ([f"(?:policy|value)/(?:{rx})" for rx in rules]
+                              for rules in (freeze, train_only))
+    labels = optim.trainable_labels(tree, tuple(freeze), train_only=tuple(train_only))
+    learning_rate, total_steps, _ = _schedule(algorithm, config)
+    return labels, optim.make_optimizer(config.optim, labels, learning_rate=learning_rate,
+                                        total_steps=total_steps)
 
 
 def _uses_lora(algorithm: str, config: Config) -> bool:
@@ -199,13 +215,7 @@ def make_setup(algorithm: str, config: Config, model_cfg: ModelConfig, params, *
 
     tree_shape = jax.eval_shape(lambda p: trained(p)[0], params)
     shape_cfg, value_cfg = configs["model"], configs["value"]
-    freeze = config.reward.freeze if algorithm == "reward" else config.optim.freeze
-    labels = optim.trainable_labels(tree_shape, freeze,
-                                    train_only=lora.LORA_TRAINABLE if use_lora else ())
-    batch_rows = config.ppo.rollout_batch_size
-    learning_rate, total_steps, loop_steps = _schedule(algorithm, config, batch_rows)
-    tx = optim.make_optimizer(config.optim, labels, learning_rate=learning_rate,
-                              total_steps=total_steps)
+    labels, tx = _optimizer(algorithm, config, tree_shape, use_lora)
     kl_coef = config.ppo.kl_coef if algorithm == "ppo" else None
 
     def build(p):
@@ -220,24 +230,28 @@ def make_setup(algorithm: str, config: Config, model_cfg: ModelConfig, params, *
 
     if _is_abstract(params):
         state, reference = jax.eval_shape(build, params)
-        state = state.replace(tx=tx)
-        if mesh is not None:
-            state = _with_shardings(state, state_shardings(state, mesh))
+        state = state.replace(tx=tx)  # eval_shape rebuilt the static optimizer: keep ours
     else:
         state, reference = build(params)
-        if mesh is not None:
-            state = sharding.put(state, state_shardings(state, mesh))
-            if reference is not None:
-                reference = sharding.put(reference, sharding.param_shardings(reference, mesh))
+    state, reference = _place(state, reference, mesh)
     step = _make_step(algorithm, config, shape_cfg, value_cfg, labels, state, mesh)
+    loop_steps = _schedule(algorithm, config)[2]
     return Setup(algorithm, name, state, labels, step, loop_steps, shape_cfg, mesh, value_cfg,
                  reference, config.lora.scale if use_lora else 0.0,
                  config.rollout.temperature)
 
 
-def _with_shardings(tree, shardings):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        tree, shardings)
+def _place(state, reference, mesh):
+    """State and reference on the mesh: arrays are put there, abstract leaves get shardings."""
+    if mesh is None:
+        return state, reference
+    shardings = [state_shardings(state, mesh)]
+    if reference is not None:
+        shardings.append(sharding.param_shardings(reference, mesh))
+    trees = [state] + ([reference] if reference is not None else [])
+    placed = [jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), t, sh)
+              if _is_abstract(t) else sharding.put(t, sh) for t, sh in zip(trees, shardings)]
+    return placed[0], (placed[1] if reference is not None else None)
 
 
 def _make_step(algorithm, config: Config, cfg, value_cfg, labels, state, mesh):
