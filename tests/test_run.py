@@ -266,27 +266,3 @@ def test_grpo_command_with_the_task_annotator(tmp_path):
     rows = [r for r in read_metrics(out / "metrics.jsonl") if r["stage"] == "rloo"]
     assert len(rows) == 3 and all(np.isfinite(r["rloo/loss"]) for r in rows)
     assert (out / "rloo" / "export" / "model.safetensors").exists()
-
-
-@pytest.mark.slow
-def test_iterate_two_rounds(tmp_path):
-    """Two rounds on the tiny model: versions v0..v2 exported, rankings accumulate, and a
-    leaderboard of all versions after each round."""
-    from jrlhf.cli import main
-
-    out = tmp_path / "it"
-    assert main(["iterate", "--config", TINY, "--set", f"run.out_dir={out}", "--set",
-                 "iterate.rounds=2", "--set", "ppo.iterations=2", "--set", "reward.steps=3",
-                 "--set", "run.log_every=0"]) == 0
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["versions"] == ["v0", "v1", "v2"]
-    assert [len(b) for b in summary["leaderboards"]] == [2, 3]
-    for v in ("v0", "v1", "v2"):
-        assert (out / "versions" / v / "model.safetensors").exists()
-    # Each round's rankings file holds all rankings so far: round 1's rows, then round 2's.
-    rows = [[json.loads(line) for line in open(out / f"round{r}" / "rankings.jsonl")]
-            for r in (1, 2)]
-    assert rows[1][:len(rows[0])] == rows[0]
-    assert all(set(row["sources"]) == {"v0"} for row in rows[0])
-    if len(rows[1]) > len(rows[0]):  # round 2 mixes the current policy with earlier versions
-        assert set(rows[1][-1]["sources"]) == {"v1", "v0"}
