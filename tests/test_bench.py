@@ -116,9 +116,11 @@ def test_plan_reports_too_big():
     huge = derive(config, {"model.arch": dataclasses.replace(SMALL, hidden_size=4096,
                                                              intermediate_size=16384,
                                                              num_heads=32, num_kv_heads=32,
-                                                             head_dim=128, num_layers=4)})
+                                                             head_dim=128, num_layers=8)})
     r = plan(huge, "sft", "tpu v5e")
+    # 1.6B float32 parameters: weights 6.4 GB + Adam 12.9 GB + gradients 6.4 GB > 16 GB.
     assert not r["fits"]
+    assert r["peak_bytes_per_device"] > 16 * huge.model.arch.num_params
 
 
 def test_count_collectives():
