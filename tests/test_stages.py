@@ -1,6 +1,7 @@
 """Stages as data: a preempted stage ends the run at once, and `--resume` then gives what an
 uninterrupted run gives, for every training stage of `jrlhf pipeline` and `jrlhf iterate`."""
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -105,7 +106,13 @@ def test_iterate_preempted_in_the_reward_stage_resumes_to_the_same_policy(tmp_pa
     run_iterate(tiny(out, *rounds), resume=True, log=quiet)
     for version in ("v0", "v1", "v2"):
         assert_same_weights(full / "versions" / version, out / "versions" / version)
+    rows = []
     for r in (1, 2):
-        assert (out / f"round{r}" / "rankings.jsonl").read_text() == \
-            (full / f"round{r}" / "rankings.jsonl").read_text()
+        text = (out / f"round{r}" / "rankings.jsonl").read_text()
+        assert text == (full / f"round{r}" / "rankings.jsonl").read_text()
+        rows.append([json.loads(line) for line in text.splitlines()])
+    # Round 2's file holds round 1's rows, then its own, which mix in the earlier version.
+    assert rows[1][:len(rows[0])] == rows[0]
+    assert all(set(row["sources"]) == {"v0"} for row in rows[0])
+    assert all(set(row["sources"]) == {"v1", "v0"} for row in rows[1][len(rows[0]):])
     assert training_rows(out) == training_rows(full)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import gguf
 import jax
 import numpy as np
+import transformers
 
 from jrlhf.models.config import ModelConfig, from_hf_config
 from jrlhf.models.gguf_loader import load_gguf, load_gguf_tokenizer, smollm2_gguf_path
@@ -30,9 +32,7 @@ def load_tokenizer(source: str):
     """The tokenizer of a GGUF file ("smollm2" for the embedded one) or a local HF folder."""
     if _is_gguf(source):
         return load_gguf_tokenizer(_gguf_path(source))
-    from transformers import AutoTokenizer  # transformers costs ~2 s to import: only here
-
-    return AutoTokenizer.from_pretrained(source, local_files_only=True)
+    return transformers.AutoTokenizer.from_pretrained(source, local_files_only=True)
 
 
 def load_policy(section, seed: int = 0):
@@ -60,8 +60,6 @@ def model_config(section) -> ModelConfig:
             raise ValueError("model.source='random' needs model.arch (a ModelConfig)")
         return dataclasses.replace(section.arch, dtype=section.dtype)
     if _is_gguf(section.source):
-        import gguf
-
         reader = gguf.GGUFReader(str(_gguf_path(section.source)))
         f = lambda k: reader.fields[k].contents()  # noqa: E731
         vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
@@ -73,7 +71,5 @@ def model_config(section) -> ModelConfig:
                            head_dim=int(f("llama.rope.dimension_count")),
                            intermediate_size=int(f("llama.feed_forward_length")),
                            tie_word_embeddings=True, dtype=section.dtype)
-    import transformers
-
     hf = transformers.AutoConfig.from_pretrained(section.source, local_files_only=True)
     return from_hf_config(hf, dtype=section.dtype)
