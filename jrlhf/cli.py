@@ -57,10 +57,10 @@ def _train(args) -> int:
 
     train = args.command != "export"
     stage = COMMAND_STAGES[args.command if train else args.stage]
-    run = open_run(_config(args), resume=args.resume or not train, train=train)
     folder = Path(args.out).absolute() if args.out else Path(stage.name) / "export"
     export = Stage(f"{stage.name}/export", "export", start=stage.produces, folder=str(folder))
-    run_stages(run, [stage, export])
+    with open_run(_config(args), resume=args.resume or not train, train=train) as run:
+        run_stages(run, [stage, export])
     return 0
 
 

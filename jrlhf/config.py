@@ -294,7 +294,7 @@ def load_config(path: str | os.PathLike) -> Config:
         raise ValueError(f"{path}: defines no get_config()")
     config = namespace["get_config"]()
     if not isinstance(config, Config):
-        raise TypeError(f"{path}: get_config() returned {type(config).__name__}, not Config")
+        raise ValueError(f"{path}: get_config() returned {type(config).__name__}, not Config")
     return config
 
 

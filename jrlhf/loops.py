@@ -126,9 +126,10 @@ def run_stage(name: str, config: Config, state: TrainState, step_fn: Callable, b
         ckpt, writer = _open_stage(name, config, Path(out_dir), resume, train)
         if resume and ckpt.latest_step() is not None:
             state, start = _restore(ckpt, state, batches, set_loop_state)
-            writer.truncate_after(start)
             if log:
                 log(f"[{name}] resumed from step {start} ({ckpt.directory})")
+        # Rows a killed run wrote past its last checkpoint (or before its first) are replayed.
+        writer.truncate_after(start)
 
     preempted = False
     try:

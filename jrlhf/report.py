@@ -40,12 +40,16 @@ class MetricsWriter:
         self.tb = SummaryWriter(str(self.out_dir / "tensorboard" / stage))
 
     def truncate_after(self, step: int) -> None:
-        """On resume: drop this stage's rows past the restored checkpoint's step."""
+        """When a stage (re)starts at `step` (0, or a restored checkpoint's): drop this stage's
+        rows past it, so a resumed run's rows equal an uninterrupted run's. The rewrite is
+        atomic (write, then rename): a kill during it leaves the old file or the new one."""
         if not self.path.exists():
             return
-        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-        kept = [r for r in rows if not (r.get("stage") == self.stage and r["step"] > step)]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        kept = [r for r in read_metrics(self.path)
+                if not (r.get("stage") == self.stage and r["step"] > step)]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         row = {"stage": self.stage, "step": step, **metrics}
@@ -61,10 +65,19 @@ class MetricsWriter:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The rows of a metrics.jsonl; a half-written last line (a kill mid-append) is dropped."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}:{i + 1}: not a JSON row") from None
+    return rows
 
 
 PANELS = (

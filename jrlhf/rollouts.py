@@ -44,7 +44,7 @@ class Reward:
             raise ValueError("a host text_fn reward needs decode(tokens, mask) -> texts")
 
     @classmethod
-    def from_model(cls, rm_cfg: ModelConfig, rm_params) -> "Reward":
+    def from_model(cls, rm_cfg: ModelConfig, rm_params) -> Reward:
         return cls(fn=reward_model_fn(rm_cfg), params=rm_params)
 
 

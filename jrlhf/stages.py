@@ -31,6 +31,7 @@ from jrlhf.models.config import ModelConfig
 from jrlhf.models.sources import load_policy
 from jrlhf.report import write_report
 from jrlhf.rollouts import Reward, decode_texts, sample_batched
+from jrlhf.runlock import RunLock
 from jrlhf.setups import initial_weights, make_setup, stream_key, stream_seed
 from jrlhf.tasks import reviews
 
@@ -93,6 +94,18 @@ class Run:
     train: bool = True  # False: restore each stage's latest checkpoint without stepping
     log: Callable[[str], None] = print
     results: dict[str, Any] = dataclasses.field(default_factory=dict)
+    lock: RunLock | None = None  # held from `open_run` until `close`
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.__exit__()
+            self.lock = None
 
     def weights(self, name: str, stage: Stage) -> tuple[ModelConfig, Any]:
         if name == REWARD_MODEL_PATH and name not in self.models:
@@ -131,12 +144,26 @@ def task_files(config: Config, out: Path) -> dict[str, Path]:
 
 
 def open_run(config: Config, *, resume: bool = False, train: bool = True, log=print) -> Run:
-    """Create `run.out_dir`, save the resolved config, load the policy ("base") and tokenizer."""
+    """Take `run.out_dir` (one run per folder: see `jrlhf.runlock`), save the resolved config,
+    load the policy ("base") and tokenizer. Use as `with open_run(...) as run:`."""
     if config.data.task not in TASKS:
         raise ValueError(f"data.task={config.data.task!r}: unknown task; choose from "
                          f"{', '.join(TASKS)}")
     out = Path(config.run.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    # One host per run takes the folder (the others share it, e.g. over NFS).
+    lock = RunLock(out).__enter__() if jax.process_index() == 0 else None
+    try:
+        return _open_locked(config, out, lock, resume=resume, train=train, log=log)
+    except BaseException:
+        if lock is not None:
+            lock.__exit__()
+        raise
+
+
+def _open_locked(config: Config, out: Path, lock, *, resume, train, log) -> Run:
+    if lock is not None and lock.previous_holder:
+        log(f"[run] took over {lock.path} from a run that ended without releasing it "
+            f"(pid {lock.previous_holder})")
     save_config(config, out / "config.json")
     policy_cfg, params, tokenizer = load_policy(config.model, config.run.seed)
     log(f"[model] {config.model.source}: {policy_cfg.family}, {policy_cfg.num_layers} layers, "
@@ -144,7 +171,7 @@ def open_run(config: Config, *, resume: bool = False, train: bool = True, log=pr
     d = config.data
     encoder = Encoder(tokenizer, d.max_prompt_length, d.max_response_length, d.chat_template)
     return Run(config, out, tokenizer, encoder, task_files(config, out),
-               {"base": (policy_cfg, params)}, resume=resume, train=train, log=log)
+               {"base": (policy_cfg, params)}, resume=resume, train=train, log=log, lock=lock)
 
 
 def run_stages(run: Run, stages: list[Stage]) -> str | None:
@@ -404,10 +431,16 @@ def run_pipeline(config: Config, *, resume: bool = False, log=print) -> dict:
     """The end-to-end pipeline (`pipeline_stages`); returns its summary (also summary.json),
     or `{"preempted": stage}`."""
     started = time.perf_counter()
-    run = open_run(config, resume=resume, log=log)
-    preempted = run_stages(run, pipeline_stages(config))
-    if preempted:
-        return {"preempted": preempted}
+    with open_run(config, resume=resume, log=log) as run:
+        preempted = run_stages(run, pipeline_stages(config))
+        if preempted:
+            return {"preempted": preempted}
+        return _pipeline_summary(run, started)
+
+
+def _pipeline_summary(run: Run, started: float) -> dict:
+    """summary.json, the PNG report and the closing lines of `jrlhf pipeline`."""
+    config, log = run.config, run.log
     out, ev = run.out, run.results["eval"]
     scores, kls, board = ev["scores"], ev["kls"], ev["board"]
     png = write_report(out / "metrics.jsonl", out / "report.png", title="jrlhf pipeline", notes=[
@@ -440,8 +473,8 @@ def run_pipeline(config: Config, *, resume: bool = False, log=print) -> dict:
 def run_iterate(config: Config, *, resume: bool = False, log=print) -> dict:
     """Iterative RLHF (`iterate_stages`); returns its summary (also summary.json), or
     `{"preempted": stage}`."""
-    run = open_run(config, resume=resume, log=log)
-    preempted = run_stages(run, iterate_stages(config))
+    with open_run(config, resume=resume, log=log) as run:
+        preempted = run_stages(run, iterate_stages(config))
     if preempted:
         return {"preempted": preempted}
     rounds = range(1, config.iterate.rounds + 1)

@@ -15,8 +15,14 @@ from jrlhf import bench, optim
 from jrlhf.config import Config, LoRAConfig, MeshConfig, derive
 from jrlhf.models import ModelConfig, init_params
 from jrlhf.plan import plan
-from jrlhf.setups import (ALGORITHMS, batch_shapes, initial_weights, make_setup, stream_key,
-                          stream_seed)
+from jrlhf.setups import (
+    ALGORITHMS,
+    batch_shapes,
+    initial_weights,
+    make_setup,
+    stream_key,
+    stream_seed,
+)
 
 ROOT = Path(__file__).parent.parent
 CFG = ModelConfig(family="llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
@@ -31,7 +37,10 @@ VARIANTS = {
 }
 
 
-def small_config(mesh=MeshConfig(1, 2, 2), **changes) -> Config:
+MESH = MeshConfig(1, 2, 2)
+
+
+def small_config(mesh=MESH, **changes) -> Config:
     base = derive(Config(), {
         "model.source": "random", "model.arch": CFG, "mesh": mesh,
         "data.max_prompt_length": 8, "data.max_response_length": 8,

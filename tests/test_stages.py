@@ -3,7 +3,10 @@ uninterrupted run gives, for every training stage of `jrlhf pipeline` and `jrlhf
 
 import json
 import os
+import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -116,3 +119,100 @@ def test_iterate_preempted_in_the_reward_stage_resumes_to_the_same_policy(tmp_pa
     assert all(set(row["sources"]) == {"v0"} for row in rows[0])
     assert all(set(row["sources"]) == {"v1", "v0"} for row in rows[1][len(rows[0]):])
     assert training_rows(out) == training_rows(full)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the runner guarantees around the stages: one run per folder, replayed metrics, and no
+# remote code.
+
+
+def test_a_second_run_on_a_folder_is_refused_naming_the_holder(tmp_path):
+    from jrlhf.runlock import RunLock, RunLocked
+
+    with RunLock(tmp_path):  # a live run holds the folder
+        with pytest.raises(RunLocked, match=rf"in use by another jrlhf run \(pid {os.getpid()}"):
+            run_pipeline(tiny(tmp_path), log=quiet)
+    assert not (tmp_path / "sft").exists()  # nothing was written by the refused run
+
+
+def test_a_killed_runs_lock_is_taken_over(tmp_path):
+    from jrlhf.runlock import RunLock
+
+    (tmp_path / "run.lock").write_text("4194301\n")  # left by a killed run: no flock on it
+    with RunLock(tmp_path) as lock:
+        assert lock.previous_holder == "4194301"
+        assert (tmp_path / "run.lock").read_text() == f"{os.getpid()}\n"
+    assert (tmp_path / "run.lock").read_text() == ""
+
+
+def test_cli_refuses_a_locked_folder_in_one_line(tmp_path):
+    from jrlhf.runlock import RunLock
+
+    with RunLock(tmp_path):
+        proc = subprocess.run([sys.executable, "-m", "jrlhf.cli", "sft", "--config",
+                               str(ROOT / "configs" / "tiny.py"), "--set",
+                               f"run.out_dir={tmp_path}"], capture_output=True, text=True,
+                              env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert f"in use by another jrlhf run (pid {os.getpid()}" in proc.stderr
+
+
+def test_rows_written_before_the_first_checkpoint_are_replayed(tmp_path):
+    """A run killed before its first checkpoint left rows 1..3 of a stage (and a half-written
+    fourth line): the rerun's metrics.jsonl holds each step once, as an uninterrupted run's."""
+    from jrlhf.loops import run_stage
+    from jrlhf.report import MetricsWriter
+
+    writer = MetricsWriter(tmp_path, "toy")
+    for step in (1, 2, 3):
+        writer.write(step, {"x": float(step)})
+    writer.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"stage": "toy", "step": 4, "x"')  # the kill, mid-line
+
+    def step_fn(state, batch):
+        return state, {"x": float(batch)}
+
+    config = tiny(tmp_path)
+    state = make_state_for_loop()
+    for resume in (True, False):  # with or without --resume: no checkpoint to continue from
+        result = run_stage("toy", config, state, step_fn, iter(range(1, 100)), 5,
+                           out_dir=tmp_path, resume=resume, log=None)
+        assert len(result.history) == 5
+        rows = read_metrics(tmp_path / "metrics.jsonl")
+        assert [(r["stage"], r["step"], r["x"]) for r in rows] == \
+            [("toy", s, float(s)) for s in range(1, 6)]
+        shutil.rmtree(tmp_path / "toy")  # drop the checkpoint: the next round starts over
+
+
+def make_state_for_loop():
+    import optax
+
+    from jrlhf.state import TrainState
+
+    return TrainState.create({"w": np.zeros(2, np.float32)}, optax.sgd(0.1), 0)
+
+
+def test_remote_code_folders_are_refused_in_one_line_without_prompting(tmp_path):
+    """A model folder whose config.json has an auto_map is refused, naming the folder and the
+    entry, also with "y" on standard input; its Python never runs."""
+    from jrlhf import models
+
+    cfg = models.ModelConfig(family="llama", vocab_size=64, hidden_size=32, num_layers=1,
+                             num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=64,
+                             hf_model_type="llama")
+    folder = models.save_pretrained(tmp_path / "m", cfg, models.init_params(cfg, 0))
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig"}
+    (folder / "config.json").write_text(json.dumps(config))
+    marker = tmp_path / "ran"
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('pwned')\n")
+    with pytest.raises(ValueError, match=r"asks for remote code \(auto_map \('AutoConfig'"):
+        models.load_pretrained(folder)
+    proc = subprocess.run([sys.executable, "-m", "jrlhf.cli", "generate", "--model", str(folder)],
+                          input="y\ny\n", capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and str(folder) in proc.stderr
+    assert not marker.exists()

@@ -118,7 +118,7 @@ def load_gguf_tokenizer(path: str | os.PathLike):
 
     path = Path(path)
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
-                                         local_files_only=True)
+                                         local_files_only=True, trust_remote_code=False)
 
 
 def smollm2_gguf_path() -> Path:

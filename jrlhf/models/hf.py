@@ -169,6 +169,28 @@ def _load_safetensors_file(file: Path, load_file) -> dict[str, np.ndarray]:
         return {k: np.asarray(v, dtype=np.float32) for k, v in load_flax(str(file)).items()}
 
 
+REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json")
+
+
+def refuse_remote_code(folder: str | os.PathLike) -> None:
+    """Raise if a model folder asks for its own Python code (`auto_map` in its config or
+    tokenizer config): jrlhf never runs code that comes with weights."""
+    folder = Path(folder)
+    for name in REMOTE_CODE_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            auto_map = json.loads(path.read_text()).get("auto_map")
+        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path}: not a JSON object ({err})") from None
+        if auto_map:
+            entry = next(iter(auto_map.items())) if isinstance(auto_map, dict) else auto_map
+            raise ValueError(f"{folder}: {name} asks for remote code (auto_map {entry}); jrlhf "
+                             "loads only architectures it implements and never runs a model "
+                             "folder's own Python")
+
+
 def load_pretrained(path: str | os.PathLike, dtype=np.float32, *, lm_head: bool | None = None,
                     scalar_head: bool | None = None):
     """Load a local HF model folder. Returns `(ModelConfig, params)`.
@@ -184,7 +206,9 @@ def load_pretrained(path: str | os.PathLike, dtype=np.float32, *, lm_head: bool 
     folder = Path(path)
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder}: no config.json (expected a local Hugging Face model folder)")
-    hf_config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    refuse_remote_code(folder)
+    hf_config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True,
+                                                        trust_remote_code=False)
     from_hf_config(hf_config)  # refuse an unsupported architecture before reading weights
     tensors = read_safetensors_folder(folder)
     has_score = any(_strip_prefix(k) == "score.weight" for k in tensors)

@@ -16,7 +16,7 @@ import transformers
 
 from jrlhf.models.config import ModelConfig, from_hf_config
 from jrlhf.models.gguf_loader import load_gguf, load_gguf_tokenizer, smollm2_gguf_path
-from jrlhf.models.hf import load_pretrained
+from jrlhf.models.hf import load_pretrained, refuse_remote_code
 from jrlhf.models.transformer import init_params
 
 
@@ -32,7 +32,9 @@ def load_tokenizer(source: str):
     """The tokenizer of a GGUF file ("smollm2" for the embedded one) or a local HF folder."""
     if _is_gguf(source):
         return load_gguf_tokenizer(_gguf_path(source))
-    return transformers.AutoTokenizer.from_pretrained(source, local_files_only=True)
+    refuse_remote_code(source)
+    return transformers.AutoTokenizer.from_pretrained(source, local_files_only=True,
+                                                      trust_remote_code=False)
 
 
 def load_policy(section, seed: int = 0):
@@ -61,7 +63,7 @@ def model_config(section) -> ModelConfig:
         return dataclasses.replace(section.arch, dtype=section.dtype)
     if _is_gguf(section.source):
         reader = gguf.GGUFReader(str(_gguf_path(section.source)))
-        f = lambda k: reader.fields[k].contents()  # noqa: E731
+        f = lambda k: reader.fields[k].contents()
         vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
         return ModelConfig(family="llama", vocab_size=vocab,
                            hidden_size=int(f("llama.embedding_length")),
@@ -71,5 +73,7 @@ def model_config(section) -> ModelConfig:
                            head_dim=int(f("llama.rope.dimension_count")),
                            intermediate_size=int(f("llama.feed_forward_length")),
                            tie_word_embeddings=True, dtype=section.dtype)
-    hf = transformers.AutoConfig.from_pretrained(section.source, local_files_only=True)
+    refuse_remote_code(section.source)
+    hf = transformers.AutoConfig.from_pretrained(section.source, local_files_only=True,
+                                                 trust_remote_code=False)
     return from_hf_config(hf, dtype=section.dtype)
