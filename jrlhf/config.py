@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import runpy
 import types
@@ -16,6 +17,62 @@ from pathlib import Path
 from typing import Any
 
 from jrlhf.models.config import ModelConfig
+
+# Valid ranges of numeric fields, checked when a config is built (`--set`, config files, code):
+# key -> (lowest, lowest allowed?, highest, highest allowed?). Floats must also be finite.
+_AT_LEAST_0, _AT_LEAST_1 = (0, True, None, False), (1, True, None, False)
+_POSITIVE, _UNIT = (0, False, None, False), (0, True, 1, True)
+RANGES = {
+    "optim.warmup_steps": _AT_LEAST_0, "optim.end_lr_ratio": _UNIT,
+    "optim.weight_decay": _AT_LEAST_0, "optim.b1": (0, True, 1, False),
+    "optim.b2": (0, True, 1, False), "optim.eps": _POSITIVE, "optim.max_grad_norm": _AT_LEAST_0,
+    "optim.grad_accum_steps": _AT_LEAST_1,
+    "lora.rank": _AT_LEAST_0, "lora.alpha": _POSITIVE,
+    "mesh.data": _AT_LEAST_1, "mesh.fsdp": _AT_LEAST_1, "mesh.tensor": _AT_LEAST_1,
+    "data.max_prompt_length": _AT_LEAST_1, "data.max_response_length": _AT_LEAST_1,
+    "data.num_sft_examples": _AT_LEAST_1, "data.num_ranking_prompts": _AT_LEAST_1,
+    "data.responses_per_prompt": (2, True, None, False), "data.num_eval_prompts": _AT_LEAST_1,
+    "rollout.max_new_tokens": _AT_LEAST_1, "rollout.temperature": _POSITIVE,
+    "rollout.top_k": _AT_LEAST_0, "rollout.top_p": (0, False, 1, True),
+    "rollout.missing_eos_penalty": _AT_LEAST_0, "rollout.batch_size": _AT_LEAST_1,
+    "sft.steps": _AT_LEAST_1, "sft.batch_size": _AT_LEAST_1, "sft.learning_rate": _POSITIVE,
+    "reward.steps": _AT_LEAST_1, "reward.batch_size": _AT_LEAST_1,
+    "reward.learning_rate": _POSITIVE, "reward.num_layers": _AT_LEAST_0,
+    "ppo.kl_coef": _AT_LEAST_0, "ppo.target_kl": _POSITIVE, "ppo.kl_horizon": _POSITIVE,
+    "ppo.gamma": _UNIT, "ppo.lam": _UNIT, "ppo.clip_eps": _POSITIVE,
+    "ppo.value_clip_eps": _AT_LEAST_0, "ppo.vf_coef": _AT_LEAST_0, "ppo.entropy_coef": _AT_LEAST_0,
+    "ppo.ppo_epochs": _AT_LEAST_1, "ppo.minibatch_size": _AT_LEAST_0,
+    "ppo.iterations": _AT_LEAST_1, "ppo.rollout_batch_size": _AT_LEAST_1,
+    "ppo.learning_rate": _POSITIVE, "ppo.reward_clip": _AT_LEAST_0,
+    "dpo.beta": _POSITIVE, "dpo.label_smoothing": (0, True, 0.5, False),
+    "dpo.orpo_lambda": _AT_LEAST_0, "dpo.steps": _AT_LEAST_1, "dpo.batch_size": _AT_LEAST_1,
+    "dpo.learning_rate": _POSITIVE,
+    "grpo.group_size": (2, True, None, False), "grpo.kl_coef": _AT_LEAST_0,
+    "grpo.clip_eps": _POSITIVE, "grpo.epochs": _AT_LEAST_1, "grpo.minibatch_size": _AT_LEAST_0,
+    "grpo.iterations": _AT_LEAST_1, "grpo.prompts_per_iteration": _AT_LEAST_1,
+    "grpo.learning_rate": _POSITIVE,
+    "iterate.rounds": _AT_LEAST_1, "iterate.earlier_versions_share": _UNIT,
+    "run.log_every": _AT_LEAST_0, "run.save_every": _AT_LEAST_0,
+    "run.keep_checkpoints": _AT_LEAST_1, "run.num_processes": _AT_LEAST_1,
+    "run.process_id": _AT_LEAST_0,
+}
+
+
+def _check_ranges(section: str, obj) -> None:
+    """Raise naming `section.field=value` for a numeric field outside its `RANGES` entry."""
+    for field in dataclasses.fields(obj):
+        key = f"{section}.{field.name}"
+        if key not in RANGES:
+            continue
+        value = getattr(obj, field.name)
+        low, low_ok, high, high_ok = RANGES[key]
+        bad = isinstance(value, float) and not math.isfinite(value)
+        bad = bad or value < low or (value == low and not low_ok)
+        bad = bad or (high is not None and (value > high or (value == high and not high_ok)))
+        if bad:
+            lo = f"{'>=' if low_ok else '>'} {low}"
+            hi = "" if high is None else f" and {'<=' if high_ok else '<'} {high}"
+            raise ValueError(f"{key}={value!r} is out of range: expected {lo}{hi}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,10 +97,9 @@ class OptimConfig:
     freeze: tuple[str, ...] = ()
 
     def __post_init__(self):
+        _check_ranges("optim", self)
         if self.decay not in ("constant", "cosine", "linear"):
             raise ValueError(f"optim.decay must be constant|cosine|linear, got {self.decay!r}")
-        if self.grad_accum_steps < 1:
-            raise ValueError(f"optim.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +121,9 @@ class LoRAConfig:
     def scale(self) -> float:
         return self.alpha / self.rank if self.rank else 0.0
 
+    def __post_init__(self):
+        _check_ranges("lora", self)
+
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
@@ -77,6 +136,9 @@ class MeshConfig:
     @property
     def shape(self) -> tuple[int, int, int]:
         return (self.data, self.fsdp, self.tensor)
+
+    def __post_init__(self):
+        _check_ranges("mesh", self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +175,9 @@ class DataConfig:
     responses_per_prompt: int = 4  # K responses ranked per prompt
     num_eval_prompts: int = 32  # held-out prompts for the before/after comparison
 
+    def __post_init__(self):
+        _check_ranges("data", self)
+
 
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:
@@ -130,10 +195,7 @@ class RolloutConfig:
     batch_size: int = 8  # rows per generate call when sampling for rankings and evaluation
 
     def __post_init__(self):
-        if self.temperature <= 0:
-            raise ValueError(f"rollout.temperature must be > 0, got {self.temperature}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"rollout.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        _check_ranges("rollout", self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +203,9 @@ class SFTConfig:
     steps: int = 100
     batch_size: int = 8
     learning_rate: float = 1e-4
+
+    def __post_init__(self):
+        _check_ranges("sft", self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +217,9 @@ class RewardConfig:
     freeze: tuple[str, ...] = ()  # frozen parameter paths of the reward model
     num_layers: int = 0  # reward-model depth: the policy's first N layers (0 = all)
     model_path: str = ""  # a trained reward model (HF folder) for `jrlhf ppo`
+
+    def __post_init__(self):
+        _check_ranges("reward", self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +253,7 @@ class PPOConfig:
     reward_clip: float = 0.0  # clip (normalised) scores to ±reward_clip; 0 = off
 
     def __post_init__(self):
+        _check_ranges("ppo", self)
         if self.kl_estimator not in ("k1", "k2", "k3", "abs"):
             raise ValueError(f"ppo.kl_estimator must be k1|k2|k3|abs, got {self.kl_estimator!r}")
         if self.critic not in ("shared", "separate"):
@@ -214,6 +283,7 @@ class DPOConfig:
     learning_rate: float = 5e-6
 
     def __post_init__(self):
+        _check_ranges("dpo", self)
         if self.loss not in ("sigmoid", "ipo"):
             raise ValueError(f"dpo.loss must be sigmoid|ipo, got {self.loss!r}")
 
@@ -234,10 +304,9 @@ class GRPOConfig:
     learning_rate: float = 1e-5
 
     def __post_init__(self):
+        _check_ranges("grpo", self)
         if self.estimator not in ("grpo", "rloo"):
             raise ValueError(f"grpo.estimator must be grpo|rloo, got {self.estimator!r}")
-        if self.group_size < 2:
-            raise ValueError(f"grpo.group_size must be >= 2, got {self.group_size}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,6 +315,9 @@ class IterateConfig:
 
     rounds: int = 2
     earlier_versions_share: float = 0.5  # share of each prompt's K responses from older versions
+
+    def __post_init__(self):
+        _check_ranges("iterate", self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,6 +333,9 @@ class RunConfig:
     coordinator_address: str = ""
     num_processes: int = 1
     process_id: int = 0
+
+    def __post_init__(self):
+        _check_ranges("run", self)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -140,7 +140,7 @@ def run_stage(name: str, config: Config, state: TrainState, step_fn: Callable, b
             for step in bar:
                 state, metrics = step_fn(state, next(batches))
                 metrics = {k: float(v) for k, v in metrics.items()}
-                check_finite(step + 1, metrics, name)
+                check_finite(step + 1, metrics, name, state)
                 history.append(metrics)
                 if writer:
                     writer.write(step + 1, metrics)

@@ -7,18 +7,43 @@ import math
 import os
 from pathlib import Path
 
+import jax
+import numpy as np
+
+from jrlhf import paths
+
 SUMMARY_KEYS = ("sft/loss", "reward/loss", "reward/accuracy", "score/mean", "ppo/kl",
                 "ppo/kl_coef", "ppo/entropy", "ppo/response_length", "ppo/clipfrac",
                 "value/error")
 
 
-def check_finite(step: int, metrics: dict[str, float], stage: str) -> None:
-    """Halt on NaN/inf in any loss or gradient-norm metric, naming the step and metric."""
+def check_finite(step: int, metrics: dict[str, float], stage: str, state=None) -> None:
+    """Halt on NaN/inf in any metric, or on a non-finite updated state (metric `state/finite`
+    is 0: the first offending parameter path is named), before anything of the step is saved."""
+    if metrics.get("state/finite", 1.0) != 1.0:
+        where = first_non_finite(state) if state is not None else "unknown"
+        raise FloatingPointError(
+            f"{stage} step {step}: the updated parameters or optimizer state are not finite "
+            f"(first: {where}); stopping without saving them (checkpoints hold only finite "
+            f"states)")
     for key, value in metrics.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise FloatingPointError(
                 f"{stage} step {step}: metric {key!r} is {value}; stopping before saving "
                 f"(the last good checkpoint stays the latest)")
+
+
+def first_non_finite(state) -> str:
+    """Path of the first non-finite leaf of a state's params, else of its optimizer state (a
+    host scan, run only after the compiled step found one)."""
+    for prefix, tree in (("params", state.params), ("opt_state", state.opt_state)):
+        flat = paths.flatten(tree) if prefix == "params" else {
+            f"leaf {i}": x for i, x in enumerate(jax.tree.leaves(tree))}
+        for path, x in flat.items():
+            a = np.asarray(x)
+            if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+                return f"{prefix}/{path}"
+    return "none found"
 
 
 def one_line(stage: str, step: int, metrics: dict[str, float]) -> str:

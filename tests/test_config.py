@@ -66,3 +66,22 @@ def test_cli_reports_config_errors(capsys):
     assert main(["sft", "--set", "sft.stepz=3"]) == 2
     err = capsys.readouterr().err
     assert "unknown config key 'sft.stepz'" in err and "sft.steps" in err
+
+
+@pytest.mark.parametrize("setting", [
+    "sft.learning_rate=nan", "reward.learning_rate=nan", "sft.learning_rate=-1e-4",
+    "sft.steps=0", "data.max_response_length=0", "run.save_every=-1", "lora.rank=-2",
+    "run.keep_checkpoints=0", "ppo.learning_rate=inf", "rollout.top_p=1.5",
+    "grpo.group_size=1"])
+def test_out_of_range_values_are_refused_naming_key_and_value(setting):
+    key, value = setting.split("=")
+    with pytest.raises(ValueError, match=rf"{key}={value!r}|{key}=.* is out of range"):
+        apply_overrides(Config(), [setting])
+
+
+def test_cli_out_of_range_is_one_line_exit_2(capsys):
+    from jrlhf.cli import main
+
+    assert main(["sft", "--set", "sft.learning_rate=nan"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "jrlhf sft: error: sft.learning_rate=nan is out of range: expected > 0"

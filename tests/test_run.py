@@ -108,8 +108,11 @@ def test_nan_halts_naming_step_and_keeps_last_good_checkpoint(tmp_path):
     config = apply_overrides(load_config(TINY), [
         f"run.out_dir={tmp_path}", "run.save_every=1", "sft.steps=10", "sft.learning_rate=1e12",
         "optim.max_grad_norm=0", "optim.eps=1e-30"])
-    with pytest.raises(FloatingPointError, match=r"sft step (\d+): metric 'sft/\w+' is (nan|inf)"
-                       ) as err:
+    # The compiled step reports non-finite updated weights (naming the first parameter) before
+    # any metric computed from them can be NaN.
+    halt = (r"sft step (\d+): (metric 'sft/\w+' is (nan|inf)|the updated parameters or "
+            r"optimizer state are not finite \(first: (params|opt_state)/[\w/ ]+\))")
+    with pytest.raises(FloatingPointError, match=halt) as err:
         train(make_setup("sft", config, CFG, init_params(CFG, 0)), config, sft_batches(),
               out_dir=tmp_path, log=None)
     bad_step = int(str(err.value).split("sft step ")[1].split(":")[0])
@@ -266,3 +269,37 @@ def test_grpo_command_with_the_task_annotator(tmp_path):
     rows = [r for r in read_metrics(out / "metrics.jsonl") if r["stage"] == "rloo"]
     assert len(rows) == 3 and all(np.isfinite(r["rloo/loss"]) for r in rows)
     assert (out / "rloo" / "export" / "model.safetensors").exists()
+
+
+def test_non_finite_update_halts_naming_the_parameter_and_saves_nothing(tmp_path):
+    """The compiled step checks the weights it returns: an update that makes one parameter inf
+    (with finite metrics) halts the loop at that step, naming the parameter, and the latest
+    checkpoint is the step before, all finite."""
+    import jax.numpy as jnp
+    import optax
+
+    from jrlhf.loops import run_stage
+    from jrlhf.state import TrainState
+    from jrlhf.steps import jit_step
+
+    def step(state, scale):
+        params = dict(state.params, b=state.params["b"] * scale)
+        return state.replace(params=params, step=state.step + 1), {"toy/loss": jnp.float32(1.0)}
+
+    state = TrainState.create({"a": np.zeros(2, np.float32), "b": np.ones(3, np.float32)},
+                              optax.sgd(0.1), 0)
+    scales = iter(np.array([2.0, 2.0, np.inf, 2.0], np.float32))
+    config = apply_overrides(load_config(TINY), ["run.save_every=1"])
+    with pytest.raises(FloatingPointError,
+                       match=r"toy step 3: the updated parameters or optimizer state are not "
+                             r"finite \(first: params/b\)"):
+        run_stage("toy", config, state, jit_step(step), scales, 4, out_dir=tmp_path, log=None)
+    ckpt = Checkpointer(tmp_path / "toy" / "checkpoints")
+    assert ckpt.latest_step() == 2
+    template = TrainState.create({"a": np.zeros(2, np.float32), "b": np.ones(3, np.float32)},
+                                 optax.sgd(0.1), 0)
+    restored, _ = ckpt.restore(template)
+    ckpt.close()
+    np.testing.assert_array_equal(restored.params["b"], [4.0, 4.0, 4.0])
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]

@@ -91,12 +91,38 @@ def state_shardings(state, mesh):
     )
 
 
+def all_finite(tree) -> jax.Array:
+    """`()` bool: every floating-point leaf of `tree` is finite (one fused reduction)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    if not leaves:
+        return jnp.bool_(True)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+STATE_FINITE = "state/finite"  # metric: 1.0 when the updated params and optimizer state are
+
+
+def with_state_check(step_fn):
+    """`step_fn` with metric `state/finite`: whether the params and optimizer state it returns
+    are all finite, computed inside the compiled step (no host copy of the weights)."""
+    @functools.wraps(step_fn)
+    def checked(state, batch):
+        state, metrics = step_fn(state, batch)
+        finite = all_finite((state.params, state.opt_state))
+        return state, dict(metrics, **{STATE_FINITE: finite.astype(jnp.float32)})
+
+    return checked
+
+
 def jit_step(step_fn, state=None, mesh=None):
     """`jax.jit` a `(state, batch) -> (state, metrics)` step with the state donated.
 
-    With a mesh, in/out shardings are explicit: the state by `state_shardings`, the batch split
-    over (data, fsdp), metrics replicated. Use `place_state` to put a state on the mesh first.
+    The jitted step also reports `state/finite` (see `with_state_check`), so the loop never
+    keeps or saves a non-finite state. With a mesh, in/out shardings are explicit: the state by
+    `state_shardings`, the batch split over (data, fsdp), metrics replicated. Use `place_state`
+    to put a state on the mesh first.
     """
+    step_fn = with_state_check(step_fn)
     if mesh is None:
         return jax.jit(step_fn, donate_argnums=0)
     state_sh = state_shardings(state, mesh)
