@@ -333,6 +333,10 @@ class RunConfig:
     coordinator_address: str = ""
     num_processes: int = 1
     process_id: int = 0
+    # `--resume` refuses a config (or data file) that differs from the one a stage's
+    # checkpoints were made with; keys listed here may differ (e.g. sft.steps to extend a run,
+    # data.<file> for a changed data file). `RESUME_SAFE` keys may always differ.
+    allow_changed: tuple[str, ...] = ()
 
     def __post_init__(self):
         _check_ranges("run", self)
@@ -475,6 +479,28 @@ def apply_overrides(config, assignments: list[str]):
             raise ValueError(f"--set {item!r}: expected key=value")
         config = override(config, key.strip(), value.strip())
     return config
+
+
+# Keys a resumed run may change without asking: where and how it reports, and the device layout
+# (checkpoints are restored onto any mesh).
+RESUME_SAFE = ("run.out_dir", "run.log_every", "run.progress", "run.save_every",
+               "run.keep_checkpoints", "run.coordinator_address", "run.num_processes",
+               "run.process_id", "run.allow_changed", "mesh.data", "mesh.fsdp", "mesh.tensor")
+
+
+def flatten_dict(data: dict) -> dict[str, Any]:
+    """A `to_dict(Config)` as `{"section.field": value}` (`model.arch` stays one value)."""
+    return {f"{section}.{key}": value for section, fields in data.items()
+            for key, value in fields.items()}
+
+
+def changed_keys(saved: dict, config: Config) -> dict[str, tuple[Any, Any]]:
+    """`key -> (saved, now)` for each field of `config` that differs from a saved `to_dict`
+    (JSON round-tripped: tuples compare as lists)."""
+    now = flatten_dict(json.loads(json.dumps(to_dict(config))))
+    before = flatten_dict(saved)
+    return {k: (before.get(k), now.get(k)) for k in sorted(set(now) | set(before))
+            if before.get(k) != now.get(k)}
 
 
 def to_dict(config) -> dict:

@@ -9,6 +9,8 @@ with the data iterator's state, resume exactly from the latest checkpoint, and o
 from __future__ import annotations
 
 import functools
+import json
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -18,7 +20,7 @@ from typing import NamedTuple
 import jax
 
 from jrlhf.checkpoint import Checkpointer
-from jrlhf.config import Config, save_config
+from jrlhf.config import RESUME_SAFE, Config, changed_keys, save_config
 from jrlhf.report import MetricsWriter, check_finite, one_line
 from jrlhf.rollouts import Reward, RolloutLoop
 from jrlhf.setups import Setup
@@ -65,20 +67,51 @@ class StageResult(NamedTuple):
     preempted: bool
 
 
-def _open_stage(name: str, config: Config, out_dir: Path, resume: bool, train: bool):
+def _open_stage(name: str, config: Config, out_dir: Path, resume: bool, train: bool,
+                inputs: dict[str, str]):
     """The stage's checkpointer and metrics writer; refuses to overwrite an earlier run's
-    checkpoints without `resume`, and to export (`train=False`) without a checkpoint."""
+    checkpoints without `resume`, to export (`train=False`) without a checkpoint, and to resume
+    with another config or other data than the checkpoints were made with."""
     ckpt = Checkpointer(out_dir / name / "checkpoints", keep=config.run.keep_checkpoints)
     latest = ckpt.latest_step()
-    if (latest is not None and not resume) or (latest is None and not train):
-        ckpt.close()
-        if latest is None:
+    try:
+        if latest is None and not train:
             raise FileNotFoundError(f"no checkpoint of stage {name!r} in {ckpt.directory}")
-        raise FileExistsError(
-            f"{ckpt.directory} already holds checkpoints (latest step {latest}): pass --resume "
-            "to continue that run, or set run.out_dir to a new folder")
+        if latest is not None and not resume:
+            raise FileExistsError(
+                f"{ckpt.directory} already holds checkpoints (latest step {latest}): pass "
+                "--resume to continue that run, or set run.out_dir to a new folder")
+        if latest is not None:
+            _require_same_run(name, config, out_dir / name, inputs)
+    except Exception:
+        ckpt.close()
+        raise
     save_config(config, out_dir / name / "config.json")
+    write_json_atomically(out_dir / name / "inputs.json", inputs)
     return ckpt, MetricsWriter(out_dir, name)
+
+
+def _require_same_run(name: str, config: Config, stage_dir: Path, inputs: dict[str, str]):
+    """Refuse to resume `name` when its config or data differ from what its checkpoints were
+    made with, except `RESUME_SAFE` keys and those in `run.allow_changed`, listing the diff."""
+    allowed = set(RESUME_SAFE) | set(config.run.allow_changed)
+    saved = stage_dir / "config.json"
+    changes = {}
+    if saved.exists():
+        changes = changed_keys(json.loads(saved.read_text()), config)
+    saved_inputs = stage_dir / "inputs.json"
+    before = json.loads(saved_inputs.read_text()) if saved_inputs.exists() else {}
+    for key in sorted(set(before) | set(inputs)):
+        if before.get(key) != inputs.get(key):
+            changes[f"data.{key}"] = ("file " + str(before.get(key))[:12],
+                                      "file " + str(inputs.get(key))[:12])
+    refused = {k: v for k, v in changes.items() if k not in allowed}
+    if refused:
+        diff = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
+        raise ValueError(
+            f"--resume of stage {name!r} with a config or data other than its checkpoints were "
+            f"made with ({diff}); resume with the original settings, or allow the change with "
+            f"--set run.allow_changed={','.join(refused)}")
 
 
 def _restore(ckpt: Checkpointer, state, batches, set_loop_state):
@@ -105,7 +138,8 @@ def run_stage(name: str, config: Config, state: TrainState, step_fn: Callable, b
               num_steps: int, *, out_dir: str | Path | None = None, resume: bool = False,
               loop_state: Callable[[], dict] | None = None,
               set_loop_state: Callable[[dict], None] | None = None,
-              log: Callable[[str], None] | None = print, train: bool = True) -> StageResult:
+              log: Callable[[str], None] | None = print, train: bool = True,
+              inputs: dict[str, str] | None = None) -> StageResult:
     """Run `num_steps` of `state, metrics = step_fn(state, next(batches))` with checkpoints.
 
     Args:
@@ -114,16 +148,15 @@ def run_stage(name: str, config: Config, state: TrainState, step_fn: Callable, b
         state: the initial state (also the layout restored checkpoints take).
         batches: iterator; if it has `get_state`/`set_state` (grain) its position is saved.
         out_dir: where metrics.jsonl, TensorBoard files and checkpoints go (None: nothing saved).
-        resume: continue from the latest checkpoint of this stage if there is one.
+        resume: continue from the latest checkpoint of this stage if there is one (refused if
+            the config or `inputs`, `{name: digest}` of the data files, differ from its own).
         loop_state / set_loop_state: extra JSON-able loop state to save and restore.
         train: False restores the latest checkpoint (resume) and returns without stepping.
     """
-    run = config.run
-    history: list[dict] = []
-    start = 0
+    run, history, start = config.run, [], 0
     ckpt = writer = None
     if out_dir is not None:
-        ckpt, writer = _open_stage(name, config, Path(out_dir), resume, train)
+        ckpt, writer = _open_stage(name, config, Path(out_dir), resume, train, inputs or {})
         if resume and ckpt.latest_step() is not None:
             state, start = _restore(ckpt, state, batches, set_loop_state)
             if log:
@@ -164,6 +197,12 @@ def run_stage(name: str, config: Config, state: TrainState, step_fn: Callable, b
     return StageResult(state, history, preempted)
 
 
+def write_json_atomically(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
 def stage_step(setup: Setup, config: Config, *, reward: Reward | None = None,
                eos_token_id: int | None = None, pad_token_id: int = 0) -> Callable:
     """What the loop calls per step for a setup: its update, DPO's update fed the frozen
@@ -185,12 +224,12 @@ def stage_step(setup: Setup, config: Config, *, reward: Reward | None = None,
 
 def train(setup: Setup, config: Config, batches: Iterator, *, step_fn: Callable | None = None,
           out_dir=None, resume: bool = False, log=print, train: bool = True,
-          **step_kwargs) -> StageResult:
+          inputs: dict[str, str] | None = None, **step_kwargs) -> StageResult:
     """Run `setup`'s stage: `setup.num_steps` steps with checkpoints under
     `out_dir/<setup.name>`. `step_fn` defaults to `stage_step(setup, config, **step_kwargs)`;
     one with `get_state` / `set_state` (a `RolloutLoop`) has its host state checkpointed."""
     step_fn = step_fn or stage_step(setup, config, **step_kwargs)
     return run_stage(setup.name, config, setup.state, step_fn, batches, setup.num_steps,
-                     out_dir=out_dir, resume=resume, log=log, train=train,
+                     out_dir=out_dir, resume=resume, log=log, train=train, inputs=inputs,
                      loop_state=getattr(step_fn, "get_state", None),
                      set_loop_state=getattr(step_fn, "set_state", None))

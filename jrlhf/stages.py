@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import time
@@ -217,6 +218,15 @@ def stage_batches(run: Run, stage: Stage, config: Config):
                        seed=stream_seed(config.data.shuffle_seed, stage.name))
 
 
+def file_digest(path: Path) -> str:
+    """SHA-256 of a data file's bytes: what a resumed stage checks its data against."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def stage_reward(run: Run, stage: Stage, config: Config) -> Reward:
     choice = stage.reward
     if choice == ANNOTATOR_OR_MODEL:
@@ -237,8 +247,9 @@ def run_train(run: Run, stage: Stage) -> bool:
     if stage.algorithm in ("ppo", "grpo"):
         rollout = dict(reward=stage_reward(run, stage, config), eos_token_id=run.encoder.eos_id,
                        pad_token_id=run.encoder.pad_id)
+    inputs = {stage.data: file_digest(run.file(stage.data, stage))}
     result = loops.train(setup, config, batches, out_dir=run.out, resume=run.resume,
-                         log=run.log, train=run.train, **rollout)
+                         log=run.log, train=run.train, inputs=inputs, **rollout)
     if result.preempted:
         return False
     if stage.algorithm == "sft" and run.train:

@@ -303,3 +303,35 @@ def test_non_finite_update_halts_naming_the_parameter_and_saves_nothing(tmp_path
     np.testing.assert_array_equal(restored.params["b"], [4.0, 4.0, 4.0])
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
+
+
+def test_resume_with_another_config_or_data_is_refused_with_the_diff(tmp_path):
+    """`--resume` checks the config and the data file against those the stage's checkpoints were
+    made with: a changed learning rate or data file is refused, naming the keys; a listed
+    `run.allow_changed` key, or a reporting setting, may change."""
+    from jrlhf.cli import main
+
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("".join(json.dumps({"prompt": f"Say {i}:", "response": f" {i} {i}"}) + "\n"
+                           for i in range(16)))
+    common = ["--config", TINY, "--set", f"run.out_dir={tmp_path / 'run'}", "--set",
+              f"data.sft_path={sft}", "--set", "sft.steps=2", "--set", "run.log_every=0"]
+    assert main(["sft", *common]) == 0
+    with pytest.raises(ValueError, match=r"sft.learning_rate: 0.003 -> 0.01.*"
+                                         r"--set run.allow_changed=sft.learning_rate"):
+        main_raising(["sft", *common, "--set", "sft.learning_rate=0.01", "--resume"])
+    assert main(["sft", *common, "--set", "sft.learning_rate=0.01", "--set",
+                 "run.allow_changed=sft.learning_rate", "--set", "run.log_every=5",
+                 "--resume"]) == 0
+    sft.write_text(sft.read_text() + json.dumps({"prompt": "New:", "response": " row"}) + "\n")
+    with pytest.raises(ValueError, match=r"data.sft: 'file [0-9a-f]{7}"):
+        main_raising(["sft", *common, "--resume"])
+    assert main(["sft", *common, "--resume"]) == 2  # the CLI: one line, exit 2
+
+
+def main_raising(argv):
+    """Run a CLI command in-process, letting its user error propagate."""
+    from jrlhf.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    return args.func(args)
