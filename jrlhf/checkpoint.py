@@ -1,14 +1,18 @@
 """Orbax checkpoints: the one module that knows Orbax's API.
 
 A checkpoint holds the train state's arrays (params, optimizer state, step, RNG key data,
-KL coefficient), plus JSON metadata: the data iterator's state, the resolved config and any
-loop state (e.g. reward-normalisation moments). Saving is asynchronous; restoring places
-arrays onto the shardings of a template state (which may come from a different mesh).
+KL coefficient), plus JSON metadata: the data iterator's state, the resolved config, any
+loop state (e.g. reward-normalisation moments) and a digest (CRC-32 per array) of the arrays.
+Saving is asynchronous; restoring places arrays onto the shardings of a template state (which
+may come from a different mesh) and checks the digest: a checkpoint that cannot be read or does
+not match is reported in one line and the previous intact one is used.
 """
 
 from __future__ import annotations
 
 import os
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,19 @@ def _arrays(state: TrainState) -> dict:
             "kl_coef": state.kl_coef if state.kl_coef is not None else np.zeros((), np.float32)}
 
 
+def arrays_digest(arrays) -> list[int] | None:
+    """CRC-32 of each array's bytes (in tree order); None when some array spans other
+    processes' devices (multi-host: each host could only hash its own shards)."""
+    leaves = jax.tree.leaves(arrays)
+    if not all(getattr(x, "is_fully_addressable", True) for x in leaves):
+        return None
+    return [zlib.crc32(np.ascontiguousarray(jax.device_get(x)).tobytes()) for x in leaves]
+
+
+class CorruptCheckpoint(ValueError):
+    pass
+
+
 class Checkpointer:
     """Keep-last-N checkpoints of a TrainState plus JSON metadata under `directory`."""
 
@@ -38,27 +55,60 @@ class Checkpointer:
 
     def save(self, step: int, state: TrainState, meta: dict[str, Any] | None = None,
              force: bool = True) -> None:
-        """Start an asynchronous save of `state` (and `meta`) as checkpoint `step`."""
-        args = ocp.args.Composite(state=ocp.args.StandardSave(_arrays(state)),
-                                  meta=ocp.args.JsonSave(meta or {}))
+        """Start an asynchronous save of `state` (and `meta`, plus the arrays' digest) as
+        checkpoint `step`."""
+        arrays = _arrays(state)
+        meta = dict(meta or {}, digest=arrays_digest(arrays))
+        args = ocp.args.Composite(state=ocp.args.StandardSave(arrays),
+                                  meta=ocp.args.JsonSave(meta))
         self.manager.save(step, args=args, force=force)
 
-    def restore(self, template: TrainState, step: int | None = None):
-        """`(state, meta)` of checkpoint `step` (default: latest), laid out like `template`."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    def restore(self, template: TrainState, step: int | None = None,
+                log: Callable[[str], None] | None = print):
+        """`(state, meta)` of checkpoint `step`, or by default of the latest intact one: a
+        checkpoint that cannot be read or fails its digest is reported through `log` and the
+        one before it is tried. Arrays are laid out like `template`."""
+        steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
+        for i, candidate in enumerate(steps):
+            try:
+                return self._restore_step(template, candidate)
+            except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is skipped
+                why = str(err).strip().splitlines()[0][:200] if str(err).strip() else repr(err)
+                moved = self._set_aside(candidate)
+                rest = (f"; using step {steps[i + 1]}" if i + 1 < len(steps)
+                        else "; no earlier checkpoint")
+                if log:
+                    log(f"checkpoint step {candidate} in {self.directory} is unreadable or "
+                        f"corrupt ({type(err).__name__}: {why}); moved to {moved}{rest}")
+        raise FileNotFoundError(f"no intact checkpoint in {self.directory}")
+
+    def _set_aside(self, step: int) -> Path:
+        """Move a bad checkpoint out of the manager's folder (kept for inspection), so the
+        resumed run can write that step again."""
+        target = self.directory.parent / "corrupt_checkpoints" / str(step)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            target = target.with_name(f"{step}.{len(list(target.parent.iterdir()))}")
+        os.replace(self.directory / str(step), target)
+        self.manager.reload()
+        return target
+
+    def _restore_step(self, template: TrainState, step: int):
         target = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
             _arrays(template))
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         arrays = restored["state"]
+        meta = dict(restored["meta"] or {})
+        expected = meta.pop("digest", None)
+        if expected is not None and arrays_digest(arrays) != expected:
+            raise CorruptCheckpoint("array digest mismatch")
         rng = jax.random.wrap_key_data(arrays["rng"], impl=jax.random.key_impl(template.rng))
         state = template.replace(
             params=arrays["params"], opt_state=arrays["opt_state"], step=arrays["step"], rng=rng,
             kl_coef=None if template.kl_coef is None else arrays["kl_coef"])
-        return state, dict(restored["meta"] or {})
+        return state, meta
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -368,10 +368,15 @@ def load_config(path: str | os.PathLike) -> Config:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} not found")
-    namespace = runpy.run_path(str(path))
-    if "get_config" not in namespace:
-        raise ValueError(f"{path}: defines no get_config()")
-    config = namespace["get_config"]()
+    try:
+        namespace = runpy.run_path(str(path))
+        if "get_config" not in namespace:
+            raise ValueError(f"{path}: defines no get_config()")
+        config = namespace["get_config"]()
+    except (SyntaxError, ImportError, NameError, AttributeError, TypeError) as err:
+        where = f":{err.lineno}" if isinstance(err, SyntaxError) and err.lineno else ""
+        raise ValueError(f"{path}{where}: the config file fails: {type(err).__name__}: "
+                         f"{err.msg if isinstance(err, SyntaxError) else err}") from None
     if not isinstance(config, Config):
         raise ValueError(f"{path}: get_config() returned {type(config).__name__}, not Config")
     return config

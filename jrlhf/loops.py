@@ -114,9 +114,10 @@ def _require_same_run(name: str, config: Config, stage_dir: Path, inputs: dict[s
             f"--set run.allow_changed={','.join(refused)}")
 
 
-def _restore(ckpt: Checkpointer, state, batches, set_loop_state):
-    """`(state, step)` of the latest checkpoint; the data iterator and loop state follow it."""
-    state, meta = ckpt.restore(state)
+def _restore(ckpt: Checkpointer, state, batches, set_loop_state, log):
+    """`(state, step)` of the latest intact checkpoint; the data iterator and loop state
+    follow it."""
+    state, meta = ckpt.restore(state, log=log)
     if "data" in meta and hasattr(batches, "set_state"):
         batches.set_state(meta["data"])
     if set_loop_state and "loop" in meta:
@@ -153,19 +154,18 @@ def run_stage(name: str, config: Config, state: TrainState, step_fn: Callable, b
         loop_state / set_loop_state: extra JSON-able loop state to save and restore.
         train: False restores the latest checkpoint (resume) and returns without stepping.
     """
-    run, history, start = config.run, [], 0
+    run, history, start, preempted = config.run, [], 0, False
     ckpt = writer = None
-    if out_dir is not None:
-        ckpt, writer = _open_stage(name, config, Path(out_dir), resume, train, inputs or {})
-        if resume and ckpt.latest_step() is not None:
-            state, start = _restore(ckpt, state, batches, set_loop_state)
-            if log:
-                log(f"[{name}] resumed from step {start} ({ckpt.directory})")
-        # Rows a killed run wrote past its last checkpoint (or before its first) are replayed.
-        writer.truncate_after(start)
-
-    preempted = False
     try:
+        if out_dir is not None:
+            ckpt, writer = _open_stage(name, config, Path(out_dir), resume, train, inputs or {})
+            if resume and ckpt.latest_step() is not None:
+                state, start = _restore(ckpt, state, batches, set_loop_state, log)
+                if log:
+                    log(f"[{name}] resumed from step {start} ({ckpt.directory})")
+            # Rows a killed run wrote past its last checkpoint (or before its first) are
+            # replayed.
+            writer.truncate_after(start)
         with _Preemption() as preemption:
             end = num_steps if train else start
             bar = progress(range(start, end), num_steps, name, run.progress and train,

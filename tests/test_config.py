@@ -1,6 +1,7 @@
 """Configs are typed data: every file loads, --set parses by type, bad keys are clear errors."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,27 @@ def test_cli_out_of_range_is_one_line_exit_2(capsys):
     assert main(["sft", "--set", "sft.learning_rate=nan"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "jrlhf sft: error: sft.learning_rate=nan is out of range: expected > 0"
+
+
+@pytest.mark.parametrize("body,expected", [
+    ("def get_config(:\n", r"bad.py:1: the config file fails: SyntaxError"),
+    ("import no_such_module_xyz\n", r"the config file fails: ModuleNotFoundError"),
+    ("def get_config():\n    return 3\n", r"get_config\(\) returned int, not Config"),
+    ("x = 1\n", r"defines no get_config\(\)"),
+])
+def test_broken_config_files_are_one_line_errors(tmp_path, capsys, body, expected):
+    from jrlhf.cli import main
+
+    bad = tmp_path / "bad.py"
+    bad.write_text(body)
+    assert main(["sft", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert re.search(expected, err), err
+
+
+def test_unknown_task_names_the_choices(tmp_path, capsys):
+    from jrlhf.cli import main
+
+    assert main(["sft", "--set", "data.task=nope", "--set", f"run.out_dir={tmp_path}"]) == 2
+    assert "data.task='nope': unknown task; choose from reviews" in capsys.readouterr().err

@@ -335,3 +335,54 @@ def main_raising(argv):
 
     args = build_parser().parse_args(argv)
     return args.func(args)
+
+
+def checkpointed_sft_args(out, steps):
+    return ["sft", "--config", TINY, "--set", f"run.out_dir={out}", "--set",
+            f"sft.steps={steps}", "--set", "run.save_every=1", "--set",
+            "run.keep_checkpoints=3", "--set", "run.log_every=0", "--set",
+            "run.allow_changed=sft.steps"]
+
+
+@pytest.fixture(scope="module")
+def undamaged_sft_run(tmp_path_factory):
+    from jrlhf.cli import main
+
+    out = tmp_path_factory.mktemp("clean")
+    assert main(checkpointed_sft_args(out, 4)) == 0
+    return out
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_intact_one(tmp_path, damage,
+                                                                 undamaged_sft_run):
+    """Bytes flipped inside, or a truncated array file of, the latest checkpoint: `--resume`
+    says so in one line, sets it aside and continues from the checkpoint before it, with the
+    same metrics as a run that was never damaged."""
+    from jrlhf.cli import main
+
+    args = checkpointed_sft_args
+    out = tmp_path / "damaged"
+    assert main(args(out, 3)) == 0
+    files = [p for p in (out / "sft" / "checkpoints" / "3").rglob("*") if p.is_file()
+             and "ocdbt" in str(p) and p.stat().st_size > 10_000]
+    assert files, list((out / "sft" / "checkpoints" / "3").rglob("*"))
+    target = max(files, key=lambda p: p.stat().st_size)
+    data = bytearray(target.read_bytes())
+    if damage == "flip":
+        for i in range(len(data) // 3, len(data) // 3 + 64):
+            data[i] ^= 0xFF
+    else:
+        data = data[: len(data) // 2]
+    target.write_bytes(bytes(data))
+    log = []
+    from jrlhf.stages import COMMAND_STAGES, open_run, run_stages
+
+    config = apply_overrides(load_config(TINY), args(out, 4)[4::2])
+    with open_run(config, resume=True, log=log.append) as run:
+        assert run_stages(run, [COMMAND_STAGES["sft"]]) is None
+    text = "\n".join(log)
+    assert "checkpoint step 3" in text and "using step 2" in text
+    assert "resumed from step 2" in text
+    assert (out / "sft" / "corrupt_checkpoints" / "3").is_dir()
+    assert read_metrics(undamaged_sft_run / "metrics.jsonl") == read_metrics(out / "metrics.jsonl")
