@@ -204,3 +204,27 @@ def test_grain_loader_batches_shards_and_resumes(tmp_path, tiny_tokenizer):
                             10, shuffle=False, process_index=host, process_count=2)
         seen += [bytes(x).decode() for x in next(shard)["p"]]
     assert len(set(seen)) == 20
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncated", "not_gzip"])
+def test_damaged_gz_files_are_one_error_naming_the_file(tmp_path, damage):
+    """A damaged .gz file is an error naming it, also with on_bad_row=skip (no row of it can be
+    trusted), never a zlib / EOF traceback."""
+    path = tmp_path / "prompts.jsonl.gz"
+    good = gzip.compress("".join(f'{{"prompt": "p{i}"}}\n' for i in range(2000)).encode())
+    data = {"corrupt": good[:200] + bytes(b ^ 0x5A for b in good[200:400]) + good[400:],
+            "truncated": good[: len(good) // 2], "not_gzip": b"plain text, not gzip\n"}[damage]
+    path.write_bytes(data)
+    for policy in ("error", "skip"):
+        with pytest.raises(ValueError, match=rf"{path}: cannot be read as gzip-compressed JSONL"):
+            load_rows(path, "prompts", on_bad_row=policy)
+
+
+def test_rows_without_a_preference_or_prompt_are_refused(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"prompt": "Q", "chosen": " same ", "rejected": "same"}) + "\n")
+    with pytest.raises(BadRow, match=r"bad.jsonl:1: field 'rejected': identical to 'chosen'"):
+        load_rows(path, "rankings")
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "  "}]}) + "\n")
+    with pytest.raises(BadRow, match=r"bad.jsonl:1: field 'messages\[0\].content': empty"):
+        load_rows(path, "prompts")

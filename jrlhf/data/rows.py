@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,15 @@ def read_rows(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     if not name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
         raise ValueError(f"{path}: unsupported data file (use .jsonl, .jsonl.gz or .parquet)")
     opener = gzip.open if name.endswith(".gz") else open
+    try:
+        yield from _json_lines(path, opener)
+    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+        # A damaged file is an error whatever `on_bad_row` says: no row of it can be trusted.
+        raise ValueError(f"{path}: cannot be read as {'gzip-compressed ' if opener is gzip.open else ''}"
+                         f"JSONL ({type(err).__name__}: {err})") from None
+
+
+def _json_lines(path: Path, opener) -> Iterator[tuple[int, Any]]:
     with opener(path, "rb") as f:
         for i, raw in enumerate(f, start=1):
             if not raw.strip():
@@ -91,6 +101,8 @@ def _messages(row: Row, field: str = "messages") -> list[dict]:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(
                 m.get("content"), str):
             row.fail(f"{field}[{j}]", "expected {\"role\": str, \"content\": str}")
+    if not msgs[-1]["content"].strip():
+        row.fail(f"{field}[{len(msgs) - 1}].content", "empty")
     return msgs
 
 
@@ -189,6 +201,8 @@ def normalise_rankings(row: Row) -> dict:
                 row.fail("chosen", "empty after removing the shared prompt")
             if not rejected.strip():
                 row.fail("rejected", "empty after removing the shared prompt")
+        if chosen.strip() == rejected.strip():
+            row.fail("rejected", "identical to 'chosen': the pair gives no preference")
         return {**prompt, "responses": [chosen, rejected], "ranks": [1, 2]}
     row.fail("responses", "missing: expected {prompt, responses, ranks}, {prompt, chosen, "
                           "rejected} or {instruction, completions}")
