@@ -94,7 +94,11 @@ def run(inp: str | os.PathLike, out: str | os.PathLike, stdin=sys.stdin, stdout=
         while True:
             stdout.write(f"ranks for (1)..({len(item['responses'])}) > ")
             stdout.flush()
-            line = stdin.readline()
+            try:
+                line = stdin.readline()
+            except KeyboardInterrupt:  # Ctrl-C: every answer given is already on disk
+                line = ""
+                say()
             if not line or line.strip().lower() == "q":
                 say("stopped; answers so far are saved. Run the same command to resume.")
                 return 0

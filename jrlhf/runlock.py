@@ -25,8 +25,12 @@ class RunLock:
         self.previous_holder = ""  # the pid a killed run left in the file, if any
 
     def __enter__(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(self.path, "a+")  # held open (and flock'd) for the run's life
+        except OSError as err:
+            raise ValueError(f"run.out_dir={str(self.path.parent)!r} cannot be used: "
+                             f"{err.strerror or err}") from None
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -86,3 +86,27 @@ def test_annotate_in_a_terminal_resumes_after_kill(tmp_path):
     from jrlhf.data import load_rows
 
     assert load_rows(out, "rankings")[1].rows == 2
+
+
+def test_ctrl_c_stops_cleanly_keeping_every_answer(tmp_path):
+    """Ctrl-C at the prompt: a one-line goodbye, exit 0, the answers given so far on disk."""
+    import io
+
+    from jrlhf.annotate import run
+
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("".join(json.dumps({"prompt": f"P{i}", "responses": ["a", "b"]}) + "\n"
+                               for i in range(3)))
+
+    class CtrlCAfterOne:
+        answers = iter(["1 2\n"])
+
+        def readline(self):
+            for line in self.answers:
+                return line
+            raise KeyboardInterrupt
+
+    out, screen = tmp_path / "ranks.jsonl", io.StringIO()
+    assert run(samples, out, stdin=CtrlCAfterOne(), stdout=screen) == 0
+    assert "stopped; answers so far are saved" in screen.getvalue()
+    assert [json.loads(line)["ranks"] for line in out.read_text().splitlines()] == [[1, 2]]

@@ -110,3 +110,13 @@ def test_unknown_task_names_the_choices(tmp_path, capsys):
 
     assert main(["sft", "--set", "data.task=nope", "--set", f"run.out_dir={tmp_path}"]) == 2
     assert "data.task='nope': unknown task; choose from reviews" in capsys.readouterr().err
+
+
+def test_an_unusable_out_dir_is_one_line(tmp_path, capsys):
+    from jrlhf.cli import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert main(["sft", "--set", f"run.out_dir={blocker / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be used" in err and "Traceback" not in err and str(blocker) in err

@@ -228,3 +228,10 @@ def test_rows_without_a_preference_or_prompt_are_refused(tmp_path):
     path.write_text(json.dumps({"messages": [{"role": "user", "content": "  "}]}) + "\n")
     with pytest.raises(BadRow, match=r"bad.jsonl:1: field 'messages\[0\].content': empty"):
         load_rows(path, "prompts")
+
+
+def test_a_rank_beyond_int32_is_a_bad_row(tmp_path):
+    path = tmp_path / "big.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "responses": ["a", "b"], "ranks": [1, 2**40]}))
+    with pytest.raises(BadRow, match=r"big.jsonl:1: field 'ranks': expected integers from 1"):
+        load_rows(path, "rankings")

@@ -70,3 +70,11 @@ def test_logits_match_transformers_gguf_loading(smollm2):
     # No worse than transformers' own float32 run is.
     assert np.abs(ours - ref64).max() <= 1.05 * np.abs(ref32 - ref64).max()
     assert np.abs(ours - ref32).max() <= 2e-4
+
+
+def test_a_truncated_gguf_is_one_error_naming_the_file(tmp_path):
+    path = tmp_path / "cut.gguf"
+    with open(models.smollm2_gguf_path(), "rb") as f:
+        path.write_bytes(f.read(4_000_000))
+    with pytest.raises(ValueError, match=rf"{path}: not a complete, readable GGUF file"):
+        models.load_gguf(path)

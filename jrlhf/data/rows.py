@@ -158,8 +158,9 @@ def normalise_rankings(row: Row) -> dict:
         ranks = data.get("ranks")
         if not isinstance(ranks, list) or len(ranks) != len(responses):
             row.fail("ranks", f"expected a list of {len(responses)} integers")
-        if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks):
-            row.fail("ranks", f"expected integers >= 1 (1 = best), got {ranks}")
+        if not all(isinstance(r, int) and not isinstance(r, bool) and 1 <= r < 2**31
+                   for r in ranks):
+            row.fail("ranks", f"expected integers from 1 (best) to 2**31 - 1, got {ranks}")
         if len(set(ranks)) < 2:
             row.fail("ranks", "all responses tie: the row gives no preference")
         return {**prompt, "responses": list(responses), "ranks": list(ranks)}

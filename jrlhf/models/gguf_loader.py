@@ -65,6 +65,16 @@ def load_gguf(path: str | os.PathLike, dtype=np.float32, *, with_tokenizer: bool
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: GGUF file not found")
+    try:
+        return _load_gguf(path, dtype, with_tokenizer, gguf)
+    except (ValueError, IndexError, KeyError, OSError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise ValueError(f"{path}: not a complete, readable GGUF file ({type(err).__name__}: "
+                         f"{err})") from None
+
+
+def _load_gguf(path: Path, dtype, with_tokenizer: bool, gguf):
     reader = gguf.GGUFReader(str(path))
     arch = _field(reader, "general.architecture")
     if arch != "llama":
