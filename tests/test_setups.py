@@ -3,7 +3,10 @@ the tools sit beside the trainer; RNG streams are named."""
 
 import ast
 import dataclasses
+import os
 import re
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -217,3 +220,14 @@ def test_every_config_field_is_read():
             if not re.search(rf"\.{field.name}\b", code):
                 unread.append(f"{section.name}.{field.name}")
     assert not unread, unread
+
+
+def test_bench_and_plan_import_only_what_accelerator_hosts_have():
+    """The GPU benchmark hosts have jax, flax, optax, orbax, torch and transformers, not TFDS,
+    grain or gguf: importing the tools must not need them."""
+    code = ("import sys, jrlhf.bench, jrlhf.plan; "
+            "print(sorted(m for m in ('tensorflow_datasets', 'grain', 'gguf', 'tensorboardX') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

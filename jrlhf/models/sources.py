@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import gguf
 import jax
 import numpy as np
 import transformers
@@ -62,6 +61,10 @@ def model_config(section) -> ModelConfig:
             raise ValueError("model.source='random' needs model.arch (a ModelConfig)")
         return dataclasses.replace(section.arch, dtype=section.dtype)
     if _is_gguf(section.source):
+        # Imported here: `jrlhf bench` / `plan` run on accelerator hosts that have jax, flax,
+        # optax, orbax, torch and transformers but not gguf.
+        import gguf
+
         reader = gguf.GGUFReader(str(_gguf_path(section.source)))
         f = lambda k: reader.fields[k].contents()
         vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
