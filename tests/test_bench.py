@@ -30,7 +30,7 @@ def small_config(**changes):
                          "ppo.ppo_epochs": 2, **changes})
 
 
-@pytest.mark.parametrize("step", bench.STEPS)
+@pytest.mark.parametrize("step", [s for s in bench.STEPS if s != "orpo"])  # orpo: dpo's shapes
 def test_bench_reports_consistent_numbers(step):
     work = bench.Workload.from_config(small_config())
     r = bench.bench_step(work, step, steps=3, warmup=1)

@@ -156,7 +156,8 @@ def test_ppo_resume_equals_uninterrupted(tmp_path):
     def config(out, iterations):
         return apply_overrides(load_config(TINY), [
             f"run.out_dir={out}", f"ppo.iterations={iterations}", "run.save_every=1",
-            "ppo.adaptive_kl=true", "ppo.normalize_rewards=true", "lora.rank=2"])
+            "ppo.adaptive_kl=true", "ppo.normalize_rewards=true", "lora.rank=2",
+            "run.allow_changed=ppo.iterations"])  # the resumed run is longer
 
     def run(out, iterations, resume=False):
         c = config(out, iterations)
