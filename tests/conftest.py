@@ -1,6 +1,8 @@
 """Test set-up: 8 fake CPU devices and an offline hub, before anything imports jax."""
 
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -8,6 +10,13 @@ os.environ["XLA_FLAGS"] = (
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_VERBOSITY"] = "error"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# A compilation cache for this session only (subprocesses inherit it): many tests compile the
+# same tiny programs again (each pipeline run builds fresh jitted functions); measured 2.3x
+# faster on a warm cache, with the same numbers.
+_JAX_CACHE = tempfile.mkdtemp(prefix="jrlhf-test-jax-cache-")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _JAX_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -94,3 +103,7 @@ def tiny_tokenizer():
         vocab_size=120, special_tokens=["<unk>", "<pad>", "<eos>"]))
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
                                    eos_token="<eos>")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_JAX_CACHE, ignore_errors=True)
