@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -21,7 +20,7 @@ import jax
 
 from jrlhf.checkpoint import Checkpointer
 from jrlhf.config import RESUME_SAFE, Config, changed_keys, save_config
-from jrlhf.report import MetricsWriter, check_finite, one_line
+from jrlhf.report import MetricsWriter, check_finite, one_line, write_atomically
 from jrlhf.rollouts import Reward, RolloutLoop
 from jrlhf.setups import Setup
 from jrlhf.state import TrainState
@@ -87,7 +86,8 @@ def _open_stage(name: str, config: Config, out_dir: Path, resume: bool, train: b
         ckpt.close()
         raise
     save_config(config, out_dir / name / "config.json")
-    write_json_atomically(out_dir / name / "inputs.json", inputs)
+    write_atomically(out_dir / name / "inputs.json",
+                     json.dumps(inputs, indent=2, sort_keys=True) + "\n")
     return ckpt, MetricsWriter(out_dir, name)
 
 
@@ -195,12 +195,6 @@ def run_stage(name: str, config: Config, state: TrainState, step_fn: Callable, b
         if writer is not None:
             writer.close()
     return StageResult(state, history, preempted)
-
-
-def write_json_atomically(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def stage_step(setup: Setup, config: Config, *, reward: Reward | None = None,

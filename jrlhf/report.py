@@ -17,6 +17,15 @@ SUMMARY_KEYS = ("sft/loss", "reward/loss", "reward/accuracy", "score/mean", "ppo
                 "value/error")
 
 
+def write_atomically(path: str | os.PathLike, text: str) -> None:
+    """Write then rename: a kill leaves the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def check_finite(step: int, metrics: dict[str, float], stage: str, state=None) -> None:
     """Halt on NaN/inf in any metric, or on a non-finite updated state (metric `state/finite`
     is 0: the first offending parameter path is named), before anything of the step is saved."""
@@ -72,9 +81,7 @@ class MetricsWriter:
             return
         kept = [r for r in read_metrics(self.path)
                 if not (r.get("stage") == self.stage and r["step"] > step)]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         row = {"stage": self.stage, "step": step, **metrics}

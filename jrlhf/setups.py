@@ -234,11 +234,11 @@ def make_setup(algorithm: str, config: Config, model_cfg: ModelConfig, params, *
     else:
         state, reference = build(params)
     state, reference = _place(state, reference, mesh)
-    step = _make_step(algorithm, config, shape_cfg, value_cfg, labels, state, mesh)
+    lora_scale = config.lora.scale if use_lora else 0.0
+    step = _make_step(algorithm, config, shape_cfg, value_cfg, labels, lora_scale, state, mesh)
     loop_steps = _schedule(algorithm, config)[2]
     return Setup(algorithm, name, state, labels, step, loop_steps, shape_cfg, mesh, value_cfg,
-                 reference, config.lora.scale if use_lora else 0.0,
-                 config.rollout.temperature)
+                 reference, lora_scale, config.rollout.temperature)
 
 
 def _place(state, reference, mesh):
@@ -254,9 +254,8 @@ def _place(state, reference, mesh):
     return placed[0], (placed[1] if reference is not None else None)
 
 
-def _make_step(algorithm, config: Config, cfg, value_cfg, labels, state, mesh):
+def _make_step(algorithm, config: Config, cfg, value_cfg, labels, lora_scale, state, mesh):
     c = config
-    lora_scale = c.lora.scale if _uses_lora(algorithm, config) else 0.0
     common = dict(labels=labels, state=state, mesh=mesh)
     accum = c.optim.grad_accum_steps
     if algorithm == "sft":

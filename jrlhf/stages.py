@@ -15,7 +15,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +29,7 @@ from jrlhf.config import Config, derive, save_config
 from jrlhf.data import Encoder, build_dataset, load_rows, make_loader
 from jrlhf.models.config import ModelConfig
 from jrlhf.models.sources import load_policy
-from jrlhf.report import write_report
+from jrlhf.report import write_atomically, write_report
 from jrlhf.rollouts import Reward, decode_texts, sample_batched
 from jrlhf.runlock import RunLock
 from jrlhf.setups import initial_weights, make_setup, stream_key, stream_seed
@@ -267,14 +266,6 @@ def encode_prompts(encoder: Encoder, path) -> tuple[list[str], np.ndarray, np.nd
     examples = [encoder.prompt_example(r) for r in rows]
     return ([r["prompt"] for r in rows], np.stack([e["input_ids"] for e in examples]),
             np.stack([e["attention_mask"] for e in examples]))
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write then rename: a kill leaves the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def run_rank(run: Run, stage: Stage) -> bool:
