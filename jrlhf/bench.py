@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jrlhf.config import Config
-from jrlhf.hardware import device_peak, memory, xla_flops
+from jrlhf.hardware import device_bandwidth, device_peak, memory, xla_flops
 from jrlhf.models.config import ModelConfig
 from jrlhf.models.sources import load_policy
 from jrlhf.rollouts import Reward, RolloutLoop, make_sampler
@@ -65,7 +65,11 @@ def random_batch(shapes: dict, cfg: ModelConfig, rng) -> dict:
     avoid = tuple(i for i in (cfg.eos_token_id, cfg.pad_token_id) if i is not None)
     batch = {}
     for key, spec in shapes.items():
-        if key.endswith("ids"):
+        if key == "segment_ids":  # packed SFT rows: one example filling each row
+            x = np.ones(spec.shape, np.int32)
+        elif key == "positions":
+            x = np.broadcast_to(np.arange(spec.shape[-1], dtype=np.int32), spec.shape).copy()
+        elif key.endswith("ids"):
             x = random_ids(rng, spec.shape, cfg.vocab_size, avoid)
         elif key.endswith("mask"):
             x = np.ones(spec.shape, np.int32)
@@ -89,7 +93,7 @@ class Workload:
 
     @classmethod
     def from_config(cls, config: Config):
-        policy_cfg, params, _ = load_policy(config.model, config.run.seed)
+        policy_cfg, params, _ = load_policy(config.model, config.run.seed, tokenizer=False)
         return cls(config, policy_cfg, params)
 
     def setup(self, algorithm: str) -> Setup:
@@ -160,7 +164,7 @@ def bench_step(work: Workload, kind: str, *, steps: int = 5, warmup: int = 1) ->
         raise ValueError(f"unknown step {kind!r}; choose from {', '.join(STEPS)}")
     c = work.config
     setup = work.setup("ppo" if kind in ("generate", "ppo_iteration") else kind)
-    result = {"step": kind, "device": jax.devices()[0].device_kind,
+    result = {"step": kind, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
               "devices": jax.device_count(), "mesh": list(c.mesh.shape),
               "model_params": work.policy_cfg.num_params, "dispatches_per_step": 1}
     rng = np.random.RandomState(0)
@@ -191,7 +195,19 @@ def _generation_flops(cfg: ModelConfig, B: int, P: int, N: int) -> float:
     return model_flops(cfg, B * P, P, False, lm_tokens=B) + model_flops(cfg, B * N, P + N, False)
 
 
+def decode_bytes_per_step(cfg: ModelConfig, rows: int, cached_tokens: float,
+                          cache_dtype: str = "") -> float:
+    """Bytes one decode step must read from memory: every matmul weight once in the compute
+    dtype (the LM head included), plus the keys and values of `cached_tokens` per row."""
+    weights = matmul_params(cfg) * jnp.dtype(cfg.dtype).itemsize
+    kv_item = jnp.dtype(cache_dtype or cfg.dtype).itemsize
+    kv = rows * cached_tokens * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * kv_item
+    return weights + kv
+
+
 def _bench_generate(work, setup, result, steps, warmup, rng):
+    """The sampler on the PPO prompts; the decode step time is the difference between a run of
+    N new tokens and a prefill-only run (1 token), over N − 1 steps."""
     c = work.config
     prompts = _prompts(work, rng)
     ids, mask = jnp.asarray(prompts["input_ids"]), jnp.asarray(prompts["attention_mask"])
@@ -202,6 +218,21 @@ def _bench_generate(work, setup, result, steps, warmup, rng):
     times = _time(sample, lambda: (policy, ids, mask, key), steps, warmup)
     B, P = ids.shape
     N = c.rollout.max_new_tokens
+    if N > 1:
+        one = dataclasses.replace(c.rollout, max_new_tokens=1)
+        prefill = jax.jit(make_sampler(setup.model_cfg, one, None, 0))
+        prefill_s = float(np.median(_time(prefill, lambda: (policy, ids, mask, key), steps,
+                                          warmup)))
+        step_s = (float(np.median(times)) - prefill_s) / (N - 1)
+        # Rows hold P + t tokens at step t: on average P + N / 2.
+        nbytes = decode_bytes_per_step(setup.model_cfg, B, P + N / 2, c.rollout.kv_cache_dtype)
+        bandwidth = device_bandwidth()
+        result.update({"prefill_s": prefill_s, "decode_step_s": step_s,
+                       "decode_bytes_per_step": nbytes,
+                       "decode_bytes_per_s": nbytes / step_s if step_s > 0 else None,
+                       "hbm_bandwidth": bandwidth,
+                       "decode_roofline": (nbytes / step_s / bandwidth
+                                           if bandwidth and step_s > 0 else None)})
     return _finish(result, compiled, times, _generation_flops(setup.model_cfg, B, P, N), B * N, B)
 
 
@@ -279,6 +310,12 @@ def format_result(r: dict) -> str:
         rows.append(("compile", f"{r['compile_s']:.1f} s"))
     for k, v in (r.get("memory_per_device") or {}).items():
         rows.append((f"memory: {k}", f"{v / 2**20:,.1f} MiB"))
+    if r.get("decode_step_s"):
+        roofline = (f", {100 * r['decode_roofline']:.0f}% of the {r['hbm_bandwidth'] / 1e12:.2f} "
+                    "TB/s memory roofline" if r.get("decode_roofline") else "")
+        rows.append(("decode step", f"{r['decode_step_s'] * 1e3:.2f} ms (prefill "
+                                    f"{r['prefill_s'] * 1e3:.1f} ms), "
+                                    f"{r['decode_bytes_per_step'] / 1e9:.3f} GB read{roofline}"))
     for name, p in (r.get("phases") or {}).items():
         rows.append((f"  {name}", f"{p['median_s'] * 1e3:.1f} ms, {p['tokens_per_s']:,.0f} tok/s"))
     width = max(len(k) for k, _ in rows)

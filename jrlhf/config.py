@@ -32,6 +32,7 @@ RANGES = {
     "data.max_prompt_length": _AT_LEAST_1, "data.max_response_length": _AT_LEAST_1,
     "data.num_sft_examples": _AT_LEAST_1, "data.num_ranking_prompts": _AT_LEAST_1,
     "data.responses_per_prompt": (2, True, None, False), "data.num_eval_prompts": _AT_LEAST_1,
+    "model.logits_chunk_size": _AT_LEAST_0,
     "rollout.max_new_tokens": _AT_LEAST_1, "rollout.temperature": _POSITIVE,
     "rollout.top_k": _AT_LEAST_0, "rollout.top_p": (0, False, 1, True),
     "rollout.missing_eos_penalty": _AT_LEAST_0, "rollout.batch_size": _AT_LEAST_1,
@@ -153,6 +154,18 @@ class ModelSection:
     arch: ModelConfig | None = None
     tokenizer: str = ""  # folder for AutoTokenizer; default: the source's own tokenizer
     dtype: str = "float32"  # compute dtype (parameters stay float32)
+    attention: str = "auto"  # auto | xla | cudnn (cuDNN flash attention: GPU, bf16/fp16 compute)
+    logits_chunk_size: int = 2048  # LM-head positions per block in the losses; 0 = unchunked
+
+    def __post_init__(self):
+        _check_ranges("model", self)
+        if self.attention not in ("auto", "xla", "cudnn"):
+            raise ValueError(f"model.attention must be auto, xla or cudnn, got {self.attention!r}")
+
+    def compute(self, cfg: ModelConfig) -> ModelConfig:
+        """`cfg` with this section's compute settings (dtype, attention, logits chunking)."""
+        return dataclasses.replace(cfg, dtype=self.dtype, attention=self.attention,
+                                   logits_chunk_size=self.logits_chunk_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,6 +180,7 @@ class DataConfig:
     max_response_length: int = 64
     chat_template: bool = True  # format prompts with the tokenizer's chat template if it has one
     on_bad_row: str = "error"  # error | skip
+    pack: bool = False  # SFT: several whole examples per row (segment ids; positions restart)
     shuffle_seed: int = 0
     # The built-in task (used for files left empty above, and as the pipeline's annotator).
     task: str = "reviews"
@@ -193,9 +207,13 @@ class RolloutConfig:
     top_p: float = 1.0
     missing_eos_penalty: float = 0.0  # subtracted from the score of responses without EOS
     batch_size: int = 8  # rows per generate call when sampling for rankings and evaluation
+    kv_cache_dtype: str = ""  # "" = the compute dtype; "bfloat16" halves a float32 model's cache
 
     def __post_init__(self):
         _check_ranges("rollout", self)
+        if self.kv_cache_dtype not in ("", "float32", "bfloat16", "float16"):
+            raise ValueError(f"rollout.kv_cache_dtype must be '', float32, bfloat16 or float16, "
+                             f"got {self.kv_cache_dtype!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Accelerator facts: dense bf16 peak FLOP/s and memory per device kind (vendor datasheets),
+"""Accelerator facts: dense bf16 peak FLOP/s, memory bandwidth and memory per device kind (vendor
+datasheets),
 the measured CPU peak, and what XLA reports about a compiled program (FLOPs, memory).
 
 A leaf module: `jrlhf bench` and `jrlhf plan` read it; it imports nothing from jrlhf.
@@ -17,6 +18,12 @@ PEAK_FLOPS = {
     "h100": 989e12, "h200": 989e12, "a100": 312e12, "tpu v4": 275e12, "tpu v5 lite": 197e12,
     "tpu v5e": 197e12, "tpu v5p": 459e12, "tpu v5": 459e12, "tpu v6 lite": 918e12,
     "tpu v6e": 918e12,
+}
+# Memory bandwidth per chip in bytes/s (HBM; the decode roofline of `jrlhf bench --step generate`).
+HBM_BANDWIDTH = {
+    "h100 pcie": 2.0e12, "h100": 3.35e12, "h200": 4.8e12, "a100": 2.04e12, "tpu v4": 1.2e12,
+    "tpu v5 lite": 0.82e12, "tpu v5e": 0.82e12, "tpu v5p": 2.76e12, "tpu v5": 2.76e12,
+    "tpu v6 lite": 1.64e12, "tpu v6e": 1.64e12,
 }
 # Memory per chip in bytes.
 DEVICE_MEMORY = {"h100": 80e9, "h200": 141e9, "a100": 80e9, "a100-40gb": 40e9, "tpu v4": 32e9,
@@ -60,6 +67,11 @@ def device_peak() -> tuple[float, str]:
     if peak is not None:
         return peak, f"{kind} bf16 peak"
     return matmul_peak(), f"measured float32 matmul on {kind}"
+
+
+def device_bandwidth() -> float | None:
+    """Datasheet memory bandwidth (bytes/s) of the default device, None if not in the table."""
+    return lookup(HBM_BANDWIDTH, jax.devices()[0].device_kind)
 
 
 def xla_flops(compiled) -> float | None:

@@ -26,6 +26,7 @@ import numpy as np
 from jrlhf import optim, sharding
 from jrlhf.config import Config, MeshConfig
 from jrlhf.hardware import device_memory, xla_flops
+from jrlhf.models.attention import resolve_implementation
 from jrlhf.models.config import ModelConfig
 from jrlhf.models.sources import model_config
 from jrlhf.models.transformer import abstract_params
@@ -59,41 +60,53 @@ def count_collectives(hlo_text: str) -> dict[str, int]:
     return {op: len(re.findall(rf"\b{op}(-start)?\(", hlo_text)) for op in COLLECTIVES}
 
 
-def layer_activation_bytes(cfg: ModelConfig, tokens: int, seq_len: int, tensor: int = 1) -> int:
+def flash_attention(cfg: ModelConfig, device: str) -> bool:
+    """Whether `cfg`'s attention runs as cuDNN flash attention on the named `device` kind."""
+    gpu = any(name in device.lower() for name in ("h100", "h200", "a100"))
+    return resolve_implementation(cfg.attention, cfg.dtype, cfg.head_dim,
+                                  on="gpu" if gpu else "tpu") == "cudnn"
+
+
+def layer_activation_bytes(cfg: ModelConfig, tokens: int, seq_len: int, tensor: int = 1,
+                           flash: bool = False) -> int:
     """Bytes one decoder layer keeps for its backward pass over `tokens` tokens of sequences of
     `seq_len`: the inputs of its norms and matmuls in the compute dtype (residual, normed input,
     q/k/v, attention output, gate/up/activation/product of the MLP) and the float32 attention
-    probabilities `[heads, seq_len]` per token (this implementation materialises them). Head and
-    MLP terms are split over `tensor` devices."""
+    probabilities `[heads, seq_len]` per token (XLA's attention materialises them; a flash
+    kernel keeps one float32 log-sum-exp per head instead). Head and MLP terms are split over
+    `tensor` devices."""
     c = np.dtype(cfg.dtype).itemsize
     d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     heads = cfg.num_heads + 2 * cfg.num_kv_heads
     per_token = c * (4 * d + (heads + 2 * cfg.num_heads) * hd // tensor + 4 * f // tensor)
-    per_token += 4 * cfg.num_heads * seq_len // tensor
+    per_token += 4 * cfg.num_heads * (1 if flash else seq_len) // tensor
     return tokens * per_token
 
 
 def activation_estimate(cfg: ModelConfig, tokens: int, seq_len: int, lm_tokens: int,
-                        tensor: int = 1) -> int:
+                        tensor: int = 1, flash: bool = False) -> int:
     """Analytic bytes of a training step's activations on one device (`tokens` of its batch
     shard): every layer's `layer_activation_bytes` (with `remat="full"` only each layer's input,
     plus one layer recomputed), and the LM head's float32 logits and their gradient on
-    `lm_tokens` positions."""
-    layer = layer_activation_bytes(cfg, tokens, seq_len, tensor)
+    `lm_tokens` positions — one `cfg.logits_chunk_size` block of them when chunked."""
+    layer = layer_activation_bytes(cfg, tokens, seq_len, tensor, flash)
     if cfg.remat == "full":
         kept = cfg.num_layers * tokens * cfg.hidden_size * np.dtype(cfg.dtype).itemsize + layer
     elif cfg.remat == "dots":  # matmul outputs kept, elementwise work recomputed
         kept = cfg.num_layers * layer * 2 // 3
     else:
         kept = cfg.num_layers * layer
+    if cfg.logits_chunk_size:
+        lm_tokens = min(lm_tokens, cfg.logits_chunk_size)
     head = 2 * 4 * lm_tokens * cfg.vocab_size // tensor if cfg.lm_head else 0
     return int(kept + head)
 
 
-def step_activations(setup: Setup, config: Config) -> int:
-    """`activation_estimate` for one optimizer step of `setup` per device: the models in its
-    loss (a separate critic too) on one (micro/mini)batch shard."""
+def step_activations(setup: Setup, config: Config, device: str = "h100") -> int:
+    """`activation_estimate` for one optimizer step of `setup` per device (a `device` kind):
+    the models in its loss (a separate critic too) on one (micro/mini)batch shard."""
     c, a, cfg = config, setup.algorithm, setup.model_cfg
+    flash = flash_attention(cfg, device)
     P, R, N = c.data.max_prompt_length, c.data.max_response_length, c.rollout.max_new_tokens
     ways = c.mesh.data * c.mesh.fsdp
     accum = c.optim.grad_accum_steps
@@ -102,16 +115,17 @@ def step_activations(setup: Setup, config: Config) -> int:
                 "dpo": 2 * c.dpo.batch_size, "orpo": 2 * c.dpo.batch_size}[a]
         T = P + R
         tokens = rows * T // accum // ways
-        return activation_estimate(cfg, tokens, T, tokens if a != "reward" else 0, c.mesh.tensor)
+        return activation_estimate(cfg, tokens, T, tokens if a != "reward" else 0, c.mesh.tensor,
+                                   flash)
     if a == "ppo":
         rows = c.ppo.minibatch_size or c.ppo.rollout_batch_size
     else:
         rows = c.grpo.minibatch_size or c.grpo.prompts_per_iteration * c.grpo.group_size
     T = P + N
     tokens, lm_tokens = rows * T // ways, rows * N // ways
-    total = activation_estimate(cfg, tokens, T, lm_tokens, c.mesh.tensor)
+    total = activation_estimate(cfg, tokens, T, lm_tokens, c.mesh.tensor, flash)
     if setup.value_cfg is not None:
-        total += activation_estimate(setup.value_cfg, tokens, T, 0, c.mesh.tensor)
+        total += activation_estimate(setup.value_cfg, tokens, T, 0, c.mesh.tensor, flash)
     return total
 
 
@@ -172,7 +186,7 @@ def plan(config: Config, step: str = "sft", device: str = "h100", *,
                        "peak_bytes_per_device": args + result["output_bytes_per_device"]
                        - alias + xla_temp + ref_bytes})
     else:
-        activations = step_activations(setup, config)
+        activations = step_activations(setup, config, device)
         grads = gradient_bytes(setup, state_sh)
         result.update({"memory_basis": "estimate", "xla_cpu_temp_bytes_per_device": xla_temp,
                        "activation_estimate_bytes_per_device": activations,

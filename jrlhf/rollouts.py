@@ -58,12 +58,17 @@ def decode_texts(tokenizer, tokens, mask) -> list[str]:
     return [tokenizer.decode(t[m > 0], skip_special_tokens=True) for t, m in zip(tokens, mask)]
 
 
-def make_sampler(cfg: ModelConfig, rollout: RolloutConfig, eos_token_id, pad_token_id):
-    """`sample(params, prompt_ids, prompt_mask, key) -> Generation` with the rollout settings."""
-    return functools.partial(generate, cfg, max_new_tokens=rollout.max_new_tokens,
-                             temperature=rollout.temperature, top_k=rollout.top_k,
-                             top_p=rollout.top_p, eos_token_id=eos_token_id,
-                             pad_token_id=pad_token_id)
+def make_sampler(cfg: ModelConfig, rollout: RolloutConfig, eos_token_id, pad_token_id, *,
+                 num_samples: int = 1, mesh=None):
+    """`sample(params, prompt_ids, prompt_mask, key) -> Generation` with the rollout settings:
+    `num_samples` responses per prompt from one shared prefill, rows kept split over the mesh's
+    batch axes when `mesh` is given."""
+    return functools.partial(
+        generate, cfg, max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
+        top_k=rollout.top_k, top_p=rollout.top_p, eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id, num_samples=num_samples,
+        cache_dtype=rollout.kv_cache_dtype or None,
+        batch_sharding=None if mesh is None else sharding.batch_sharding(mesh))
 
 
 def sample_batched(cfg: ModelConfig, params, prompt_ids, prompt_mask, key,
@@ -107,7 +112,8 @@ class RolloutLoop:
         self.key = stream_key(config.run.seed, setup.name, "sample")
         self.ppo = config.ppo if setup.algorithm == "ppo" else None
         r = config.rollout
-        self.sample = make_sampler(setup.model_cfg, r, eos_token_id, pad_token_id)
+        self.sample = make_sampler(setup.model_cfg, r, eos_token_id, pad_token_id,
+                                   num_samples=self.group, mesh=setup.mesh)
         self.score = jax.jit(functools.partial(
             score_rollout, policy_cfg=setup.model_cfg, value_cfg=setup.value_cfg,
             reward_fn=reward.fn or _no_score, temperature=r.temperature,
@@ -135,13 +141,19 @@ class RolloutLoop:
 
     def __call__(self, state, prompts):
         setup = self.setup
-        ids = np.repeat(np.asarray(prompts["input_ids"]), self.group, axis=0)
-        mask = np.repeat(np.asarray(prompts["attention_mask"]), self.group, axis=0)
+        prompt_ids, prompt_mask = (np.asarray(prompts[k]) for k in ("input_ids", "attention_mask"))
+        # The group's K samples share one prefill of their prompt (generate's num_samples).
+        ids, mask = (np.repeat(x, self.group, axis=0) for x in (prompt_ids, prompt_mask))
         if setup.mesh is not None:
-            ids, mask = sharding.put((ids, mask), sharding.batch_sharding(setup.mesh))
+            batch_sh = sharding.batch_sharding(setup.mesh)
+            ids, mask = sharding.put((ids, mask), batch_sh)
+            split = len(prompt_ids) % sharding.batch_devices(setup.mesh) == 0
+            prompt_sh = batch_sh if split else sharding.replicated(setup.mesh)
+            prompt_ids, prompt_mask = sharding.put((prompt_ids, prompt_mask), prompt_sh)
         ids, mask = jnp.asarray(ids), jnp.asarray(mask)
         key = jax.random.fold_in(self.key, self.iteration)
-        gen, t_gen = _timed(self.sample, setup.policy_params(state.params), ids, mask, key)
+        gen, t_gen = _timed(self.sample, setup.policy_params(state.params),
+                            jnp.asarray(prompt_ids), jnp.asarray(prompt_mask), key)
         tree = state.params if setup.algorithm == "ppo" else {"policy": state.params}
         (batch, raw), t_score = _timed(self.score, tree, setup.ref_params, self.reward.params,
                                        ids, mask, gen.tokens, gen.mask)

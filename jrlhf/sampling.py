@@ -1,6 +1,7 @@
 """Jitted autoregressive sampling with a KV cache.
 
-One prefill over the left-padded prompts, then a `lax.while_loop` that decodes one token per
+Weights are cast to the compute dtype once, one prefill runs over the left-padded prompts (shared
+by the K samples of a prompt when `num_samples=K`), then a `lax.while_loop` decodes one token per
 iteration for every row, stops each row at its EOS (later slots hold `pad_token_id` and have
 mask 0) and ends as soon as every row is done.
 
@@ -62,18 +63,27 @@ def _sample(rng, logits, temperature, top_k, top_p):
     return token, logprob
 
 
+def compute_dtype_params(params, dtype):
+    """Floating-point leaves of `params` in the compute `dtype` (the sampler reads bf16 weights
+    from HBM once per step instead of float32 weights converted at every step)."""
+    dtype = jnp.dtype(dtype)
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p", "eos_token_id",
-                     "pad_token_id"),
+                     "pad_token_id", "num_samples", "cache_dtype", "batch_sharding"),
 )
 def generate(cfg: ModelConfig, params, prompt_ids, prompt_mask, rng, *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             eos_token_id: int | None = None, pad_token_id: int = 0) -> Generation:
+             eos_token_id: int | None = None, pad_token_id: int = 0, num_samples: int = 1,
+             cache_dtype: str | None = None, batch_sharding=None) -> Generation:
     """Sample `max_new_tokens` continuations of left-padded prompts.
 
     Args:
-        cfg: model config (static).
+        cfg: model config (static). The weights are cast to `cfg.dtype` once per call.
         params: policy params (nested dict).
         prompt_ids: `[B, P]` int, left-padded.
         prompt_mask: `[B, P]`, 1 on prompt tokens, 0 on left padding.
@@ -83,25 +93,39 @@ def generate(cfg: ModelConfig, params, prompt_ids, prompt_mask, rng, *, max_new_
         top_k, top_p: optional truncation of the sampling set (0 / 1.0 = off).
         eos_token_id: a row stops after emitting it (None: never stops early).
         pad_token_id: written after a row's EOS.
+        num_samples: K responses per prompt from one shared prefill (its cache is broadcast K
+            times); the output has B·K rows, the K samples of prompt b at rows bK .. bK+K−1.
+        cache_dtype: the KV cache's dtype (default `cfg.dtype`; "bfloat16" halves the cache
+            of a float32 model).
+        batch_sharding: on a mesh, the rows' sharding (`jrlhf.sharding.batch_sharding`): the
+            decode state and outputs are kept split that way rather than left to propagation.
 
     Returns:
-        `Generation(tokens [B, N], mask [B, N], logprobs [B, N], steps)`.
+        `Generation(tokens [B·K, N], mask [B·K, N], logprobs [B·K, N], steps)`.
     """
-    B, P = prompt_ids.shape
+    P = prompt_ids.shape[1]
     N = max_new_tokens
-    model = tfm.bind(cfg, params)
-    cache = tfm.init_cache(cfg, B, P + N)
-    kv_mask = jnp.concatenate([prompt_mask.astype(jnp.int32), jnp.zeros((B, N), jnp.int32)], 1)
-    hidden, cache = model(prompt_ids, kv_mask, tfm.positions_from_mask(prompt_mask), cache, 0)
-    logits = model.logits(hidden[:, -1:])[:, 0]
+    model = tfm.bind(cfg, compute_dtype_params(params, cfg.dtype))
+    hidden, cache = model.prefill(prompt_ids, prompt_mask, P + N, cache_dtype)
+    logits = model.logits(hidden[:, -1])  # left-padded: every row's prompt ends at column P-1
     lengths = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)
+    if num_samples > 1:
+        repeat = lambda x: jnp.repeat(x, num_samples, axis=0)  # noqa: E731
+        cache, logits, lengths = jax.tree.map(repeat, (cache, logits, lengths))
+    B = lengths.shape[0]
+    first_slot = P - lengths
+
+    def rows_split(x):
+        return x if batch_sharding is None else jax.lax.with_sharding_constraint(x, batch_sharding)
+
+    logits = rows_split(logits)
 
     def cond(carry):
-        t, _, _, _, _, _, _, done = carry
+        t, _, _, _, _, _, done = carry
         return (t < N) & ~jnp.all(done)
 
     def body(carry):
-        t, cache, kv_mask, logits, tokens, mask, logprobs, done = carry
+        t, cache, logits, tokens, mask, logprobs, done = carry
         token, logprob = _sample(jax.random.fold_in(rng, t), logits, temperature, top_k, top_p)
         alive = ~done
         token = jnp.where(alive, token, pad_token_id).astype(tokens.dtype)
@@ -110,16 +134,16 @@ def generate(cfg: ModelConfig, params, prompt_ids, prompt_mask, rng, *, max_new_
         logprobs = logprobs.at[:, t].set(jnp.where(alive, logprob, 0.0))
         if eos_token_id is not None:
             done = done | (token == eos_token_id)
-        kv_mask = kv_mask.at[:, P + t].set(alive.astype(kv_mask.dtype))
-        hidden, cache = model(token[:, None], kv_mask, (lengths + t)[:, None], cache, P + t)
-        return (t + 1, cache, kv_mask, model.logits(hidden)[:, 0], tokens, mask, logprobs, done)
+        hidden, cache = model.decode(token[:, None], (lengths + t)[:, None], cache, first_slot,
+                                     P + t)
+        return (t + 1, cache, rows_split(model.logits(hidden[:, 0])), tokens, mask, logprobs,
+                done)
 
     init = (
-        jnp.int32(0), cache, kv_mask, logits,
-        jnp.full((B, N), pad_token_id, prompt_ids.dtype),
-        jnp.zeros((B, N), jnp.int32),
-        jnp.zeros((B, N), jnp.float32),
-        jnp.zeros((B,), bool),
+        jnp.int32(0), cache, logits,
+        *map(rows_split, (jnp.full((B, N), pad_token_id, prompt_ids.dtype),
+                          jnp.zeros((B, N), jnp.int32), jnp.zeros((B, N), jnp.float32),
+                          jnp.zeros((B,), bool))),
     )
-    steps, _, _, _, tokens, mask, logprobs, _ = jax.lax.while_loop(cond, body, init)
+    steps, _, _, tokens, mask, logprobs, _ = jax.lax.while_loop(cond, body, init)
     return Generation(tokens, mask, logprobs, steps)

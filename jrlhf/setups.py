@@ -285,7 +285,10 @@ def batch_shapes(setup: Setup, config: Config) -> dict[str, jax.ShapeDtypeStruct
     a = setup.algorithm
     if a == "sft":
         B, T = c.sft.batch_size, P + R
-        shapes = {k: ((B, T), i32) for k in ("input_ids", "attention_mask", "loss_mask")}
+        keys = ("input_ids", "attention_mask", "loss_mask")
+        if c.data.pack:
+            keys += ("segment_ids", "positions")
+        shapes = {k: ((B, T), i32) for k in keys}
     elif a == "reward":
         G, T = c.reward.batch_size, P + R
         shapes = {"input_ids": ((G, 2, T), i32), "attention_mask": ((G, 2, T), i32),

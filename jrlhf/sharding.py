@@ -87,8 +87,13 @@ def batch_sharding(mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def batch_devices(mesh) -> int:
+    """How many ways the batch's leading axis is split (data x fsdp)."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
 def check_batch_divisible(batch, mesh, name: str = "batch") -> None:
-    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    ways = batch_devices(mesh)
     for key, x in paths.flatten(batch).items():
         if np.ndim(x) and np.shape(x)[0] % ways:
             raise ValueError(f"{name}[{key!r}] has leading size {np.shape(x)[0]}, not divisible by "

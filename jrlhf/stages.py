@@ -213,8 +213,10 @@ def stage_batches(run: Run, stage: Stage, config: Config):
     kind, example_fn, batch_size = LOADERS[stage.algorithm]
     path = run.file(stage.data, stage)
     source, _ = build_dataset(kind, path, run.out / "tfds", config.data.on_bad_row, log=run.log)
+    pack = config.data.pack and stage.algorithm == "sft"
     return make_loader(source, example_fn(run.encoder, source), batch_size(config),
-                       seed=stream_seed(config.data.shuffle_seed, stage.name))
+                       seed=stream_seed(config.data.shuffle_seed, stage.name),
+                       pack_length=run.encoder.total_length if pack else 0)
 
 
 def file_digest(path: Path) -> str:

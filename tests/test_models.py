@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from conftest import TINY_CONFIGS
-from jrlhf import models
+from jrlhf import models, rl
 
 TOL = 1e-4  # float32 max abs difference against transformers
 
@@ -78,16 +78,13 @@ def test_kv_cache_decoding_equals_full_forward(name, hf_folder):
 
     P, N = ids.shape[1], extra.shape[1]
     model = models.bind(cfg, params)
-    cache = models.init_cache(cfg, 3, P + N)
-    kv_mask = np.concatenate([mask, np.zeros_like(extra)], 1)
-    hidden, cache = model(jnp.asarray(ids), jnp.asarray(kv_mask),
-                          models.positions_from_mask(mask), cache, 0)
+    hidden, cache = model.prefill(jnp.asarray(ids), jnp.asarray(mask), P + N)
     step_logits = [np.asarray(model.logits(hidden))[:, -1]]
+    first_slot = jnp.asarray(P - mask.sum(1))
     for t in range(N - 1):
-        kv_mask[:, P + t] = 1
         pos = (mask.sum(1) + t)[:, None]
-        hidden, cache = model(jnp.asarray(extra[:, t:t + 1]), jnp.asarray(kv_mask), pos, cache,
-                              P + t)
+        hidden, cache = model.decode(jnp.asarray(extra[:, t:t + 1]), pos, cache, first_slot,
+                                     P + t)
         step_logits.append(np.asarray(model.logits(hidden))[:, 0])
     np.testing.assert_allclose(np.stack(step_logits, 1), full[:, P - 1:P + N - 1], atol=1e-5,
                                rtol=0)
@@ -138,9 +135,11 @@ def test_value_head_added_to_lm_checkpoint_starts_at_zero(hf_folder):
     cfg, params = models.load_pretrained(folder, scalar_head=True)
     assert cfg.lm_head and cfg.scalar_head
     ids = np.ones((2, 5), np.int32)
-    logits, values = models.forward_with_values(cfg, params, ids, np.ones_like(ids))
-    np.testing.assert_array_equal(np.asarray(values), 0.0)
-    np.testing.assert_allclose(logits, models.forward(cfg, params, ids, np.ones_like(ids)))
+    out = models.token_outputs(cfg, params, ids, np.ones_like(ids), with_values=True)
+    np.testing.assert_array_equal(np.asarray(out.values), 0.0)
+    logits = models.forward(cfg, params, ids, np.ones_like(ids))
+    np.testing.assert_allclose(out.logprobs,
+                               rl.logprobs_from_logits(logits[:, :-1], ids[:, 1:]), atol=1e-6)
 
 
 def test_bfloat16_compute_stays_close(hf_folder):

@@ -70,9 +70,9 @@ def test_ppo_ratio_is_one_before_any_update(temperature):
                    temperature=temperature, eos_token_id=5, pad_token_id=0)
     full_ids = jnp.concatenate([ids, out.tokens], 1)
     full_mask = jnp.concatenate([mask, out.mask], 1)
-    logits, values = policy_outputs(params, full_ids, full_mask, 6, policy_cfg=CFG,
-                                    value_cfg=None, temperature=temperature)
-    trainer_logprobs = rl.logprobs_from_logits(logits, out.tokens) * out.mask
+    logprobs, _, values = policy_outputs(params, full_ids, full_mask, 6, policy_cfg=CFG,
+                                         value_cfg=None, temperature=temperature)
+    trainer_logprobs = logprobs * out.mask
     log_ratio = np.asarray(trainer_logprobs - out.logprobs)
     assert np.abs(log_ratio).max() < 1e-5
     cfg = PPOConfig(ppo_epochs=1)
@@ -167,7 +167,7 @@ def test_sharded_generate_equals_unsharded():
     batch_sh = sharding.batch_sharding(mesh)
     out = generate(CFG, sharded_params, jax.device_put(ids, batch_sh),
                    jax.device_put(mask, batch_sh), jax.random.key(6), max_new_tokens=6,
-                   temperature=1.0, eos_token_id=5)
+                   temperature=1.0, eos_token_id=5, batch_sharding=batch_sh)
     np.testing.assert_array_equal(out.tokens, ref.tokens)
     np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
     assert out.tokens.sharding.spec[0] == ("data", "fsdp")

@@ -227,9 +227,9 @@ def rollout_batch(params, policy_cfg=POLICY_CFG, value_cfg=None, cfg=PPO_CFG, B=
         resp_mask[b, n:] = 0
         attn[b, P + n:] = 0
         ids[b, P + n:] = 0
-    logits, values = policy_outputs(params, ids, attn, N, policy_cfg=policy_cfg,
-                                    value_cfg=value_cfg, temperature=TEMPERATURE)
-    logprobs = rl.logprobs_from_logits(logits, ids[:, P:]) * resp_mask
+    logprobs, _, values = policy_outputs(params, ids, attn, N, policy_cfg=policy_cfg,
+                                         value_cfg=value_cfg, temperature=TEMPERATURE)
+    logprobs = logprobs * resp_mask
     ref = logprobs + 0.1 * rng.randn(B, N).astype(np.float32) * resp_mask
     return {"input_ids": ids, "attention_mask": attn, "response_mask": resp_mask,
             "logprobs": np.asarray(logprobs), "ref_logprobs": np.asarray(ref),
@@ -298,9 +298,8 @@ def test_ppo_update_is_one_dispatch_and_equals_a_minibatch_loop():
     from jrlhf.steps.ppo import ppo_loss
 
     cfg = PPO_CFG
-    kl, rewards, adv, returns = rollout_advantages(batch, reference_state.kl_coef, cfg)
-    N = batch["response_mask"].shape[1]
-    data = dict(batch, advantages=adv, returns=returns, response_ids=batch["input_ids"][:, -N:])
+    _, _, adv, returns = rollout_advantages(batch, reference_state.kl_coef, cfg)
+    data = dict(batch, advantages=adv, returns=returns)
     forward_fn = functools.partial(policy_outputs, policy_cfg=POLICY_CFG, value_cfg=None,
                                    temperature=TEMPERATURE)
     grad_fn = jax.jit(jax.grad(lambda p, mb: ppo_loss(p, mb, cfg=cfg, forward=forward_fn)[0]))

@@ -4,7 +4,9 @@ Shapes are fixed per config (P = max_prompt_length, R = max_response_length, T =
 step compiles once:
 
 - SFT:      input_ids, attention_mask, loss_mask `[B, T]` (right-padded; loss on the response
-            and its EOS).
+            and its EOS). Packed (`data.pack`): each row holds as many whole examples as fit
+            (first-fit), with `segment_ids` (1, 2, ... per example, 0 on padding) and
+            `positions` (restarting at every example) `[B, T]` added.
 - Rankings: input_ids, attention_mask `[G, K, T]`, ranks `[G, K]` (absent responses rank -1).
 - Prompts:  input_ids, attention_mask `[B, P]` (left-padded, ready for generation).
 
@@ -138,13 +140,31 @@ class Encoder:
                 f"cut at {self.max_response_length} tokens")
 
 
+def unpadded(example: dict) -> dict:
+    """An SFT example cut to its real tokens: `input_ids`, `loss_mask` `[n]` (for packing)."""
+    n = int(example["attention_mask"].sum())
+    return {"input_ids": example["input_ids"][:n], "loss_mask": example["loss_mask"][:n]}
+
+
+def packed_row(element: dict) -> dict:
+    """grain's first-fit packing output as an SFT row with `segment_ids` and `positions`."""
+    segments = element["input_ids_segment_ids"].astype(np.int32)
+    return {"input_ids": element["input_ids"].astype(np.int32),
+            "attention_mask": (segments > 0).astype(np.int32),
+            "loss_mask": element["loss_mask"].astype(np.int32), "segment_ids": segments,
+            "positions": element["input_ids_positions"].astype(np.int32)}
+
+
 def make_loader(source, example_fn, batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                process_index: int | None = None, process_count: int | None = None):
+                process_index: int | None = None, process_count: int | None = None,
+                pack_length: int = 0):
     """An endless grain iterator of batches over a TFDS data source.
 
     Each host reads its own slice (`process_index::process_count`, default from jax) and batches
     `batch_size` examples (the per-host batch). Epochs are reshuffled with `seed`. The iterator
     has `get_state()` / `set_state()`, so a resumed run sees exactly the batches it would have.
+    `pack_length > 0` (SFT only) packs whole examples first-fit into `batch_size` rows of that
+    length per batch (`packed_row`); an example never straddles two rows.
     """
     import grain
 
@@ -158,7 +178,16 @@ def make_loader(source, example_fn, batch_size: int, *, seed: int = 0, shuffle: 
                          f"size {batch_size}")
     if shuffle:
         ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(None).map(example_fn).batch(batch_size, drop_remainder=True)
     # Small read-ahead: tokenization is cheap next to a step, and counters stay meaningful.
     options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2 * batch_size)
-    return iter(ds.to_iter_dataset(read_options=options))
+    ds = ds.repeat(None).map(example_fn)
+    if not pack_length:
+        return iter(ds.batch(batch_size, drop_remainder=True).to_iter_dataset(
+            read_options=options))
+    from grain.experimental import FirstFitPackIterDataset
+
+    packed = FirstFitPackIterDataset(
+        ds.map(unpadded).to_iter_dataset(read_options=options),
+        length_struct={"input_ids": pack_length, "loss_mask": pack_length},
+        num_packing_bins=batch_size, seed=seed, shuffle_bins=False)
+    return iter(packed.map(packed_row).batch(batch_size, drop_remainder=True))

@@ -5,26 +5,25 @@ from jrlhf.models.gguf_loader import load_gguf, load_gguf_tokenizer, smollm2_ggu
 from jrlhf.models.hf import load_pretrained, save_pretrained
 from jrlhf.models.transformer import (
     KVCache,
-    ModelOutput,
+    TokenOutputs,
     Transformer,
     abstract_params,
-    apply,
     bind,
     forward,
-    forward_with_values,
     graphdef,
-    init_cache,
     init_params,
     last_token_index,
     positions_from_mask,
+    positions_from_segments,
     reward_scores,
+    token_outputs,
     token_scores,
 )
 
 __all__ = [
-    "KVCache", "ModelConfig", "ModelOutput", "Transformer", "abstract_params", "apply", "bind",
-    "forward", "forward_with_values", "from_hf_config", "graphdef", "init_cache", "init_params",
-    "last_token_index", "load_gguf", "load_gguf_tokenizer", "load_pretrained",
-    "positions_from_mask", "reward_scores", "save_pretrained", "smollm2_gguf_path",
-    "to_hf_config", "token_scores",
+    "KVCache", "ModelConfig", "TokenOutputs", "Transformer", "abstract_params", "bind",
+    "forward", "from_hf_config", "graphdef", "init_params", "last_token_index", "load_gguf",
+    "load_gguf_tokenizer", "load_pretrained", "positions_from_mask", "positions_from_segments",
+    "reward_scores", "save_pretrained", "smollm2_gguf_path", "to_hf_config", "token_outputs",
+    "token_scores",
 ]

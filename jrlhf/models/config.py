@@ -49,6 +49,9 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; parameters keep their own dtype
     scan_layers: bool = False  # one compiled layer body (lax.scan) for cache-free forwards
     remat: str = "none"  # rematerialise each layer in the backward pass: none | full | dots
+    attention: str = "auto"  # auto | xla | cudnn (see jrlhf.models.attention)
+    # Positions per LM-head block in the losses (`token_outputs`); 0 = all at once.
+    logits_chunk_size: int = 2048
 
     def __post_init__(self):
         if self.family not in ("gpt2", "llama"):
@@ -61,6 +64,10 @@ class ModelConfig:
             raise ValueError("a model needs at least one head: lm_head or scalar_head")
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"remat must be none|full|dots, got {self.remat!r}")
+        if self.attention not in ("auto", "xla", "cudnn"):
+            raise ValueError(f"attention must be auto|xla|cudnn, got {self.attention!r}")
+        if self.logits_chunk_size < 0:
+            raise ValueError(f"logits_chunk_size must be >= 0, got {self.logits_chunk_size}")
 
     @property
     def num_params(self) -> int:

@@ -7,7 +7,6 @@ folder (safetensors), or "random" (weights from `arch`). `model_config` reads on
 
 from __future__ import annotations
 
-import dataclasses
 
 import jax
 import numpy as np
@@ -36,14 +35,17 @@ def load_tokenizer(source: str):
                                                       trust_remote_code=False)
 
 
-def load_policy(section, seed: int = 0):
-    """`(ModelConfig, params, tokenizer)` for a `ModelSection` (compute dtype applied)."""
+def load_policy(section, seed: int = 0, *, tokenizer: bool = True):
+    """`(ModelConfig, params, tokenizer)` for a `ModelSection` (compute settings applied).
+
+    `tokenizer=False` skips it (None) for random weights: `jrlhf bench` needs none, and the
+    embedded one needs packages accelerator hosts may lack."""
     if section.source == "random":
         if section.arch is None:
             raise ValueError("model.source='random' needs model.arch (a ModelConfig)")
-        cfg = dataclasses.replace(section.arch, dtype=section.dtype)
+        cfg = section.compute(section.arch)
         params = jax.tree.map(np.asarray, init_params(cfg, seed))
-        return cfg, params, load_tokenizer(section.tokenizer or "smollm2")
+        return cfg, params, load_tokenizer(section.tokenizer or "smollm2") if tokenizer else None
     tokenizer = None
     if _is_gguf(section.source):
         cfg, params, tokenizer = load_gguf(_gguf_path(section.source))
@@ -51,7 +53,7 @@ def load_policy(section, seed: int = 0):
         cfg, params = load_pretrained(section.source)
     if section.tokenizer or tokenizer is None:
         tokenizer = load_tokenizer(section.tokenizer or section.source)
-    return dataclasses.replace(cfg, dtype=section.dtype), params, tokenizer
+    return section.compute(cfg), params, tokenizer
 
 
 def model_config(section) -> ModelConfig:
@@ -59,7 +61,7 @@ def model_config(section) -> ModelConfig:
     if section.source == "random" or section.arch is not None:
         if section.arch is None:
             raise ValueError("model.source='random' needs model.arch (a ModelConfig)")
-        return dataclasses.replace(section.arch, dtype=section.dtype)
+        return section.compute(section.arch)
     if _is_gguf(section.source):
         # Imported here: `jrlhf bench` / `plan` run on accelerator hosts that have jax, flax,
         # optax, orbax, torch and transformers but not gguf.
@@ -68,15 +70,16 @@ def model_config(section) -> ModelConfig:
         reader = gguf.GGUFReader(str(_gguf_path(section.source)))
         f = lambda k: reader.fields[k].contents()
         vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
-        return ModelConfig(family="llama", vocab_size=vocab,
-                           hidden_size=int(f("llama.embedding_length")),
-                           num_layers=int(f("llama.block_count")),
-                           num_heads=int(f("llama.attention.head_count")),
-                           num_kv_heads=int(f("llama.attention.head_count_kv")),
-                           head_dim=int(f("llama.rope.dimension_count")),
-                           intermediate_size=int(f("llama.feed_forward_length")),
-                           tie_word_embeddings=True, dtype=section.dtype)
+        cfg = ModelConfig(family="llama", vocab_size=vocab,
+                          hidden_size=int(f("llama.embedding_length")),
+                          num_layers=int(f("llama.block_count")),
+                          num_heads=int(f("llama.attention.head_count")),
+                          num_kv_heads=int(f("llama.attention.head_count_kv")),
+                          head_dim=int(f("llama.rope.dimension_count")),
+                          intermediate_size=int(f("llama.feed_forward_length")),
+                          tie_word_embeddings=True)
+        return section.compute(cfg)
     refuse_remote_code(section.source)
     hf = transformers.AutoConfig.from_pretrained(section.source, local_files_only=True,
                                                  trust_remote_code=False)
-    return from_hf_config(hf, dtype=section.dtype)
+    return section.compute(from_hf_config(hf))

@@ -4,9 +4,12 @@ Shapes: B batch, T query tokens, S key slots (T without a cache, the cache lengt
 D hidden size, H query heads, K key/value heads, G = H // K query heads per key/value head,
 Dh head size.
 
-Masks: `attention_mask` / `kv_mask` are 1 for real tokens and 0 for padding. Positions are
-derived from the mask (`positions_from_mask`), so a left-padded row gives the logits it gives
-alone. Padded query positions produce finite garbage that callers must mask out.
+Masks: `attention_mask` is 1 for real tokens and 0 for padding, one contiguous run of real
+tokens per row on either side of the padding; packed rows use `segment_ids` instead. Positions
+are derived from the mask (`positions_from_mask`) or the segments (`positions_from_segments`),
+so a padded row gives the logits it gives alone. How attention honours padding without a dense
+mask is described in `jrlhf.models.attention`. Padded query positions produce finite garbage
+that callers must mask out.
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jrlhf.models import attention as attn
 from jrlhf.models.config import ModelConfig
 
 Params = dict[str, Any]
-# One (keys, values) pair per layer, each [B, S, K, Dh].
+# One (keys, values) pair per layer, each [B, S, K, Dh] (see `Transformer.prefill`).
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]
 
 _INIT = nnx.initializers.normal(0.02)
@@ -38,6 +42,17 @@ ACTIVATIONS = {
 def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     """Position ids `[B, T]`: 0 at each row's first real token, counting real tokens only."""
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+    """Position ids `[B, T]` of packed rows: 0 at the first token of every segment (and on
+    padding, segment 0)."""
+    T = segment_ids.shape[-1]
+    cols = jnp.broadcast_to(jnp.arange(T), segment_ids.shape)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    positions = cols - jax.lax.cummax(jnp.where(starts, cols, 0), axis=1)
+    return jnp.where(segment_ids > 0, positions, 0)
 
 
 def last_token_index(attention_mask: jax.Array) -> jax.Array:
@@ -96,14 +111,6 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def attention_weights_mask(kv_mask: jax.Array, cache_index: jax.Array | int, T: int) -> jax.Array:
-    """Boolean `[B, T, S]`: query t (at slot cache_index + t) may see key slot s."""
-    S = kv_mask.shape[-1]
-    query_slot = cache_index + jnp.arange(T)
-    causal = jnp.arange(S)[None, :] <= query_slot[:, None]
-    return causal[None] & (kv_mask[:, None, :] > 0)
-
-
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
@@ -113,32 +120,31 @@ class Attention(nnx.Module):
         self.v_proj = _linear(cfg, d, kv, cfg.attention_bias, rngs)
         self.o_proj = _linear(cfg, q, d, cfg.output_bias, rngs)
 
-    def __call__(self, x, positions, kv_mask, layer_cache, cache_index):
+    def __call__(self, x, positions, segment_ids=None, cache=None, first_slot=None, slot=None):
+        """Without `cache`: causal self-attention over left-aligned rows (see
+        `jrlhf.models.attention`); returns the output and this call's `(k, v)` (for a prefill).
+        With `cache = (keys, values)`: x is one token per row, written at cache slot `slot`;
+        returns the output and the updated cache."""
         cfg = self.cfg
         B, T, _ = x.shape
-        K, G, Dh = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
-        q = self.q_proj(x).reshape(B, T, K * G, Dh)
-        k = self.k_proj(x).reshape(B, T, K, Dh)
-        v = self.v_proj(x).reshape(B, T, K, Dh)
+        q = self.q_proj(x).reshape(B, T, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(x).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(x).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
         if cfg.family == "llama":
             q = apply_rope(q, positions, cfg.rope_theta)
             k = apply_rope(k, positions, cfg.rope_theta)
-        if layer_cache is None:
-            keys, values = k, v
+        if cache is None:
+            impl = attn.resolve_implementation(cfg.attention, cfg.dtype, cfg.head_dim)
+            out = attn.self_attention(q, k, v, implementation=impl, segment_ids=segment_ids)
+            new = (k, v)
         else:
-            cache_k, cache_v = layer_cache
-            start = (0, cache_index, 0, 0)
-            keys = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
-            values = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
-        q = q.reshape(B, T, K, G, Dh)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, keys.astype(q.dtype)).astype(jnp.float32)
-        scores = scores * (Dh ** -0.5)
-        allowed = attention_weights_mask(kv_mask, cache_index, T)[:, None, None]
-        scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(q.dtype))
-        new_cache = None if layer_cache is None else (keys, values)
-        return self.o_proj(out.reshape(B, T, K * G * Dh)), new_cache
+            keys, values = cache
+            start = (0, slot, 0, 0)
+            keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), start)
+            values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), start)
+            out = attn.cached_attention(q, keys, values, first_slot, slot)
+            new = (keys, values)
+        return self.o_proj(out.reshape(B, T, cfg.num_heads * cfg.head_dim)), new
 
 
 class MLP(nnx.Module):
@@ -169,11 +175,11 @@ class Block(nnx.Module):
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, positions, kv_mask, layer_cache, cache_index):
-        attn_out, new_cache = self.attn(self.attn_norm(x), positions, kv_mask, layer_cache,
-                                        cache_index)
+    def __call__(self, x, positions, segment_ids=None, cache=None, first_slot=None, slot=None):
+        attn_out, kv = self.attn(self.attn_norm(x), positions, segment_ids, cache, first_slot,
+                                 slot)
         x = x + attn_out
-        return x + self.mlp(self.mlp_norm(x)), new_cache
+        return x + self.mlp(self.mlp_norm(x)), kv
 
 
 class Transformer(nnx.Module):
@@ -195,31 +201,45 @@ class Transformer(nnx.Module):
         if cfg.scalar_head:
             self.score = _linear(cfg, cfg.hidden_size, 1, False, rngs)
 
-    def __call__(self, input_ids, attention_mask, positions=None, cache=None, cache_index=0):
-        """Final hidden states `[B, T, D]` and the updated cache (None without one).
-
-        Without a cache, `attention_mask` is `[B, T]`. With a cache, it is the `[B, S]` mask of
-        every cache slot (including the T slots being written at `cache_index`).
-        """
-        if positions is None:
-            positions = positions_from_mask(attention_mask)
+    def _embed(self, input_ids, positions):
         x = self.embed(input_ids)
         if self.cfg.family == "gpt2":
             x = x + self.pos_embed(positions)
-        if cache is None:
-            return self.final_norm(self._layers_without_cache(x, positions, attention_mask)), None
-        new_cache = []
-        for i, layer in enumerate(self.layers):
-            x, layer_new = layer(x, positions, attention_mask, cache[i], cache_index)
-            new_cache.append(layer_new)
-        return self.final_norm(x), tuple(new_cache)
+        return x
 
-    def _layers_without_cache(self, x, positions, attention_mask):
+    def __call__(self, input_ids, attention_mask, positions=None, segment_ids=None):
+        """Final hidden states `[B, T, D]` of `input_ids [B, T]`.
+
+        `attention_mask [B, T]`: each row one contiguous run of real tokens (any padding side).
+        Packed rows pass `segment_ids [B, T]` (1, 2, ... per example, 0 on padding) instead of
+        relying on the mask; positions then restart at every segment.
+        """
+        x, positions, segment_ids, shift = self._aligned_inputs(input_ids, attention_mask,
+                                                                positions, segment_ids)
+        hidden = self.final_norm(self._layers_without_cache(x, positions, segment_ids))
+        return hidden if shift is None else attn.roll_rows(hidden, -shift)
+
+    def _aligned_inputs(self, input_ids, attention_mask, positions, segment_ids):
+        """Embeddings, positions and segment ids with every row left-aligned (see
+        `jrlhf.models.attention`), and the per-row shift to undo (None for packed rows)."""
+        if segment_ids is not None:
+            if positions is None:
+                positions = positions_from_segments(segment_ids)
+            return self._embed(input_ids, positions), positions, segment_ids, None
+        shift = attn.leading_padding(attention_mask)
+        input_ids = attn.roll_rows(input_ids, shift)
+        if positions is None:
+            positions = positions_from_mask(attn.roll_rows(attention_mask, shift))
+        else:
+            positions = attn.roll_rows(positions, shift)
+        return self._embed(input_ids, positions), positions, None, shift
+
+    def _layers_without_cache(self, x, positions, segment_ids):
         """All layers, unrolled or as one `lax.scan` body, each optionally rematerialised."""
         block_def = nnx.graphdef(self.layers[0])
 
         def block(layer_state, x):
-            out, _ = nnx.merge(block_def, layer_state)(x, positions, attention_mask, None, 0)
+            out, _ = nnx.merge(block_def, layer_state)(x, positions, segment_ids)
             return out
 
         if self.cfg.remat == "full":
@@ -235,11 +255,44 @@ class Transformer(nnx.Module):
         x, _ = jax.lax.scan(lambda h, state: (block(state, h), None), x, stacked)
         return x
 
-    def logits(self, hidden: jax.Array) -> jax.Array:
-        """LM logits `[B, T, V]` in float32."""
+    def prefill(self, input_ids, attention_mask, cache_size: int, cache_dtype=None):
+        """Run a left-padded prompt `[B, P]` and build its KV cache of `cache_size` slots.
+
+        Returns `(hidden [B, P, D], cache)`: the prompt sits in slots 0 .. P−1 exactly as laid
+        out in `input_ids` (row b real from slot P − len_b), later slots are zero.
+        """
+        x, positions, _, shift = self._aligned_inputs(input_ids, attention_mask, None, None)
+        P = input_ids.shape[1]
+        dtype = jnp.dtype(cache_dtype or self.cfg.dtype)
+        cache = []
+        for layer in self.layers:
+            x, (k, v) = layer(x, positions)
+            pad = ((0, 0), (0, cache_size - P), (0, 0), (0, 0))
+            cache.append(tuple(jnp.pad(attn.roll_rows(t, -shift).astype(dtype), pad)
+                               for t in (k, v)))
+        return attn.roll_rows(self.final_norm(x), -shift), tuple(cache)
+
+    def decode(self, tokens, positions, cache: KVCache, first_slot, slot):
+        """One token per row (`tokens, positions [B, 1]`) written at cache slot `slot`; row b
+        attends to slots `first_slot[b] .. slot`. Returns `(hidden [B, 1, D], cache)`."""
+        x = self._embed(tokens, positions)
+        new_cache = []
+        for layer, layer_cache in zip(self.layers, cache):
+            x, layer_cache = layer(x, positions, None, layer_cache, first_slot, slot)
+            new_cache.append(layer_cache)
+        return self.final_norm(x), tuple(new_cache)
+
+    def lm_head_weight(self) -> tuple[jax.Array, bool]:
+        """The LM head's matrix and whether it is `[V, D]` (tied embedding) rather than `[D, V]`."""
         if self.cfg.tie_word_embeddings:
-            return self.embed.attend(hidden).astype(jnp.float32)
-        return self.lm_head(hidden).astype(jnp.float32)
+            return self.embed.embedding[...], True
+        return self.lm_head.kernel[...], False
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """LM logits `[..., V]` in float32 (every position: see `token_logprobs` for the
+        memory-bounded path the losses use)."""
+        weight, transposed = self.lm_head_weight()
+        return head_logits(hidden, weight, transposed, self.cfg.dtype)
 
     def scores(self, hidden: jax.Array) -> jax.Array:
         """Per-token scalar head `[B, T]` in float32 (values for a critic, rewards for an RM)."""
@@ -273,26 +326,97 @@ def bind(cfg: ModelConfig, params: Params) -> Transformer:
     return nnx.merge(graphdef(cfg), params)
 
 
-class ModelOutput(NamedTuple):
-    hidden: jax.Array  # [B, T, D]
-    cache: KVCache | None
+def head_logits(hidden: jax.Array, weight: jax.Array, transposed: bool, dtype) -> jax.Array:
+    """`hidden [..., D]` times the LM head (`weight [V, D]` if `transposed` else `[D, V]`) in the
+    compute `dtype`, returned in float32 `[..., V]`."""
+    dtype = jnp.dtype(dtype)
+    w = weight.astype(dtype)
+    out = jnp.dot(hidden.astype(dtype), w.T if transposed else w)
+    return out.astype(jnp.float32)
 
 
-def apply(cfg, params, input_ids, attention_mask, *, positions=None, cache=None, cache_index=0):
-    """Backbone forward. See `Transformer.__call__` for the mask/cache contract."""
+def chunked_token_logprobs(hidden, weight, transposed: bool, targets, *, dtype,
+                           temperature: float = 1.0, chunk_size: int = 0,
+                           with_entropy: bool = False):
+    """Log-probs `[B, T]` of `targets [B, T]` under `softmax(head(hidden [B, T, D]) / temperature)`
+    and, with `with_entropy`, the entropy `[B, T]` of that distribution (else None).
+
+    The `[B·T, V]` float32 logits are never materialised: positions are processed
+    `chunk_size` at a time in a `lax.map` whose body is rematerialised, so the backward pass
+    recomputes one chunk's logits at a time (peak extra memory: one `[chunk_size, V]` block).
+    `chunk_size=0`, or at most `chunk_size` positions in all, computes everything in one block.
+    """
+    B, T, D = hidden.shape
+    n = B * T
+    flat_hidden, flat_targets = hidden.reshape(n, D), targets.reshape(n).astype(jnp.int32)
+
+    def block(h, t):
+        logits = head_logits(h, weight, transposed, dtype) / temperature
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        logp = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0] - lse
+        if not with_entropy:
+            return logp, None
+        probs = jnp.exp(logits - lse[:, None])
+        return logp, lse - jnp.sum(probs * logits, axis=-1)
+
+    if not chunk_size or n <= chunk_size:
+        logp, entropy = block(flat_hidden, flat_targets)
+    else:
+        chunks = -(-n // chunk_size)
+        pad = chunks * chunk_size - n
+        h = jnp.pad(flat_hidden, ((0, pad), (0, 0))).reshape(chunks, chunk_size, D)
+        t = jnp.pad(flat_targets, (0, pad)).reshape(chunks, chunk_size)
+        logp, entropy = jax.lax.map(jax.checkpoint(lambda xs: block(*xs)), (h, t))
+        logp = logp.reshape(-1)[:n]
+        entropy = None if entropy is None else entropy.reshape(-1)[:n]
+    return logp.reshape(B, T), None if entropy is None else entropy.reshape(B, T)
+
+
+class TokenOutputs(NamedTuple):
+    """Per predicted token `[B, n]`: log-prob of the actual next token, optionally the entropy
+    of the predicted distribution and the scalar head (values)."""
+
+    logprobs: jax.Array
+    entropy: jax.Array | None
+    values: jax.Array | None
+
+
+def token_outputs(cfg: ModelConfig, params: Params, input_ids, attention_mask, *,
+                  last: int | None = None, temperature: float = 1.0,
+                  with_entropy: bool = False, with_values: bool = False, positions=None,
+                  segment_ids=None) -> TokenOutputs:
+    """What every loss needs from the LM head, without `[B, T, V]` logits.
+
+    `input_ids, attention_mask [B, T]`. The predicted tokens are `input_ids[:, -n:]` with
+    n = `last` (the response of a prompt + response row), or n = T − 1 (every next token) when
+    `last` is None. Logits are divided by `temperature`; the LM head runs
+    `cfg.logits_chunk_size` positions at a time (`chunked_token_logprobs`).
+    `positions` / `segment_ids` as in `Transformer.__call__` (packed rows).
+    """
     model = bind(cfg, params)
-    return ModelOutput(*model(input_ids, attention_mask, positions, cache, cache_index))
+    hidden = model(input_ids, attention_mask, positions, segment_ids)
+    n = input_ids.shape[1] - 1 if last is None else last
+    hidden = hidden[:, -n - 1:-1]
+    logprobs, entropy = None, None
+    if cfg.lm_head:
+        weight, transposed = model.lm_head_weight()
+        logprobs, entropy = chunked_token_logprobs(
+            hidden, weight, transposed, input_ids[:, -n:], dtype=cfg.dtype,
+            temperature=temperature, chunk_size=cfg.logits_chunk_size, with_entropy=with_entropy)
+    values = model.scores(hidden) if with_values else None
+    return TokenOutputs(logprobs, entropy, values)
 
 
 def forward(cfg: ModelConfig, params: Params, input_ids, attention_mask, *, positions=None,
-            last: int | None = None):
+            segment_ids=None, last: int | None = None):
     """LM logits `[B, T, V]` (float32) for `input_ids [B, T]` with `attention_mask [B, T]`.
 
     `last=n` returns only the logits of positions T−n−1 .. T−2 (those predicting the last n
-    tokens), so the LM head — a vocabulary-sized matmul — never runs on prompt positions.
+    tokens). Losses use `token_outputs`, which never holds all logits at once; this is the
+    reference path and what `generate`-free callers (evaluation, tests) use.
     """
     model = bind(cfg, params)
-    hidden, _ = model(input_ids, attention_mask, positions)
+    hidden = model(input_ids, attention_mask, positions, segment_ids)
     return model.logits(_predicting_last(hidden, last))
 
 
@@ -300,22 +424,11 @@ def _predicting_last(x, last: int | None):
     return x if last is None else x[:, -last - 1:-1]
 
 
-def forward_with_values(cfg, params, input_ids, attention_mask, *, positions=None,
-                        last: int | None = None):
-    """`(logits [B, T, V], values [B, T])` for a policy with a shared-backbone value head
-    (`last` as in `forward`, for both)."""
-    model = bind(cfg, params)
-    hidden, _ = model(input_ids, attention_mask, positions)
-    hidden = _predicting_last(hidden, last)
-    return model.logits(hidden), model.scores(hidden)
-
-
 def token_scores(cfg, params, input_ids, attention_mask, *, positions=None,
                  last: int | None = None):
     """Per-token scalar head `[B, T]` (a value model's values; `last` as in `forward`)."""
     model = bind(cfg, params)
-    hidden, _ = model(input_ids, attention_mask, positions)
-    return model.scores(_predicting_last(hidden, last))
+    return model.scores(_predicting_last(model(input_ids, attention_mask, positions), last))
 
 
 def reward_scores(cfg, params, input_ids, attention_mask):
@@ -323,10 +436,3 @@ def reward_scores(cfg, params, input_ids, attention_mask):
     scores = token_scores(cfg, params, input_ids, attention_mask)
     idx = last_token_index(attention_mask)
     return jnp.take_along_axis(scores, idx[:, None], axis=1)[:, 0]
-
-
-def init_cache(cfg: ModelConfig, batch_size: int, max_length: int, dtype=None) -> KVCache:
-    """Zeroed KV cache: per layer, keys and values of shape `[B, S, K, Dh]`."""
-    dtype = jnp.dtype(dtype or cfg.dtype)
-    shape = (batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
-    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers))

@@ -15,7 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jrlhf import losses, rl
+from jrlhf import losses
 from jrlhf.config import GRPOConfig
 from jrlhf.models import transformer as tfm
 from jrlhf.models.config import ModelConfig
@@ -55,9 +55,8 @@ def grpo_step(state, batch, *, cfg: GRPOConfig, model_cfg: ModelConfig, labels=N
 
     def loss_fn(params, mb):
         fp = forward_params(params, labels, lora_scale)
-        logits = tfm.forward(model_cfg, fp, mb["input_ids"], mb["attention_mask"], last=N)
-        logits = logits / temperature
-        logprobs = rl.logprobs_from_logits(logits, mb["input_ids"][:, -N:])
+        logprobs = tfm.token_outputs(model_cfg, fp, mb["input_ids"], mb["attention_mask"],
+                                     last=N, temperature=temperature).logprobs
         loss, m = losses.clipped_kl_regularised_loss(
             logprobs, mb["logprobs"], mb["ref_logprobs"], mb["advantages"], mb["response_mask"],
             cfg.clip_eps, cfg.kl_coef)

@@ -28,25 +28,27 @@ from jrlhf.steps.common import forward_params, jit_step, minibatch_epochs
 
 def policy_outputs(params, input_ids, attention_mask, num_response: int, *,
                    policy_cfg: ModelConfig, value_cfg: ModelConfig | None, temperature: float,
-                   labels=None, lora_scale: float = 0.0):
-    """`(logits [B, N, V] / temperature, values [B, N])` at the positions predicting the response.
+                   labels=None, lora_scale: float = 0.0, with_entropy: bool = False):
+    """`(logprobs [B, N], entropy [B, N] | None, values [B, N])` of the response (the last N
+    tokens of `input_ids`) under logits / temperature, without materialising the logits.
 
     `params` is `{"policy": ...}` (value head on the policy's backbone, or no critic at all when
     `policy_cfg.scalar_head` is False: values are then zeros) or `{"policy": ..., "value": ...}`
     (a separate value model with config `value_cfg`).
     """
     fp = forward_params(params, labels, lora_scale)
-    n = num_response
-    if value_cfg is None and not policy_cfg.scalar_head:
-        logits = tfm.forward(policy_cfg, fp["policy"], input_ids, attention_mask, last=n)
-        values = jnp.zeros(logits.shape[:2], jnp.float32)
+    shared = value_cfg is None and policy_cfg.scalar_head
+    out = tfm.token_outputs(policy_cfg, fp["policy"], input_ids, attention_mask,
+                            last=num_response, temperature=temperature,
+                            with_entropy=with_entropy, with_values=shared)
+    if shared:
+        values = out.values
     elif value_cfg is None:
-        logits, values = tfm.forward_with_values(policy_cfg, fp["policy"], input_ids,
-                                                 attention_mask, last=n)
+        values = jnp.zeros(out.logprobs.shape, jnp.float32)
     else:
-        logits = tfm.forward(policy_cfg, fp["policy"], input_ids, attention_mask, last=n)
-        values = tfm.token_scores(value_cfg, fp["value"], input_ids, attention_mask, last=n)
-    return logits / temperature, values
+        values = tfm.token_scores(value_cfg, fp["value"], input_ids, attention_mask,
+                                  last=num_response)
+    return out.logprobs, out.entropy, values
 
 
 def rollout_advantages(batch, kl_coef, cfg: PPOConfig):
@@ -63,13 +65,13 @@ def rollout_advantages(batch, kl_coef, cfg: PPOConfig):
 def ppo_loss(params, mb, *, cfg: PPOConfig, forward):
     """Clipped policy loss + vf_coef · clipped value loss − entropy_coef · entropy."""
     mask = mb["response_mask"]
-    logits, values = forward(params, mb["input_ids"], mb["attention_mask"], mask.shape[1])
-    logprobs = rl.logprobs_from_logits(logits, mb["response_ids"])
+    logprobs, entropy, values = forward(params, mb["input_ids"], mb["attention_mask"],
+                                        mask.shape[1], with_entropy=True)
     pg_loss, pg_metrics = losses.ppo_policy_loss(logprobs, mb["logprobs"], mb["advantages"], mask,
                                                  cfg.clip_eps)
     vf_loss, vf_metrics = losses.ppo_value_loss(values, mb["values"], mb["returns"], mask,
                                                 cfg.value_clip_eps)
-    entropy = rl.masked_mean(rl.entropy_from_logits(logits), mask)
+    entropy = rl.masked_mean(entropy, mask)
     loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * entropy
     metrics = {
         "ppo/loss": loss, "ppo/policy_loss": pg_loss, "value/loss": vf_loss,
@@ -93,8 +95,7 @@ def ppo_step(state, batch, *, cfg: PPOConfig, policy_cfg: ModelConfig,
     num_minibatches = cfg.num_minibatches(B)
     kl_coef = state.kl_coef
     kl, rewards, advantages, returns = rollout_advantages(batch, kl_coef, cfg)
-    data = dict(batch, advantages=advantages, returns=returns,
-                response_ids=batch["input_ids"][:, -N:])
+    data = dict(batch, advantages=advantages, returns=returns)
     data.pop("scores")
     data.pop("ref_logprobs")
     forward = functools.partial(policy_outputs, policy_cfg=policy_cfg, value_cfg=value_cfg,
@@ -171,14 +172,13 @@ def score_rollout(params, ref_params, reward_params, prompt_ids, prompt_mask, re
     N = response_ids.shape[1]
     ids = jnp.concatenate([prompt_ids, response_ids], axis=1)
     mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
-    logits, values = policy_outputs(params, ids, mask, N, policy_cfg=policy_cfg,
-                                    value_cfg=value_cfg, temperature=temperature,
-                                    lora_scale=lora_scale)
-    logprobs = rl.logprobs_from_logits(logits, response_ids)
+    logprobs, _, values = policy_outputs(params, ids, mask, N, policy_cfg=policy_cfg,
+                                         value_cfg=value_cfg, temperature=temperature,
+                                         lora_scale=lora_scale)
     if ref_params is None:
         ref_params = lora.base_params(params["policy"])
-    ref_logits = tfm.forward(policy_cfg, ref_params, ids, mask, last=N)
-    ref_logprobs = rl.logprobs_from_logits(ref_logits / temperature, response_ids)
+    ref_logprobs = tfm.token_outputs(policy_cfg, ref_params, ids, mask, last=N,
+                                     temperature=temperature).logprobs
     scores = reward_fn(reward_params, prompt_ids, prompt_mask, response_ids, response_mask)
     scores = scores.astype(jnp.float32)
     if eos_token_id is not None and missing_eos_penalty:

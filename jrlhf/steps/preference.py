@@ -24,8 +24,9 @@ from jrlhf.steps.common import accumulate_gradients, forward_params, jit_step
 
 def response_logps(cfg: ModelConfig, params, ids, attention_mask, loss_mask):
     """Summed log-probs `[B]` of the response tokens and their counts `[B]`."""
-    logits = tfm.forward(cfg, params, ids, attention_mask)
-    return rl.sequence_logprobs(logits[:, :-1], ids[:, 1:], loss_mask[:, 1:] * attention_mask[:, 1:])
+    logprobs = tfm.token_outputs(cfg, params, ids, attention_mask).logprobs
+    mask = loss_mask[:, 1:] * attention_mask[:, 1:]
+    return rl.masked_sum(logprobs, mask, axis=-1), jnp.sum(mask > 0, axis=-1)
 
 
 def _pair_logps(cfg, params, batch):

@@ -7,7 +7,6 @@ import functools
 import jax.numpy as jnp
 import optax
 
-from jrlhf import rl
 from jrlhf.models import transformer as tfm
 from jrlhf.models.config import ModelConfig
 from jrlhf.steps.common import accumulate_gradients, forward_params, jit_step
@@ -16,12 +15,14 @@ from jrlhf.steps.common import accumulate_gradients, forward_params, jit_step
 def sft_loss(params, batch, *, model_cfg: ModelConfig, token_weights):
     """Σ weight · NLL over predicted tokens, and its aux sums.
 
-    batch: `input_ids [B, T]`, `attention_mask [B, T]`, and `loss_mask [B, T]` (1 on response
-    tokens: the tokens to be predicted; prompt and padding 0). `token_weights [B, T-1]` weights
-    each predicted position (1 / total response tokens of the full batch).
+    batch: `input_ids [B, T]`, `attention_mask [B, T]`, `loss_mask [B, T]` (1 on response
+    tokens: the tokens to be predicted; prompt and padding 0), and for packed rows
+    `segment_ids`, `positions [B, T]` (see `jrlhf.data.pipeline`). `token_weights [B, T-1]`
+    weights each predicted position (1 / total response tokens of the full batch).
     """
-    logits = tfm.forward(model_cfg, params, batch["input_ids"], batch["attention_mask"])
-    logprobs = rl.logprobs_from_logits(logits[:, :-1], batch["input_ids"][:, 1:])
+    logprobs = tfm.token_outputs(model_cfg, params, batch["input_ids"], batch["attention_mask"],
+                                 positions=batch.get("positions"),
+                                 segment_ids=batch.get("segment_ids")).logprobs
     nll = -jnp.where(token_weights > 0, logprobs, 0.0)
     return jnp.sum(nll * token_weights), {"tokens": jnp.sum(token_weights > 0)}
 
@@ -35,6 +36,9 @@ def sft_step(state, batch, *, model_cfg: ModelConfig, labels=None, lora_scale: f
     `sft/tokens`, `sft/grad_norm`.
     """
     mask = batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]
+    if "segment_ids" in batch:  # packed rows: never predict one example from the one before
+        segments = batch["segment_ids"]
+        mask = mask * (segments[:, 1:] == segments[:, :-1])
     weights = mask / jnp.maximum(jnp.sum(mask), 1).astype(jnp.float32)
     batch = dict(batch, token_weights=weights)
 

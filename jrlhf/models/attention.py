@@ -1,0 +1,107 @@
+"""The one attention function every forward uses: training, scoring, prefill and cached decode.
+
+Shapes: B batch, T queries, S key slots, H query heads, K key/value heads (H a multiple of K:
+grouped-query attention needs no repeated keys), Dh head size. q `[B, T, H, Dh]`,
+k / v `[B, S, K, Dh]`.
+
+Layout contract (how padding is honoured without a dense float mask):
+- Self-attention (`self_attention`, T == S) is causal over *left-aligned* rows: each row's real
+  tokens start at column 0 and padding only follows them. Causality alone then keeps every real
+  query away from every padding key, so the fused kernels need no mask at all. The model
+  left-aligns rows itself (`left_align`): a left-padded prompt + response row is rolled by its
+  padding count before the layers and rolled back after, so callers keep whatever padding side
+  they like, provided each row's `attention_mask` is one contiguous run of 1s (true of every
+  batch jrlhf builds: right-padded SFT / preference rows, left-padded prompt + response rows).
+- Packed rows (several examples per row) carry `segment_ids` `[B, T]` (1, 2, ... per example,
+  0 on padding): a query sees only keys of its own segment. That is a boolean `[B, 1, T, T]`
+  mask (never a float32 one); with cuDNN it becomes the kernel's bias.
+- Cached decode (`cached_attention`) is one query per row against a cache whose row b holds
+  real keys in slots `first_slot[b] .. slot` (a left-padded prompt, then one slot per decoded
+  token): a `[B, 1, 1, S]` boolean mask, linear work per step.
+- `window` (sliding-window attention, as in Mistral / Gemma 2-3's local layers): a query at
+  position i sees keys at positions i − window + 1 .. i, the transformers convention.
+
+Implementations (`model.attention`): "xla" (XLA's fused softmax attention; every platform),
+"cudnn" (cuDNN's flash-attention kernel: CUDA GPUs, bfloat16 / float16 compute), "auto" (cuDNN
+where it applies, else XLA; on TPU that is XLA's attention — no Pallas splash kernel is used).
+Cached decode always runs on XLA: one query per row is a matrix-vector product bound by reading
+the cache, which a flash kernel does not speed up.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+_CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def platform() -> str:
+    """The default backend's platform: "cpu", "gpu" or "tpu"."""
+    return jax.default_backend()
+
+
+def resolve_implementation(name: str, dtype, head_dim: int, on: str | None = None) -> str:
+    """The implementation `name` means for compute `dtype` and `head_dim` on platform `on`
+    (default: this process's). "auto" never fails; naming one that cannot run is an error."""
+    on = on or platform()
+    dtype = jnp.dtype(dtype)
+    cudnn_ok = on == "gpu" and dtype in _CUDNN_DTYPES and head_dim % 8 == 0 and head_dim <= 256
+    if name == "auto":
+        return "cudnn" if cudnn_ok else "xla"
+    if name == "xla":
+        return name
+    if name == "cudnn":
+        if on != "gpu":
+            raise ValueError(f"model.attention='cudnn' needs a CUDA GPU, but JAX runs on {on!r}; "
+                             "use 'auto' or 'xla'")
+        if dtype not in _CUDNN_DTYPES:
+            raise ValueError(f"model.attention='cudnn' needs bfloat16 or float16 compute, got "
+                             f"model.dtype={dtype.name!r}")
+        if not cudnn_ok:
+            raise ValueError(f"model.attention='cudnn' needs head_dim a multiple of 8 and at most "
+                             f"256, got {head_dim}")
+        return name
+    raise ValueError(f"model.attention must be one of {', '.join(IMPLEMENTATIONS)}, got {name!r}")
+
+
+def leading_padding(attention_mask: jax.Array) -> jax.Array:
+    """`[B]` number of padding columns before each row's first real token (0 if none)."""
+    return jnp.argmax(attention_mask > 0, axis=-1).astype(jnp.int32)
+
+
+def roll_rows(x: jax.Array, shift: jax.Array) -> jax.Array:
+    """Row b of `x [B, T, ...]` rotated left by `shift[b]` columns (right by a negative one)."""
+    T = x.shape[1]
+    index = (jnp.arange(T)[None, :] + shift[:, None]) % T
+    index = index.reshape(index.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, index, axis=1)
+
+
+def self_attention(q, k, v, *, implementation: str, segment_ids=None,
+                   window: int | None = None) -> jax.Array:
+    """Causal attention of T left-aligned tokens over themselves. Returns `[B, T, H, Dh]`.
+
+    `segment_ids [B, T]` restricts each query to keys of its own segment (packed rows).
+    Padding queries produce finite values that callers mask out.
+    """
+    mask = None
+    if segment_ids is not None:
+        mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    local = None if window is None else (window - 1, 0)
+    return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask,
+                                        is_causal=True, local_window_size=local,
+                                        implementation=implementation)
+
+
+def cached_attention(q, keys, values, first_slot, slot, *, window: int | None = None):
+    """One decode query per row (`q [B, 1, H, Dh]`, sitting at cache slot `slot`) against the
+    cache `keys / values [B, S, K, Dh]`, whose row b is real from `first_slot[b]` to `slot`.
+    Returns `[B, 1, H, Dh]`."""
+    slots = jnp.arange(keys.shape[1])[None, :]
+    visible = (slots >= first_slot[:, None]) & (slots <= slot)
+    if window is not None:
+        visible &= slots > slot - window
+    return jax.nn.dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype),
+                                        mask=visible[:, None, None, :], implementation="xla")
