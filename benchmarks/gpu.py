@@ -31,8 +31,8 @@ from jrlhf.models import ModelConfig  # noqa: E402
 
 CONFIG = "configs/bench_llama1b.py"
 # A model small enough for a CPU: checks the script end to end, its figures mean nothing.
-TINY = {"vocab_size": 1024, "hidden_size": 64, "num_layers": 2, "num_heads": 4,
-        "num_kv_heads": 2, "head_dim": 16, "intermediate_size": 128, "bos_token_id": 1021,
+TINY = {"vocab_size": 1024, "hidden_size": 64, "num_layers": 2, "num_kv_heads": 2,
+        "num_heads": 4, "head_dim": 16, "intermediate_size": 128, "bos_token_id": 1021,
         "eos_token_id": 1022, "pad_token_id": 1022}
 TINY_SHAPES = {"data.max_prompt_length": 16, "data.max_response_length": 48,
                "rollout.max_new_tokens": 16}
@@ -148,11 +148,12 @@ def render(ours: dict, peer: dict, cfg: ModelConfig, T: int, long_T: int, P: int
         f"{pit['decode_step_s'] / g['decode_step_s']:.2f}× | ≥ 50% of roofline: "
         f"{'met' if roof and roof >= 0.5 else '**missed**'} |")
     head = (f"Measured {datetime.date.today()} on one {device} ({peer['device']}), jax "
-            f"{ours['sft'].get('jax', '')} vs torch {peer['torch']} + transformers "
+            f"{ours['sft'].get('jax', '?')} vs torch {peer['torch']} + transformers "
             f"{peer['transformers']}; {cfg.num_params / 1e6:,.1f}M parameters "
             f"({matmul_params(cfg) / 1e6:,.1f}M in matmuls), float32 parameters and AdamW "
-            f"moments, bfloat16 compute; medians of 5 (PPO: of 3). MFU against "
-            f"{peak / 1e12:.0f} TFLOP/s." if peak else "MFU: no datasheet peak for this device.")
+            f"moments, bfloat16 compute; medians of 5 (PPO: of 3). ")
+    head += (f"MFU against the {peak / 1e12:.0f} TFLOP/s datasheet bf16 peak." if peak
+             else "MFU: no datasheet peak for this device.")
     return "\n".join([head, "", "| work | jrlhf | eager PyTorch | jrlhf / torch | goal |",
                       "|---|---|---|---|---|", *rows])
 

@@ -125,7 +125,7 @@ def test_packed_rows_equal_rows_alone(cfg):
                                   [0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 0, 1, 2, 0, 0, 0])
 
 
-@pytest.mark.parametrize("chunk", [0, 5, 7, 64])
+@pytest.mark.parametrize("chunk", [0, 7])
 @pytest.mark.parametrize("tied", [False, True])
 def test_chunked_logprobs_entropy_and_gradients_equal_full_logits(chunk, tied):
     cfg = dataclasses.replace(CFG, tie_word_embeddings=tied, logits_chunk_size=chunk)
