@@ -300,7 +300,8 @@ def format_result(r: dict) -> str:
         ("model FLOPs / step", f"{r['model_flops_per_step'] / 1e9:,.2f} GFLOP (analytic)"),
     ]
     if r.get("xla_flops_per_step"):
-        note = " (one scan iteration: XLA counts a loop body once)" if r["step"] == "ppo" else ""
+        note = (" (XLA counts a loop body once: PPO's epoch/minibatch scan, the chunked LM "
+                "head's blocks)")
         rows.append(("XLA cost_analysis", f"{r['xla_flops_per_step'] / 1e9:,.2f} GFLOP{note}"))
     rows += [("achieved", f"{r['achieved_flops_per_s'] / 1e9:,.1f} GFLOP/s"),
              ("MFU", f"{100 * r['mfu']:.1f}% of {r['peak_flops_per_s'] / 1e9:,.0f} GFLOP/s "

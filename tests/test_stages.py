@@ -216,3 +216,18 @@ def test_remote_code_folders_are_refused_in_one_line_without_prompting(tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and str(folder) in proc.stderr
     assert not marker.exists()
+
+
+def test_sft_stage_trains_on_packed_rows(tmp_path):
+    """`data.pack=true` reaches the SFT stage's loader: rows carry several examples (segment
+    ids), the loss is finite and there are fewer rows than examples per step."""
+    from jrlhf.stages import COMMAND_STAGES, open_run, run_stages, stage_batches
+
+    config = tiny(tmp_path, "data.pack=true", "sft.steps=2", "data.max_response_length=176")
+    with open_run(config, resume=False, train=True) as run:
+        batch = next(stage_batches(run, COMMAND_STAGES["sft"], config))
+        assert batch["segment_ids"].max() > 1  # at least one row holds two examples
+        np.testing.assert_array_equal(batch["attention_mask"], batch["segment_ids"] > 0)
+        run_stages(run, [COMMAND_STAGES["sft"]])
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r.get("stage") == "sft"]
+    assert len(rows) == 2 and all(np.isfinite(r["sft/loss"]) for r in rows)

@@ -39,7 +39,8 @@ _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 def platform() -> str:
     """The default backend's platform: "cpu", "gpu" or "tpu"."""
-    return jax.default_backend()
+    name = jax.default_backend()
+    return "gpu" if name in ("gpu", "cuda") else name
 
 
 def resolve_implementation(name: str, dtype, head_dim: int, on: str | None = None) -> str:
