@@ -65,10 +65,14 @@ def random_batch(shapes: dict, cfg: ModelConfig, rng) -> dict:
     avoid = tuple(i for i in (cfg.eos_token_id, cfg.pad_token_id) if i is not None)
     batch = {}
     for key, spec in shapes.items():
-        if key == "segment_ids":  # packed SFT rows: one example filling each row
-            x = np.ones(spec.shape, np.int32)
+        if key == "segment_ids":  # packed rows: two sequences filling each row
+            half = spec.shape[-1] // 2
+            x = np.where(np.arange(spec.shape[-1]) < half, 1, 2).astype(np.int32)
+            x = np.broadcast_to(x, spec.shape).copy()
         elif key == "positions":
-            x = np.broadcast_to(np.arange(spec.shape[-1], dtype=np.int32), spec.shape).copy()
+            half = spec.shape[-1] // 2
+            x = np.arange(spec.shape[-1], dtype=np.int32) % max(half, 1)
+            x = np.broadcast_to(x, spec.shape).copy()
         elif key.endswith("ids"):
             x = random_ids(rng, spec.shape, cfg.vocab_size, avoid)
         elif key.endswith("mask"):
@@ -136,9 +140,13 @@ def update_flops(setup: Setup, config: Config) -> tuple[float, int, int]:
     """`(analytic FLOPs, tokens, samples)` of one `setup.step` on a `batch_shapes` batch."""
     c, cfg, a = config, setup.model_cfg, setup.algorithm
     P, R, N = c.data.max_prompt_length, c.data.max_response_length, c.rollout.max_new_tokens
+    L = c.data.row_length
     if a == "sft":
-        B, T = c.sft.batch_size, P + R
-        return model_flops(cfg, B * T, T, True), B * T, B
+        B = c.sft.batch_size
+        return model_flops(cfg, B * L, L, True), B * L, B
+    if c.data.pack and a in ("reward", "dpo", "orpo"):  # one group / pair per row
+        B = c.reward.batch_size if a == "reward" else c.dpo.batch_size
+        return model_flops(cfg, B * L, L, True), B * L, B
     if a == "reward":
         G, T = c.reward.batch_size, P + R
         return model_flops(cfg, 2 * G * T, T, True), 2 * G * T, G

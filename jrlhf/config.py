@@ -30,7 +30,7 @@ RANGES = {
     "lora.rank": _AT_LEAST_0, "lora.alpha": _POSITIVE,
     "mesh.data": _AT_LEAST_1, "mesh.fsdp": _AT_LEAST_1, "mesh.tensor": _AT_LEAST_1,
     "data.max_prompt_length": _AT_LEAST_1, "data.max_response_length": _AT_LEAST_1,
-    "data.num_sft_examples": _AT_LEAST_1, "data.num_ranking_prompts": _AT_LEAST_1,
+    "data.pack_length": _AT_LEAST_0, "data.num_sft_examples": _AT_LEAST_1, "data.num_ranking_prompts": _AT_LEAST_1,
     "data.responses_per_prompt": (2, True, None, False), "data.num_eval_prompts": _AT_LEAST_1,
     "model.logits_chunk_size": _AT_LEAST_0,
     "rollout.max_new_tokens": _AT_LEAST_1, "rollout.temperature": _POSITIVE,
@@ -180,7 +180,10 @@ class DataConfig:
     max_response_length: int = 64
     chat_template: bool = True  # format prompts with the tokenizer's chat template if it has one
     on_bad_row: str = "error"  # error | skip
-    pack: bool = False  # SFT: several whole examples per row (segment ids; positions restart)
+    # Several sequences per row (segment ids; positions restart): SFT packs whole examples
+    # first-fit, reward/DPO put each ranking group / pair in one row.
+    pack: bool = False
+    pack_length: int = 0  # tokens per packed row; 0 = max_prompt_length + max_response_length
     shuffle_seed: int = 0
     # The built-in task (used for files left empty above, and as the pipeline's annotator).
     task: str = "reviews"
@@ -191,6 +194,11 @@ class DataConfig:
 
     def __post_init__(self):
         _check_ranges("data", self)
+
+    @property
+    def row_length(self) -> int:
+        """Tokens per training row: `pack_length` when packing (default P + R), else P + R."""
+        return (self.pack and self.pack_length) or self.max_prompt_length + self.max_response_length
 
 
 @dataclasses.dataclass(frozen=True)

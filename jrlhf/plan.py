@@ -107,13 +107,14 @@ def step_activations(setup: Setup, config: Config, device: str = "h100") -> int:
     the models in its loss (a separate critic too) on one (micro/mini)batch shard."""
     c, a, cfg = config, setup.algorithm, setup.model_cfg
     flash = flash_attention(cfg, device)
-    P, R, N = c.data.max_prompt_length, c.data.max_response_length, c.rollout.max_new_tokens
+    P, N = c.data.max_prompt_length, c.rollout.max_new_tokens
     ways = c.mesh.data * c.mesh.fsdp
     accum = c.optim.grad_accum_steps
     if a in ("sft", "reward", "dpo", "orpo"):
-        rows = {"sft": c.sft.batch_size, "reward": 2 * c.reward.batch_size,
-                "dpo": 2 * c.dpo.batch_size, "orpo": 2 * c.dpo.batch_size}[a]
-        T = P + R
+        per_row = 1 if c.data.pack else 2  # packed: a group / pair per row
+        rows = {"sft": c.sft.batch_size, "reward": per_row * c.reward.batch_size,
+                "dpo": per_row * c.dpo.batch_size, "orpo": per_row * c.dpo.batch_size}[a]
+        T = c.data.row_length
         tokens = rows * T // accum // ways
         return activation_estimate(cfg, tokens, T, tokens if a != "reward" else 0, c.mesh.tensor,
                                    flash)

@@ -179,6 +179,21 @@ def normalize_scores(scores: jax.Array, moments: RunningMoments, clip: float = 0
     return jnp.clip(out, -clip, clip) if clip > 0 else out
 
 
+def segment_sums(x: jax.Array, segments: jax.Array, num_segments: int) -> jax.Array:
+    """`[B, S]`: the sum of `x [B, T]` over the positions of each segment 1..S of `segments
+    [B, T]` (0 = padding, never counted; a segment with no positions sums to 0)."""
+    ids = jnp.arange(1, num_segments + 1)
+    return jnp.einsum("bt,bts->bs", x, (segments[..., None] == ids).astype(x.dtype))
+
+
+def segment_last_index(segments: jax.Array, num_segments: int) -> jax.Array:
+    """`[B, S]`: the index of the last position of each segment 1..S in `segments [B, T]`
+    (0 for a segment that does not occur)."""
+    positions = jnp.arange(segments.shape[-1])[:, None]
+    hit = segments[..., None] == jnp.arange(1, num_segments + 1)
+    return jnp.max(jnp.where(hit, positions, 0), axis=1)
+
+
 def sequence_logprobs(logits, tokens, mask):
     """Summed log-probs `[B]` of `tokens [B, T]` where `mask` is 1 (logits `[B, T, V]` predict
     `tokens` position by position), and the token counts `[B]`."""

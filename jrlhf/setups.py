@@ -277,18 +277,28 @@ def batch_shapes(setup: Setup, config: Config) -> dict[str, jax.ShapeDtypeStruct
     """The shapes of one batch of `setup.step` for the config's sizes (for bench and plan).
 
     Sequences are `data.max_prompt_length + data.max_response_length` tokens (SFT, reward,
-    DPO/ORPO) or `data.max_prompt_length + rollout.max_new_tokens` (PPO, GRPO).
+    DPO/ORPO; `data.row_length` for packed rows, with `segment_ids` and `positions`) or
+    `data.max_prompt_length + rollout.max_new_tokens` (PPO, GRPO).
     """
     c = config
     P, R, N = c.data.max_prompt_length, c.data.max_response_length, c.rollout.max_new_tokens
     i32, f32 = jnp.int32, jnp.float32
     a = setup.algorithm
+    packed = ("segment_ids", "positions") if c.data.pack else ()
+    L = c.data.row_length
     if a == "sft":
-        B, T = c.sft.batch_size, P + R
-        keys = ("input_ids", "attention_mask", "loss_mask")
-        if c.data.pack:
-            keys += ("segment_ids", "positions")
-        shapes = {k: ((B, T), i32) for k in keys}
+        B = c.sft.batch_size
+        shapes = {k: ((B, L), i32) for k in ("input_ids", "attention_mask", "loss_mask", *packed)}
+    elif a == "reward" and packed:
+        G = c.reward.batch_size
+        shapes = {k: ((G, L), i32) for k in ("input_ids", "attention_mask", *packed)}
+        shapes["ranks"] = ((G, 2), i32)
+    elif a in ("dpo", "orpo") and packed:
+        B = c.dpo.batch_size
+        shapes = {k: ((B, L), i32) for k in ("input_ids", "attention_mask", "loss_mask",
+                                             *packed)}
+        if setup.ref_params is not None and a == "dpo":
+            shapes.update({"ref_chosen_logps": ((B,), f32), "ref_rejected_logps": ((B,), f32)})
     elif a == "reward":
         G, T = c.reward.batch_size, P + R
         shapes = {"input_ids": ((G, 2, T), i32), "attention_mask": ((G, 2, T), i32),

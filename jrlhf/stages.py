@@ -208,15 +208,30 @@ LOADERS = {
 }
 
 
+# With data.pack: reward / DPO / ORPO put each ranking group or pair in one row of
+# data.row_length tokens (SFT packs whole examples first-fit in the loader instead).
+PACKED_EXAMPLES = {
+    "reward": lambda enc, src, n: functools.partial(
+        enc.packed_ranking_example, length=n,
+        max_responses=max(len(src[i]["ranks"]) for i in range(len(src)))),
+    "dpo": lambda enc, src, n: functools.partial(enc.packed_preference_pair, length=n),
+    "orpo": lambda enc, src, n: functools.partial(enc.packed_preference_pair, length=n),
+}
+
+
 def stage_batches(run: Run, stage: Stage, config: Config):
     """The stage's endless, resumable batch iterator over its data file."""
     kind, example_fn, batch_size = LOADERS[stage.algorithm]
     path = run.file(stage.data, stage)
     source, _ = build_dataset(kind, path, run.out / "tfds", config.data.on_bad_row, log=run.log)
-    pack = config.data.pack and stage.algorithm == "sft"
-    return make_loader(source, example_fn(run.encoder, source), batch_size(config),
-                       seed=stream_seed(config.data.shuffle_seed, stage.name),
-                       pack_length=run.encoder.total_length if pack else 0)
+    a, d = stage.algorithm, config.data
+    if d.pack and a in PACKED_EXAMPLES:
+        example = PACKED_EXAMPLES[a](run.encoder, source, d.row_length)
+    else:
+        example = example_fn(run.encoder, source)
+    return make_loader(source, example, batch_size(config),
+                       seed=stream_seed(d.shuffle_seed, stage.name),
+                       pack_length=d.row_length if d.pack and a == "sft" else 0)
 
 
 def file_digest(path: Path) -> str:

@@ -273,3 +273,81 @@ def test_loader_packs_whole_examples():
                 seen.append(ids[cols][0] // 100)
                 np.testing.assert_array_equal(ids[cols] % 100, np.arange(1, cols.sum() + 1))
     assert sorted(seen)[:6] == [0, 1, 2, 3, 4, 5]  # whole examples, in first-fit order
+
+
+def packed_groups(groups, T, L, vocab_pad=0):
+    """Groups of (prompt, [responses]) as unpacked `[G, K, T]` right-padded rows and as packed
+    `[G, L]` rows (response k = segment k + 1)."""
+    G, K = len(groups), max(len(r) for _, r in groups)
+    ids, mask, loss = (np.zeros((G, K, T), np.int32) for _ in range(3))
+    packed = {k: np.zeros((G, L), np.int32) for k in ("input_ids", "attention_mask", "loss_mask",
+                                                      "segment_ids", "positions")}
+    for g, (prompt, responses) in enumerate(groups):
+        start = 0
+        for k, response in enumerate(responses):
+            seq = np.concatenate([prompt, response])
+            n = len(seq)
+            ids[g, k, :n], mask[g, k, :n], loss[g, k, len(prompt):n] = seq, 1, 1
+            cols = slice(start, start + n)
+            packed["input_ids"][g, cols], packed["attention_mask"][g, cols] = seq, 1
+            packed["loss_mask"][g, start + len(prompt):start + n] = 1
+            packed["segment_ids"][g, cols], packed["positions"][g, cols] = k + 1, np.arange(n)
+            start += n
+    return (ids, mask, loss), packed
+
+
+def random_groups(G, K, seed, absent=()):
+    rng = np.random.RandomState(seed)
+    groups = []
+    for g in range(G):
+        prompt = rng.randint(1, 40, rng.randint(2, 5))
+        k = K - 1 if g in absent else K
+        groups.append((prompt, [rng.randint(1, 40, rng.randint(1, 5)) for _ in range(k)]))
+    return groups
+
+
+def test_packed_reward_step_equals_unpacked():
+    from jrlhf.steps import make_reward_step
+    from test_steps import OPT_EQ, make_state
+
+    cfg = dataclasses.replace(CFG, lm_head=False, scalar_head=True)
+    params = init_params(cfg, 1)
+    (ids, mask, _), packed = packed_groups(random_groups(3, 3, 10, absent=(1,)), 9, 27)
+    ranks = np.array([[1, 2, 3], [2, 1, -1], [1, 1, 2]], np.int32)
+    step = make_reward_step(cfg)
+    ref_state, ref = step(make_state(params, OPT_EQ)[0],
+                          {"input_ids": ids, "attention_mask": mask, "ranks": ranks})
+    packed.pop("loss_mask")
+    state, got = step(make_state(params, OPT_EQ)[0], dict(packed, ranks=ranks))
+    for k in ("reward/loss", "reward/accuracy", "reward/margin", "reward/num_pairs",
+              "reward/grad_norm"):
+        np.testing.assert_allclose(got[k], ref[k], rtol=1e-5, err_msg=k)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), state.params,
+                 ref_state.params)
+
+
+@pytest.mark.parametrize("orpo", [False, True])
+def test_packed_dpo_and_orpo_steps_equal_unpacked(orpo):
+    from jrlhf.config import DPOConfig
+    from jrlhf.steps import make_dpo_step, reference_logps
+    from test_steps import OPT_EQ, make_state
+
+    params = init_params(CFG, 2)
+    (ids, mask, loss), packed = packed_groups(random_groups(4, 2, 11), 9, 20)
+    pairs = {f"{side}_{k}": x[:, i] for i, side in enumerate(("chosen", "rejected"))
+             for k, x in (("ids", ids), ("mask", mask), ("loss_mask", loss))}
+    if not orpo:
+        ref_params = init_params(CFG, 3)
+        ref = reference_logps(CFG, ref_params, pairs)
+        ref_packed = reference_logps(CFG, ref_params, packed)
+        for k in ref:
+            np.testing.assert_allclose(ref_packed[k], ref[k], rtol=1e-5, err_msg=k)
+        pairs, packed = dict(pairs, **ref), dict(packed, **ref)
+    step = make_dpo_step(CFG, DPOConfig(beta=0.3), orpo=orpo)
+    ref_state, want = step(make_state(params, OPT_EQ)[0], pairs)
+    state, got = step(make_state(params, OPT_EQ)[0], packed)
+    for k in want:
+        if k != "state/finite":
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), state.params,
+                 ref_state.params)

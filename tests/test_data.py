@@ -167,6 +167,22 @@ def test_encoder_shapes_masks_and_truncation(gpt2_tokenizer):
     assert "1 prompts truncated" in enc.report()
 
 
+def test_encoder_packs_a_group_into_one_row(gpt2_tokenizer):
+    enc = Encoder(gpt2_tokenizer, max_prompt_length=6, max_response_length=5)
+    row = {"prompt": b"Hi", "responses": [b" a", b" b c"], "ranks": [2, 1]}
+    r = enc.packed_ranking_example(row, 3, length=12)
+    # "Hi" + " a" + EOS, then "Hi" + " b c" + EOS; the third response is absent.
+    assert r["segment_ids"].tolist() == [1, 1, 1, 2, 2, 2, 2] + [0] * 5
+    assert r["positions"].tolist() == [0, 1, 2, 0, 1, 2, 3] + [0] * 5
+    assert r["loss_mask"].tolist() == [0, 1, 1, 0, 1, 1, 1] + [0] * 5
+    assert r["input_ids"][:3].tolist() == r["input_ids"][3:4].tolist() + [257, 50256]
+    assert r["ranks"].tolist() == [2, 1, -1]
+    pair = enc.packed_preference_pair(row, length=7)  # chosen (rank 1) is segment 1
+    assert pair["segment_ids"].tolist() == [1, 1, 1, 1, 2, 2, 2]
+    with pytest.raises(ValueError, match="needs 7 tokens but data.pack_length is 6"):
+        enc.packed_preference_pair(row, length=6)
+
+
 def test_encoder_chat_template_from_gguf_tokenizer():
     tok = models.load_gguf_tokenizer(models.smollm2_gguf_path())
     enc = Encoder(tok, max_prompt_length=64, max_response_length=8)

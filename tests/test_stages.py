@@ -231,3 +231,28 @@ def test_sft_stage_trains_on_packed_rows(tmp_path):
         run_stages(run, [COMMAND_STAGES["sft"]])
     rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r.get("stage") == "sft"]
     assert len(rows) == 2 and all(np.isfinite(r["sft/loss"]) for r in rows)
+
+
+@pytest.mark.parametrize("algorithm", ["reward", "dpo"])
+def test_reward_and_dpo_stages_train_on_packed_rows(tmp_path, algorithm):
+    """With `data.pack`, each ranking group / pair is one row of segments; the stages train."""
+    from jrlhf.stages import COMMAND_STAGES, open_run, run_stages, stage_batches
+
+    rankings = tmp_path / "rankings.jsonl"
+    words = ["great", "awful", "fine", "boring", "superb"]
+    k = [3 if i % 3 else 2 for i in range(8)]  # some groups have fewer responses
+    rankings.write_text("".join(json.dumps(
+        {"prompt": f"Review {i}:", "responses": [f"a {w} film" for w in words[i % 2:][:k[i]]],
+         "ranks": [1 + (i + j) % k[i] for j in range(k[i])]}) + "\n" for i in range(8)))
+    config = tiny(tmp_path / "run", "data.pack=true", "data.pack_length=400",
+                  f"{algorithm}.steps=2", "dpo.batch_size=2", f"data.rankings_path={rankings}")
+    stage = COMMAND_STAGES[algorithm]
+    with open_run(config, resume=False, train=True) as run:
+        batch = next(stage_batches(run, stage, config))
+        assert batch["input_ids"].shape[1] == 400 and batch["segment_ids"].max() >= 2
+        if algorithm == "reward":  # every present response is a segment
+            np.testing.assert_array_equal(batch["segment_ids"].max(1), (batch["ranks"] > 0).sum(1))
+        run_stages(run, [stage])
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl")
+            if r.get("stage") == algorithm]
+    assert len(rows) == 2 and all(np.isfinite(r[f"{algorithm}/loss"]) for r in rows)

@@ -123,6 +123,55 @@ class Encoder:
         self.stats["examples"] += 1
         return out
 
+    def packed_sequences(self, sequences: list[tuple[list[int], list[int]]], length: int,
+                         what: str) -> dict:
+        """`(prompt_ids, response_ids)` sequences as the segments 1, 2, ... of one row of
+        `length` tokens: `input_ids, attention_mask, loss_mask, segment_ids, positions [L]`."""
+        total = sum(len(p) + len(r) for p, r in sequences)
+        if total > length:
+            raise ValueError(f"a packed {what} needs {total} tokens but data.pack_length is "
+                             f"{length}: raise data.pack_length (at most responses x "
+                             f"(max_prompt_length + max_response_length) always fits)")
+        out = {k: np.zeros(length, np.int32) for k in ("attention_mask", "loss_mask",
+                                                       "segment_ids", "positions")}
+        out["input_ids"] = np.full(length, self.pad_id, np.int32)
+        start = 0
+        for segment, (p, r) in enumerate(sequences, 1):
+            n = len(p) + len(r)
+            cols = slice(start, start + n)
+            out["input_ids"][cols] = p + r
+            out["attention_mask"][cols] = 1
+            out["loss_mask"][start + len(p):start + n] = 1
+            out["segment_ids"][cols] = segment
+            out["positions"][cols] = np.arange(n)
+            start += n
+        return out
+
+    def packed_ranking_example(self, row, max_responses: int, length: int) -> dict:
+        """A rankings row as one packed row: response k is segment k + 1 (absent ones, rank
+        -1, have none), plus `ranks [K]`."""
+        responses = [_text(r) for r in row["responses"]]
+        ranks = [int(r) for r in row["ranks"]]
+        if len(responses) > max_responses:
+            raise ValueError(f"a ranking has {len(responses)} responses but max_responses="
+                             f"{max_responses}")
+        p = self.prompt_ids(_text(row["prompt"]), _text(row.get("messages", b"")))
+        out = self.packed_sequences([(p, self.response_ids(t)) for t in responses], length,
+                                    "ranking")
+        out["ranks"] = np.array(ranks + [-1] * (max_responses - len(ranks)), np.int32)
+        self.stats["examples"] += 1
+        return out
+
+    def packed_preference_pair(self, row, length: int) -> dict:
+        """`preference_pair` as one packed row: chosen is segment 1, rejected segment 2."""
+        responses = [_text(r) for r in row["responses"]]
+        ranks = [int(r) for r in row["ranks"]]
+        best, worst = ranks.index(min(ranks)), ranks.index(max(ranks))
+        p = self.prompt_ids(_text(row["prompt"]), _text(row.get("messages", b"")))
+        self.stats["examples"] += 1
+        return self.packed_sequences([(p, self.response_ids(responses[k])) for k in (best, worst)],
+                                     length, "preference pair")
+
     def prompt_example(self, row) -> dict:
         p = self.prompt_ids(_text(row["prompt"]), _text(row.get("messages", b"")))
         P = self.max_prompt_length

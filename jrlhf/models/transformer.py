@@ -424,11 +424,12 @@ def _predicting_last(x, last: int | None):
     return x if last is None else x[:, -last - 1:-1]
 
 
-def token_scores(cfg, params, input_ids, attention_mask, *, positions=None,
+def token_scores(cfg, params, input_ids, attention_mask, *, positions=None, segment_ids=None,
                  last: int | None = None):
     """Per-token scalar head `[B, T]` (a value model's values; `last` as in `forward`)."""
     model = bind(cfg, params)
-    return model.scores(_predicting_last(model(input_ids, attention_mask, positions), last))
+    hidden = model(input_ids, attention_mask, positions, segment_ids)
+    return model.scores(_predicting_last(hidden, last))
 
 
 def reward_scores(cfg, params, input_ids, attention_mask):

@@ -2,7 +2,9 @@
 
 Batch (P pairs, T tokens): `chosen_ids, chosen_mask, chosen_loss_mask, rejected_ids,
 rejected_mask, rejected_loss_mask` `[P, T]` — `*_mask` is the attention mask, `*_loss_mask` is 1
-on response tokens. DPO also takes `ref_chosen_logps, ref_rejected_logps` `[P]` (precompute them
+on response tokens. Packed (`data.pack`): `input_ids, attention_mask, loss_mask, segment_ids,
+positions` `[P, L]`, one pair per row, prompt + chosen as segment 1 and prompt + rejected as
+segment 2 (`packed_pair_logps`). DPO also takes `ref_chosen_logps, ref_rejected_logps` `[P]` (precompute them
 once with `reference_logps`); without them, a LoRA policy uses its own frozen base weights as
 the reference, inside the step.
 """
@@ -29,12 +31,36 @@ def response_logps(cfg: ModelConfig, params, ids, attention_mask, loss_mask):
     return rl.masked_sum(logprobs, mask, axis=-1), jnp.sum(mask > 0, axis=-1)
 
 
+def packed_pair_logps(cfg: ModelConfig, params, batch):
+    """Summed response log-probs and counts of packed pairs: row p of `input_ids,
+    attention_mask, loss_mask, segment_ids, positions [P, L]` holds prompt + chosen as segment 1
+    and prompt + rejected as segment 2. Returns `((chosen, rejected), (n_chosen, n_rejected))`,
+    each `[P]`."""
+    ids, segments = batch["input_ids"], batch["segment_ids"]
+    logprobs = tfm.token_outputs(cfg, params, ids, batch["attention_mask"],
+                                 positions=batch["positions"], segment_ids=segments).logprobs
+    # Token t + 1 is predicted from t only inside one segment.
+    mask = batch["loss_mask"][:, 1:] * (segments[:, 1:] == segments[:, :-1])
+    target_segments = jnp.where(mask > 0, segments[:, 1:], 0)
+    sums = rl.segment_sums(jnp.where(mask > 0, logprobs, 0.0), target_segments, 2)
+    counts = rl.segment_sums(mask.astype(jnp.float32), target_segments, 2)
+    return (sums[:, 0], sums[:, 1]), (counts[:, 0], counts[:, 1])
+
+
 def _pair_logps(cfg, params, batch):
-    """Policy log-probs of chosen and rejected in one forward over `[2P, T]`."""
+    """Policy log-probs of chosen and rejected in one forward over `[2P, T]` (or over the
+    packed `[P, L]` rows, see `packed_pair_logps`)."""
+    if "segment_ids" in batch:
+        return packed_pair_logps(cfg, params, batch)
     cat = lambda k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]])  # noqa
     logps, counts = response_logps(cfg, params, cat("ids"), cat("mask"), cat("loss_mask"))
     P = batch["chosen_ids"].shape[0]
     return (logps[:P], logps[P:]), (counts[:P], counts[P:])
+
+
+def pair_count(batch) -> int:
+    """Pairs in a batch: rows of `chosen_ids`, or of packed `input_ids` (one pair per row)."""
+    return batch["input_ids" if "segment_ids" in batch else "chosen_ids"].shape[0]
 
 
 def reference_logps(cfg: ModelConfig, ref_params, batch) -> dict:
@@ -54,7 +80,7 @@ def dpo_step(state, batch, *, model_cfg: ModelConfig, cfg: DPOConfig, labels=Non
              lora_scale: float = 0.0, grad_accum_steps: int = 1):
     """One optimizer step of DPO / IPO. Metrics: loss, accuracy (implicit chosen reward >
     rejected), margin, chosen/rejected implicit rewards, grad norm."""
-    P = batch["chosen_ids"].shape[0]
+    P = pair_count(batch)
     if "ref_chosen_logps" not in batch:
         if not lora_scale:
             raise ValueError("dpo_step needs ref_chosen_logps/ref_rejected_logps in the batch "
@@ -83,7 +109,7 @@ def orpo_step(state, batch, *, model_cfg: ModelConfig, cfg: DPOConfig, labels=No
               lora_scale: float = 0.0, grad_accum_steps: int = 1):
     """One optimizer step of ORPO: SFT on the chosen response plus the odds-ratio term; no
     reference model. Metrics: loss, nll, log_odds_ratio, accuracy (log odds ratio > 0)."""
-    P = batch["chosen_ids"].shape[0]
+    P = pair_count(batch)
 
     def loss_fn(params, micro):
         fp = forward_params(params, labels, lora_scale)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jrlhf import losses
+from jrlhf import losses, rl
 from jrlhf.models import transformer as tfm
 from jrlhf.models.config import ModelConfig
 from jrlhf.steps.common import accumulate_gradients, forward_params, jit_step
@@ -23,7 +23,15 @@ def pairs_to_groups(chosen_ids, chosen_mask, rejected_ids, rejected_mask):
 
 
 def group_rewards(params, batch, model_cfg: ModelConfig):
-    """Scores `[G, K]` of `input_ids [G, K, T]` (reward read at each row's last real token)."""
+    """Scores `[G, K]` of `input_ids [G, K, T]` (reward read at each row's last real token), or
+    of packed groups: `input_ids, segment_ids, positions [G, L]` holding response k of group g
+    as segment k + 1 of row g (reward read at each segment's last token; `ranks [G, K]`)."""
+    if "segment_ids" in batch:
+        K = batch["ranks"].shape[1]
+        scores = tfm.token_scores(model_cfg, params, batch["input_ids"], batch["attention_mask"],
+                                  positions=batch["positions"], segment_ids=batch["segment_ids"])
+        last = rl.segment_last_index(batch["segment_ids"], K)
+        return jnp.take_along_axis(scores, last, axis=1)
     G, K, T = batch["input_ids"].shape
     scores = tfm.reward_scores(model_cfg, params, batch["input_ids"].reshape(G * K, T),
                                batch["attention_mask"].reshape(G * K, T))
