@@ -92,35 +92,43 @@ class Encoder:
         ids, attn, loss = self._sequence(p, r)
         return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
 
-    def ranking_example(self, row, max_responses: int) -> dict:
+    def _ranked_sequences(self, row, max_responses: int):
+        """`(prompt_ids, [response_ids], ranks [K])` of a rankings row (absent: rank -1)."""
         responses = [_text(r) for r in row["responses"]]
         ranks = [int(r) for r in row["ranks"]]
         if len(responses) > max_responses:
             raise ValueError(f"a ranking has {len(responses)} responses but max_responses="
                              f"{max_responses}")
         p = self.prompt_ids(_text(row["prompt"]), _text(row.get("messages", b"")))
-        K, T = max_responses, self.total_length
-        ids = np.full((K, T), self.pad_id, np.int32)
-        attn = np.zeros((K, T), np.int32)
-        out_ranks = np.full(K, -1, np.int32)
-        for k, (text, rank) in enumerate(zip(responses, ranks)):
-            ids[k], attn[k], _ = self._sequence(p, self.response_ids(text))
-            out_ranks[k] = rank
+        out_ranks = np.array(ranks + [-1] * (max_responses - len(ranks)), np.int32)
         self.stats["examples"] += 1
-        return {"input_ids": ids, "attention_mask": attn, "ranks": out_ranks}
+        return p, [self.response_ids(t) for t in responses], out_ranks
 
-    def preference_pair(self, row) -> dict:
-        """A rankings row as one (chosen, rejected) pair for DPO / ORPO: its best-ranked
+    def _pair_sequences(self, row) -> list[tuple[list[int], list[int]]]:
+        """`[(prompt, chosen), (prompt, rejected)]` token ids of a rankings row: its best-ranked
         response against its worst-ranked (the first of each in case of ties)."""
         responses = [_text(r) for r in row["responses"]]
         ranks = [int(r) for r in row["ranks"]]
         best, worst = ranks.index(min(ranks)), ranks.index(max(ranks))
         p = self.prompt_ids(_text(row["prompt"]), _text(row.get("messages", b"")))
-        out = {}
-        for side, k in (("chosen", best), ("rejected", worst)):
-            ids, attn, loss = self._sequence(p, self.response_ids(responses[k]))
-            out.update({f"{side}_ids": ids, f"{side}_mask": attn, f"{side}_loss_mask": loss})
         self.stats["examples"] += 1
+        return [(p, self.response_ids(responses[k])) for k in (best, worst)]
+
+    def ranking_example(self, row, max_responses: int) -> dict:
+        p, responses, ranks = self._ranked_sequences(row, max_responses)
+        K, T = max_responses, self.total_length
+        ids = np.full((K, T), self.pad_id, np.int32)
+        attn = np.zeros((K, T), np.int32)
+        for k, r in enumerate(responses):
+            ids[k], attn[k], _ = self._sequence(p, r)
+        return {"input_ids": ids, "attention_mask": attn, "ranks": ranks}
+
+    def preference_pair(self, row) -> dict:
+        """A rankings row as one (chosen, rejected) pair for DPO / ORPO (`_pair_sequences`)."""
+        out = {}
+        for side, (p, r) in zip(("chosen", "rejected"), self._pair_sequences(row)):
+            ids, attn, loss = self._sequence(p, r)
+            out.update({f"{side}_ids": ids, f"{side}_mask": attn, f"{side}_loss_mask": loss})
         return out
 
     def packed_sequences(self, sequences: list[tuple[list[int], list[int]]], length: int,
@@ -150,27 +158,14 @@ class Encoder:
     def packed_ranking_example(self, row, max_responses: int, length: int) -> dict:
         """A rankings row as one packed row: response k is segment k + 1 (absent ones, rank
         -1, have none), plus `ranks [K]`."""
-        responses = [_text(r) for r in row["responses"]]
-        ranks = [int(r) for r in row["ranks"]]
-        if len(responses) > max_responses:
-            raise ValueError(f"a ranking has {len(responses)} responses but max_responses="
-                             f"{max_responses}")
-        p = self.prompt_ids(_text(row["prompt"]), _text(row.get("messages", b"")))
-        out = self.packed_sequences([(p, self.response_ids(t)) for t in responses], length,
-                                    "ranking")
-        out["ranks"] = np.array(ranks + [-1] * (max_responses - len(ranks)), np.int32)
-        self.stats["examples"] += 1
+        p, responses, ranks = self._ranked_sequences(row, max_responses)
+        out = self.packed_sequences([(p, r) for r in responses], length, "ranking")
+        out["ranks"] = ranks
         return out
 
     def packed_preference_pair(self, row, length: int) -> dict:
         """`preference_pair` as one packed row: chosen is segment 1, rejected segment 2."""
-        responses = [_text(r) for r in row["responses"]]
-        ranks = [int(r) for r in row["ranks"]]
-        best, worst = ranks.index(min(ranks)), ranks.index(max(ranks))
-        p = self.prompt_ids(_text(row["prompt"]), _text(row.get("messages", b"")))
-        self.stats["examples"] += 1
-        return self.packed_sequences([(p, self.response_ids(responses[k])) for k in (best, worst)],
-                                     length, "preference pair")
+        return self.packed_sequences(self._pair_sequences(row), length, "preference pair")
 
     def prompt_example(self, row) -> dict:
         p = self.prompt_ids(_text(row["prompt"]), _text(row.get("messages", b"")))
