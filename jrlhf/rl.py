@@ -192,10 +192,3 @@ def segment_last_index(segments: jax.Array, num_segments: int) -> jax.Array:
     positions = jnp.arange(segments.shape[-1])[:, None]
     hit = segments[..., None] == jnp.arange(1, num_segments + 1)
     return jnp.max(jnp.where(hit, positions, 0), axis=1)
-
-
-def sequence_logprobs(logits, tokens, mask):
-    """Summed log-probs `[B]` of `tokens [B, T]` where `mask` is 1 (logits `[B, T, V]` predict
-    `tokens` position by position), and the token counts `[B]`."""
-    logp = logprobs_from_logits(logits, tokens)
-    return masked_sum(logp, mask, axis=-1), jnp.sum(mask > 0, axis=-1)
