@@ -11,6 +11,7 @@ GPT2_BENCH = ModelConfig(family="gpt2", vocab_size=50257, hidden_size=256, num_l
                          num_heads=4, num_kv_heads=4, head_dim=64, intermediate_size=1024,
                          max_position_embeddings=256, activation="gelu_new",
                          tie_word_embeddings=True, attention_bias=True, output_bias=True,
+                         mlp_bias=True,
                          hf_model_type="gpt2", bos_token_id=50256, eos_token_id=50256,
                          pad_token_id=50256)
 

@@ -72,10 +72,12 @@ def make_sampler(cfg: ModelConfig, rollout: RolloutConfig, eos_token_id, pad_tok
 
 
 def sample_batched(cfg: ModelConfig, params, prompt_ids, prompt_mask, key,
-                   rollout: RolloutConfig, *, eos_token_id: int | None, pad_token_id: int = 0):
-    """`(tokens [B, N], mask [B, N])` as NumPy: one response per prompt row, sampled
-    `rollout.batch_size` rows at a time (chunk `i` with key `fold_in(key, i)`)."""
-    sample = make_sampler(cfg, rollout, eos_token_id, pad_token_id)
+                   rollout: RolloutConfig, *, eos_token_id: int | None, pad_token_id: int = 0,
+                   num_samples: int = 1):
+    """`(tokens [B·K, N], mask [B·K, N])` as NumPy: K = `num_samples` responses per prompt row
+    from one shared prefill (rows bK .. bK+K−1 are prompt b's), sampled `rollout.batch_size`
+    prompts at a time (chunk `i` with key `fold_in(key, i)`)."""
+    sample = make_sampler(cfg, rollout, eos_token_id, pad_token_id, num_samples=num_samples)
     tokens, masks = [], []
     for start in range(0, len(prompt_ids), rollout.batch_size):
         out = sample(params, jnp.asarray(prompt_ids[start:start + rollout.batch_size]),

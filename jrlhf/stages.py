@@ -297,15 +297,22 @@ def run_rank(run: Run, stage: Stage) -> bool:
         earlier = list(stage.compare)
         n_old = int(round(K * config.iterate.earlier_versions_share)) if earlier else 0
         sources = [stage.start] * (K - n_old) + [earlier[j % len(earlier)] for j in range(n_old)]
+        sources = sorted(sources, key=sources.index)  # a version's responses side by side
         key = stream_key(config.run.seed, stage.name, "sample")
-        texts = [decode_texts(run.tokenizer, *sample_batched(
-            *run.weights(name, stage), ids[:n], mask[:n], jax.random.fold_in(key, j),
-            config.rollout, eos_token_id=run.encoder.eos_id, pad_token_id=run.encoder.pad_id))
-            for j, name in enumerate(sources)]
+        texts = [[] for _ in range(n)]  # texts[i]: prompt i's K responses, as in `sources`
+        for j, name in enumerate(dict.fromkeys(sources)):
+            # A version's share of each prompt's K responses comes from one shared prefill.
+            share = sources.count(name)
+            sampled = decode_texts(run.tokenizer, *sample_batched(
+                *run.weights(name, stage), ids[:n], mask[:n], jax.random.fold_in(key, j),
+                config.rollout, eos_token_id=run.encoder.eos_id, pad_token_id=run.encoder.pad_id,
+                num_samples=share))
+            for i in range(n):
+                texts[i] += sampled[i * share:(i + 1) * share]
         task = TASKS[d.task]
         rows = []
         for i in range(n):
-            responses = [texts[j][i] if texts[j][i].strip() else "(empty)" for j in range(K)]
+            responses = [text if text.strip() else "(empty)" for text in texts[i]]
             ranks = task.rank(responses)
             if len(set(ranks)) > 1:  # all-tie groups carry no preference
                 rows.append({"prompt": prompts[i], "responses": responses, "ranks": ranks,

@@ -20,7 +20,8 @@ ROOT = Path(__file__).parent.parent
 SMALL = ModelConfig(family="gpt2", vocab_size=512, hidden_size=128, num_layers=2, num_heads=4,
                     num_kv_heads=4, head_dim=32, intermediate_size=512, max_position_embeddings=64,
                     activation="gelu_new", tie_word_embeddings=True, attention_bias=True,
-                    output_bias=True, hf_model_type="gpt2", eos_token_id=511, pad_token_id=511)
+                    output_bias=True, mlp_bias=True, hf_model_type="gpt2", eos_token_id=511,
+                    pad_token_id=511)
 
 
 def small_config(**changes):

@@ -19,7 +19,7 @@ CFG = ModelConfig(family="llama", vocab_size=40, hidden_size=24, num_layers=2, n
                   num_kv_heads=2, head_dim=6, intermediate_size=56, scalar_head=True)
 GPT2 = ModelConfig(family="gpt2", vocab_size=40, hidden_size=24, num_layers=2, num_heads=4,
                    num_kv_heads=4, head_dim=6, intermediate_size=56, activation="gelu_new",
-                   tie_word_embeddings=True, attention_bias=True, output_bias=True)
+                   tie_word_embeddings=True, attention_bias=True, output_bias=True, mlp_bias=True)
 
 
 def reference_attention(q, k, v, allowed):

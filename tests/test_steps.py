@@ -22,6 +22,7 @@ CFG = ModelConfig(family="llama", vocab_size=64, hidden_size=32, num_layers=2, n
 GPT2 = ModelConfig(family="gpt2", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
                    num_kv_heads=4, head_dim=8, intermediate_size=64, activation="gelu_new",
                    tie_word_embeddings=True, attention_bias=True, output_bias=True,
+                   mlp_bias=True,
                    hf_model_type="gpt2", max_position_embeddings=64)
 OPT = (OptimConfig(max_grad_norm=1.0), 3e-3)  # (optimizer config, learning rate)
 # For equality checks: Adam's g / (|g| + eps) turns gradients that are zero in exact arithmetic

@@ -21,6 +21,12 @@ Layout contract (how padding is honoured without a dense float mask):
 - `window` (sliding-window attention, as in Mistral / Gemma 2-3's local layers): a query at
   position i sees keys at positions i − window + 1 .. i, the transformers convention.
 
+- `softcap` (Gemma 2): attention logits become `softcap · tanh(logits / softcap)` before the
+  softmax. `jax.nn.dot_product_attention` has no such option, so soft-capped attention runs as
+  an explicit einsum (`_softcapped_attention`) with a boolean mask: quadratic memory in T on
+  the cache-free paths, as in transformers' eager Gemma 2 (its sdpa / flash paths refuse
+  soft-capping too).
+
 Implementations (`model.attention`): "xla" (XLA's fused softmax attention; every platform),
 "cudnn" (cuDNN's flash-attention kernel: CUDA GPUs, bfloat16 / float16 compute), "auto" (cuDNN
 where it applies, else XLA; on TPU that is XLA's attention — no Pallas splash kernel is used).
@@ -43,12 +49,18 @@ def platform() -> str:
     return "gpu" if name in ("gpu", "cuda") else name
 
 
-def resolve_implementation(name: str, dtype, head_dim: int, on: str | None = None) -> str:
+def resolve_implementation(name: str, dtype, head_dim: int, on: str | None = None,
+                           softcap: float | None = None) -> str:
     """The implementation `name` means for compute `dtype` and `head_dim` on platform `on`
-    (default: this process's). "auto" never fails; naming one that cannot run is an error."""
+    (default: this process's); `softcap`: the model soft-caps attention logits, which only
+    the XLA path does. "auto" never fails; naming one that cannot run is an error."""
     on = on or platform()
     dtype = jnp.dtype(dtype)
-    cudnn_ok = on == "gpu" and dtype in _CUDNN_DTYPES and head_dim % 8 == 0 and head_dim <= 256
+    if name == "cudnn" and softcap is not None:
+        raise ValueError("model.attention='cudnn' cannot soft-cap attention logits (this model "
+                         f"has attn_softcap={softcap}); use 'auto' or 'xla'")
+    cudnn_ok = (on == "gpu" and dtype in _CUDNN_DTYPES and head_dim % 8 == 0 and head_dim <= 256
+                and softcap is None)
     if name == "auto":
         return "cudnn" if cudnn_ok else "xla"
     if name == "xla":
@@ -81,22 +93,33 @@ def roll_rows(x: jax.Array, shift: jax.Array) -> jax.Array:
 
 
 def self_attention(q, k, v, *, implementation: str, segment_ids=None,
-                   window: int | None = None) -> jax.Array:
+                   window: int | None = None, scale: float | None = None,
+                   softcap: float | None = None) -> jax.Array:
     """Causal attention of T left-aligned tokens over themselves. Returns `[B, T, H, Dh]`.
 
     `segment_ids [B, T]` restricts each query to keys of its own segment (packed rows).
-    Padding queries produce finite values that callers mask out.
+    `scale`: logit scale (default Dh ** -0.5). Padding queries produce finite values that
+    callers mask out.
     """
     mask = None
     if segment_ids is not None:
         mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    if softcap is not None:
+        T = q.shape[1]
+        rows, cols = jnp.arange(T)[:, None], jnp.arange(T)[None, :]
+        visible = cols <= rows
+        if window is not None:
+            visible &= cols > rows - window
+        visible = visible[None, None] if mask is None else visible & mask
+        return _softcapped_attention(q, k, v, visible, scale, softcap)
     local = None if window is None else (window - 1, 0)
     return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask,
-                                        is_causal=True, local_window_size=local,
+                                        scale=scale, is_causal=True, local_window_size=local,
                                         implementation=implementation)
 
 
-def cached_attention(q, keys, values, first_slot, slot, *, window: int | None = None):
+def cached_attention(q, keys, values, first_slot, slot, *, window: int | None = None,
+                     scale: float | None = None, softcap: float | None = None):
     """One decode query per row (`q [B, 1, H, Dh]`, sitting at cache slot `slot`) against the
     cache `keys / values [B, S, K, Dh]`, whose row b is real from `first_slot[b]` to `slot`.
     Returns `[B, 1, H, Dh]`."""
@@ -104,5 +127,25 @@ def cached_attention(q, keys, values, first_slot, slot, *, window: int | None = 
     visible = (slots >= first_slot[:, None]) & (slots <= slot)
     if window is not None:
         visible &= slots > slot - window
+    if softcap is not None:
+        return _softcapped_attention(q, keys, values, visible[:, None, None, :], scale, softcap)
     return jax.nn.dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype),
-                                        mask=visible[:, None, None, :], implementation="xla")
+                                        mask=visible[:, None, None, :], scale=scale,
+                                        implementation="xla")
+
+
+def _softcapped_attention(q, k, v, visible, scale, softcap):
+    """Softmax attention with soft-capped logits: `q [B, T, H, Dh]`, `k / v [B, S, K, Dh]`,
+    `visible` boolean, broadcastable to `[B, 1, T, S]`. Logits and softmax in float32 (as
+    transformers' eager Gemma 2). Returns `[B, T, H, Dh]` in q's dtype."""
+    B, T, H, Dh = q.shape
+    K = k.shape[2]
+    scale = Dh ** -0.5 if scale is None else scale
+    qg = q.reshape(B, T, K, H // K, Dh)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype),
+                        preferred_element_type=jnp.float32) * scale
+    logits = softcap * jnp.tanh(logits / softcap)
+    logits = jnp.where(visible[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype))
+    return out.reshape(B, T, H, Dh)

@@ -11,8 +11,6 @@ from typing import Any, Literal
 
 Family = Literal["gpt2", "llama"]
 
-# transformers model types that are the Llama architecture for our purposes (no sliding window).
-LLAMA_LIKE = ("llama", "mistral", "qwen2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,7 +18,10 @@ class ModelConfig:
     """Architecture of a decoder-only transformer.
 
     `family="gpt2"`: learned positions, LayerNorm, GELU MLP, fused-QKV checkpoints.
-    `family="llama"`: RoPE, RMSNorm, SwiGLU MLP, grouped-query attention.
+    `family="llama"`: RoPE, RMSNorm, gated MLP, grouped-query attention — and, through the
+    fields below, the variants built on it: Mistral / Qwen2 sliding windows, Llama 3.x RoPE
+    scaling, Qwen3's per-head QK-norm, Gemma 2 / 3's (1 + w) norms, sandwich norms, scaled
+    embeddings and soft-capping.
     `lm_head` / `scalar_head` pick the heads: a policy has the LM head, a reward or value model
     has the scalar head, a policy with a shared-backbone critic has both.
     """
@@ -36,10 +37,26 @@ class ModelConfig:
     max_position_embeddings: int = 512
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # RoPE scaling of the (global) layers as sorted (key, value) pairs of transformers'
+    # `rope_parameters`: rope_type llama3 | linear | yarn and its fields; () = plain RoPE.
+    rope_scaling: tuple = ()
+    local_rope_theta: float | None = None  # RoPE base of sliding-window layers (Gemma 3)
     activation: str = "silu"
     tie_word_embeddings: bool = False
-    attention_bias: bool = False  # bias on q/k/v (GPT-2, Qwen2)
-    output_bias: bool = False  # bias on the attention output and MLP projections (GPT-2)
+    attention_bias: bool = False  # bias on q/k/v (GPT-2, Qwen2, Llama attention_bias)
+    output_bias: bool = False  # bias on the attention output projection (GPT-2, Llama)
+    mlp_bias: bool = False  # bias on the MLP projections (GPT-2, Llama mlp_bias)
+    # Sliding-window attention: a query at position i sees keys i − window + 1 .. i. Applies to
+    # the layers `layer_types` marks "sliding_attention" (every layer when layer_types is ()).
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] = ()  # per layer: "full_attention" | "sliding_attention"
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys before RoPE (Qwen3, Gemma 3)
+    norm_plus_one: bool = False  # RMSNorms scale by (1 + w), w initialised at 0 (Gemma)
+    sandwich_norms: bool = False  # norms after attention and after the MLP too (Gemma 2 / 3)
+    scale_embeddings: bool = False  # embeddings times sqrt(hidden_size) (Gemma)
+    query_scale: float | None = None  # attention logit scale; None = head_dim ** -0.5
+    attn_softcap: float | None = None  # attention logits -> cap · tanh(logits / cap) (Gemma 2)
+    final_softcap: float | None = None  # the same on the LM logits (Gemma 2)
     hf_model_type: str = "llama"
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -54,6 +71,10 @@ class ModelConfig:
     logits_chunk_size: int = 2048
 
     def __post_init__(self):
+        # JSON round trips give lists; the config must stay hashable (it is a static jit arg).
+        object.__setattr__(self, "rope_scaling",
+                           tuple(sorted((str(k), v) for k, v in dict(self.rope_scaling).items())))
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))
         if self.family not in ("gpt2", "llama"):
             raise ValueError(f"ModelConfig.family must be 'gpt2' or 'llama', got {self.family!r}")
         if self.num_heads % self.num_kv_heads:
@@ -68,6 +89,36 @@ class ModelConfig:
             raise ValueError(f"attention must be auto|xla|cudnn, got {self.attention!r}")
         if self.logits_chunk_size < 0:
             raise ValueError(f"logits_chunk_size must be >= 0, got {self.logits_chunk_size}")
+        if self.layer_types and len(self.layer_types) != self.num_layers:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries for "
+                             f"{self.num_layers} layers")
+        bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+        if bad:
+            raise ValueError(f"layer_types: unknown {bad}; known: {', '.join(LAYER_TYPES)}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1, got {self.sliding_window}")
+        rope_type = dict(self.rope_scaling).get("rope_type", "default")
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope type {rope_type!r} is not supported; supported: "
+                             f"{', '.join(ROPE_TYPES)}")
+        if self.scan_layers and len({self.layer_window(i) for i in range(self.num_layers)}) > 1:
+            raise ValueError("scan_layers needs every layer alike, but layer_types mixes "
+                             "sliding-window and full attention layers; use scan_layers=False")
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of layer `layer` (None: full causal attention)."""
+        if self.sliding_window is None:
+            return None
+        if self.layer_types and self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
+
+    def layer_rope(self, layer: int) -> tuple[float, tuple]:
+        """`(theta, rope_scaling)` of layer `layer`: Gemma 3's local layers use their own base
+        and plain RoPE; every other layer the global ones."""
+        if self.local_rope_theta is not None and self.layer_window(layer) is not None:
+            return self.local_rope_theta, ()
+        return self.rope_theta, self.rope_scaling
 
     @property
     def num_params(self) -> int:
@@ -77,15 +128,18 @@ class ModelConfig:
         attn = d * (q + 2 * kv) + q * d
         if self.attention_bias:
             attn += q + 2 * kv
+        if self.output_bias:
+            attn += d
+        if self.qk_norm:
+            attn += 2 * self.head_dim
         if self.family == "gpt2":
-            mlp = 2 * d * f + (f + d if self.output_bias else 0)
-            attn += d if self.output_bias else 0
+            mlp = 2 * d * f + (f + d if self.mlp_bias else 0)
             norms = 4 * d
             final = 2 * d
             extra = self.max_position_embeddings * d
         else:
-            mlp = 3 * d * f
-            norms = 2 * d
+            mlp = 3 * d * f + (2 * f + d if self.mlp_bias else 0)
+            norms = (4 if self.sandwich_norms else 2) * d
             final = d
             extra = 0
         total = self.vocab_size * d + extra + L * (attn + mlp + norms) + final
@@ -96,15 +150,79 @@ class ModelConfig:
         return total
 
 
-def _rope_theta(hf) -> float:
-    params = getattr(hf, "rope_parameters", None) or {}
-    scaling = getattr(hf, "rope_scaling", None) or {}
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
-    if rope_type not in (None, "default"):
-        raise NotImplementedError(
-            f"rope type {rope_type!r} is not supported yet (only plain RoPE); config: {params or scaling}"
-        )
-    return float(params.get("rope_theta", getattr(hf, "rope_theta", 10000.0)))
+LAYER_TYPES = ("full_attention", "sliding_attention")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: tuple = ()):
+    """RoPE's inverse frequencies `[head_dim // 2]` (float32 NumPy) and the factor that scales
+    cos and sin (YaRN's attention factor; 1 otherwise), for `scaling` pairs as in
+    `ModelConfig.rope_scaling` — transformers' `rope_parameters` definitions:
+    - linear: every frequency divided by `factor`;
+    - llama3: wavelengths above original_max_position_embeddings / low_freq_factor divided by
+      `factor`, below original / high_freq_factor kept, smoothly interpolated between;
+    - yarn: interpolated (÷ factor) and extrapolated frequencies blended by a linear ramp over
+      the dimensions whose rotation counts fall between beta_slow and beta_fast; attention
+      factor `attention_factor`, else 0.1·ln(factor) + 1 (or the mscale / mscale_all_dim ratio).
+    """
+    import math
+
+    import numpy as np
+
+    p = dict(scaling)
+    rope_type = p.get("rope_type", "default")
+    dim = head_dim
+    # In float32 by XLA, bit-equal to transformers' inv_freq buffer (NumPy's float32 pow is
+    # not); at SmolLM2's |h| ~ 1e4 one ulp of a frequency shows in the logits.
+    import jax
+    import jax.numpy as jnp
+
+    with jax.ensure_compile_time_eval():
+        base = 1.0 / (theta ** (jnp.arange(0, dim // 2, dtype=jnp.float32) * 2.0 / dim))
+    inv_freq = np.asarray(base, np.float64)
+    factor = p.get("factor")
+    attention_factor = 1.0
+    if rope_type == "linear":
+        inv_freq = inv_freq / factor
+    elif rope_type == "llama3":
+        old = p["original_max_position_embeddings"]
+        low, high = p["low_freq_factor"], p["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old / low, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / high) & (wavelen <= old / low)
+        inv_freq = np.where(medium, smoothed, scaled)
+    elif rope_type == "yarn":
+        old = p["original_max_position_embeddings"]
+
+        def mscale(scale, m=1.0):
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        attention_factor = p.get("attention_factor")
+        if attention_factor is None:
+            if p.get("mscale") and p.get("mscale_all_dim"):
+                attention_factor = mscale(factor, p["mscale"]) / mscale(factor, p["mscale_all_dim"])
+            else:
+                attention_factor = mscale(factor)
+        beta_fast, beta_slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
+
+        def correction_dim(rotations):
+            return dim * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        lo, hi = correction_dim(beta_fast), correction_dim(beta_slow)
+        if p.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, dim - 1)
+        if lo == hi:
+            hi += 0.001
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - lo) / (hi - lo), 0, 1)
+        extrapolation = 1 - ramp
+        inv_freq = inv_freq / factor * (1 - extrapolation) + inv_freq * extrapolation
+    elif rope_type != "default":
+        raise ValueError(f"rope type {rope_type!r} is not supported; supported: "
+                         f"{', '.join(ROPE_TYPES)}")
+    return inv_freq.astype(np.float32), float(attention_factor)
 
 
 def _first_id(value) -> int | None:
@@ -113,8 +231,80 @@ def _first_id(value) -> int | None:
     return None if value is None else int(value)
 
 
+# transformers model types and what they turn on beyond the Llama block.
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+GEMMA = ("gemma2", "gemma3_text")
+_KNOWN_ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
+
+
+def _rope(params: dict | None, where: str) -> tuple[float | None, tuple]:
+    """`(theta, rope_scaling pairs)` of one transformers `rope_parameters` dict."""
+    params = dict(params or {})
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise NotImplementedError(f"{where}: partial_rotary_factor="
+                                  f"{params['partial_rotary_factor']} is not supported")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise NotImplementedError(f"{where}: rope type {rope_type!r} is not supported; "
+                                  f"supported: {', '.join(ROPE_TYPES)}")
+    theta = params.get("rope_theta")
+    if rope_type == "default":
+        return theta, ()
+    scaling = {k: v for k, v in params.items()
+               if k not in ("rope_theta", "partial_rotary_factor", "type")}
+    scaling["rope_type"] = rope_type
+    return theta, tuple(sorted(scaling.items()))
+
+
+def _rope_fields(hf) -> dict:
+    """rope_theta / rope_scaling / local_rope_theta from a config's `rope_parameters` (nested
+    by layer type for Gemma 3: its sliding layers have their own base and no scaling)."""
+    params = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
+    fallback = float(getattr(hf, "rope_theta", None) or 10000.0)
+    if "full_attention" in params or "sliding_attention" in params:
+        theta, scaling = _rope(params.get("full_attention"), "rope_parameters.full_attention")
+        local, local_scaling = _rope(params.get("sliding_attention"),
+                                     "rope_parameters.sliding_attention")
+        if local_scaling:
+            raise NotImplementedError("rope_parameters.sliding_attention: RoPE scaling on the "
+                                      f"sliding-window layers is not supported ({local_scaling})")
+        return dict(rope_theta=float(theta or fallback), rope_scaling=scaling,
+                    local_rope_theta=None if local is None else float(local))
+    theta, scaling = _rope(params, "rope_parameters")
+    return dict(rope_theta=float(theta or fallback), rope_scaling=scaling)
+
+
+def _window_fields(hf, model_type: str) -> dict:
+    """sliding_window / layer_types: transformers 5 configs list a type per layer (Qwen2/3
+    from use_sliding_window and max_window_layers, Gemma's alternating pattern); Mistral's
+    window, when set, covers every layer."""
+    window = getattr(hf, "sliding_window", None)
+    if model_type in ("qwen2", "qwen3") and not getattr(hf, "use_sliding_window", False):
+        window = None
+    layer_types = tuple(getattr(hf, "layer_types", None) or ())
+    unknown = sorted(set(layer_types) - set(LAYER_TYPES))
+    if unknown:
+        raise NotImplementedError(f"{model_type}: layer_types {unknown} are not supported; "
+                                  f"supported: {', '.join(LAYER_TYPES)}")
+    if window is None or (layer_types and "sliding_attention" not in layer_types):
+        return dict(sliding_window=None, layer_types=())
+    if "full_attention" not in layer_types:
+        layer_types = ()  # every layer slides
+    return dict(sliding_window=int(window), layer_types=layer_types)
+
+
+def _refuse(hf, field: str, why: str, ok=lambda v: not v) -> None:
+    value = getattr(hf, field, None)
+    if not ok(value):
+        raise NotImplementedError(f"{hf.model_type} with {field}={value!r} is not supported: {why}")
+
+
 def from_hf_config(hf: Any, **overrides) -> ModelConfig:
-    """Translate a transformers `PretrainedConfig` into a `ModelConfig`."""
+    """Translate a transformers `PretrainedConfig` into a `ModelConfig`.
+
+    Anything that changes the computation and is not implemented is refused naming the field;
+    nothing is accepted and then computed differently.
+    """
     model_type = hf.model_type
     ids = dict(
         bos_token_id=_first_id(getattr(hf, "bos_token_id", None)),
@@ -144,17 +334,24 @@ def from_hf_config(hf: Any, **overrides) -> ModelConfig:
             tie_word_embeddings=True,
             attention_bias=True,
             output_bias=True,
+            mlp_bias=True,
             hf_model_type="gpt2",
             **ids,
         )
     elif model_type in LLAMA_LIKE:
-        window = getattr(hf, "sliding_window", None)
-        uses_window = getattr(hf, "use_sliding_window", model_type == "mistral")
-        if uses_window and window and window < hf.max_position_embeddings:
-            raise NotImplementedError(
-                f"{model_type} with sliding_window={window} < max_position_embeddings is not supported"
-            )
         heads = hf.num_attention_heads
+        gemma = model_type in GEMMA
+        _refuse(hf, "use_bidirectional_attention", "jrlhf's models are causal decoders")
+        _refuse(hf, "pretraining_tp", "tensor-parallel pretraining splits are not implemented",
+                ok=lambda v: v in (None, 1))
+        if model_type == "gemma3_text":
+            _refuse(hf, "attn_logit_softcapping", "Gemma 3 uses QK-norm, not soft-capping")
+        # Mistral's projections never have biases; Qwen2's q/k/v always do (see below).
+        bias = model_type != "mistral" and bool(getattr(hf, "attention_bias", False))
+        activation = (getattr(hf, "hidden_activation", None) if gemma else None) or hf.hidden_act
+        if activation not in _KNOWN_ACTIVATIONS:
+            raise NotImplementedError(f"{model_type} with activation {activation!r} is not "
+                                      f"supported; supported: {', '.join(_KNOWN_ACTIVATIONS)}")
         cfg = ModelConfig(
             family="llama",
             vocab_size=hf.vocab_size,
@@ -166,21 +363,36 @@ def from_hf_config(hf: Any, **overrides) -> ModelConfig:
             intermediate_size=hf.intermediate_size,
             max_position_embeddings=hf.max_position_embeddings,
             norm_eps=hf.rms_norm_eps,
-            rope_theta=_rope_theta(hf),
-            activation=hf.hidden_act,
+            **_rope_fields(hf),
+            activation=activation,
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
-            attention_bias=bool(getattr(hf, "attention_bias", model_type == "qwen2")),
-            output_bias=False,
+            # Qwen2 always biases q/k/v and never o; elsewhere attention_bias biases all four.
+            attention_bias=model_type == "qwen2" or bias,
+            output_bias=bias and model_type != "qwen2",
+            mlp_bias=model_type == "llama" and bool(getattr(hf, "mlp_bias", False)),
+            **_window_fields(hf, model_type),
+            qk_norm=model_type in ("qwen3", "gemma3_text"),
+            norm_plus_one=gemma,
+            sandwich_norms=gemma,
+            scale_embeddings=gemma,
+            query_scale=float(hf.query_pre_attn_scalar) ** -0.5 if gemma else None,
+            attn_softcap=getattr(hf, "attn_logit_softcapping", None) if gemma else None,
+            final_softcap=getattr(hf, "final_logit_softcapping", None) if gemma else None,
             hf_model_type=model_type,
             **ids,
         )
-        if getattr(hf, "mlp_bias", False):
-            raise NotImplementedError("Llama configs with mlp_bias=True are not supported")
     else:
+        hint = (" (the multimodal Gemma 3; its text model is model_type 'gemma3_text')"
+                if model_type == "gemma3" else "")
         raise NotImplementedError(
-            f"model_type {model_type!r} is not supported; supported: gpt2, {', '.join(LLAMA_LIKE)}"
+            f"model_type {model_type!r} is not supported{hint}; supported: gpt2, "
+            f"{', '.join(LLAMA_LIKE)}"
         )
     return dataclasses.replace(cfg, **overrides)
+
+
+def _rope_parameters(theta: float, scaling: tuple) -> dict:
+    return {"rope_theta": theta, **(dict(scaling) or {"rope_type": "default"})}
 
 
 def to_hf_config(cfg: ModelConfig):
@@ -202,7 +414,9 @@ def to_hf_config(cfg: ModelConfig):
             tie_word_embeddings=True,
             **ids,
         )
-    config_class = transformers.AutoConfig.for_model(cfg.hf_model_type).__class__
+    model_type = cfg.hf_model_type
+    config_class = transformers.AutoConfig.for_model(model_type).__class__
+    gemma = model_type in GEMMA
     kwargs = dict(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
@@ -213,11 +427,33 @@ def to_hf_config(cfg: ModelConfig):
         head_dim=cfg.head_dim,
         max_position_embeddings=cfg.max_position_embeddings,
         rms_norm_eps=cfg.norm_eps,
-        rope_theta=cfg.rope_theta,
-        hidden_act=cfg.activation,
         tie_word_embeddings=cfg.tie_word_embeddings,
+        sliding_window=cfg.sliding_window,
         **ids,
     )
-    if cfg.hf_model_type == "llama":
+    kwargs["hidden_activation" if gemma else "hidden_act"] = cfg.activation
+    if model_type == "gemma3_text":
+        kwargs["rope_parameters"] = {
+            "full_attention": _rope_parameters(cfg.rope_theta, cfg.rope_scaling),
+            "sliding_attention": _rope_parameters(cfg.local_rope_theta or cfg.rope_theta, ())}
+    else:
+        kwargs["rope_parameters"] = _rope_parameters(cfg.rope_theta, cfg.rope_scaling)
+    if model_type not in ("qwen2", "mistral"):
         kwargs["attention_bias"] = cfg.attention_bias
+    if model_type == "llama":
+        kwargs["mlp_bias"] = cfg.mlp_bias
+    if model_type in ("qwen2", "qwen3"):
+        kwargs["use_sliding_window"] = cfg.sliding_window is not None
+        kwargs["max_window_layers"] = 0
+    if model_type != "mistral" and model_type != "llama":
+        kwargs["layer_types"] = [
+            "full_attention" if cfg.layer_window(i) is None else "sliding_attention"
+            for i in range(cfg.num_layers)]
+    if gemma:
+        scalar = (cfg.query_scale or cfg.head_dim ** -0.5) ** -2
+        kwargs.update(query_pre_attn_scalar=round(scalar) if abs(scalar - round(scalar)) < 1e-6
+                      else scalar,
+                      final_logit_softcapping=cfg.final_softcap)
+        if model_type == "gemma2":
+            kwargs["attn_logit_softcapping"] = cfg.attn_softcap
     return config_class(**kwargs)

@@ -35,14 +35,25 @@ def _layer_entries(cfg: ModelConfig) -> list[tuple[str, str, str]]:
             ("mlp/fc_out/bias", "mlp.c_proj.bias", ""),
         ]
         return rows
-    rows = [("attn_norm/scale", "input_layernorm.weight", ""),
-            ("mlp_norm/scale", "post_attention_layernorm.weight", "")]
+    if cfg.sandwich_norms:  # Gemma 2 / 3: post_attention_layernorm is the post-attention norm
+        rows = [("attn_norm/scale", "input_layernorm.weight", ""),
+                ("attn_post_norm/scale", "post_attention_layernorm.weight", ""),
+                ("mlp_norm/scale", "pre_feedforward_layernorm.weight", ""),
+                ("mlp_post_norm/scale", "post_feedforward_layernorm.weight", "")]
+    else:
+        rows = [("attn_norm/scale", "input_layernorm.weight", ""),
+                ("mlp_norm/scale", "post_attention_layernorm.weight", "")]
     for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
         rows.append((f"attn/{proj}/kernel", f"self_attn.{proj}.weight", "T"))
-        if cfg.attention_bias and proj != "o_proj":
+        if cfg.output_bias if proj == "o_proj" else cfg.attention_bias:
             rows.append((f"attn/{proj}/bias", f"self_attn.{proj}.bias", ""))
+    if cfg.qk_norm:
+        rows += [("attn/q_norm/scale", "self_attn.q_norm.weight", ""),
+                 ("attn/k_norm/scale", "self_attn.k_norm.weight", "")]
     for proj in ("gate_proj", "up_proj", "down_proj"):
         rows.append((f"mlp/{proj}/kernel", f"mlp.{proj}.weight", "T"))
+        if cfg.mlp_bias:
+            rows.append((f"mlp/{proj}/bias", f"mlp.{proj}.bias", ""))
     return rows
 
 
@@ -169,6 +180,17 @@ def _load_safetensors_file(file: Path, load_file) -> dict[str, np.ndarray]:
         return {k: np.asarray(v, dtype=np.float32) for k, v in load_flax(str(file)).items()}
 
 
+# model_type -> (causal LM class, sequence-classification class) that `save_pretrained` names.
+HF_CLASSES = {
+    "gpt2": ("GPT2LMHeadModel", "GPT2ForSequenceClassification"),
+    "llama": ("LlamaForCausalLM", "LlamaForSequenceClassification"),
+    "mistral": ("MistralForCausalLM", "MistralForSequenceClassification"),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2ForSequenceClassification"),
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3ForSequenceClassification"),
+    "gemma2": ("Gemma2ForCausalLM", "Gemma2ForSequenceClassification"),
+    "gemma3_text": ("Gemma3ForCausalLM", "Gemma3TextForSequenceClassification"),
+}
+
 REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json")
 
 
@@ -236,12 +258,10 @@ def save_pretrained(path: str | os.PathLike, cfg: ModelConfig, params: dict, *,
     if cfg.lm_head and cfg.scalar_head:  # a policy's shared value head is training-only
         cfg = dataclasses.replace(cfg, scalar_head=False)
     hf_config = to_hf_config(cfg)
-    base = {"gpt2": "GPT2", "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
-    name = base.get(cfg.hf_model_type, "Llama")
     if cfg.lm_head:
-        hf_config.architectures = [f"{name}LMHeadModel" if name == "GPT2" else f"{name}ForCausalLM"]
+        hf_config.architectures = [HF_CLASSES[cfg.hf_model_type][0]]
     else:
-        hf_config.architectures = [f"{name}ForSequenceClassification"]
+        hf_config.architectures = [HF_CLASSES[cfg.hf_model_type][1]]
         hf_config.num_labels = 1
     tensors = hf_tensors_from_params(cfg, params, dtype=dtype)
     tmp = folder / "model.safetensors.tmp"

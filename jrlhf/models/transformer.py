@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jrlhf.models import attention as attn
-from jrlhf.models.config import ModelConfig
+from jrlhf.models.config import ModelConfig, rope_frequencies
 
 Params = dict[str, Any]
 # One (keys, values) pair per layer, each [B, S, K, Dh] (see `Transformer.prefill`).
@@ -67,15 +67,20 @@ def _linear(cfg: ModelConfig, d_in: int, d_out: int, bias: bool, rngs: nnx.Rngs)
 
 
 class RMSNorm(nnx.Module):
-    """Llama's RMSNorm, normalising in float32 like the reference implementation."""
+    """RMSNorm normalising in float32 like the reference implementations. Llama's multiplies by
+    `w` in the input dtype; Gemma's (`plus_one`) by `1 + w` in float32 (w starts at 0)."""
 
-    def __init__(self, dim: int, eps: float):
-        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+    def __init__(self, dim: int, eps: float, plus_one: bool = False):
+        init = jnp.zeros if plus_one else jnp.ones
+        self.scale = nnx.Param(init((dim,), jnp.float32))
         self.eps = eps
+        self.plus_one = plus_one
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        if self.plus_one:
+            return (y * (1.0 + self.scale[...])).astype(x.dtype)
         return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
 
 
@@ -95,30 +100,40 @@ class LayerNorm(nnx.Module):
         return y.astype(x.dtype)
 
 
-def make_norm(cfg: ModelConfig) -> RMSNorm | LayerNorm:
-    norm = LayerNorm if cfg.family == "gpt2" else RMSNorm
-    return norm(cfg.hidden_size, cfg.norm_eps)
+def make_norm(cfg: ModelConfig, dim: int | None = None) -> RMSNorm | LayerNorm:
+    dim = dim or cfg.hidden_size
+    if cfg.family == "gpt2":
+        return LayerNorm(dim, cfg.norm_eps)
+    return RMSNorm(dim, cfg.norm_eps, plus_one=cfg.norm_plus_one)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding (half-split convention of the HF checkpoints). x: [B, T, N, Dh]."""
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float, scaling: tuple = ()) -> jax.Array:
+    """Rotary embedding (half-split convention of the HF checkpoints). x: [B, T, N, Dh].
+
+    `scaling`: `ModelConfig.rope_scaling` pairs (llama3 / linear / yarn, see
+    `jrlhf.models.config.rope_frequencies`); YaRN's attention factor scales cos and sin."""
     half = x.shape[-1] // 2
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2.0 / x.shape[-1]))
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, half]
-    cos = jnp.cos(angles)[:, :, None, :].astype(x.dtype)
-    sin = jnp.sin(angles)[:, :, None, :].astype(x.dtype)
+    inv_freq, factor = rope_frequencies(x.shape[-1], theta, scaling)
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, half]
+    cos = (jnp.cos(angles) * factor)[:, :, None, :].astype(x.dtype)
+    sin = (jnp.sin(angles) * factor)[:, :, None, :].astype(x.dtype)
     x1, x2 = x[..., :half], x[..., half:]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, layer: int = 0):
         d, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.cfg = cfg
+        self.window = cfg.layer_window(layer)  # static per layer (sliding or full attention)
+        self.rope = cfg.layer_rope(layer)
         self.q_proj = _linear(cfg, d, q, cfg.attention_bias, rngs)
         self.k_proj = _linear(cfg, d, kv, cfg.attention_bias, rngs)
         self.v_proj = _linear(cfg, d, kv, cfg.attention_bias, rngs)
         self.o_proj = _linear(cfg, q, d, cfg.output_bias, rngs)
+        if cfg.qk_norm:
+            self.q_norm = make_norm(cfg, cfg.head_dim)
+            self.k_norm = make_norm(cfg, cfg.head_dim)
 
     def __call__(self, x, positions, segment_ids=None, cache=None, first_slot=None, slot=None):
         """Without `cache`: causal self-attention over left-aligned rows (see
@@ -130,19 +145,24 @@ class Attention(nnx.Module):
         q = self.q_proj(x).reshape(B, T, cfg.num_heads, cfg.head_dim)
         k = self.k_proj(x).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
         v = self.v_proj(x).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if cfg.family == "llama":
-            q = apply_rope(q, positions, cfg.rope_theta)
-            k = apply_rope(k, positions, cfg.rope_theta)
+            q = apply_rope(q, positions, *self.rope)
+            k = apply_rope(k, positions, *self.rope)
+        options = dict(window=self.window, scale=cfg.query_scale, softcap=cfg.attn_softcap)
         if cache is None:
-            impl = attn.resolve_implementation(cfg.attention, cfg.dtype, cfg.head_dim)
-            out = attn.self_attention(q, k, v, implementation=impl, segment_ids=segment_ids)
+            impl = attn.resolve_implementation(cfg.attention, cfg.dtype, cfg.head_dim,
+                                               softcap=cfg.attn_softcap)
+            out = attn.self_attention(q, k, v, implementation=impl, segment_ids=segment_ids,
+                                      **options)
             new = (k, v)
         else:
             keys, values = cache
             start = (0, slot, 0, 0)
             keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), start)
             values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), start)
-            out = attn.cached_attention(q, keys, values, first_slot, slot)
+            out = attn.cached_attention(q, keys, values, first_slot, slot, **options)
             new = (keys, values)
         return self.o_proj(out.reshape(B, T, cfg.num_heads * cfg.head_dim)), new
 
@@ -155,12 +175,12 @@ class MLP(nnx.Module):
         self.act = ACTIVATIONS[cfg.activation]
         self.gated = cfg.family == "llama"
         if self.gated:
-            self.gate_proj = _linear(cfg, d, f, False, rngs)
-            self.up_proj = _linear(cfg, d, f, False, rngs)
-            self.down_proj = _linear(cfg, f, d, False, rngs)
+            self.gate_proj = _linear(cfg, d, f, cfg.mlp_bias, rngs)
+            self.up_proj = _linear(cfg, d, f, cfg.mlp_bias, rngs)
+            self.down_proj = _linear(cfg, f, d, cfg.mlp_bias, rngs)
         else:
-            self.fc_in = _linear(cfg, d, f, cfg.output_bias, rngs)
-            self.fc_out = _linear(cfg, f, d, cfg.output_bias, rngs)
+            self.fc_in = _linear(cfg, d, f, cfg.mlp_bias, rngs)
+            self.fc_out = _linear(cfg, f, d, cfg.mlp_bias, rngs)
 
     def __call__(self, x):
         if self.gated:
@@ -169,17 +189,28 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    """Pre-norm residual block; with `sandwich_norms` (Gemma 2 / 3) the attention and MLP
+    outputs are normalised again before they join the residual stream."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, layer: int = 0):
         self.attn_norm = make_norm(cfg)
-        self.attn = Attention(cfg, rngs)
+        self.attn = Attention(cfg, rngs, layer)
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg, rngs)
+        self.sandwich = cfg.sandwich_norms
+        if self.sandwich:
+            self.attn_post_norm = make_norm(cfg)
+            self.mlp_post_norm = make_norm(cfg)
 
     def __call__(self, x, positions, segment_ids=None, cache=None, first_slot=None, slot=None):
         attn_out, kv = self.attn(self.attn_norm(x), positions, segment_ids, cache, first_slot,
                                  slot)
+        mlp = self.mlp
+        if self.sandwich:
+            x = x + self.attn_post_norm(attn_out)
+            return x + self.mlp_post_norm(mlp(self.mlp_norm(x))), kv
         x = x + attn_out
-        return x + self.mlp(self.mlp_norm(x)), kv
+        return x + mlp(self.mlp_norm(x)), kv
 
 
 class Transformer(nnx.Module):
@@ -194,7 +225,7 @@ class Transformer(nnx.Module):
             self.pos_embed = nnx.Embed(cfg.max_position_embeddings, cfg.hidden_size,
                                        embedding_init=_INIT, dtype=dtype,
                                        param_dtype=jnp.float32, rngs=rngs)
-        self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.layers = nnx.List([Block(cfg, rngs, i) for i in range(cfg.num_layers)])
         self.final_norm = make_norm(cfg)
         if cfg.lm_head and not cfg.tie_word_embeddings:
             self.lm_head = _linear(cfg, cfg.hidden_size, cfg.vocab_size, False, rngs)
@@ -203,6 +234,9 @@ class Transformer(nnx.Module):
 
     def _embed(self, input_ids, positions):
         x = self.embed(input_ids)
+        if self.cfg.scale_embeddings:  # Gemma: sqrt(d) rounded to the weights' dtype first
+            scale = jnp.asarray(self.cfg.hidden_size ** 0.5, self.embed.embedding.dtype)
+            x = x * scale.astype(x.dtype)
         if self.cfg.family == "gpt2":
             x = x + self.pos_embed(positions)
         return x
@@ -235,24 +269,27 @@ class Transformer(nnx.Module):
         return self._embed(input_ids, positions), positions, None, shift
 
     def _layers_without_cache(self, x, positions, segment_ids):
-        """All layers, unrolled or as one `lax.scan` body, each optionally rematerialised."""
-        block_def = nnx.graphdef(self.layers[0])
+        """All layers, unrolled or as one `lax.scan` body (layers alike: `ModelConfig` checks),
+        each optionally rematerialised. Each layer runs under its own graphdef: layers differ
+        statically (sliding window, RoPE base)."""
 
-        def block(layer_state, x):
+        def block(block_def, layer_state, x):
             out, _ = nnx.merge(block_def, layer_state)(x, positions, segment_ids)
             return out
 
         if self.cfg.remat == "full":
-            block = jax.checkpoint(block)
+            block = jax.checkpoint(block, static_argnums=0)
         elif self.cfg.remat == "dots":
-            block = jax.checkpoint(block, policy=jax.checkpoint_policies.dots_saveable)
-        states = [nnx.state(layer) for layer in self.layers]
+            block = jax.checkpoint(block, static_argnums=0,
+                                   policy=jax.checkpoint_policies.dots_saveable)
+        split = [nnx.split(layer) for layer in self.layers]
         if not self.cfg.scan_layers:
-            for state in states:
-                x = block(state, x)
+            for block_def, state in split:
+                x = block(block_def, state, x)
             return x
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
-        x, _ = jax.lax.scan(lambda h, state: (block(state, h), None), x, stacked)
+        block_def = split[0][0]
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(state for _, state in split))
+        x, _ = jax.lax.scan(lambda h, state: (block(block_def, state, h), None), x, stacked)
         return x
 
     def prefill(self, input_ids, attention_mask, cache_size: int, cache_dtype=None):
@@ -292,7 +329,7 @@ class Transformer(nnx.Module):
         """LM logits `[..., V]` in float32 (every position: see `token_logprobs` for the
         memory-bounded path the losses use)."""
         weight, transposed = self.lm_head_weight()
-        return head_logits(hidden, weight, transposed, self.cfg.dtype)
+        return head_logits(hidden, weight, transposed, self.cfg.dtype, self.cfg.final_softcap)
 
     def scores(self, hidden: jax.Array) -> jax.Array:
         """Per-token scalar head `[B, T]` in float32 (values for a critic, rewards for an RM)."""
@@ -326,18 +363,20 @@ def bind(cfg: ModelConfig, params: Params) -> Transformer:
     return nnx.merge(graphdef(cfg), params)
 
 
-def head_logits(hidden: jax.Array, weight: jax.Array, transposed: bool, dtype) -> jax.Array:
+def head_logits(hidden: jax.Array, weight: jax.Array, transposed: bool, dtype,
+                softcap: float | None = None) -> jax.Array:
     """`hidden [..., D]` times the LM head (`weight [V, D]` if `transposed` else `[D, V]`) in the
-    compute `dtype`, returned in float32 `[..., V]`."""
+    compute `dtype`, returned in float32 `[..., V]`; with `softcap` (Gemma 2's final-logit
+    soft-capping) mapped through `softcap · tanh(logits / softcap)`."""
     dtype = jnp.dtype(dtype)
     w = weight.astype(dtype)
-    out = jnp.dot(hidden.astype(dtype), w.T if transposed else w)
-    return out.astype(jnp.float32)
+    out = jnp.dot(hidden.astype(dtype), w.T if transposed else w).astype(jnp.float32)
+    return out if softcap is None else softcap * jnp.tanh(out / softcap)
 
 
 def chunked_token_logprobs(hidden, weight, transposed: bool, targets, *, dtype,
                            temperature: float = 1.0, chunk_size: int = 0,
-                           with_entropy: bool = False):
+                           with_entropy: bool = False, softcap: float | None = None):
     """Log-probs `[B, T]` of `targets [B, T]` under `softmax(head(hidden [B, T, D]) / temperature)`
     and, with `with_entropy`, the entropy `[B, T]` of that distribution (else None).
 
@@ -351,7 +390,7 @@ def chunked_token_logprobs(hidden, weight, transposed: bool, targets, *, dtype,
     flat_hidden, flat_targets = hidden.reshape(n, D), targets.reshape(n).astype(jnp.int32)
 
     def block(h, t):
-        logits = head_logits(h, weight, transposed, dtype) / temperature
+        logits = head_logits(h, weight, transposed, dtype, softcap) / temperature
         lse = jax.nn.logsumexp(logits, axis=-1)
         logp = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0] - lse
         if not with_entropy:
@@ -402,7 +441,8 @@ def token_outputs(cfg: ModelConfig, params: Params, input_ids, attention_mask, *
         weight, transposed = model.lm_head_weight()
         logprobs, entropy = chunked_token_logprobs(
             hidden, weight, transposed, input_ids[:, -n:], dtype=cfg.dtype,
-            temperature=temperature, chunk_size=cfg.logits_chunk_size, with_entropy=with_entropy)
+            temperature=temperature, chunk_size=cfg.logits_chunk_size, with_entropy=with_entropy,
+            softcap=cfg.final_softcap)
     values = model.scores(hidden) if with_values else None
     return TokenOutputs(logprobs, entropy, values)
 
