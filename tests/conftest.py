@@ -41,12 +41,40 @@ TINY_CONFIGS = {
 }
 
 
+# The checkpoint families of tests/test_families.py: built like TINY_CONFIGS, then norms and
+# biases perturbed away from their init (Gemma's (1 + w) norms start at w = 0, so a skipped
+# tensor would not show otherwise).
+_FAMILY_BASE = dict(hidden_size=48, intermediate_size=72, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=2, vocab_size=97,
+                    max_position_embeddings=64, head_dim=12)
+FAMILY_CONFIGS = {
+    "llama3_rope": ("llama", dict(_FAMILY_BASE, rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=16))),
+    "llama_yarn": ("llama", dict(_FAMILY_BASE, rope_scaling=dict(
+        rope_type="yarn", factor=4.0, original_max_position_embeddings=16))),
+    "llama_linear_biases": ("llama", dict(_FAMILY_BASE, attention_bias=True, mlp_bias=True,
+                                          rope_scaling=dict(rope_type="linear", factor=2.0))),
+    "mistral_window": ("mistral", dict(_FAMILY_BASE, sliding_window=5)),
+    "qwen2_window": ("qwen2", dict(_FAMILY_BASE, use_sliding_window=True, sliding_window=5,
+                                   max_window_layers=1)),
+    "qwen3": ("qwen3", dict(_FAMILY_BASE, tie_word_embeddings=False)),
+    "gemma2": ("gemma2", dict(_FAMILY_BASE, sliding_window=5, query_pre_attn_scalar=10,
+                              attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
+    "gemma3": ("gemma3_text", dict(_FAMILY_BASE, num_hidden_layers=4, sliding_window=5,
+                                   sliding_window_pattern=2, query_pre_attn_scalar=10,
+                                   rope_scaling=dict(rope_type="linear", factor=8.0),
+                                   rope_local_base_freq=100.0)),
+}
+
+
 def make_hf_model(name: str, seed: int = 0, head: str = "lm"):
-    """A tiny transformers model (torch, random weights) for one of TINY_CONFIGS."""
+    """A tiny transformers model (torch, random weights) for one of TINY_CONFIGS or
+    FAMILY_CONFIGS (the latter with norms and biases perturbed)."""
     import torch
     import transformers
 
-    model_type, kwargs = TINY_CONFIGS[name]
+    model_type, kwargs = {**TINY_CONFIGS, **FAMILY_CONFIGS}[name]
     config = transformers.AutoConfig.for_model(model_type, **kwargs)
     config.pad_token_id = 0
     torch.manual_seed(seed)
@@ -54,7 +82,13 @@ def make_hf_model(name: str, seed: int = 0, head: str = "lm"):
             else transformers.AutoModelForSequenceClassification)
     if head != "lm":
         config.num_labels = 1
-    return auto.from_config(config, dtype=torch.float32).eval()
+    model = auto.from_config(config, dtype=torch.float32).eval()
+    if name in FAMILY_CONFIGS:
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if "norm" in pname or "bias" in pname:
+                    p.add_(0.1 * torch.randn_like(p))
+    return model
 
 
 @pytest.fixture(scope="session")

@@ -9,70 +9,20 @@ import pytest
 import torch
 import transformers
 
+from conftest import FAMILY_CONFIGS as FAMILIES
 from jrlhf import models
 from jrlhf.sampling import generate
 from test_models import TOL, left_padded_batch, torch_logits
 
-BASE = dict(hidden_size=48, intermediate_size=72, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=97, max_position_embeddings=64, head_dim=12)
-FAMILIES = {
-    "llama3_rope": ("llama", dict(BASE, rope_scaling=dict(
-        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-        original_max_position_embeddings=16))),
-    "llama_yarn": ("llama", dict(BASE, rope_scaling=dict(
-        rope_type="yarn", factor=4.0, original_max_position_embeddings=16))),
-    "llama_linear_biases": ("llama", dict(BASE, rope_scaling=dict(rope_type="linear", factor=2.0),
-                                          attention_bias=True, mlp_bias=True)),
-    "mistral_window": ("mistral", dict(BASE, sliding_window=5)),
-    "qwen2_window": ("qwen2", dict(BASE, use_sliding_window=True, sliding_window=5,
-                                   max_window_layers=1)),
-    "qwen3": ("qwen3", dict(BASE, tie_word_embeddings=False)),
-    "gemma2": ("gemma2", dict(BASE, sliding_window=5, query_pre_attn_scalar=10,
-                              attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
-    "gemma3": ("gemma3_text", dict(BASE, num_hidden_layers=4, sliding_window=5,
-                                   sliding_window_pattern=2, query_pre_attn_scalar=10,
-                                   rope_scaling=dict(rope_type="linear", factor=8.0),
-                                   rope_local_base_freq=100.0)),
-}
 LENGTHS = [13, 6, 1, 9]  # left-padded prompts, most longer than the window of 5
 
 
-def build(name, head="lm", seed=0):
-    model_type, kwargs = FAMILIES[name]
-    config = transformers.AutoConfig.for_model(model_type, **kwargs)
-    config.pad_token_id = 0
-    auto = transformers.AutoModelForCausalLM
-    if head != "lm":
-        config.num_labels = 1
-        auto = transformers.AutoModelForSequenceClassification
-    torch.manual_seed(seed)
-    model = auto.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if "norm" in pname or "bias" in pname:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
-
-
-@pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    cache = {}
-
-    def get(name, head="lm"):
-        if (name, head) not in cache:
-            model = build(name, head)
-            folder = tmp_path_factory.mktemp(f"{name}_{head}")
-            model.save_pretrained(folder)
-            cache[(name, head)] = (model, folder)
-        return cache[(name, head)]
-
-    return get
-
-
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_logits_generation_and_export_match_transformers(name, family, tmp_path):
-    torch_model, folder = family(name)
+def test_logits_generation_and_export_match_transformers(name, hf_folder, tmp_path):
+    torch_model, folder = hf_folder(name)
     cfg, params = models.load_pretrained(folder)
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    assert n_params == cfg.num_params == sum(p.numel() for p in torch_model.parameters())
     ids, mask = left_padded_batch(cfg.vocab_size, LENGTHS)
     ours = np.asarray(models.forward(cfg, params, np.where(mask > 0, ids, 5), mask))
     T = ids.shape[1]
@@ -97,8 +47,8 @@ def test_logits_generation_and_export_match_transformers(name, family, tmp_path)
 
 
 @pytest.mark.parametrize("name", ["qwen3", "gemma2", "gemma3", "llama_linear_biases"])
-def test_sequence_classification_checkpoints_load_as_reward_models(name, family, tmp_path):
-    torch_model, folder = family(name, head="score")
+def test_sequence_classification_checkpoints_load_as_reward_models(name, hf_folder, tmp_path):
+    torch_model, folder = hf_folder(name, head="score")
     cfg, params = models.load_pretrained(folder)
     assert cfg.scalar_head and not cfg.lm_head
     ids, mask = left_padded_batch(cfg.vocab_size, LENGTHS[:3], seed=2)

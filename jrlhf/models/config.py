@@ -7,7 +7,13 @@ differ. `from_hf_config` / `to_hf_config` are the only translation to and from t
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 Family = Literal["gpt2", "llama"]
 
@@ -154,6 +160,7 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
+@functools.lru_cache(maxsize=64)
 def rope_frequencies(head_dim: int, theta: float, scaling: tuple = ()):
     """RoPE's inverse frequencies `[head_dim // 2]` (float32 NumPy) and the factor that scales
     cos and sin (YaRN's attention factor; 1 otherwise), for `scaling` pairs as in
@@ -164,18 +171,15 @@ def rope_frequencies(head_dim: int, theta: float, scaling: tuple = ()):
     - yarn: interpolated (÷ factor) and extrapolated frequencies blended by a linear ramp over
       the dimensions whose rotation counts fall between beta_slow and beta_fast; attention
       factor `attention_factor`, else 0.1·ln(factor) + 1 (or the mscale / mscale_all_dim ratio).
+
+    Computed once per (head_dim, theta, scaling) and cached: every layer's q and k ask for it
+    at trace time. The returned array is read-only.
     """
-    import math
-
-    import numpy as np
-
     p = dict(scaling)
     rope_type = p.get("rope_type", "default")
     dim = head_dim
     # In float32 by XLA, bit-equal to transformers' inv_freq buffer (NumPy's float32 pow is
     # not); at SmolLM2's |h| ~ 1e4 one ulp of a frequency shows in the logits.
-    import jax
-    import jax.numpy as jnp
 
     with jax.ensure_compile_time_eval():
         base = 1.0 / (theta ** (jnp.arange(0, dim // 2, dtype=jnp.float32) * 2.0 / dim))
@@ -222,7 +226,9 @@ def rope_frequencies(head_dim: int, theta: float, scaling: tuple = ()):
     elif rope_type != "default":
         raise ValueError(f"rope type {rope_type!r} is not supported; supported: "
                          f"{', '.join(ROPE_TYPES)}")
-    return inv_freq.astype(np.float32), float(attention_factor)
+    inv_freq = inv_freq.astype(np.float32)
+    inv_freq.setflags(write=False)  # shared by the cache
+    return inv_freq, float(attention_factor)
 
 
 def _first_id(value) -> int | None:
@@ -445,7 +451,7 @@ def to_hf_config(cfg: ModelConfig):
     if model_type in ("qwen2", "qwen3"):
         kwargs["use_sliding_window"] = cfg.sliding_window is not None
         kwargs["max_window_layers"] = 0
-    if model_type != "mistral" and model_type != "llama":
+    if model_type not in ("llama", "mistral"):
         kwargs["layer_types"] = [
             "full_attention" if cfg.layer_window(i) is None else "sliding_attention"
             for i in range(cfg.num_layers)]
