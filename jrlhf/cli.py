@@ -231,7 +231,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (KeyError, ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
+    except (KeyError, ValueError, FileNotFoundError, FileExistsError, FloatingPointError,
+            NotImplementedError) as err:  # NotImplementedError: a model jrlhf refuses
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         print(f"jrlhf {args.command}: error: {message}", file=sys.stderr)
         return 2

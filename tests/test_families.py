@@ -98,3 +98,24 @@ def test_multimodal_gemma3_is_refused_pointing_at_the_text_model():
     hf = transformers.Gemma3Config()
     with pytest.raises(NotImplementedError, match="gemma3_text"):
         models.from_hf_config(hf)
+
+
+def test_cli_refuses_an_unsupported_model_folder_in_one_line(tmp_path, capsys):
+    import re
+    from pathlib import Path
+
+    from jrlhf.cli import main
+
+    model_type, kwargs = FAMILIES["llama3_rope"]
+    folder = tmp_path / "dynamic"
+    transformers.AutoConfig.for_model(model_type, **{
+        **kwargs, "rope_scaling": dict(rope_type="dynamic", factor=2.0)}).save_pretrained(folder)
+    (folder / "model.safetensors").write_bytes(b"")
+    message = f"{folder}: rope_parameters: rope type 'dynamic' is not supported"
+    with pytest.raises(NotImplementedError, match=re.escape(message)):
+        models.load_pretrained(folder)
+    tiny = Path(__file__).parents[1] / "configs" / "tiny.py"
+    code = main(["sft", "--config", str(tiny), "--set", f"model.source={folder}",
+                 "--set", f"run.out_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err

@@ -231,7 +231,10 @@ def load_pretrained(path: str | os.PathLike, dtype=np.float32, *, lm_head: bool 
     refuse_remote_code(folder)
     hf_config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True,
                                                         trust_remote_code=False)
-    from_hf_config(hf_config)  # refuse an unsupported architecture before reading weights
+    try:  # refuse an unsupported architecture before reading weights, naming the folder
+        from_hf_config(hf_config)
+    except NotImplementedError as err:
+        raise NotImplementedError(f"{folder}: {err}") from None
     tensors = read_safetensors_folder(folder)
     has_score = any(_strip_prefix(k) == "score.weight" for k in tensors)
     arch = " ".join(getattr(hf_config, "architectures", None) or [])
