@@ -87,7 +87,9 @@ def make_hf_model(name: str, seed: int = 0, head: str = "lm"):
         with torch.no_grad():
             for pname, p in model.named_parameters():
                 if "norm" in pname or "bias" in pname:
-                    p.add_(0.1 * torch.randn_like(p))
+                    # Biases below the weights' scale: at 0.02 or more they swamp the residual
+                    # stream and every row decodes one repeated token.
+                    p.add_((0.1 if "norm" in pname else 0.005) * torch.randn_like(p))
     return model
 
 

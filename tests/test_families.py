@@ -37,6 +37,18 @@ def test_logits_generation_and_export_match_transformers(name, hf_folder, tmp_pa
                                    max_new_tokens=10, do_sample=False, pad_token_id=0,
                                    eos_token_id=None)
     np.testing.assert_array_equal(np.asarray(out.tokens), ref[:, T:].numpy())
+    # Again with an EOS that some rows emit and others never do: those rows stop there and are
+    # padded after it, the others run on, token for token as transformers does.
+    greedy = ref[:, T:].numpy()
+    eos = next(int(t) for t in greedy[:, 1:].ravel() if not all(t in row for row in greedy))
+    out = generate(cfg, params, ids, mask, jax.random.key(0), max_new_tokens=10,
+                   temperature=0.0, eos_token_id=eos, pad_token_id=0)
+    with torch.no_grad():
+        ref_eos = torch_model.generate(torch.tensor(ids), attention_mask=torch.tensor(mask),
+                                       max_new_tokens=10, do_sample=False, pad_token_id=0,
+                                       eos_token_id=eos)[:, T:].numpy()
+    assert (ref_eos == eos).any(axis=1).sum() in range(1, len(LENGTHS))
+    np.testing.assert_array_equal(np.asarray(out.tokens), ref_eos)
     # save_pretrained -> transformers reloads it with the same logits and config.
     models.save_pretrained(tmp_path / "out", cfg, params)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
@@ -119,3 +131,46 @@ def test_cli_refuses_an_unsupported_model_folder_in_one_line(tmp_path, capsys):
                  "--set", f"run.out_dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
+
+
+# A saved folder's extra fields per family (transformers fills in the rest): Gemma 3 with a
+# sliding window shorter than the pipeline's prompts and a local:global pattern of 1:1.
+PIPELINE_FAMILIES = {
+    "qwen3": dict(tie_word_embeddings=False),
+    "gemma3_text": dict(sliding_window=8, sliding_window_pattern=2, query_pre_attn_scalar=16,
+                        rope_local_base_freq=100.0, tie_word_embeddings=True),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", sorted(PIPELINE_FAMILIES))
+def test_pipeline_runs_on_a_saved_family_folder(model_type, tmp_path):
+    """`jrlhf pipeline --set model.source=<folder>` end to end (SFT, reward model, PPO, export)
+    on a tiny Qwen3 and a tiny Gemma 3 saved by transformers; the exported policy reloads in
+    transformers with our logits."""
+    from jrlhf.cli import main
+    from test_run import TINY
+
+    config = transformers.AutoConfig.for_model(
+        model_type, vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2, **PIPELINE_FAMILIES[model_type])
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    out = tmp_path / "run"
+    assert main(["pipeline", "--config", TINY, "--set", f"model.source={tmp_path / 'model'}",
+                 "--set", "model.tokenizer=smollm2", "--set", f"run.out_dir={out}",
+                 "--set", "reward.steps=2", "--set", "ppo.iterations=1",
+                 "--set", "run.log_every=0"]) == 0
+    import json
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert all(np.isfinite(summary[k]) for k in ("score_sft", "score_ppo", "kl_ppo_to_sft"))
+    cfg, params = models.load_pretrained(out / "export")
+    assert cfg.hf_model_type == model_type
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out / "export").eval()
+    ids = np.arange(3, 23)[None]  # longer than Gemma 3's window
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(models.forward(cfg, params, ids, np.ones_like(ids)), ref,
+                               atol=1e-4, rtol=0)

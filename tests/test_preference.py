@@ -143,7 +143,7 @@ def test_orpo_step_learns_without_reference():
     assert float(m["orpo/log_odds_ratio"]) > first["orpo/log_odds_ratio"]
 
 
-def group_rollout(params, G=4, K=4, P=4, N=5, seed=0, temperature=1.0):
+def group_rollout(params, G=4, K=4, P=4, N=5, seed=0, temperature=1.0, cfg=CFG):
     from jrlhf import rl
     from jrlhf.models import forward
 
@@ -153,7 +153,7 @@ def group_rollout(params, G=4, K=4, P=4, N=5, seed=0, temperature=1.0):
     resp = np.ones((G * K, N), np.int32)
     resp[1::4, 3:] = 0
     attn[1::4, P + 3:] = 0
-    logits = forward(CFG, params, ids, attn)[:, -N - 1:-1] / temperature
+    logits = forward(cfg, params, ids, attn)[:, -N - 1:-1] / temperature
     logp = np.asarray(rl.logprobs_from_logits(logits, ids[:, -N:])) * resp
     scores = ((ids[:, -N:] == 7) * resp).sum(1).astype(np.float32) + rng.rand(G * K) * 0.1
     return {"input_ids": ids, "attention_mask": attn, "response_mask": resp, "logprobs": logp,

@@ -104,3 +104,78 @@ def test_fsdp_shrinks_per_device_state_bytes():
     full, sharded = per_device_state_bytes(1), per_device_state_bytes(8)
     print(f"per-device params+optimizer bytes: fsdp=1 {full}, fsdp=8 {sharded}")
     assert full / sharded > 6  # norms and scalars stay replicated
+
+
+def _family_config(model_type: str, **fields):
+    """A tiny config of a 2026 checkpoint family, translated from transformers' own config."""
+    import transformers
+
+    from jrlhf.models import from_hf_config
+
+    base = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return from_hf_config(transformers.AutoConfig.for_model(model_type, **base, **fields))
+
+
+# Llama 3.2's shape (llama3 RoPE scaling, tied head, grouped-query attention) and Qwen3's
+# (QK-norm, a head_dim independent of hidden_size / heads, untied head), at test size.
+FAMILY_SHAPES = {
+    "llama3.2": lambda: _family_config(
+        "llama", head_dim=8, tie_word_embeddings=True, rope_theta=500000.0,
+        rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
+                          high_freq_factor=4.0, original_max_position_embeddings=16)),
+    "qwen3": lambda: _family_config("qwen3", head_dim=16, tie_word_embeddings=False,
+                                    rope_theta=1e6),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_SHAPES))
+def test_family_steps_on_a_2x2x2_mesh_equal_one_device(family):
+    """sft_step, reward_step, ppo_step and grpo_step of a Llama 3.2- and a Qwen3-shaped model
+    give on a (data 2, fsdp 2, tensor 2) mesh the params and metrics of one device."""
+    from jrlhf.config import GRPOConfig
+    from jrlhf.steps import make_grpo_step
+    from test_preference import group_rollout
+
+    cfg = FAMILY_SHAPES[family]()
+    assert (cfg.qk_norm, cfg.tie_word_embeddings) == ((True, False) if family == "qwen3"
+                                                      else (False, True))
+    rm_cfg = dataclasses.replace(cfg, lm_head=False, scalar_head=True)
+    policy_cfg = dataclasses.replace(cfg, scalar_head=True)
+
+    def setup(kind, mesh):
+        if kind == "sft":
+            state, labels = make_state(init_params(cfg, 0), OPT_EQ)
+            return state, sft_batch(), functools.partial(make_sft_step, cfg, labels=labels)
+        if kind == "reward":
+            state, labels = make_state(init_params(rm_cfg, 0), OPT_EQ)
+            return state, reward_batch(), functools.partial(make_reward_step, rm_cfg,
+                                                            labels=labels)
+        if kind == "ppo":
+            params = {"policy": init_params(policy_cfg, 0)}
+            state = make_state(params, OPT_EQ, kl_coef=PPO_CFG.kl_coef)[0]
+            return state, rollout_batch(params, policy_cfg=policy_cfg), functools.partial(
+                make_ppo_step, PPO_CFG, policy_cfg, temperature=TEMPERATURE)
+        params = init_params(cfg, 0)
+        return make_state(params, OPT_EQ)[0], group_rollout(params, cfg=cfg), functools.partial(
+            make_grpo_step, GRPOConfig(group_size=4, minibatch_size=8), cfg)
+
+    def run(kind, mesh):
+        state, batch, factory = setup(kind, mesh)
+        if mesh is not None:
+            state = place_state(state, mesh)
+        new, metrics = factory(state=state, mesh=mesh)(state, batch)
+        return jax.tree.map(np.asarray, new.params), {k: float(v) for k, v in metrics.items()}
+
+    mesh = sharding.make_mesh(MeshConfig(2, 2, 2))
+    for kind in ("sft", "reward", "ppo", "grpo"):
+        ref_params, ref_metrics = run(kind, None)
+        params, metrics = run(kind, mesh)
+        close(params, ref_params)
+        assert metrics.keys() == ref_metrics.keys()
+        for k in metrics:
+            # A clip fraction counts tokens on either side of a threshold: summation order may
+            # move one token (1/72 of PPO's) across it, which changes no parameter beyond 1e-6.
+            atol = 0.02 if k.endswith("clipfrac") else 1e-6
+            np.testing.assert_allclose(metrics[k], ref_metrics[k], rtol=1e-5, atol=atol,
+                                       err_msg=f"{kind}: {k}")

@@ -58,7 +58,7 @@ def load_policy(section, seed: int = 0, *, tokenizer: bool = True):
 
 def model_config(section) -> ModelConfig:
     """The `ModelConfig` of a `ModelSection` from metadata only: no weights are read."""
-    if section.source == "random" or section.arch is not None:
+    if section.source == "random":  # `arch` describes random weights only, as in load_policy
         if section.arch is None:
             raise ValueError("model.source='random' needs model.arch (a ModelConfig)")
         return section.compute(section.arch)
