@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import TINY_CONFIGS
+from conftest import FAMILY_CONFIGS, TINY_CONFIGS
 from jrlhf import models, rl
 
 TOL = 1e-4  # float32 max abs difference against transformers
@@ -65,8 +65,10 @@ def test_left_padded_rows_equal_rows_alone(name, hf_folder):
     np.testing.assert_allclose(ours * mask[..., None], ref * mask[..., None], atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama_gqa", "llama_mqa_tied"])
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa", "llama_mqa_tied", *FAMILY_CONFIGS])
 def test_kv_cache_decoding_equals_full_forward(name, hf_folder):
+    """Prefill then one cached decode step per token == the full forward; for the sliding-window
+    families (window 5) the rows run past the window."""
     _, folder = hf_folder(name)
     cfg, params = models.load_pretrained(folder)
     lengths = [6, 3, 9]
