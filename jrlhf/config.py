@@ -16,6 +16,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from jrlhf.losses import AGGREGATIONS
 from jrlhf.models.config import ModelConfig
 
 # Valid ranges of numeric fields, checked when a config is built (`--set`, config files, code):
@@ -49,7 +50,8 @@ RANGES = {
     "dpo.orpo_lambda": _AT_LEAST_0, "dpo.steps": _AT_LEAST_1, "dpo.batch_size": _AT_LEAST_1,
     "dpo.learning_rate": _POSITIVE,
     "grpo.group_size": (2, True, None, False), "grpo.kl_coef": _AT_LEAST_0,
-    "grpo.clip_eps": _POSITIVE, "grpo.epochs": _AT_LEAST_1, "grpo.minibatch_size": _AT_LEAST_0,
+    "grpo.clip_eps": _POSITIVE, "grpo.clip_high": _AT_LEAST_0, "grpo.dual_clip": _AT_LEAST_0,
+    "grpo.grad_accum_steps": _AT_LEAST_1, "grpo.epochs": _AT_LEAST_1, "grpo.minibatch_size": _AT_LEAST_0,
     "grpo.iterations": _AT_LEAST_1, "grpo.prompts_per_iteration": _AT_LEAST_1,
     "grpo.learning_rate": _POSITIVE,
     "iterate.rounds": _AT_LEAST_1, "iterate.earlier_versions_share": _UNIT,
@@ -270,6 +272,9 @@ class PPOConfig:
     ppo_epochs: int = 4
     minibatch_size: int = 0  # rows per optimizer step; 0 = the whole rollout batch
     whiten_advantages: bool = True
+    # How token policy losses become one: token-mean | seq-mean-token-mean |
+    # seq-mean-token-sum-norm (`losses.aggregate`); the value loss stays a token mean.
+    loss_aggregation: str = "token-mean"
     critic: str = "shared"  # shared (value head on the policy backbone) | separate
     # The loop (the PPO stage).
     iterations: int = 20
@@ -284,6 +289,9 @@ class PPOConfig:
             raise ValueError(f"ppo.kl_estimator must be k1|k2|k3|abs, got {self.kl_estimator!r}")
         if self.critic not in ("shared", "separate"):
             raise ValueError(f"ppo.critic must be shared|separate, got {self.critic!r}")
+        if self.loss_aggregation not in AGGREGATIONS:
+            raise ValueError(f"ppo.loss_aggregation must be {'|'.join(AGGREGATIONS)}, got "
+                             f"{self.loss_aggregation!r}")
         if self.minibatch_size and self.rollout_batch_size % self.minibatch_size:
             raise ValueError(f"ppo.rollout_batch_size={self.rollout_batch_size} is not divisible "
                              f"by ppo.minibatch_size={self.minibatch_size}")
@@ -318,12 +326,20 @@ class DPOConfig:
 class GRPOConfig:
     """Critic-free policy optimisation with group baselines: GRPO and RLOO."""
 
-    estimator: str = "grpo"  # grpo (group-normalised) | rloo (leave-one-out)
+    # grpo (group mean, / group std) | rloo (leave-one-out) | reinforce++ (batch mean, / std)
+    estimator: str = "grpo"
     group_size: int = 4  # samples per prompt
     kl_coef: float = 0.04  # weight of the k3 KL-to-reference loss term
-    clip_eps: float = 0.2
+    clip_eps: float = 0.2  # lower ratio clip: r >= 1 - clip_eps
+    clip_high: float = 0.0  # upper ratio clip r <= 1 + clip_high (DAPO: 0.28); 0 = clip_eps
+    dual_clip: float = 0.0  # c > 1: a negative-advantage token's loss is at most -c·A; 0 = off
+    # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (Dr. GRPO); `losses.aggregate`
+    loss_aggregation: str = "token-mean"
+    scale_advantages: bool = True  # divide by the std (grpo, reinforce++); False: Dr. GRPO
+    importance_ratio: str = "token"  # token (PPO / GRPO) | sequence (GSPO)
     epochs: int = 1
     minibatch_size: int = 0  # rows per optimizer step; 0 = the whole batch
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (normalised as one batch)
     # The loop (the GRPO / RLOO stage).
     iterations: int = 20
     prompts_per_iteration: int = 4  # each sampled group_size times
@@ -331,8 +347,18 @@ class GRPOConfig:
 
     def __post_init__(self):
         _check_ranges("grpo", self)
-        if self.estimator not in ("grpo", "rloo"):
-            raise ValueError(f"grpo.estimator must be grpo|rloo, got {self.estimator!r}")
+        if self.estimator not in ("grpo", "rloo", "reinforce++"):
+            raise ValueError(f"grpo.estimator must be grpo|rloo|reinforce++, got "
+                             f"{self.estimator!r}")
+        if self.loss_aggregation not in AGGREGATIONS:
+            raise ValueError(f"grpo.loss_aggregation must be {'|'.join(AGGREGATIONS)}, got "
+                             f"{self.loss_aggregation!r}")
+        if self.importance_ratio not in ("token", "sequence"):
+            raise ValueError(f"grpo.importance_ratio must be token|sequence, got "
+                             f"{self.importance_ratio!r}")
+        if self.dual_clip and self.dual_clip <= 1.0:
+            raise ValueError(f"grpo.dual_clip={self.dual_clip!r} is out of range: expected 0 "
+                             "(off) or > 1")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,31 +15,119 @@ import numpy as np
 from jrlhf.rl import masked_mean, masked_sum
 
 
-def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps: float):
-    """Clipped surrogate objective (PPO), negated for minimisation.
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def aggregation_counts(mask) -> dict:
+    """The normalisers `aggregate` needs, counted over `mask [B, T]`: `num_tokens` (real
+    tokens), `num_sequences` (rows with at least one real token) and `num_rows` (all rows).
+    Count them over the whole batch and pass them to `aggregate` on each micro-batch, so the
+    micro-batches' losses (and gradients) sum to the full batch's."""
+    real = mask > 0
+    return {"num_tokens": jnp.sum(real).astype(jnp.float32),
+            "num_sequences": jnp.sum(jnp.any(real, axis=-1)).astype(jnp.float32),
+            "num_rows": jnp.float32(mask.shape[0])}
+
+
+def aggregate(token_losses, mask, mode: str = "token-mean", counts: dict | None = None):
+    """One loss from per-token losses `[B, T]` over the real tokens of `mask [B, T]`.
+
+    - "token-mean": the sum over all real tokens / the number of real tokens (every token
+      weighs the same; longer responses weigh more).
+    - "seq-mean-token-mean": each sequence's mean over its tokens, averaged over the sequences
+      that have a token (every response weighs the same; empty rows count for nothing).
+    - "seq-mean-token-sum-norm" (Dr. GRPO): the sum over all real tokens / (rows × T), a
+      constant normaliser: no per-sequence length division, T the response length bound.
+
+    `counts`: `aggregation_counts` of the whole batch when `mask` is one micro-batch of it
+    (default: this batch's own).
+    """
+    counts = aggregation_counts(mask) if counts is None else counts
+    real = mask > 0
+    total = jnp.where(real, token_losses, 0.0)
+    if mode == "token-mean":
+        return jnp.sum(total) / jnp.maximum(counts["num_tokens"], 1.0)
+    if mode == "seq-mean-token-mean":
+        lengths = jnp.sum(real, axis=-1)
+        per_sequence = jnp.sum(total, axis=-1) / jnp.maximum(lengths, 1)
+        return jnp.sum(per_sequence) / jnp.maximum(counts["num_sequences"], 1.0)
+    if mode == "seq-mean-token-sum-norm":
+        return jnp.sum(total) / (jnp.maximum(counts["num_rows"], 1.0) * mask.shape[-1])
+    raise ValueError(f"loss aggregation must be one of {', '.join(AGGREGATIONS)}, got {mode!r}")
+
+
+def sequence_log_ratio(logprobs, old_logprobs, mask):
+    """GSPO's sequence-level log importance ratio, broadcast over each row's tokens `[B, T]`:
+    the mean over the row's real tokens of log π − log π_old, i.e. log of
+    (π(y|x) / π_old(y|x)) ** (1 / |y|). 0 on empty rows."""
+    real = mask > 0
+    diff = jnp.where(real, logprobs - old_logprobs, 0.0)
+    mean = jnp.sum(diff, axis=-1) / jnp.maximum(jnp.sum(real, axis=-1), 1)
+    return jnp.broadcast_to(mean[:, None], logprobs.shape)
+
+
+def clipped_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low: float,
+                        clip_high: float | None = None, dual_clip: float = 0.0,
+                        ratio_level: str = "token", aggregation: str = "token-mean",
+                        counts: dict | None = None):
+    """Clipped surrogate objective, negated for minimisation, with the GRPO family's options.
 
     Args:
         logprobs: `[B, T]` current policy log-probs of the taken tokens.
         old_logprobs: `[B, T]` log-probs under the policy that sampled them.
         advantages: `[B, T]`.
         mask: `[B, T]` response-token mask.
-        clip_eps: ratio clip range ε.
+        clip_low, clip_high: the ratio is clipped to [1 − clip_low, 1 + clip_high] (DAPO's
+            clip-higher: clip_high > clip_low); clip_high None = clip_low (PPO).
+        dual_clip: c > 1 bounds the loss of a negative-advantage token by −c·A (dual-clip PPO,
+            Ye et al. 2020); 0 = off.
+        ratio_level: "token" (PPO) or "sequence" (GSPO: every token of a row uses the row's
+            length-normalised sequence ratio, `sequence_log_ratio`).
+        aggregation, counts: how token losses become one loss (`aggregate`).
 
     Returns:
-        `(loss, metrics)`: loss = mean over tokens of max(−A·r, −A·clip(r, 1−ε, 1+ε));
-        metrics: `clipfrac` (share of tokens where the clipped term is active) and `approx_kl`
-        (mean of ½(log r)²).
+        `(loss, metrics)`: per token max(−A·r, −A·clip(r)) (then min(·, −c·A) where A < 0 with
+        dual-clip), aggregated. Metrics: `clipfrac` (share of tokens where the clipped term is
+        active), `clipfrac_low` / `clipfrac_high` (active at the lower / upper bound),
+        `dual_clipfrac`, `approx_kl` (mean of ½(log r)²) — token means over this batch.
     """
-    log_ratio = jnp.where(mask > 0, logprobs - old_logprobs, 0.0)
+    clip_high = clip_low if clip_high is None else clip_high
+    if ratio_level == "token":
+        log_ratio = jnp.where(mask > 0, logprobs - old_logprobs, 0.0)
+    elif ratio_level == "sequence":
+        log_ratio = sequence_log_ratio(logprobs, old_logprobs, mask)
+    else:
+        raise ValueError(f"ratio_level must be token|sequence, got {ratio_level!r}")
     ratio = jnp.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(jnp.maximum(unclipped, clipped), mask)
+    clipped = -advantages * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    token_loss = jnp.maximum(unclipped, clipped)
+    dual_active = jnp.zeros_like(token_loss, bool)
+    if dual_clip:
+        bound = -dual_clip * advantages
+        dual_active = (advantages < 0) & (token_loss > bound)
+        token_loss = jnp.where(advantages < 0, jnp.minimum(token_loss, bound), token_loss)
+    clip_active = clipped > unclipped
+    frac = lambda x: masked_mean(x.astype(jnp.float32), mask)  # noqa: E731
     metrics = {
-        "clipfrac": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
+        "clipfrac": frac(clip_active),
+        "clipfrac_low": frac(clip_active & (ratio < 1.0)),
+        "clipfrac_high": frac(clip_active & (ratio > 1.0)),
+        "dual_clipfrac": frac(dual_active),
         "approx_kl": masked_mean(0.5 * jnp.square(log_ratio), mask),
     }
-    return loss, metrics
+    return aggregate(token_loss, mask, aggregation, counts), metrics
+
+
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps: float,
+                    aggregation: str = "token-mean", counts: dict | None = None):
+    """PPO's clipped surrogate (symmetric clip ε, token ratios): `clipped_policy_loss`.
+
+    Returns `(loss, metrics)`: loss = the `aggregation` (default the mean over tokens) of
+    max(−A·r, −A·clip(r, 1−ε, 1+ε)); metrics as `clipped_policy_loss`'s.
+    """
+    return clipped_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=clip_eps,
+                               aggregation=aggregation, counts=counts)
 
 
 def ppo_value_loss(values, old_values, returns, mask, clip_eps: float):
@@ -182,12 +270,20 @@ def orpo_loss(chosen_mean_logps, rejected_mean_logps, chosen_nll, lam: float):
     return chosen_nll - lam * jax.nn.log_sigmoid(ratio), ratio
 
 
-def group_advantages(scores, eps: float = 1e-6):
+def group_advantages(scores, eps: float = 1e-6, scale: bool = True):
     """GRPO: scores `[G, K]` of K samples per prompt, normalised within each group:
-    (r − mean_g) / (std_g + eps)."""
-    mean = jnp.mean(scores, axis=-1, keepdims=True)
-    std = jnp.std(scores, axis=-1, keepdims=True)
-    return (scores - mean) / (std + eps)
+    (r − mean_g) / (std_g + eps); `scale=False` (Dr. GRPO) keeps r − mean_g."""
+    centred = scores - jnp.mean(scores, axis=-1, keepdims=True)
+    if not scale:
+        return centred
+    return centred / (jnp.std(scores, axis=-1, keepdims=True) + eps)
+
+
+def batch_baseline_advantages(scores, eps: float = 1e-6, scale: bool = True):
+    """REINFORCE++ with a batch baseline: scores `[G, K]` minus the mean of the whole batch,
+    divided by the batch's std (+ eps) when `scale`. `[G, K]`."""
+    centred = scores - jnp.mean(scores)
+    return centred / (jnp.std(scores) + eps) if scale else centred
 
 
 def leave_one_out_advantages(scores):
@@ -198,12 +294,19 @@ def leave_one_out_advantages(scores):
 
 
 def clipped_kl_regularised_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask,
-                                clip_eps: float, kl_coef: float):
-    """GRPO/RLOO token loss: clipped surrogate with a per-sequence advantage `[B]` broadcast over
-    its tokens, plus `kl_coef`·k3 KL to the reference as a loss term. Returns (loss, metrics)."""
+                                clip_eps: float, kl_coef: float, *,
+                                clip_high: float | None = None, dual_clip: float = 0.0,
+                                ratio_level: str = "token", aggregation: str = "token-mean",
+                                counts: dict | None = None):
+    """GRPO/RLOO token loss: clipped surrogate (`clipped_policy_loss`, lower clip `clip_eps`)
+    with a per-sequence advantage `[B]` broadcast over its tokens, plus `kl_coef`·k3 KL to the
+    reference as a loss term, both aggregated the same way. Returns (loss, metrics)."""
     from jrlhf.rl import kl_penalty
 
     adv = jnp.broadcast_to(advantages[:, None], logprobs.shape)
-    pg, metrics = ppo_policy_loss(logprobs, old_logprobs, adv, mask, clip_eps)
-    kl = masked_mean(kl_penalty(logprobs, ref_logprobs, "k3"), mask)
+    pg, metrics = clipped_policy_loss(logprobs, old_logprobs, adv, mask, clip_low=clip_eps,
+                                      clip_high=clip_high, dual_clip=dual_clip,
+                                      ratio_level=ratio_level, aggregation=aggregation,
+                                      counts=counts)
+    kl = aggregate(kl_penalty(logprobs, ref_logprobs, "k3"), mask, aggregation, counts)
     return pg + kl_coef * kl, dict(metrics, kl=kl, policy_loss=pg)

@@ -19,24 +19,62 @@ from jrlhf import losses
 from jrlhf.config import GRPOConfig
 from jrlhf.models import transformer as tfm
 from jrlhf.models.config import ModelConfig
-from jrlhf.steps.common import forward_params, jit_step, minibatch_epochs
+from jrlhf.steps.common import (accumulate_gradients, forward_params, jit_step,
+                                minibatch_epochs)
 
 
-def sequence_advantages(scores, group_size: int, estimator: str):
-    """Advantages `[B]` from scores `[B]` grouped in consecutive runs of `group_size`."""
+def sequence_advantages(scores, group_size: int, estimator: str, scale: bool = True):
+    """Advantages `[B]` from scores `[B]` grouped in consecutive runs of `group_size`.
+    `scale`: divide by the group's (grpo) or batch's (reinforce++) std; RLOO never does."""
     groups = scores.reshape(-1, group_size)
     if estimator == "grpo":
-        adv = losses.group_advantages(groups)
+        adv = losses.group_advantages(groups, scale=scale)
     elif estimator == "rloo":
         adv = losses.leave_one_out_advantages(groups)
+    elif estimator == "reinforce++":
+        adv = losses.batch_baseline_advantages(groups, scale=scale)
     else:
-        raise ValueError(f"unknown estimator {estimator!r}; choose grpo or rloo")
+        raise ValueError(f"unknown estimator {estimator!r}; choose grpo, rloo or reinforce++")
     return adv.reshape(-1)
+
+
+def grpo_loss(params, mb, counts, *, cfg: GRPOConfig, model_cfg: ModelConfig, labels=None,
+              lora_scale: float = 0.0, temperature: float = 1.0):
+    """The GRPO-family loss of one (micro-)batch `mb`, aggregated with `counts`
+    (`losses.aggregation_counts` of the optimizer step's whole minibatch). Returns
+    `(loss, metrics)`."""
+    N = mb["response_mask"].shape[1]
+    fp = forward_params(params, labels, lora_scale)
+    logprobs = tfm.token_outputs(model_cfg, fp, mb["input_ids"], mb["attention_mask"],
+                                 last=N, temperature=temperature).logprobs
+    loss, m = losses.clipped_kl_regularised_loss(
+        logprobs, mb["logprobs"], mb["ref_logprobs"], mb["advantages"], mb["response_mask"],
+        cfg.clip_eps, cfg.kl_coef, clip_high=cfg.clip_high or None, dual_clip=cfg.dual_clip,
+        ratio_level=cfg.importance_ratio, aggregation=cfg.loss_aggregation, counts=counts)
+    return loss, dict(m, loss=loss)
+
+
+# Metrics that are aggregated with the whole minibatch's counts (micro-batches sum to them);
+# the rest are per-micro-batch means, averaged.
+_SUMMED = ("loss", "policy_loss", "kl")
+
+
+def minibatch_gradients(loss_fn, params, mb, grad_accum_steps: int):
+    """`((loss, metrics), grads)` of one optimizer step's minibatch `mb`, in `grad_accum_steps`
+    micro-batches whose losses are normalised by the whole minibatch's counts, so the summed
+    gradient equals the full minibatch's for every aggregation mode."""
+    counts = losses.aggregation_counts(mb["response_mask"])
+    loss, aux, grads = accumulate_gradients(lambda p, micro: loss_fn(p, micro, counts), params,
+                                            mb, grad_accum_steps)
+    aux = {k: v if k in _SUMMED else v / grad_accum_steps for k, v in aux.items()}
+    return (loss, aux), grads
 
 
 def grpo_step(state, batch, *, cfg: GRPOConfig, model_cfg: ModelConfig, labels=None,
               lora_scale: float = 0.0, temperature: float = 1.0):
-    """One GRPO/RLOO update phase (all epochs × minibatches) on a grouped rollout batch.
+    """One GRPO/RLOO/REINFORCE++ update phase (all epochs × minibatches) on a grouped rollout
+    batch, with the GRPO family's loss options of `cfg` (clip-higher, dual-clip, GSPO's
+    sequence ratio, loss aggregation, unscaled advantages, micro-batches).
 
     `temperature` is the sampler's: the trained log-probs are those of logits / temperature.
     """
@@ -48,23 +86,24 @@ def grpo_step(state, batch, *, cfg: GRPOConfig, model_cfg: ModelConfig, labels=N
     size = cfg.minibatch_size or B
     if B % size:
         raise ValueError(f"batch of {B} rows is not divisible by grpo.minibatch_size={size}")
-    advantages = sequence_advantages(batch["scores"], cfg.group_size, cfg.estimator)
+    if size % cfg.grad_accum_steps:
+        raise ValueError(f"minibatch of {size} rows is not divisible by "
+                         f"grpo.grad_accum_steps={cfg.grad_accum_steps}")
+    advantages = sequence_advantages(batch["scores"], cfg.group_size, cfg.estimator,
+                                     cfg.scale_advantages)
     data = {k: batch[k] for k in ("input_ids", "attention_mask", "response_mask", "logprobs",
                                   "ref_logprobs")}
     data["advantages"] = advantages
+    loss_fn = functools.partial(grpo_loss, cfg=cfg, model_cfg=model_cfg, labels=labels,
+                                lora_scale=lora_scale, temperature=temperature)
 
-    def loss_fn(params, mb):
-        fp = forward_params(params, labels, lora_scale)
-        logprobs = tfm.token_outputs(model_cfg, fp, mb["input_ids"], mb["attention_mask"],
-                                     last=N, temperature=temperature).logprobs
-        loss, m = losses.clipped_kl_regularised_loss(
-            logprobs, mb["logprobs"], mb["ref_logprobs"], mb["advantages"], mb["response_mask"],
-            cfg.clip_eps, cfg.kl_coef)
-        return loss, {f"{cfg.estimator}/{k}": v for k, v in dict(m, loss=loss).items()}
+    def grad_fn(params, mb):
+        (loss, m), grads = minibatch_gradients(loss_fn, params, mb, cfg.grad_accum_steps)
+        return (loss, {f"{cfg.estimator}/{k}": v for k, v in m.items()}), grads
 
     state, metrics = minibatch_epochs(
-        state, data, jax.value_and_grad(loss_fn, has_aux=True), epochs=cfg.epochs,
-        num_minibatches=B // size, key=jax.random.fold_in(state.rng, state.step))
+        state, data, grad_fn, epochs=cfg.epochs, num_minibatches=B // size,
+        key=jax.random.fold_in(state.rng, state.step))
     metrics.update({f"{cfg.estimator}/mean_score": jnp.mean(batch["scores"]),
                     f"{cfg.estimator}/advantages_std": jnp.std(advantages)})
     return state, metrics

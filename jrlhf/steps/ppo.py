@@ -68,14 +68,15 @@ def ppo_loss(params, mb, *, cfg: PPOConfig, forward):
     logprobs, entropy, values = forward(params, mb["input_ids"], mb["attention_mask"],
                                         mask.shape[1], with_entropy=True)
     pg_loss, pg_metrics = losses.ppo_policy_loss(logprobs, mb["logprobs"], mb["advantages"], mask,
-                                                 cfg.clip_eps)
+                                                 cfg.clip_eps, cfg.loss_aggregation)
     vf_loss, vf_metrics = losses.ppo_value_loss(values, mb["values"], mb["returns"], mask,
                                                 cfg.value_clip_eps)
     entropy = rl.masked_mean(entropy, mask)
     loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * entropy
     metrics = {
         "ppo/loss": loss, "ppo/policy_loss": pg_loss, "value/loss": vf_loss,
-        "ppo/clipfrac": pg_metrics["clipfrac"], "ppo/approx_kl": pg_metrics["approx_kl"],
+        "ppo/clipfrac": pg_metrics["clipfrac"], "ppo/clipfrac_low": pg_metrics["clipfrac_low"],
+        "ppo/clipfrac_high": pg_metrics["clipfrac_high"], "ppo/approx_kl": pg_metrics["approx_kl"],
         "ppo/entropy": entropy, "value/clipfrac": vf_metrics["clipfrac"],
     }
     return loss, metrics

@@ -1,0 +1,161 @@
+"""The GRPO family's loss options against NumPy written from each paper's definition, on random
+masked batches with a length-1 and an empty row; micro-batched gradients == full-batch ones for
+every loss aggregation."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jrlhf import losses
+from jrlhf.config import GRPOConfig, PPOConfig
+
+B, T = 6, 7
+
+
+def random_batch(seed=0):
+    rng = np.random.RandomState(seed)
+    lengths = np.array([7, 1, 0, 4, 6, 3])  # a length-1 row and an empty one
+    mask = (np.arange(T)[None] < lengths[:, None]).astype(np.float32)
+    old = -np.abs(rng.randn(B, T)).astype(np.float32)
+    new = old + 0.4 * rng.randn(B, T).astype(np.float32)  # ratios well outside [0.8, 1.28]
+    adv = rng.randn(B).astype(np.float32)
+    return new, old, adv, mask
+
+
+def np_aggregate(token_loss, mask, mode, rows=None):
+    """The three aggregations by their definitions, as loops."""
+    rows = mask.shape[0] if rows is None else rows
+    if mode == "token-mean":
+        return sum(token_loss[b, t] for b in range(len(mask)) for t in range(T)
+                   if mask[b, t]) / mask.sum()
+    if mode == "seq-mean-token-mean":
+        means = [token_loss[b][mask[b] > 0].mean() for b in range(len(mask)) if mask[b].any()]
+        return sum(means) / len(means)
+    assert mode == "seq-mean-token-sum-norm"  # Dr. GRPO: a constant normaliser
+    return (token_loss * mask).sum() / (rows * T)
+
+
+def np_policy_loss(new, old, adv, mask, clip_low, clip_high, dual_clip, ratio_level, mode):
+    """max(−A r, −A clip(r, 1−εl, 1+εh)) per token; dual-clip: min(that, −c A) where A < 0;
+    GSPO: r is the row's (π/π_old)^(1/|y|)."""
+    loss = np.zeros((B, T))
+    for b in range(B):
+        n = int(mask[b].sum())
+        seq_ratio = np.exp((new[b, :n] - old[b, :n]).sum() / max(n, 1))
+        for t in range(n):
+            r = seq_ratio if ratio_level == "sequence" else np.exp(new[b, t] - old[b, t])
+            a = adv[b]
+            value = max(-a * r, -a * min(max(r, 1 - clip_low), 1 + clip_high))
+            if dual_clip and a < 0:
+                value = min(value, -dual_clip * a)
+            loss[b, t] = value
+    return np_aggregate(loss, mask, mode)
+
+
+@pytest.mark.parametrize("mode", losses.AGGREGATIONS)
+@pytest.mark.parametrize("clip_high, dual_clip, ratio_level", [
+    (0.2, 0.0, "token"),       # PPO / GRPO
+    (0.28, 0.0, "token"),      # DAPO clip-higher
+    (0.28, 1.5, "token"),      # + dual-clip (c = 1.5: active on this batch)
+    (0.2, 0.0, "sequence"),    # GSPO
+])
+def test_clipped_policy_loss_equals_its_definition(mode, clip_high, dual_clip, ratio_level):
+    new, old, adv, mask = random_batch()
+    adv_t = np.broadcast_to(adv[:, None], (B, T))
+    got, m = losses.clipped_policy_loss(new, old, adv_t, mask, clip_low=0.2, clip_high=clip_high,
+                                        dual_clip=dual_clip, ratio_level=ratio_level,
+                                        aggregation=mode)
+    want = np_policy_loss(new, old, adv, mask, 0.2, clip_high, dual_clip, ratio_level, mode)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    assert 0 < float(m["clipfrac"]) < 1
+    np.testing.assert_allclose(m["clipfrac_low"] + m["clipfrac_high"], m["clipfrac"], atol=1e-7)
+    assert (float(m["dual_clipfrac"]) > 0) == bool(dual_clip)
+
+
+def test_options_change_the_loss_and_defaults_are_ppo():
+    new, old, adv, mask = random_batch()  # a batch where every option is active
+    adv_t = np.broadcast_to(adv[:, None], (B, T))
+    base = losses.ppo_policy_loss(new, old, adv_t, mask, 0.2)[0]
+    same = losses.clipped_policy_loss(new, old, adv_t, mask, clip_low=0.2)[0]
+    assert float(base) == float(same)
+    for options in (dict(clip_high=0.28), dict(dual_clip=1.5), dict(ratio_level="sequence"),
+                    dict(aggregation="seq-mean-token-sum-norm")):
+        changed = losses.clipped_policy_loss(new, old, adv_t, mask, clip_low=0.2, **options)[0]
+        assert float(changed) != float(base), options
+
+
+def test_advantage_estimators_equal_their_definitions():
+    scores = np.random.RandomState(2).randn(3, 4).astype(np.float32)
+    centred = scores - scores.mean(1, keepdims=True)
+    np.testing.assert_allclose(losses.group_advantages(scores, scale=False), centred, atol=1e-6)
+    np.testing.assert_allclose(losses.group_advantages(scores),
+                               centred / (scores.std(1, keepdims=True) + 1e-6), rtol=1e-5)
+    batch = scores - scores.mean()  # REINFORCE++: one baseline for the whole batch
+    np.testing.assert_allclose(losses.batch_baseline_advantages(scores, scale=False), batch,
+                               atol=1e-6)
+    np.testing.assert_allclose(losses.batch_baseline_advantages(scores),
+                               batch / (scores.std() + 1e-6), rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", losses.AGGREGATIONS)
+def test_micro_batch_gradients_sum_to_the_full_batch_gradient(mode):
+    """Each micro-batch normalised with the whole batch's counts: the gradients (w.r.t. the
+    log-probs) of the micro-batches, concatenated, equal the full batch's — also with an empty
+    row alone in one micro-batch."""
+    new, old, adv, mask = random_batch(3)
+    adv_t = np.broadcast_to(adv[:, None], (B, T)).copy()
+
+    def loss(logp, sl, counts=None):
+        return losses.clipped_kl_regularised_loss(
+            logp, old[sl], old[sl] - 0.1, adv[sl], mask[sl], 0.2, 0.04, clip_high=0.28,
+            aggregation=mode, counts=counts)[0]
+
+    full = jax.grad(loss)(jnp.asarray(new), slice(None))
+    counts = losses.aggregation_counts(mask)
+    for splits in ([0, 2, 4, 6], [0, 3, 6], [0, 2, 3, 6]):  # the empty row 2 alone in one
+        parts = [jax.grad(loss)(jnp.asarray(new[a:b]), slice(a, b), counts)
+                 for a, b in zip(splits, splits[1:])]
+        np.testing.assert_allclose(np.concatenate(parts), full, rtol=1e-5, atol=1e-8)
+    assert np.abs(np.asarray(full)[2]).max() == 0  # the empty row has no gradient
+
+
+@pytest.mark.parametrize("mode", losses.AGGREGATIONS)
+def test_grpo_step_with_micro_batches_equals_the_full_minibatch(mode):
+    """`grpo.grad_accum_steps` micro-batches give the parameters of one full minibatch, for
+    every aggregation (rows of different lengths, so per-micro normalising would differ)."""
+    from jrlhf.models import init_params
+    from jrlhf.steps import make_grpo_step
+    from test_preference import CFG, group_rollout
+    from test_steps import OPT_EQ, make_state
+
+    params = init_params(CFG, 0)
+    batch = group_rollout(params)
+    batch["response_mask"][2::4, 2:] = 0  # more distinct lengths
+    batch["attention_mask"][2::4, -3:] = 0
+    cfg = GRPOConfig(group_size=4, minibatch_size=8, epochs=1, loss_aggregation=mode,
+                     clip_high=0.28, dual_clip=2.0)
+    out = {}
+    for k in (1, 4):
+        step = make_grpo_step(dataclasses.replace(cfg, grad_accum_steps=k), CFG)
+        state, metrics = step(make_state(params, OPT_EQ)[0], batch)
+        out[k] = jax.tree.map(np.asarray, state.params), metrics
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), out[4][0],
+                 out[1][0])
+    for key in ("grpo/loss", "grpo/policy_loss", "grpo/kl"):
+        np.testing.assert_allclose(out[4][1][key], out[1][1][key], rtol=1e-5, atol=1e-7)
+
+
+def test_bad_loss_options_are_errors_naming_the_field():
+    with pytest.raises(ValueError, match="grpo.loss_aggregation must be"):
+        GRPOConfig(loss_aggregation="sum")
+    with pytest.raises(ValueError, match="grpo.dual_clip=0.5 is out of range"):
+        GRPOConfig(dual_clip=0.5)
+    with pytest.raises(ValueError, match="grpo.importance_ratio must be token|sequence"):
+        GRPOConfig(importance_ratio="segment")
+    with pytest.raises(ValueError, match="grpo.clip_high=-0.1 is out of range"):
+        GRPOConfig(clip_high=-0.1)
+    with pytest.raises(ValueError, match="ppo.loss_aggregation must be"):
+        PPOConfig(loss_aggregation="mean")
