@@ -58,7 +58,7 @@ def test_logits_generation_and_export_match_transformers(name, hf_folder, tmp_pa
     assert models.load_pretrained(tmp_path / "out")[0] == cfg
 
 
-@pytest.mark.parametrize("name", ["qwen3", "gemma2", "gemma3", "llama_linear_biases"])
+@pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_sequence_classification_checkpoints_load_as_reward_models(name, hf_folder, tmp_path):
     torch_model, folder = hf_folder(name, head="score")
     cfg, params = models.load_pretrained(folder)
