@@ -120,14 +120,14 @@ def clipped_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low: f
 
 
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps: float,
-                    aggregation: str = "token-mean", counts: dict | None = None):
+                    aggregation: str = "token-mean"):
     """PPO's clipped surrogate (symmetric clip ε, token ratios): `clipped_policy_loss`.
 
     Returns `(loss, metrics)`: loss = the `aggregation` (default the mean over tokens) of
     max(−A·r, −A·clip(r, 1−ε, 1+ε)); metrics as `clipped_policy_loss`'s.
     """
     return clipped_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=clip_eps,
-                               aggregation=aggregation, counts=counts)
+                               aggregation=aggregation)
 
 
 def ppo_value_loss(values, old_values, returns, mask, clip_eps: float):
@@ -308,5 +308,9 @@ def clipped_kl_regularised_loss(logprobs, old_logprobs, ref_logprobs, advantages
                                       clip_high=clip_high, dual_clip=dual_clip,
                                       ratio_level=ratio_level, aggregation=aggregation,
                                       counts=counts)
-    kl = aggregate(kl_penalty(logprobs, ref_logprobs, "k3"), mask, aggregation, counts)
+    # Padded positions are zeroed before k3's exp: a large log-prob gap there would overflow
+    # and, through the masked sum's backward (inf · 0), turn every gradient NaN.
+    real = mask > 0
+    kl = aggregate(kl_penalty(jnp.where(real, logprobs, 0.0), jnp.where(real, ref_logprobs, 0.0),
+                              "k3"), mask, aggregation, counts)
     return pg + kl_coef * kl, dict(metrics, kl=kl, policy_loss=pg)

@@ -28,6 +28,7 @@ def random_batch(seed=0):
 def np_aggregate(token_loss, mask, mode, rows=None):
     """The three aggregations by their definitions, as loops."""
     rows = mask.shape[0] if rows is None else rows
+    T = mask.shape[1]
     if mode == "token-mean":
         return sum(token_loss[b, t] for b in range(len(mask)) for t in range(T)
                    if mask[b, t]) / mask.sum()
@@ -41,8 +42,8 @@ def np_aggregate(token_loss, mask, mode, rows=None):
 def np_policy_loss(new, old, adv, mask, clip_low, clip_high, dual_clip, ratio_level, mode):
     """max(−A r, −A clip(r, 1−εl, 1+εh)) per token; dual-clip: min(that, −c A) where A < 0;
     GSPO: r is the row's (π/π_old)^(1/|y|)."""
-    loss = np.zeros((B, T))
-    for b in range(B):
+    loss = np.zeros(mask.shape)
+    for b in range(mask.shape[0]):
         n = int(mask[b].sum())
         seq_ratio = np.exp((new[b, :n] - old[b, :n]).sum() / max(n, 1))
         for t in range(n):
@@ -146,6 +147,79 @@ def test_grpo_step_with_micro_batches_equals_the_full_minibatch(mode):
                  out[1][0])
     for key in ("grpo/loss", "grpo/policy_loss", "grpo/kl"):
         np.testing.assert_allclose(out[4][1][key], out[1][1][key], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", losses.AGGREGATIONS)
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_padded_positions_have_no_effect(mode, ratio_level):
+    """Garbage log-probs and advantages on padded positions change neither the loss, the
+    metrics nor the gradient, and the padded positions get zero gradient."""
+    new, old, adv, mask = random_batch(4)
+    adv_t = np.broadcast_to(adv[:, None], (B, T)).copy()
+    pad = mask == 0
+    junk = np.random.RandomState(5).randn(B, T).astype(np.float32) * 30
+
+    def loss(logp, old_logp, a):
+        return losses.clipped_kl_regularised_loss(
+            logp, old_logp, old_logp - 0.1, a[:, 0], mask, 0.2, 0.04, clip_high=0.28,
+            dual_clip=1.5, ratio_level=ratio_level, aggregation=mode)
+
+    clean, m_clean = loss(new, old, adv_t)
+    dirty, m_dirty = loss(np.where(pad, junk, new), np.where(pad, -junk, old), adv_t)
+    np.testing.assert_allclose(dirty, clean, rtol=1e-6)
+    for k in m_clean:
+        np.testing.assert_allclose(m_dirty[k], m_clean[k], rtol=1e-6, err_msg=k)
+    grad = jax.grad(lambda x: loss(x, np.where(pad, -junk, old), adv_t)[0])(
+        jnp.asarray(np.where(pad, junk, new)))
+    np.testing.assert_allclose(grad, jax.grad(lambda x: loss(x, old, adv_t)[0])(jnp.asarray(new)),
+                               rtol=1e-5, atol=1e-9)
+    assert np.abs(np.asarray(grad)[pad]).max() == 0
+
+
+@pytest.mark.parametrize("mode", losses.AGGREGATIONS)
+def test_ppo_loss_uses_its_aggregation(mode):
+    """`ppo_loss` with `ppo.loss_aggregation`: its policy loss is the NumPy definition's."""
+    from jrlhf.steps.ppo import ppo_loss
+
+    new, old, adv, mask = random_batch(6)
+    adv_t = np.broadcast_to(adv[:, None], (B, T)).copy() * np.linspace(0.5, 1.5, T)
+    zeros = np.zeros((B, T), np.float32)
+    mb = {"input_ids": None, "attention_mask": None, "response_mask": mask, "logprobs": old,
+          "advantages": adv_t, "values": zeros, "returns": zeros}
+    forward = lambda params, ids, attn, n, with_entropy: (new, zeros, zeros)  # noqa: E731
+    _, metrics = ppo_loss(None, mb, cfg=PPOConfig(loss_aggregation=mode), forward=forward)
+    want = np_aggregate(np.maximum(-adv_t * np.exp(new - old),
+                                   -adv_t * np.clip(np.exp(new - old), 0.8, 1.2)), mask, mode)
+    np.testing.assert_allclose(metrics["ppo/policy_loss"], want, rtol=1e-5)
+
+
+def test_grpo_loss_applies_every_option_of_its_config():
+    """`grpo_loss` with clip-higher, dual-clip, GSPO ratios and Dr. GRPO aggregation equals the
+    NumPy definition over the model's log-probs (policy term + 0.04 · k3 KL)."""
+    from jrlhf.models import init_params, token_outputs
+    from jrlhf.steps.grpo import grpo_loss
+    from test_preference import CFG, group_rollout
+
+    params = init_params(CFG, 0)
+    batch = group_rollout(params)
+    mask = batch["response_mask"].astype(np.float32)
+    N = mask.shape[1]
+    rng = np.random.RandomState(7)
+    old = batch["logprobs"] + 0.5 * rng.randn(*mask.shape).astype(np.float32) * mask
+    adv = rng.randn(mask.shape[0]).astype(np.float32)
+    mb = dict(batch, logprobs=old, advantages=adv)
+    cfg = GRPOConfig(clip_high=0.28, dual_clip=1.5, importance_ratio="sequence",
+                     loss_aggregation="seq-mean-token-sum-norm")
+    loss, metrics = grpo_loss(params, mb, losses.aggregation_counts(mask), cfg=cfg, model_cfg=CFG)
+    logp = np.asarray(token_outputs(CFG, params, batch["input_ids"], batch["attention_mask"],
+                                    last=N).logprobs)
+    policy = np_policy_loss(logp, old, adv, mask, 0.2, 0.28, 1.5, "sequence",
+                            "seq-mean-token-sum-norm")
+    gap = batch["ref_logprobs"] - logp
+    kl = np_aggregate(np.exp(gap) - gap - 1, mask, "seq-mean-token-sum-norm")
+    assert float(metrics["dual_clipfrac"]) > 0 and float(metrics["clipfrac"]) > 0
+    np.testing.assert_allclose(metrics["policy_loss"], policy, rtol=1e-4)
+    np.testing.assert_allclose(loss, policy + 0.04 * kl, rtol=1e-4)
 
 
 def test_bad_loss_options_are_errors_naming_the_field():

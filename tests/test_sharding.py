@@ -9,34 +9,45 @@ import numpy as np
 import pytest
 
 from jrlhf import sharding
-from jrlhf.config import MeshConfig
+from jrlhf.config import GRPOConfig, MeshConfig
 from jrlhf.models import init_params
-from jrlhf.steps import make_ppo_step, make_reward_step, make_sft_step, place_state
-from test_steps import (CFG, OPT_EQ, POLICY_CFG, PPO_CFG, TEMPERATURE, make_state, reward_batch,
+from jrlhf.steps import (make_grpo_step, make_ppo_step, make_reward_step, make_sft_step,
+                         place_state)
+from test_steps import (CFG, OPT_EQ, PPO_CFG, TEMPERATURE, make_state, reward_batch,
                         rollout_batch, sft_batch)
 
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 1, 1)]
-RM_CFG = dataclasses.replace(CFG, lm_head=False, scalar_head=True)
 
 
 def close(a, b, atol=1e-6):
     jax.tree.map(functools.partial(np.testing.assert_allclose, atol=atol, rtol=0), a, b)
 
 
-def run(kind, mesh=None):
-    """One step of `kind`, unsharded (mesh None) or on `mesh`; returns (params, metrics)."""
+def run(kind, mesh=None, cfg=CFG):
+    """One step of `kind` (sft, reward, ppo, grpo) for a model shaped like `cfg`, unsharded
+    (mesh None) or on `mesh`; returns (params, metrics)."""
     if kind == "sft":
-        state, labels = make_state(init_params(CFG, 0), OPT_EQ)
-        batch, factory = sft_batch(), functools.partial(make_sft_step, CFG, labels=labels)
+        state, labels = make_state(init_params(cfg, 0), OPT_EQ)
+        batch, factory = sft_batch(), functools.partial(make_sft_step, cfg, labels=labels)
     elif kind == "reward":
-        state, labels = make_state(init_params(RM_CFG, 0), OPT_EQ)
-        batch, factory = reward_batch(), functools.partial(make_reward_step, RM_CFG, labels=labels)
-    else:
-        params = {"policy": init_params(POLICY_CFG, 0)}
+        rm_cfg = dataclasses.replace(cfg, lm_head=False, scalar_head=True)
+        state, labels = make_state(init_params(rm_cfg, 0), OPT_EQ)
+        batch, factory = reward_batch(), functools.partial(make_reward_step, rm_cfg, labels=labels)
+    elif kind == "ppo":
+        policy_cfg = dataclasses.replace(cfg, scalar_head=True)
+        params = {"policy": init_params(policy_cfg, 0)}
         state = make_state(params, OPT_EQ, kl_coef=PPO_CFG.kl_coef)[0]
-        batch = rollout_batch(params)
-        factory = functools.partial(make_ppo_step, PPO_CFG, POLICY_CFG,
+        batch = rollout_batch(params, policy_cfg=policy_cfg)
+        factory = functools.partial(make_ppo_step, PPO_CFG, policy_cfg,
                                     temperature=TEMPERATURE)
+    else:
+        from test_preference import group_rollout
+
+        params = init_params(cfg, 0)
+        state = make_state(params, OPT_EQ)[0]
+        batch = group_rollout(params, cfg=cfg)
+        factory = functools.partial(make_grpo_step, GRPOConfig(group_size=4, minibatch_size=8),
+                                    cfg)
     if mesh is not None:
         state = place_state(state, mesh)
     step = factory(state=state, mesh=mesh)
@@ -133,44 +144,13 @@ FAMILY_SHAPES = {
 def test_family_steps_on_a_2x2x2_mesh_equal_one_device(family):
     """sft_step, reward_step, ppo_step and grpo_step of a Llama 3.2- and a Qwen3-shaped model
     give on a (data 2, fsdp 2, tensor 2) mesh the params and metrics of one device."""
-    from jrlhf.config import GRPOConfig
-    from jrlhf.steps import make_grpo_step
-    from test_preference import group_rollout
-
     cfg = FAMILY_SHAPES[family]()
     assert (cfg.qk_norm, cfg.tie_word_embeddings) == ((True, False) if family == "qwen3"
                                                       else (False, True))
-    rm_cfg = dataclasses.replace(cfg, lm_head=False, scalar_head=True)
-    policy_cfg = dataclasses.replace(cfg, scalar_head=True)
-
-    def setup(kind, mesh):
-        if kind == "sft":
-            state, labels = make_state(init_params(cfg, 0), OPT_EQ)
-            return state, sft_batch(), functools.partial(make_sft_step, cfg, labels=labels)
-        if kind == "reward":
-            state, labels = make_state(init_params(rm_cfg, 0), OPT_EQ)
-            return state, reward_batch(), functools.partial(make_reward_step, rm_cfg,
-                                                            labels=labels)
-        if kind == "ppo":
-            params = {"policy": init_params(policy_cfg, 0)}
-            state = make_state(params, OPT_EQ, kl_coef=PPO_CFG.kl_coef)[0]
-            return state, rollout_batch(params, policy_cfg=policy_cfg), functools.partial(
-                make_ppo_step, PPO_CFG, policy_cfg, temperature=TEMPERATURE)
-        params = init_params(cfg, 0)
-        return make_state(params, OPT_EQ)[0], group_rollout(params, cfg=cfg), functools.partial(
-            make_grpo_step, GRPOConfig(group_size=4, minibatch_size=8), cfg)
-
-    def run(kind, mesh):
-        state, batch, factory = setup(kind, mesh)
-        if mesh is not None:
-            state = place_state(state, mesh)
-        new, metrics = factory(state=state, mesh=mesh)(state, batch)
-        return jax.tree.map(np.asarray, new.params), {k: float(v) for k, v in metrics.items()}
-
     mesh = sharding.make_mesh(MeshConfig(2, 2, 2))
     for kind in ("sft", "reward", "ppo", "grpo"):
-        ref_params, ref_metrics = run(kind, None)
-        params, metrics = run(kind, mesh)
+        ref_params, ref_metrics = run(kind, None, cfg)
+        params, metrics = run(kind, mesh, cfg)
         close(params, ref_params)
         assert metrics.keys() == ref_metrics.keys()
         for k in metrics:

@@ -79,7 +79,7 @@ def grpo_step(state, batch, *, cfg: GRPOConfig, model_cfg: ModelConfig, labels=N
     `temperature` is the sampler's: the trained log-probs are those of logits / temperature.
     """
     mask = batch["response_mask"]
-    B, N = mask.shape
+    B = mask.shape[0]
     if B % cfg.group_size:
         raise ValueError(f"batch of {B} rows is not a whole number of groups of "
                          f"{cfg.group_size}")
