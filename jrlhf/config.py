@@ -37,6 +37,8 @@ RANGES = {
     "rollout.max_new_tokens": _AT_LEAST_1, "rollout.temperature": _POSITIVE,
     "rollout.top_k": _AT_LEAST_0, "rollout.top_p": (0, False, 1, True),
     "rollout.missing_eos_penalty": _AT_LEAST_0, "rollout.batch_size": _AT_LEAST_1,
+    "rollout.overlong_buffer": _AT_LEAST_0, "rollout.overlong_penalty": _AT_LEAST_0,
+    "grpo.max_refills": _AT_LEAST_0,
     "sft.steps": _AT_LEAST_1, "sft.batch_size": _AT_LEAST_1, "sft.learning_rate": _POSITIVE,
     "reward.steps": _AT_LEAST_1, "reward.batch_size": _AT_LEAST_1,
     "reward.learning_rate": _POSITIVE, "reward.num_layers": _AT_LEAST_0,
@@ -60,6 +62,11 @@ RANGES = {
     "run.keep_checkpoints": _AT_LEAST_1, "run.num_processes": _AT_LEAST_1,
     "run.process_id": _AT_LEAST_0,
 }
+
+
+def _check_tis_cap(section: str, cap: float) -> None:
+    if not (cap == 0 or (math.isfinite(cap) and cap >= 1)):
+        raise ValueError(f"{section}.tis_cap={cap!r} is out of range: expected 0 (off) or >= 1")
 
 
 def _check_ranges(section: str, obj) -> None:
@@ -219,12 +226,28 @@ class RolloutConfig:
     missing_eos_penalty: float = 0.0  # subtracted from the score of responses without EOS
     batch_size: int = 8  # rows per generate call when sampling for rankings and evaluation
     kv_cache_dtype: str = ""  # "" = the compute dtype; "bfloat16" halves a float32 model's cache
+    # The sampler's compute dtype ("" = model.dtype): "bfloat16" samples a float32-trained model
+    # in bf16, as a separate inference engine would; PPO/GRPO log the log-prob gap it causes
+    # (mismatch/*) and can correct for it (ppo.tis_cap / grpo.tis_cap).
+    dtype: str = ""
+    # Responses cut at max_new_tokens (no EOS): keep | mask (out of the policy and value
+    # losses) | penalty (DAPO's soft overlong punishment: scores fall linearly by up to
+    # overlong_penalty over the last overlong_buffer tokens; −overlong_penalty when cut).
+    overlong: str = "keep"
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
 
     def __post_init__(self):
         _check_ranges("rollout", self)
-        if self.kv_cache_dtype not in ("", "float32", "bfloat16", "float16"):
-            raise ValueError(f"rollout.kv_cache_dtype must be '', float32, bfloat16 or float16, "
-                             f"got {self.kv_cache_dtype!r}")
+        if self.overlong not in ("keep", "mask", "penalty"):
+            raise ValueError(f"rollout.overlong must be keep|mask|penalty, got {self.overlong!r}")
+        if self.overlong_buffer >= self.max_new_tokens:
+            raise ValueError(f"rollout.overlong_buffer={self.overlong_buffer} is out of range: "
+                             f"expected < rollout.max_new_tokens={self.max_new_tokens}")
+        for key in ("kv_cache_dtype", "dtype"):
+            if getattr(self, key) not in ("", "float32", "bfloat16", "float16"):
+                raise ValueError(f"rollout.{key} must be '', float32, bfloat16 or float16, "
+                                 f"got {getattr(self, key)!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,6 +300,9 @@ class PPOConfig:
     # seq-mean-token-sum-norm (`losses.aggregate`); the value loss stays a token mean.
     loss_aggregation: str = "token-mean"
     critic: str = "shared"  # shared (value head on the policy backbone) | separate
+    # Truncated importance sampling: each token's policy loss × min(π_trainer / π_sampler, cap),
+    # correcting for a sampler with other numerics (rollout.dtype); 0 = off, else >= 1.
+    tis_cap: float = 0.0
     # The loop (the PPO stage).
     iterations: int = 20
     rollout_batch_size: int = 8  # prompts sampled per iteration
@@ -293,6 +319,7 @@ class PPOConfig:
         if self.loss_aggregation not in AGGREGATIONS:
             raise ValueError(f"ppo.loss_aggregation must be {'|'.join(AGGREGATIONS)}, got "
                              f"{self.loss_aggregation!r}")
+        _check_tis_cap("ppo", self.tis_cap)
         if self.minibatch_size and self.rollout_batch_size % self.minibatch_size:
             raise ValueError(f"ppo.rollout_batch_size={self.rollout_batch_size} is not divisible "
                              f"by ppo.minibatch_size={self.minibatch_size}")
@@ -341,6 +368,12 @@ class GRPOConfig:
     epochs: int = 1
     minibatch_size: int = 0  # rows per optimizer step; 0 = the whole batch
     grad_accum_steps: int = 1  # micro-batches per optimizer step (normalised as one batch)
+    tis_cap: float = 0.0  # truncated importance sampling, as ppo.tis_cap; 0 = off, else >= 1
+    # DAPO's dynamic sampling: groups whose scores are all equal (no learning signal) are
+    # dropped and replaced by groups of the next prompts, at most max_refills extra sampling
+    # rounds per iteration; slots still empty then are masked out of the update.
+    dynamic_sampling: bool = False
+    max_refills: int = 3
     # The loop (the GRPO / RLOO stage).
     iterations: int = 20
     prompts_per_iteration: int = 4  # each sampled group_size times
@@ -357,6 +390,7 @@ class GRPOConfig:
         if self.importance_ratio not in ("token", "sequence"):
             raise ValueError(f"grpo.importance_ratio must be token|sequence, got "
                              f"{self.importance_ratio!r}")
+        _check_tis_cap("grpo", self.tis_cap)
         if self.dual_clip and self.dual_clip <= 1.0:
             raise ValueError(f"grpo.dual_clip={self.dual_clip!r} is out of range: expected 0 "
                              "(off) or > 1")

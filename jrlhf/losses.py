@@ -69,7 +69,7 @@ def sequence_log_ratio(logprobs, old_logprobs, mask):
 def clipped_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low: float,
                         clip_high: float | None = None, dual_clip: float = 0.0,
                         ratio_level: str = "token", aggregation: str = "token-mean",
-                        counts: dict | None = None):
+                        counts: dict | None = None, token_weights=None):
     """Clipped surrogate objective, negated for minimisation, with the GRPO family's options.
 
     Args:
@@ -84,6 +84,8 @@ def clipped_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low: f
         ratio_level: "token" (PPO) or "sequence" (GSPO: every token of a row uses the row's
             length-normalised sequence ratio, `sequence_log_ratio`).
         aggregation, counts: how token losses become one loss (`aggregate`).
+        token_weights: `[B, T]` factors on each token's loss (truncated importance sampling:
+            `truncated_importance_weights`); None = 1.
 
     Returns:
         `(loss, metrics)`: per token max(−A·r, −A·clip(r)) (then min(·, −c·A) where A < 0 with
@@ -107,6 +109,8 @@ def clipped_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low: f
         bound = -dual_clip * advantages
         dual_active = (advantages < 0) & (token_loss > bound)
         token_loss = jnp.where(advantages < 0, jnp.minimum(token_loss, bound), token_loss)
+    if token_weights is not None:
+        token_loss = token_loss * token_weights
     clip_active = clipped > unclipped
     frac = lambda x: masked_mean(x.astype(jnp.float32), mask)  # noqa: E731
     metrics = {
@@ -120,14 +124,36 @@ def clipped_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low: f
 
 
 def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps: float,
-                    aggregation: str = "token-mean"):
+                    aggregation: str = "token-mean", token_weights=None):
     """PPO's clipped surrogate (symmetric clip ε, token ratios): `clipped_policy_loss`.
 
     Returns `(loss, metrics)`: loss = the `aggregation` (default the mean over tokens) of
-    max(−A·r, −A·clip(r, 1−ε, 1+ε)); metrics as `clipped_policy_loss`'s.
+    max(−A·r, −A·clip(r, 1−ε, 1+ε)) (times `token_weights` when given); metrics as
+    `clipped_policy_loss`'s.
     """
     return clipped_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=clip_eps,
-                               aggregation=aggregation)
+                               aggregation=aggregation, token_weights=token_weights)
+
+
+def truncated_importance_weights(trainer_logprobs, sampler_logprobs, mask, cap: float):
+    """Truncated importance sampling (TIS; Yao et al. 2025) weights `[B, T]`: per sampled token
+    min(π_trainer / π_sampler, `cap`), the trainer's log-probs before the update over the
+    sampler's. They correct the policy gradient for a sampler whose numerics (dtype, kernels)
+    differ from the trainer's; data, not differentiated. 1 on padded positions of `mask`."""
+    real = mask > 0
+    log_ratio = jnp.where(real, trainer_logprobs - sampler_logprobs, 0.0)
+    return jax.lax.stop_gradient(jnp.minimum(jnp.exp(log_ratio), cap))
+
+
+def logprob_mismatch(trainer_logprobs, sampler_logprobs, mask) -> dict:
+    """How far the sampler's log-probs of the sampled tokens are from the trainer's for the same
+    weights, over the real tokens of `mask [B, T]` with Δ = trainer − sampler: `gap_mean` (mean
+    |Δ|), `gap_max` (max |Δ|) and `kl_k3` (the k3 estimate of KL(sampler ‖ trainer) from the
+    sampled tokens: the mean of e^Δ − 1 − Δ; ≥ 0, 0 when they agree). All 0 with no tokens."""
+    real = mask > 0
+    gap = jnp.where(real, trainer_logprobs - sampler_logprobs, 0.0)
+    return {"gap_mean": masked_mean(jnp.abs(gap), mask), "gap_max": jnp.max(jnp.abs(gap)),
+            "kl_k3": masked_mean(jnp.expm1(gap) - gap, mask)}
 
 
 def ppo_value_loss(values, old_values, returns, mask, clip_eps: float):
@@ -297,17 +323,18 @@ def clipped_kl_regularised_loss(logprobs, old_logprobs, ref_logprobs, advantages
                                 clip_eps: float, kl_coef: float, *,
                                 clip_high: float | None = None, dual_clip: float = 0.0,
                                 ratio_level: str = "token", aggregation: str = "token-mean",
-                                counts: dict | None = None):
-    """GRPO/RLOO token loss: clipped surrogate (`clipped_policy_loss`, lower clip `clip_eps`)
-    with a per-sequence advantage `[B]` broadcast over its tokens, plus `kl_coef`·k3 KL to the
-    reference as a loss term, both aggregated the same way. Returns (loss, metrics)."""
+                                counts: dict | None = None, token_weights=None):
+    """GRPO/RLOO token loss: clipped surrogate (`clipped_policy_loss`, lower clip `clip_eps`,
+    `token_weights` on it) with a per-sequence advantage `[B]` broadcast over its tokens, plus
+    `kl_coef`·k3 KL to the reference as a loss term, both aggregated the same way. Returns
+    (loss, metrics)."""
     from jrlhf.rl import kl_penalty
 
     adv = jnp.broadcast_to(advantages[:, None], logprobs.shape)
     pg, metrics = clipped_policy_loss(logprobs, old_logprobs, adv, mask, clip_low=clip_eps,
                                       clip_high=clip_high, dual_clip=dual_clip,
                                       ratio_level=ratio_level, aggregation=aggregation,
-                                      counts=counts)
+                                      counts=counts, token_weights=token_weights)
     # Padded positions are zeroed before k3's exp: a large log-prob gap there would overflow
     # and, through the masked sum's backward (inf · 0), turn every gradient NaN.
     real = mask > 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -60,9 +60,11 @@ def decode_texts(tokenizer, tokens, mask) -> list[str]:
 
 def make_sampler(cfg: ModelConfig, rollout: RolloutConfig, eos_token_id, pad_token_id, *,
                  num_samples: int = 1, mesh=None):
-    """`sample(params, prompt_ids, prompt_mask, key) -> Generation` with the rollout settings:
-    `num_samples` responses per prompt from one shared prefill, rows kept split over the mesh's
-    batch axes when `mesh` is given."""
+    """`sample(params, prompt_ids, prompt_mask, key) -> Generation` with the rollout settings
+    (computing in `rollout.dtype` when set): `num_samples` responses per prompt from one shared
+    prefill, rows kept split over the mesh's batch axes when `mesh` is given."""
+    if rollout.dtype:
+        cfg = dataclasses.replace(cfg, dtype=rollout.dtype)
     return functools.partial(
         generate, cfg, max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
         top_k=rollout.top_k, top_p=rollout.top_p, eos_token_id=eos_token_id,
@@ -95,25 +97,33 @@ def _timed(fn, *args):
 
 
 class RolloutLoop:
-    """One PPO or GRPO/RLOO iteration per call: generate → score → normalise → update.
+    """One PPO or GRPO/RLOO iteration per call: generate → score → (overlong handling, dynamic
+    sampling) → normalise → update.
 
     Args:
         setup: a "ppo" or "grpo" `Setup` (its state is the one passed to each call).
-        config: uses `rollout` (sampling), `ppo.normalize_rewards` / `ppo.reward_clip` (PPO),
-            `grpo.group_size` (GRPO: each prompt is sampled that many times), `run.seed`.
+        config: uses `rollout` (sampling, overlong handling), `ppo.normalize_rewards` /
+            `ppo.reward_clip` (PPO), `grpo.group_size` (GRPO: each prompt is sampled that many
+            times), `grpo.dynamic_sampling` / `grpo.max_refills`, `run.seed`.
         reward: a `Reward`.
         eos_token_id / pad_token_id: the tokenizer's.
+        more_prompts: where dynamic sampling draws the next prompt batches from (the stage's
+            own prompt iterator, so a checkpoint's iterator position covers them); None: no
+            refills.
     """
 
     def __init__(self, setup: Setup, config: Config, reward: Reward, *,
-                 eos_token_id: int | None, pad_token_id: int = 0):
+                 eos_token_id: int | None, pad_token_id: int = 0,
+                 more_prompts: Iterator | None = None):
         if setup.algorithm not in ("ppo", "grpo"):
             raise ValueError(f"a rollout loop runs ppo or grpo, not {setup.algorithm!r}")
-        self.setup, self.reward = setup, reward
+        self.setup, self.reward, self.eos_token_id = setup, reward, eos_token_id
         self.group = config.grpo.group_size if setup.algorithm == "grpo" else 1
         self.key = stream_key(config.run.seed, setup.name, "sample")
         self.ppo = config.ppo if setup.algorithm == "ppo" else None
-        r = config.rollout
+        self.rollout = r = config.rollout
+        self.dynamic = setup.algorithm == "grpo" and config.grpo.dynamic_sampling
+        self.max_refills, self.more_prompts = config.grpo.max_refills, more_prompts
         self.sample = make_sampler(setup.model_cfg, r, eos_token_id, pad_token_id,
                                    num_samples=self.group, mesh=setup.mesh)
         self.score = jax.jit(functools.partial(
@@ -141,7 +151,10 @@ class RolloutLoop:
             return jnp.clip(raw, -ppo.reward_clip, ppo.reward_clip)
         return raw
 
-    def __call__(self, state, prompts):
+    def _sample_and_score(self, state, prompts, key) -> dict:
+        """Generate and score one prompt batch: the rollout `batch` (its `scores` raw, after
+        overlong handling), the reward model's `raw` scores, response `lengths`, `truncated`
+        rows, phase seconds and sequence tokens."""
         setup = self.setup
         prompt_ids, prompt_mask = (np.asarray(prompts[k]) for k in ("input_ids", "attention_mask"))
         # The group's K samples share one prefill of their prompt (generate's num_samples).
@@ -153,7 +166,6 @@ class RolloutLoop:
             prompt_sh = batch_sh if split else sharding.replicated(setup.mesh)
             prompt_ids, prompt_mask = sharding.put((prompt_ids, prompt_mask), prompt_sh)
         ids, mask = jnp.asarray(ids), jnp.asarray(mask)
-        key = jax.random.fold_in(self.key, self.iteration)
         gen, t_gen = _timed(self.sample, setup.policy_params(state.params),
                             jnp.asarray(prompt_ids), jnp.asarray(prompt_mask), key)
         tree = state.params if setup.algorithm == "ppo" else {"policy": state.params}
@@ -162,22 +174,97 @@ class RolloutLoop:
         if self.reward.text_fn is not None:
             texts = self.reward.decode(gen.tokens, gen.mask)
             raw = jnp.asarray(self.reward.text_fn(texts), jnp.float32)
-        batch["scores"] = self._scores(raw)
+        batch["sampler_logprobs"] = gen.logprobs  # mismatch/* metrics; truncated IS
+        lengths = np.asarray(gen.mask).sum(1)
+        N = gen.tokens.shape[1]
+        # Cut at max_new_tokens: all N slots used and the last one is not EOS.
+        truncated = lengths == N
+        if self.eos_token_id is not None:
+            truncated &= np.asarray(gen.tokens)[:, -1] != self.eos_token_id
+        r = self.rollout
+        scores = raw
+        if r.overlong == "penalty":
+            scores = raw + rl.overlong_penalty(jnp.asarray(lengths), jnp.asarray(truncated), N,
+                                               r.overlong_buffer, r.overlong_penalty)
+        elif r.overlong == "mask":  # the row stays in its group's baseline, out of the loss
+            batch["response_mask"] = batch["response_mask"] * jnp.asarray(~truncated)[:, None]
+        batch["scores"] = scores
+        return {"batch": batch, "raw": np.asarray(raw), "lengths": lengths,
+                "truncated": truncated, "t_gen": t_gen, "t_score": t_score,
+                "seq_tokens": ids.shape[0] * (ids.shape[1] + N)}
+
+    def _refill_groups(self, state, first: dict, key) -> tuple[dict, list[dict], dict]:
+        """Dynamic sampling: keep the groups of `first` whose scores are not all equal and
+        refill the batch from the next prompts (at most `max_refills` rounds); slots still
+        empty are filled with a dropped group masked out of the loss. Returns `(batch, rounds,
+        metrics)`."""
+        K = self.group
+        G = first["batch"]["response_mask"].shape[0] // K
+        rounds, kept, dropped = [first], [], []
+
+        def sort(i, r):
+            s = np.asarray(r["batch"]["scores"]).reshape(-1, K)
+            for g in range(len(s)):
+                (kept if s[g].max() > s[g].min() else dropped).append((i, g))
+
+        sort(0, first)
+        while (len(kept) < G and len(rounds) <= self.max_refills and
+               self.more_prompts is not None):
+            try:
+                prompts = next(self.more_prompts)
+            except StopIteration:
+                break
+            rounds.append(self._sample_and_score(state, prompts,
+                                                 jax.random.fold_in(key, len(rounds))))
+            sort(len(rounds) - 1, rounds[-1])
+        chosen = kept[:G]
+        fillers = G - len(chosen)
+        chosen += dropped[:1] * fillers
+
+        def rows(i, g, name):
+            x = rounds[i]["batch"][name][g * K:(g + 1) * K]
+            return jnp.zeros_like(x) if name == "response_mask" and (i, g) in dropped else x
+
+        try:
+            batch = {name: jnp.concatenate([rows(i, g, name) for i, g in chosen])
+                     for name in first["batch"]}
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"dynamic sampling: the refill prompt batches must have the "
+                             f"first's shapes ({err})") from None
+        sampled = len(kept) + len(dropped)
+        metrics = {"dynamic/dropped_groups": float(len(dropped)),
+                   "dynamic/dropped_share": len(dropped) / sampled,
+                   "dynamic/refills": float(len(rounds) - 1),
+                   "dynamic/filler_groups": float(fillers)}
+        return batch, rounds, metrics
+
+    def __call__(self, state, prompts):
+        setup = self.setup
+        key = jax.random.fold_in(self.key, self.iteration)
+        first = self._sample_and_score(state, prompts, key)
+        batch, rounds, dynamic = first["batch"], [first], {}
+        if self.dynamic:
+            batch, rounds, dynamic = self._refill_groups(state, first, key)
+        batch["scores"] = self._scores(batch["scores"])
         (state, metrics), t_update = _timed(setup.step, state, batch)
         self.iteration += 1
-        raw = np.asarray(raw)
-        lengths = np.asarray(gen.mask).sum(1)
-        B, P = ids.shape
-        seq_tokens = B * (P + gen.tokens.shape[1])
+        raw = np.concatenate([r["raw"] for r in rounds])
+        lengths = np.concatenate([r["lengths"] for r in rounds])
+        truncated = np.concatenate([r["truncated"] for r in rounds])
+        t_gen, t_score = (sum(r[k] for r in rounds) for k in ("t_gen", "t_score"))
+        seq_tokens = sum(r["seq_tokens"] for r in rounds)
         epochs = self.ppo.ppo_epochs if self.ppo is not None else 1
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics.update({
             "score/mean": float(raw.mean()), "score/min": float(raw.min()),
             "score/max": float(raw.max()), "response_length": float(lengths.mean()),
+            "response_length_max": float(lengths.max()),
+            "truncated_share": float(np.mean(truncated)),
             "time/generate": t_gen, "time/score": t_score, "time/update": t_update,
             "tokens_per_s/generate": float(lengths.sum()) / t_gen,
             "tokens_per_s/score": seq_tokens / t_score,
-            "tokens_per_s/update": seq_tokens * epochs / t_update,
+            "tokens_per_s/update": first["seq_tokens"] * epochs / t_update,
+            **dynamic,
         })
         return state, metrics
 

@@ -314,7 +314,8 @@ def batch_shapes(setup: Setup, config: Config) -> dict[str, jax.ShapeDtypeStruct
              else c.grpo.prompts_per_iteration * c.grpo.group_size)
         shapes = {"input_ids": ((B, P + N), i32), "attention_mask": ((B, P + N), i32),
                   "response_mask": ((B, N), i32), "logprobs": ((B, N), f32),
-                  "ref_logprobs": ((B, N), f32), "scores": ((B,), f32)}
+                  "ref_logprobs": ((B, N), f32), "scores": ((B,), f32),
+                  "sampler_logprobs": ((B, N), f32)}
         if a == "ppo":
             shapes["values"] = ((B, N), f32)
     batch_sh = None if setup.mesh is None else sharding.batch_sharding(setup.mesh)

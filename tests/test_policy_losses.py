@@ -39,9 +39,10 @@ def np_aggregate(token_loss, mask, mode, rows=None):
     return (token_loss * mask).sum() / (rows * T)
 
 
-def np_policy_loss(new, old, adv, mask, clip_low, clip_high, dual_clip, ratio_level, mode):
+def np_policy_loss(new, old, adv, mask, clip_low, clip_high, dual_clip, ratio_level, mode,
+                   weights=None):
     """max(−A r, −A clip(r, 1−εl, 1+εh)) per token; dual-clip: min(that, −c A) where A < 0;
-    GSPO: r is the row's (π/π_old)^(1/|y|)."""
+    GSPO: r is the row's (π/π_old)^(1/|y|); times `weights[b, t]` when given (TIS)."""
     loss = np.zeros(mask.shape)
     for b in range(mask.shape[0]):
         n = int(mask[b].sum())
@@ -52,7 +53,7 @@ def np_policy_loss(new, old, adv, mask, clip_low, clip_high, dual_clip, ratio_le
             value = max(-a * r, -a * min(max(r, 1 - clip_low), 1 + clip_high))
             if dual_clip and a < 0:
                 value = min(value, -dual_clip * a)
-            loss[b, t] = value
+            loss[b, t] = value * (1.0 if weights is None else weights[b, t])
     return np_aggregate(loss, mask, mode)
 
 

@@ -1,7 +1,8 @@
 """GRPO and RLOO: critic-free policy updates with group baselines, one compiled update.
 
 Rollout batch: B = G·K rows, the K samples of each prompt consecutive. `input_ids,
-attention_mask [B, P+N]`, `response_mask, logprobs, ref_logprobs [B, N]`, `scores [B]`.
+attention_mask [B, P+N]`, `response_mask, logprobs, ref_logprobs [B, N]`, `scores [B]`;
+optional `sampler_logprobs [B, N]` as in `jrlhf.steps.ppo` (mismatch/* metrics, `tis_cap`).
 Inside one function: advantages from the scores within each group (GRPO: normalised by the
 group's mean and std; RLOO: minus the mean of the other K−1), then epochs × minibatches of the
 clipped surrogate with `kl_coef`·k3 KL to the reference as a loss term.
@@ -19,8 +20,10 @@ from jrlhf import losses
 from jrlhf.config import GRPOConfig
 from jrlhf.models import transformer as tfm
 from jrlhf.models.config import ModelConfig
+from jrlhf.rl import masked_mean
 from jrlhf.steps.common import (accumulate_gradients, forward_params, jit_step,
                                 minibatch_epochs)
+from jrlhf.steps.ppo import sampler_mismatch
 
 
 def sequence_advantages(scores, group_size: int, estimator: str, scale: bool = True):
@@ -45,13 +48,16 @@ def grpo_loss(params, mb, counts, *, cfg: GRPOConfig, model_cfg: ModelConfig, la
     `(loss, metrics)`."""
     N = mb["response_mask"].shape[1]
     fp = forward_params(params, labels, lora_scale)
-    logprobs = tfm.token_outputs(model_cfg, fp, mb["input_ids"], mb["attention_mask"],
-                                 last=N, temperature=temperature).logprobs
+    out = tfm.token_outputs(model_cfg, fp, mb["input_ids"], mb["attention_mask"], last=N,
+                            temperature=temperature, with_entropy=True)
+    logprobs = out.logprobs
     loss, m = losses.clipped_kl_regularised_loss(
         logprobs, mb["logprobs"], mb["ref_logprobs"], mb["advantages"], mb["response_mask"],
         cfg.clip_eps, cfg.kl_coef, clip_high=cfg.clip_high or None, dual_clip=cfg.dual_clip,
-        ratio_level=cfg.importance_ratio, aggregation=cfg.loss_aggregation, counts=counts)
-    return loss, dict(m, loss=loss)
+        ratio_level=cfg.importance_ratio, aggregation=cfg.loss_aggregation, counts=counts,
+        token_weights=mb.get("tis_weights"))
+    entropy = masked_mean(jax.lax.stop_gradient(out.entropy), mb["response_mask"])
+    return loss, dict(m, loss=loss, entropy=entropy)
 
 
 # Metrics that are aggregated with the whole minibatch's counts (micro-batches sum to them);
@@ -94,6 +100,9 @@ def grpo_step(state, batch, *, cfg: GRPOConfig, model_cfg: ModelConfig, labels=N
     data = {k: batch[k] for k in ("input_ids", "attention_mask", "response_mask", "logprobs",
                                   "ref_logprobs")}
     data["advantages"] = advantages
+    mismatch = sampler_mismatch(batch, cfg.tis_cap, "grpo")
+    if cfg.tis_cap:
+        data["tis_weights"] = mismatch.pop("tis_weights")
     loss_fn = functools.partial(grpo_loss, cfg=cfg, model_cfg=model_cfg, labels=labels,
                                 lora_scale=lora_scale, temperature=temperature)
 
@@ -105,7 +114,7 @@ def grpo_step(state, batch, *, cfg: GRPOConfig, model_cfg: ModelConfig, labels=N
         state, data, grad_fn, epochs=cfg.epochs, num_minibatches=B // size,
         key=jax.random.fold_in(state.rng, state.step))
     metrics.update({f"{cfg.estimator}/mean_score": jnp.mean(batch["scores"]),
-                    f"{cfg.estimator}/advantages_std": jnp.std(advantages)})
+                    f"{cfg.estimator}/advantages_std": jnp.std(advantages), **mismatch})
     return state, metrics
 
 

@@ -9,6 +9,9 @@ Rollout batch (B rows, P prompt columns, N response columns; `input_ids` is prom
   ref_logprobs    [B, N]    log-probs under the frozen reference policy (same temperature)
   values          [B, N]    critic values at the rollout
   scores          [B]       reward-model score of each full response
+  sampler_logprobs [B, N]   optional: the sampler's own log-probs of the sampled tokens (its
+                            numerics may differ from the trainer's: `rollout.dtype`); with it
+                            the step logs mismatch/* and can apply truncated IS (`tis_cap`)
 The logits / value predicting response token t sit at column P - 1 + t.
 """
 
@@ -68,7 +71,8 @@ def ppo_loss(params, mb, *, cfg: PPOConfig, forward):
     logprobs, entropy, values = forward(params, mb["input_ids"], mb["attention_mask"],
                                         mask.shape[1], with_entropy=True)
     pg_loss, pg_metrics = losses.ppo_policy_loss(logprobs, mb["logprobs"], mb["advantages"], mask,
-                                                 cfg.clip_eps, cfg.loss_aggregation)
+                                                 cfg.clip_eps, cfg.loss_aggregation,
+                                                 token_weights=mb.get("tis_weights"))
     vf_loss, vf_metrics = losses.ppo_value_loss(values, mb["values"], mb["returns"], mask,
                                                 cfg.value_clip_eps)
     entropy = rl.masked_mean(entropy, mask)
@@ -99,6 +103,10 @@ def ppo_step(state, batch, *, cfg: PPOConfig, policy_cfg: ModelConfig,
     data = dict(batch, advantages=advantages, returns=returns)
     data.pop("scores")
     data.pop("ref_logprobs")
+    data.pop("sampler_logprobs", None)
+    mismatch = sampler_mismatch(batch, cfg.tis_cap, "ppo")
+    if cfg.tis_cap:
+        data["tis_weights"] = mismatch.pop("tis_weights")
     forward = functools.partial(policy_outputs, policy_cfg=policy_cfg, value_cfg=value_cfg,
                                 temperature=temperature, labels=labels, lora_scale=lora_scale)
     grad_fn = jax.value_and_grad(functools.partial(ppo_loss, cfg=cfg, forward=forward),
@@ -124,8 +132,29 @@ def ppo_step(state, batch, *, cfg: PPOConfig, policy_cfg: ModelConfig,
         "value/error": rl.masked_mean(jnp.square(batch["values"] - returns), mask),
         "value/explained_variance": rl.explained_variance(batch["values"], returns, mask),
         "ppo/response_length": jnp.mean(jnp.sum(mask, axis=-1).astype(jnp.float32)),
+        **mismatch,
     })
     return state, metrics
+
+
+def sampler_mismatch(batch, tis_cap: float, section: str) -> dict:
+    """With `batch["sampler_logprobs"]`: metrics `mismatch/gap_mean`, `gap_max`, `kl_k3`
+    (`losses.logprob_mismatch` of the trainer's pre-update log-probs against the sampler's)
+    and, when `tis_cap` > 0, `tis_weights [B, N]` (`losses.truncated_importance_weights`) with
+    `mismatch/tis_capped` (share of tokens whose weight was capped). Empty without it."""
+    if "sampler_logprobs" not in batch:
+        if tis_cap:
+            raise ValueError(f"{section}.tis_cap needs the rollout batch's sampler_logprobs")
+        return {}
+    mask = batch["response_mask"]
+    trainer, sampler = batch["logprobs"], batch["sampler_logprobs"]
+    out = {f"mismatch/{k}": v for k, v in losses.logprob_mismatch(trainer, sampler, mask).items()}
+    if tis_cap:
+        weights = losses.truncated_importance_weights(trainer, sampler, mask, tis_cap)
+        capped = (mask > 0) & (trainer - sampler > jnp.log(tis_cap))
+        out["mismatch/tis_capped"] = rl.masked_mean(capped.astype(jnp.float32), mask)
+        out["tis_weights"] = weights
+    return out
 
 
 def make_ppo_step(cfg: PPOConfig, policy_cfg: ModelConfig, value_cfg: ModelConfig | None = None,
