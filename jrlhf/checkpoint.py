@@ -3,13 +3,17 @@
 A checkpoint holds the train state's arrays (params, optimizer state, step, RNG key data,
 KL coefficient), plus JSON metadata: the data iterator's state, the resolved config, any
 loop state (e.g. reward-normalisation moments) and a digest (CRC-32 per array) of the arrays.
-Saving is asynchronous; restoring places arrays onto the shardings of a template state (which
-may come from a different mesh) and checks the digest: a checkpoint that cannot be read or does
-not match is reported in one line and the previous intact one is used.
+Saving is asynchronous; once a save is committed, a list of its files and their sizes
+(`jrlhf_files.json`) is written beside it. Restoring checks that list first (a missing or
+truncated file is found without reading through Orbax, whose failed asynchronous reads print
+pages of "Event loop is closed" tracebacks), then places arrays onto the shardings of a
+template state (which may come from a different mesh) and checks the digest: a checkpoint that
+cannot be read or does not match is reported in one line and the previous intact one is used.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import zlib
 from collections.abc import Callable
@@ -20,7 +24,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jrlhf.report import write_atomically
 from jrlhf.state import TrainState
+
+FILE_LIST = "jrlhf_files.json"
 
 
 def _arrays(state: TrainState) -> dict:
@@ -61,7 +68,35 @@ class Checkpointer:
         meta = dict(meta or {}, digest=arrays_digest(arrays))
         args = ocp.args.Composite(state=ocp.args.StandardSave(arrays),
                                   meta=ocp.args.JsonSave(meta))
+        # Orbax finishes the previous save before it starts this one anyway; waiting here first
+        # lets the previous checkpoint's file list be written.
+        self.wait()
         self.manager.save(step, args=args, force=force)
+
+    def _list_committed_files(self) -> None:
+        """Write the file list of each committed checkpoint that has none yet (process 0; a
+        kill before it is written leaves a checkpoint checked by its digest alone)."""
+        if jax.process_index() != 0:
+            return
+        for step in self.manager.all_steps():
+            folder = self.directory / str(step)
+            if (folder / FILE_LIST).exists() or not folder.is_dir():
+                continue
+            sizes = {str(p.relative_to(folder)): p.stat().st_size
+                     for p in sorted(folder.rglob("*")) if p.is_file()}
+            write_atomically(folder / FILE_LIST, json.dumps(sizes, indent=0))
+
+    def _check_files(self, step: int) -> None:
+        listed = self.directory / str(step) / FILE_LIST
+        if not listed.exists():
+            return
+        for name, size in json.loads(listed.read_text()).items():
+            path = listed.parent / name
+            if not path.is_file():
+                raise CorruptCheckpoint(f"{name} is missing")
+            if path.stat().st_size != size:
+                raise CorruptCheckpoint(f"{name} holds {path.stat().st_size} bytes, "
+                                        f"{size} were written")
 
     def restore(self, template: TrainState, step: int | None = None,
                 log: Callable[[str], None] | None = print):
@@ -73,7 +108,8 @@ class Checkpointer:
             try:
                 return self._restore_step(template, candidate)
             except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is skipped
-                why = str(err).strip().splitlines()[0][:200] if str(err).strip() else repr(err)
+                why = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+                why = why.split(" See full TensorStore details")[0][:200]
                 moved = self._set_aside(candidate)
                 rest = (f"; using step {steps[i + 1]}" if i + 1 < len(steps)
                         else "; no earlier checkpoint")
@@ -94,6 +130,7 @@ class Checkpointer:
         return target
 
     def _restore_step(self, template: TrainState, step: int):
+        self._check_files(step)
         target = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
             _arrays(template))
@@ -112,7 +149,8 @@ class Checkpointer:
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
+        self._list_committed_files()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()

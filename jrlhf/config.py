@@ -269,9 +269,33 @@ class RewardConfig:
     freeze: tuple[str, ...] = ()  # frozen parameter paths of the reward model
     num_layers: int = 0  # reward-model depth: the policy's first N layers (0 = all)
     model_path: str = ""  # a trained reward model (HF folder) for `jrlhf ppo`
+    # What PPO / GRPO / RLOO optimise: "" = the stage's default (its reward model, or the task's
+    # annotator), else a weighted sum "name[=weight],...": `model` (the stage's reward model /
+    # reward.model_path), `annotator` (the task's), or a host function "package.module:fn"
+    # called as fn(prompts, responses) -> scores.
+    functions: str = ""
 
     def __post_init__(self):
         _check_ranges("reward", self)
+        for name, weight in parse_reward_functions(self.functions):
+            if not math.isfinite(weight):
+                raise ValueError(f"reward.functions: weight of {name!r} is {weight!r}")
+            if name not in ("model", "annotator") and ":" not in name:
+                raise ValueError(f"reward.functions: {name!r} is not model, annotator or a "
+                                 "'package.module:function'")
+
+
+def parse_reward_functions(spec: str) -> list[tuple[str, float]]:
+    """`"model=1,annotator=0.5"` -> `[("model", 1.0), ("annotator", 0.5)]` (weight default 1)."""
+    out = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        name, _, weight = item.rpartition("=") if "=" in item else (item, "", "1")
+        try:
+            out.append((name.strip(), float(weight)))
+        except ValueError:
+            raise ValueError(f"reward.functions: weight {weight!r} of {name!r} is not a number")\
+                from None
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -588,11 +612,13 @@ def flatten_dict(data: dict) -> dict[str, Any]:
 
 def changed_keys(saved: dict, config: Config) -> dict[str, tuple[Any, Any]]:
     """`key -> (saved, now)` for each field of `config` that differs from a saved `to_dict`
-    (JSON round-tripped: tuples compare as lists)."""
+    (JSON round-tripped: tuples compare as lists). A field the saved config predates counts as
+    unchanged while it holds its default (a run made before the field existed resumes)."""
     now = flatten_dict(json.loads(json.dumps(to_dict(config))))
+    defaults = flatten_dict(json.loads(json.dumps(to_dict(Config()))))
     before = flatten_dict(saved)
     return {k: (before.get(k), now.get(k)) for k in sorted(set(now) | set(before))
-            if before.get(k) != now.get(k)}
+            if before.get(k, defaults.get(k)) != now.get(k)}
 
 
 def to_dict(config) -> dict:

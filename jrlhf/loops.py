@@ -38,8 +38,9 @@ def progress(iterable, total: int, desc: str, enabled: bool = True, initial: int
                 initial=initial)
 
 
-class _Preemption:
-    """Turns SIGTERM into a flag the loop checks between steps (main thread only)."""
+class Preemption:
+    """Turns SIGTERM into a flag checked between steps (a training loop) or between stages
+    (`jrlhf.stages.run_stages`); nested uses restore the outer handler (main thread only)."""
 
     def __init__(self):
         self.requested = False
@@ -58,6 +59,8 @@ class _Preemption:
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+            if self.requested and callable(self._previous):
+                self._previous(signal.SIGTERM, None)  # an outer Preemption learns of it too
 
 
 class StageResult(NamedTuple):
@@ -166,7 +169,7 @@ def run_stage(name: str, config: Config, state: TrainState, step_fn: Callable, b
             # Rows a killed run wrote past its last checkpoint (or before its first) are
             # replayed.
             writer.truncate_after(start)
-        with _Preemption() as preemption:
+        with Preemption() as preemption:
             end = num_steps if train else start
             bar = progress(range(start, end), num_steps, name, run.progress and train,
                            initial=start)
@@ -198,14 +201,16 @@ def run_stage(name: str, config: Config, state: TrainState, step_fn: Callable, b
 
 
 def stage_step(setup: Setup, config: Config, *, reward: Reward | None = None,
-               eos_token_id: int | None = None, pad_token_id: int = 0) -> Callable:
+               eos_token_id: int | None = None, pad_token_id: int = 0,
+               prompts: Iterator | None = None) -> Callable:
     """What the loop calls per step for a setup: its update, DPO's update fed the frozen
-    reference's log-probs, or (ppo / grpo) a `RolloutLoop` against `reward`."""
+    reference's log-probs, or (ppo / grpo) a `RolloutLoop` against `reward` (refilling
+    dynamic-sampling batches from `prompts`, the stage's own batches)."""
     if setup.algorithm in ("ppo", "grpo"):
         if reward is None:
             raise ValueError(f"the {setup.name} stage needs a reward")
         return RolloutLoop(setup, config, reward, eos_token_id=eos_token_id,
-                           pad_token_id=pad_token_id)
+                           pad_token_id=pad_token_id, more_prompts=prompts)
     if setup.algorithm == "dpo" and setup.ref_params is not None:
         ref_fn = jax.jit(functools.partial(reference_logps, setup.model_cfg))
 
@@ -222,7 +227,7 @@ def train(setup: Setup, config: Config, batches: Iterator, *, step_fn: Callable 
     """Run `setup`'s stage: `setup.num_steps` steps with checkpoints under
     `out_dir/<setup.name>`. `step_fn` defaults to `stage_step(setup, config, **step_kwargs)`;
     one with `get_state` / `set_state` (a `RolloutLoop`) has its host state checkpointed."""
-    step_fn = step_fn or stage_step(setup, config, **step_kwargs)
+    step_fn = step_fn or stage_step(setup, config, prompts=batches, **step_kwargs)
     return run_stage(setup.name, config, setup.state, step_fn, batches, setup.num_steps,
                      out_dir=out_dir, resume=resume, log=log, train=train, inputs=inputs,
                      loop_state=getattr(step_fn, "get_state", None),

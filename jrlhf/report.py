@@ -46,8 +46,10 @@ def first_non_finite(state) -> str:
     """Path of the first non-finite leaf of a state's params, else of its optimizer state (a
     host scan, run only after the compiled step found one)."""
     for prefix, tree in (("params", state.params), ("opt_state", state.opt_state)):
+        # Optimizer leaves by their path through optax's state tuples, e.g. "1/0/mu/embed".
         flat = paths.flatten(tree) if prefix == "params" else {
-            f"leaf {i}": x for i, x in enumerate(jax.tree.leaves(tree))}
+            jax.tree_util.keystr(path, simple=True, separator="/"): x
+            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
         for path, x in flat.items():
             a = np.asarray(x)
             if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():

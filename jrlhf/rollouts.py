@@ -11,8 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -21,35 +20,12 @@ import numpy as np
 from jrlhf import rl, sharding
 from jrlhf.config import Config, RolloutConfig
 from jrlhf.models.config import ModelConfig
+from jrlhf.rewards import Reward, check_finite
 from jrlhf.sampling import generate
 from jrlhf.setups import Setup, stream_key
-from jrlhf.steps.ppo import reward_model_fn, score_rollout
+from jrlhf.steps.ppo import score_rollout
 
-
-@dataclasses.dataclass(frozen=True)
-class Reward:
-    """Where rollout scores come from: a jittable `fn(params, prompt_ids, prompt_mask,
-    response_ids, response_mask) -> [B]` with its `params` (a reward model: `from_model`), or a
-    host `text_fn(list[str]) -> scores` over the decoded responses (`decode(tokens, mask)`)."""
-
-    fn: Callable | None = None
-    params: Any = None
-    text_fn: Callable | None = None
-    decode: Callable | None = None
-
-    def __post_init__(self):
-        if (self.fn is None) == (self.text_fn is None):
-            raise ValueError("a Reward needs exactly one of fn (jittable) or text_fn (host)")
-        if self.text_fn is not None and self.decode is None:
-            raise ValueError("a host text_fn reward needs decode(tokens, mask) -> texts")
-
-    @classmethod
-    def from_model(cls, rm_cfg: ModelConfig, rm_params) -> Reward:
-        return cls(fn=reward_model_fn(rm_cfg), params=rm_params)
-
-
-def _no_score(_, prompt_ids, *args):
-    return jnp.zeros(prompt_ids.shape[0], jnp.float32)
+__all__ = ["Reward", "RolloutLoop", "decode_texts", "make_sampler", "sample_batched"]
 
 
 def decode_texts(tokenizer, tokens, mask) -> list[str]:
@@ -128,7 +104,7 @@ class RolloutLoop:
                                    num_samples=self.group, mesh=setup.mesh)
         self.score = jax.jit(functools.partial(
             score_rollout, policy_cfg=setup.model_cfg, value_cfg=setup.value_cfg,
-            reward_fn=reward.fn or _no_score, temperature=r.temperature,
+            reward_fn=reward.device_fn(), temperature=r.temperature,
             missing_eos_penalty=r.missing_eos_penalty, lora_scale=setup.lora_scale,
             eos_token_id=eos_token_id))
         clip = config.ppo.reward_clip
@@ -169,11 +145,19 @@ class RolloutLoop:
         gen, t_gen = _timed(self.sample, setup.policy_params(state.params),
                             jnp.asarray(prompt_ids), jnp.asarray(prompt_mask), key)
         tree = state.params if setup.algorithm == "ppo" else {"policy": state.params}
-        (batch, raw), t_score = _timed(self.score, tree, setup.ref_params, self.reward.params,
-                                       ids, mask, gen.tokens, gen.mask)
-        if self.reward.text_fn is not None:
-            texts = self.reward.decode(gen.tokens, gen.mask)
-            raw = jnp.asarray(self.reward.text_fn(texts), jnp.float32)
+        started = time.perf_counter()
+        # Dispatched, not awaited: host reward functions run while the device scores.
+        batch, raw = self.score(tree, setup.ref_params, self.reward.device_params(), ids, mask,
+                                gen.tokens, gen.mask)
+        prompts, host = None, 0.0
+        if self.reward.on_host:
+            prompts, responses = self.reward.decode_texts(ids, mask, gen.tokens, gen.mask)
+            host = self.reward.host_scores(prompts, responses)
+        batch, raw = jax.block_until_ready((batch, raw))
+        t_score = time.perf_counter() - started
+        raw = np.asarray(raw) + host
+        check_finite(self.reward, raw, prompts)
+        raw = jnp.asarray(raw)
         batch["sampler_logprobs"] = gen.logprobs  # mismatch/* metrics; truncated IS
         lengths = np.asarray(gen.mask).sum(1)
         N = gen.tokens.shape[1]

@@ -25,12 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jrlhf import elo, loops, models, rl
-from jrlhf.config import Config, derive, save_config
+from jrlhf.config import Config, derive, parse_reward_functions, save_config
 from jrlhf.data import Encoder, build_dataset, load_rows, make_loader
+from jrlhf.data.rows import ranks_from_scores
 from jrlhf.models.config import ModelConfig
 from jrlhf.models.sources import load_policy
 from jrlhf.report import write_atomically, write_report
-from jrlhf.rollouts import Reward, decode_texts, sample_batched
+from jrlhf.rewards import Reward, import_host_reward
+from jrlhf.rollouts import decode_texts, sample_batched
 from jrlhf.runlock import RunLock
 from jrlhf.setups import initial_weights, make_setup, stream_key, stream_seed
 from jrlhf.tasks import reviews
@@ -95,14 +97,22 @@ class Run:
     log: Callable[[str], None] = print
     results: dict[str, Any] = dataclasses.field(default_factory=dict)
     lock: RunLock | None = None  # held from `open_run` until `close`
+    # SIGTERM between `with` and `close`: a training loop saves and stops its stage; during
+    # any other stage (rankings, eval, export) that stage finishes and the run stops before
+    # the next; after the last stage the run just finishes.
+    preemption: loops.Preemption | None = None
 
     def __enter__(self) -> Run:
+        self.preemption = loops.Preemption().__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
     def close(self) -> None:
+        if self.preemption is not None:
+            self.preemption.__exit__()
+            self.preemption = None
         if self.lock is not None:
             self.lock.__exit__()
             self.lock = None
@@ -180,10 +190,14 @@ def run_stages(run: Run, stages: list[Stage]) -> str | None:
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
         raise ValueError(f"stage names must be unique: {names}")
-    for stage in stages:
+    for i, stage in enumerate(stages):
         if not RUNNERS[stage.kind](run, stage):
             run.log(f"[{stage.name}] preempted; resume with --resume")
             return stage.name
+        if run.preemption is not None and run.preemption.requested and i + 1 < len(stages):
+            run.log(f"[{stages[i + 1].name}] preempted (SIGTERM) before it started; resume "
+                    "with --resume")
+            return stages[i + 1].name
     return None
 
 
@@ -243,15 +257,39 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def annotator_reward(run: Run, config: Config) -> Reward:
+    """The task's annotator as a host reward over decoded (prompt, response) texts: what the
+    ranking stage ranks by and evaluation scores with."""
+    task = TASKS[config.data.task]
+    return Reward.host(task.score_texts, functools.partial(decode_texts, run.tokenizer),
+                       name=f"{config.data.task} annotator")
+
+
 def stage_reward(run: Run, stage: Stage, config: Config) -> Reward:
-    choice = stage.reward
-    if choice == ANNOTATOR_OR_MODEL:
-        choice = REWARD_MODEL_PATH if config.reward.model_path else ANNOTATOR
-    if choice == ANNOTATOR:
-        task = TASKS[config.data.task]
-        return Reward(text_fn=lambda texts: [task.sentiment_score(t) for t in texts],
-                      decode=functools.partial(decode_texts, run.tokenizer))
-    return Reward.from_model(*run.weights(choice, stage))
+    """What a PPO / GRPO stage optimises: `reward.functions` (a weighted sum of `model`,
+    `annotator` and host functions), or by default the stage's own choice (its reward model,
+    or the annotator when no reward model is given)."""
+    model = stage.reward
+    if model in (ANNOTATOR, ANNOTATOR_OR_MODEL):
+        model = REWARD_MODEL_PATH
+    spec = parse_reward_functions(config.reward.functions)
+    if not spec:
+        default = stage.reward
+        if default == ANNOTATOR_OR_MODEL:
+            default = REWARD_MODEL_PATH if config.reward.model_path else ANNOTATOR
+        spec = [("annotator" if default == ANNOTATOR else "model", 1.0)]
+    parts = []
+    for name, weight in spec:
+        if name == "annotator":
+            part = annotator_reward(run, config)
+        elif name == "model":
+            if model == REWARD_MODEL_PATH and not config.reward.model_path:
+                raise ValueError("reward.functions names 'model' but reward.model_path is empty")
+            part = Reward.from_model(*run.weights(model, stage))
+        else:
+            part = import_host_reward(name, functools.partial(decode_texts, run.tokenizer))
+        parts.append((weight, part))
+    return Reward.weighted(parts)
 
 
 def run_train(run: Run, stage: Stage) -> bool:
@@ -309,11 +347,11 @@ def run_rank(run: Run, stage: Stage) -> bool:
                 num_samples=share))
             for i in range(n):
                 texts[i] += sampled[i * share:(i + 1) * share]
-        task = TASKS[d.task]
+        judge = annotator_reward(run, config)
         rows = []
         for i in range(n):
             responses = [text if text.strip() else "(empty)" for text in texts[i]]
-            ranks = task.rank(responses)
+            ranks = ranks_from_scores(judge.host_scores([prompts[i]] * K, responses).tolist())
             if len(set(ranks)) > 1:  # all-tie groups carry no preference
                 rows.append({"prompt": prompts[i], "responses": responses, "ranks": ranks,
                              "sources": sources})
@@ -344,24 +382,25 @@ def run_evaluate(run: Run, stage: Stage) -> bool:
     """Annotator score of each policy in `stage.compare` on held-out prompts, KL of each to
     `stage.start`, pairwise judgements and a Bradley-Terry / Elo leaderboard."""
     config = _stage_config(run, stage)
-    task = TASKS[config.data.task]
+    judge = annotator_reward(run, config)
     out = run.out / stage.folder
     out.mkdir(parents=True, exist_ok=True)
     prompts, ids, mask = encode_prompts(run.encoder, run.file(stage.data, stage))
     key = stream_key(config.run.seed, stage.name, "sample")
     ref_cfg, ref_params = run.weights(stage.start, stage)
-    texts, scores, kls = {}, {}, {}
+    texts, row_scores, scores, kls = {}, {}, {}, {}
     for name in stage.compare:
         cfg, params = run.weights(name, stage)
         tokens, tmask = sample_batched(cfg, params, ids, mask, key, config.rollout,
                                        eos_token_id=run.encoder.eos_id,
                                        pad_token_id=run.encoder.pad_id)
         texts[name] = decode_texts(run.tokenizer, tokens, tmask)
-        scores[name] = float(np.mean([task.sentiment_score(x) for x in texts[name]]))
+        row_scores[name] = judge.host_scores(prompts, texts[name])
+        scores[name] = float(np.mean(row_scores[name]))
         kls[name] = sequence_kl(cfg, params, ref_cfg, ref_params, ids, mask, tokens, tmask,
                                 config.rollout.temperature)
     names = list(stage.compare)
-    games = [(a, b, task.compare(texts[a][i], texts[b][i])) for i in range(len(prompts))
+    games = [(a, b, _judged(row_scores[a][i], row_scores[b][i])) for i in range(len(prompts))
              for x, a in enumerate(names) for b in names[x + 1:]]
     write_atomically(out / "comparisons.jsonl", "".join(
         json.dumps({"a": a, "b": b, "winner": w}) + "\n" for a, b, w in games))
@@ -375,6 +414,11 @@ def run_evaluate(run: Run, stage: Stage) -> bool:
             + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()) + "\n"
             + elo.format_leaderboard(board))
     return True
+
+
+def _judged(score_a: float, score_b: float) -> str:
+    """A pairwise judgement from two scores: "a", "b" or "tie"."""
+    return "a" if score_a > score_b else "b" if score_b > score_a else "tie"
 
 
 def run_export(run: Run, stage: Stage) -> bool:

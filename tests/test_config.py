@@ -120,3 +120,14 @@ def test_an_unusable_out_dir_is_one_line(tmp_path, capsys):
     assert main(["sft", "--set", f"run.out_dir={blocker / 'run'}"]) == 2
     err = capsys.readouterr().err
     assert "cannot be used" in err and "Traceback" not in err and str(blocker) in err
+
+
+def test_a_field_the_saved_config_predates_is_unchanged_at_its_default():
+    """A run saved before `rollout.dtype` existed resumes; setting the new field is a change."""
+    from jrlhf.config import changed_keys, to_dict
+
+    saved = json.loads(json.dumps(to_dict(Config())))
+    del saved["rollout"]["dtype"]
+    assert changed_keys(saved, Config()) == {}
+    assert changed_keys(saved, apply_overrides(Config(), ["rollout.dtype=bfloat16"])) == {
+        "rollout.dtype": (None, "bfloat16")}

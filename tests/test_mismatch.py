@@ -7,10 +7,10 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
+from test_policy_losses import B, T, np_aggregate, np_policy_loss, random_batch
 
 from jrlhf import losses
 from jrlhf.config import Config, GRPOConfig, PPOConfig, RolloutConfig, RunConfig
-from test_policy_losses import B, T, np_aggregate, np_policy_loss, random_batch
 
 
 def sampler_of(trainer, mask, scale=0.4, seed=9):
@@ -81,11 +81,12 @@ def grpo_batch(params):
 
 
 def test_grpo_tis_is_a_no_op_when_the_sampler_agrees_and_otherwise_its_definition():
+    from test_preference import CFG
+    from test_steps import OPT_EQ, make_state
+
     from jrlhf.models import init_params
     from jrlhf.steps import make_grpo_step
     from jrlhf.steps.grpo import grpo_loss, sequence_advantages
-    from test_preference import CFG
-    from test_steps import OPT_EQ, make_state
 
     params = init_params(CFG, 0)
     batch = grpo_batch(params)
@@ -97,7 +98,7 @@ def test_grpo_tis_is_a_no_op_when_the_sampler_agrees_and_otherwise_its_definitio
         state = make_state(params, OPT_EQ)[0]
         return make_grpo_step(step_cfg, CFG)(state, dict(batch, sampler_logprobs=sampler))
 
-    plain, m_plain = run(cfg, batch["logprobs"])
+    plain, _ = run(cfg, batch["logprobs"])
     same, m_same = run(tis, batch["logprobs"])  # identical numerics: exactly no change
     jax.tree.map(np.testing.assert_array_equal, same.params, plain.params)
     assert float(m_same["mismatch/gap_max"]) == 0 and float(m_same["mismatch/kl_k3"]) == 0
@@ -123,9 +124,10 @@ def test_grpo_tis_is_a_no_op_when_the_sampler_agrees_and_otherwise_its_definitio
 
 
 def test_ppo_tis_is_a_no_op_when_the_sampler_agrees_and_changes_the_update_otherwise():
+    from test_steps import OPT_EQ, POLICY_CFG, PPO_CFG, TEMPERATURE, make_state, rollout_batch
+
     from jrlhf.models import init_params
     from jrlhf.steps import make_ppo_step
-    from test_steps import OPT_EQ, POLICY_CFG, PPO_CFG, TEMPERATURE, make_state, rollout_batch
 
     params = {"policy": init_params(POLICY_CFG, 0)}
     batch = rollout_batch(params)
@@ -156,10 +158,11 @@ def test_ppo_tis_is_a_no_op_when_the_sampler_agrees_and_changes_the_update_other
 def test_a_bf16_sampler_shows_a_log_prob_gap_a_float32_one_does_not(algorithm):
     """One rollout iteration of a float32 model whose sampler runs in bf16 (`rollout.dtype`):
     the logged gap is clearly above float32 rounding; with the sampler in float32 it is not."""
+    from test_ppo_loop import CFG, count_target, prompt_stream
+
     from jrlhf.models import init_params
     from jrlhf.rollouts import Reward, RolloutLoop
     from jrlhf.setups import make_setup
-    from test_ppo_loop import CFG, count_target, prompt_stream
 
     gaps = {}
     for dtype in ("", "bfloat16"):
@@ -179,3 +182,28 @@ def test_a_bf16_sampler_shows_a_log_prob_gap_a_float32_one_does_not(algorithm):
     assert gaps["bfloat16"]["mismatch/kl_k3"] > 0
     for metrics in gaps.values():
         assert metrics["response_length_max"] == 8 and metrics["truncated_share"] == 1.0
+
+
+def test_the_update_logs_its_gradient_norm():
+    """`ppo/grad_norm` / `grpo/grad_norm`: the global norm of each optimizer step's gradient
+    (before clipping), averaged; with one minibatch and one epoch it is the norm of the loss's
+    gradient at the starting weights."""
+    import optax
+
+    from jrlhf.models import init_params
+    from jrlhf.steps import make_grpo_step
+    from jrlhf.steps.grpo import grpo_loss, sequence_advantages
+    from test_preference import CFG
+    from test_steps import OPT_EQ, make_state
+
+    params = init_params(CFG, 0)
+    batch = grpo_batch(params)
+    cfg = GRPOConfig(group_size=4, epochs=1)
+    _, metrics = make_grpo_step(cfg, CFG)(make_state(params, OPT_EQ)[0], batch)
+    mb = {k: batch[k] for k in ("input_ids", "attention_mask", "response_mask", "logprobs",
+                                "ref_logprobs")}
+    mb["advantages"] = sequence_advantages(batch["scores"], 4, "grpo")
+    counts = losses.aggregation_counts(batch["response_mask"])
+    grads = jax.grad(lambda p: grpo_loss(p, mb, counts, cfg=cfg, model_cfg=CFG)[0])(params)
+    np.testing.assert_allclose(metrics["grpo/grad_norm"], optax.tree.norm(grads), rtol=1e-5)
+    assert float(metrics["grpo/entropy"]) > 0

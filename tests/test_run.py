@@ -176,40 +176,6 @@ def test_ppo_resume_equals_uninterrupted(tmp_path):
         read_metrics(tmp_path / "b" / "metrics.jsonl"))
 
 
-@pytest.mark.slow
-def test_tiny_pipeline_end_to_end(tmp_path):
-    proc = jrlhf("pipeline", "--config", TINY, "--set", f"run.out_dir={tmp_path}")
-    out = proc.stdout.read()
-    assert proc.wait() == 0, out
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    for key in ("score_sft", "score_ppo", "kl_ppo_to_sft"):
-        assert np.isfinite(summary[key])
-    assert "held-out annotator score" in out and "exported HF:" in out
-    stages = {r["stage"] for r in read_metrics(tmp_path / "metrics.jsonl")}
-    assert stages == {"sft", "reward", "ppo"}
-    assert (tmp_path / "report.png").stat().st_size > 10_000
-    assert (tmp_path / "config.json").exists() and (tmp_path / "ppo" / "config.json").exists()
-    assert list((tmp_path / "tensorboard" / "ppo").glob("events.out.tfevents.*"))
-    assert "BT rating" in (tmp_path / "leaderboard.txt").read_text()
-    # The exported policy loads in transformers with our logits.
-    from jrlhf import models
-
-    cfg, params = models.load_pretrained(tmp_path / "export")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
-    ids = np.arange(1, 13)[None]
-    import torch
-
-    with torch.no_grad():
-        ref = hf(torch.tensor(ids)).logits.numpy()
-    np.testing.assert_allclose(models.forward(cfg, params, ids, np.ones_like(ids)), ref,
-                               atol=1e-4, rtol=0)
-    # A second run with --resume finds every stage done and re-evaluates without training.
-    again = jrlhf("pipeline", "--config", TINY, "--set", f"run.out_dir={tmp_path}", "--resume")
-    out2 = again.stdout.read()
-    assert again.wait() == 0, out2
-    assert "resumed from step 12" in out2 and "resumed from step 4" in out2
-
-
 def test_export_merges_lora_into_a_transformers_folder(tmp_path):
     """`jrlhf sft` with LoRA, then `jrlhf export`: the HF folder holds W + scale·A·B."""
     from jrlhf import lora, models
@@ -354,12 +320,12 @@ def undamaged_sft_run(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
 def test_a_damaged_latest_checkpoint_falls_back_to_the_intact_one(tmp_path, damage,
-                                                                 undamaged_sft_run):
-    """Bytes flipped inside, or a truncated array file of, the latest checkpoint: `--resume`
-    says so in one line, sets it aside and continues from the checkpoint before it, with the
-    same metrics as a run that was never damaged."""
+                                                                 undamaged_sft_run, capfd):
+    """Bytes flipped inside, a truncated or a deleted array file of the latest checkpoint:
+    `--resume` says so in one line (nothing else on stderr), sets it aside and continues from
+    the checkpoint before it, with the same metrics as a run that was never damaged."""
     from jrlhf.cli import main
 
     args = checkpointed_sft_args
@@ -373,9 +339,12 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_intact_one(tmp_path, dama
     if damage == "flip":
         for i in range(len(data) // 3, len(data) // 3 + 64):
             data[i] ^= 0xFF
-    else:
+    elif damage == "truncate":
         data = data[: len(data) // 2]
     target.write_bytes(bytes(data))
+    if damage == "delete":
+        target.unlink()
+    capfd.readouterr()
     log = []
     from jrlhf.stages import COMMAND_STAGES, open_run, run_stages
 
@@ -384,6 +353,27 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_intact_one(tmp_path, dama
         assert run_stages(run, [COMMAND_STAGES["sft"]]) is None
     text = "\n".join(log)
     assert "checkpoint step 3" in text and "using step 2" in text
+    why = {"flip": "array digest mismatch", "truncate": "bytes, ", "delete": "is missing"}
+    assert why[damage] in text, text
+    assert "Traceback" not in capfd.readouterr().err
     assert "resumed from step 2" in text
     assert (out / "sft" / "corrupt_checkpoints" / "3").is_dir()
     assert read_metrics(undamaged_sft_run / "metrics.jsonl") == read_metrics(out / "metrics.jsonl")
+
+
+def test_a_non_finite_optimizer_leaf_is_named_by_its_path():
+    import optax
+
+    from jrlhf.report import first_non_finite
+    from jrlhf.state import TrainState
+
+    params = {"a": np.zeros(2, np.float32), "b": {"w": np.ones(3, np.float32)}}
+    state = TrainState.create(params, optax.chain(optax.clip_by_global_norm(1.0),
+                                                  optax.adam(0.1)), 0)
+    assert first_non_finite(state) == "none found"
+    adam = state.opt_state[1][0]
+    bad = adam._replace(nu={"a": adam.nu["a"], "b": {"w": np.array([0, np.nan, 0], np.float32)}})
+    state = state.replace(opt_state=(state.opt_state[0], (bad, *state.opt_state[1][1:])))
+    assert first_non_finite(state) == "opt_state/1/0/nu/b/w"
+    state = state.replace(params={"a": np.array([np.inf, 0], np.float32), "b": params["b"]})
+    assert first_non_finite(state) == "params/a"

@@ -7,10 +7,10 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_ppo_loop import CFG, TARGET, prompt_stream
 
 from jrlhf import rl
 from jrlhf.config import Config, GRPOConfig, PPOConfig, RolloutConfig, RunConfig
-from test_ppo_loop import CFG, TARGET, prompt_stream
 
 N = 8
 
@@ -126,3 +126,29 @@ def test_dynamic_sampling_never_loops_forever():
     assert metrics["dynamic/filler_groups"] == 4 and metrics["dynamic/dropped_share"] == 1
     assert seen[0]["response_mask"].sum() == 0
     assert metrics["grpo/loss"] == 0
+
+
+def test_a_grpo_stage_refills_from_its_own_prompt_batches():
+    """Through `loops.train`: the refills come from the stage's prompt iterator (so a
+    checkpoint's iterator position covers them), one batch per refill round."""
+    from jrlhf.loops import train
+    from jrlhf.models import init_params
+    from jrlhf.rollouts import Reward
+    from jrlhf.setups import make_setup
+
+    config = Config(grpo=GRPOConfig(group_size=4, prompts_per_iteration=4, iterations=2,
+                                    dynamic_sampling=True, max_refills=3),
+                    rollout=RolloutConfig(max_new_tokens=N), run=RunConfig(progress=False))
+    setup = make_setup("grpo", config, CFG, init_params(CFG, 0))
+    taken = []
+
+    def prompts():
+        for batch in prompt_stream(4, seed=1):
+            taken.append(batch)
+            yield batch
+
+    result = train(setup, config, prompts(), reward=Reward(fn=prompt_parity),
+                   eos_token_id=None, log=None)
+    refills = sum(m["dynamic/refills"] for m in result.history)
+    assert len(result.history) == 2 and refills > 0
+    assert len(taken) == 2 + refills

@@ -1,5 +1,6 @@
 """Stages as data: a preempted stage ends the run at once, and `--resume` then gives what an
-uninterrupted run gives, for every training stage of `jrlhf pipeline` and `jrlhf iterate`."""
+uninterrupted run gives (`jrlhf pipeline` killed and preempted at random points:
+tests/test_faults.py; `jrlhf iterate` preempted in a reward stage: here)."""
 
 import json
 import os
@@ -71,26 +72,6 @@ def test_stage_lists():
     assert len(names) == 12
     with pytest.raises(ValueError, match="unknown kind 'trian'"):
         Stage("x", "trian")
-
-
-@pytest.mark.slow
-def test_pipeline_preempted_in_sft_and_ppo_resumes_to_the_same_result(tmp_path):
-    """One run preempted in SFT, resumed and preempted in PPO, resumed to the end == one
-    uninterrupted run: weights, rankings, metrics. (A reward stage preempted and resumed is
-    `test_iterate_preempted_in_the_reward_stage_resumes_to_the_same_policy`'s.)"""
-    full = tmp_path / "full"
-    assert "preempted" not in run_pipeline(tiny(full), log=quiet)
-    out = tmp_path / "cut"
-    for resume, stage, later in ((False, "sft", "reward"), (True, "ppo", "export")):
-        result = run_pipeline(tiny(out), resume=resume, log=sigterm_at(f"[{stage} 2]"))
-        assert result == {"preempted": stage}
-        assert not (out / later).exists()  # nothing after the preempted stage ran
-    run_pipeline(tiny(out), resume=True, log=quiet)
-    assert_same_weights(full / "export", out / "export")
-    assert_same_weights(full / "reward" / "export", out / "reward" / "export")
-    assert training_rows(out) == training_rows(full)
-    assert (out / "data" / "rankings.jsonl").read_text() == \
-        (full / "data" / "rankings.jsonl").read_text()
 
 
 @pytest.mark.slow
@@ -256,3 +237,15 @@ def test_reward_and_dpo_stages_train_on_packed_rows(tmp_path, algorithm):
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl")
             if r.get("stage") == algorithm]
     assert len(rows) == 2 and all(np.isfinite(r[f"{algorithm}/loss"]) for r in rows)
+
+
+def test_a_sigterm_in_a_stage_loop_reaches_the_run():
+    """A SIGTERM caught by a training loop's handler (even at its last step, when the stage
+    completes) is passed on to the run's, which stops before the next stage."""
+    from jrlhf.loops import Preemption
+
+    with Preemption() as run_level:
+        with Preemption() as loop_level:
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert loop_level.requested and run_level.requested
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL

@@ -6,6 +6,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from jrlhf import lora, sharding
 from jrlhf.optim import stop_frozen_gradients
@@ -54,19 +55,23 @@ def accumulate_gradients(loss_fn, params, batch, num_micro_batches: int):
     return loss, aux, grads
 
 
-def minibatch_epochs(state, data, grad_fn, *, epochs: int, num_minibatches: int, key):
+def minibatch_epochs(state, data, grad_fn, *, epochs: int, num_minibatches: int, key,
+                     grad_norm_key: str | None = None):
     """`epochs` passes over `data`, each in `num_minibatches` shuffled optimizer steps.
 
     One nested `lax.scan` (epochs outside, minibatches inside; a fresh permutation per epoch
     from `key`), so a whole update phase is one compiled loop with no host round trip.
     `grad_fn(params, minibatch) -> ((loss, metrics), grads)`. Returns `(state, metrics)` with
-    each metric averaged over all optimizer steps.
+    each metric averaged over all optimizer steps, plus the gradients' global norm (before
+    clipping) as `grad_norm_key` when given.
     """
     B = jax.tree.leaves(data)[0].shape[0]
     mb_size = B // num_minibatches
 
     def minibatch_update(train_state, mb):
         (_, metrics), grads = grad_fn(train_state.params, mb)
+        if grad_norm_key:
+            metrics = dict(metrics, **{grad_norm_key: optax.tree.norm(grads)})
         return train_state.apply_gradients(grads), metrics
 
     def epoch(train_state, epoch_key):

@@ -112,7 +112,8 @@ def grpo_step(state, batch, *, cfg: GRPOConfig, model_cfg: ModelConfig, labels=N
 
     state, metrics = minibatch_epochs(
         state, data, grad_fn, epochs=cfg.epochs, num_minibatches=B // size,
-        key=jax.random.fold_in(state.rng, state.step))
+        key=jax.random.fold_in(state.rng, state.step),
+        grad_norm_key=f"{cfg.estimator}/grad_norm")
     metrics.update({f"{cfg.estimator}/mean_score": jnp.mean(batch["scores"]),
                     f"{cfg.estimator}/advantages_std": jnp.std(advantages), **mismatch})
     return state, metrics

@@ -113,7 +113,8 @@ def ppo_step(state, batch, *, cfg: PPOConfig, policy_cfg: ModelConfig,
                                  has_aux=True)
     state, metrics = minibatch_epochs(state, data, grad_fn, epochs=cfg.ppo_epochs,
                                       num_minibatches=num_minibatches,
-                                      key=jax.random.fold_in(state.rng, state.step))
+                                      key=jax.random.fold_in(state.rng, state.step),
+                                      grad_norm_key="ppo/grad_norm")
 
     seq_kl = jnp.sum(kl, axis=-1)
     mean_kl = jnp.mean(seq_kl)

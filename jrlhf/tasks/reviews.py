@@ -53,6 +53,12 @@ def sentiment_score(text: str) -> float:
     return float(sum(w in _POS for w in words) - sum(w in _NEG for w in words))
 
 
+def score_texts(prompts: list[str], responses: list[str]) -> list[float]:
+    """The annotator as a host reward function (`jrlhf.rewards.Reward.host`): each response's
+    `sentiment_score` (the prompt does not matter here)."""
+    return [sentiment_score(r) for r in responses]
+
+
 def rank(responses: list[str]) -> list[int]:
     """The annotator's ranking of K responses (1 = best; equal scores tie)."""
     return ranks_from_scores([sentiment_score(r) for r in responses])
