@@ -58,9 +58,13 @@ def _train(args) -> int:
     train = args.command != "export"
     stage = COMMAND_STAGES[args.command if train else args.stage]
     folder = Path(args.out).absolute() if args.out else Path(stage.name) / "export"
-    export = Stage(f"{stage.name}/export", "export", start=stage.produces, folder=str(folder))
+    stages = [stage, Stage(f"{stage.name}/export", "export", start=stage.produces,
+                           folder=str(folder))]
+    if train and stage.reward:  # RL: the task's annotator judges base vs trained, held out
+        stages.insert(1, Stage(f"{stage.name}/eval", "evaluate", data="eval_prompts",
+                               start="base", compare=("base", stage.produces), folder=stage.name))
     with open_run(_config(args), resume=args.resume or not train, train=train) as run:
-        run_stages(run, [stage, export])
+        run_stages(run, stages)
     return 0
 
 

@@ -196,7 +196,7 @@ class DataConfig:
     pack_length: int = 0  # tokens per packed row; 0 = max_prompt_length + max_response_length
     shuffle_seed: int = 0
     # The built-in task (used for files left empty above, and as the pipeline's annotator).
-    task: str = "reviews"
+    task: str = "reviews"  # reviews (sentiment annotator) | arithmetic (exact-answer checker)
     num_sft_examples: int = 256
     num_ranking_prompts: int = 64  # prompts whose sampled responses the annotator ranks
     responses_per_prompt: int = 4  # K responses ranked per prompt

@@ -99,6 +99,10 @@ class Reward:
 
         return fn
 
+    @functools.cached_property
+    def _jitted_device_fn(self):
+        return jax.jit(self.device_fn())
+
     def device_params(self) -> tuple:
         return tuple(r.params for _, r in self.on_device)
 
@@ -124,16 +128,11 @@ class Reward:
                                                    response_mask)
             total += self.host_scores(prompts, responses)
         if self.on_device:
-            device = _jitted(self)(self.device_params(), *map(jnp.asarray, (
+            device = self._jitted_device_fn(self.device_params(), *map(jnp.asarray, (
                 prompt_ids, prompt_mask, response_ids, response_mask)))
             total += np.asarray(device)
         check_finite(self, total, prompts)
         return total
-
-
-@functools.lru_cache(maxsize=16)
-def _jitted(reward: Reward):
-    return jax.jit(reward.device_fn())
 
 
 def _call_host(part: Reward, prompts: list[str], responses: list[str]) -> np.ndarray:

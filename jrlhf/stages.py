@@ -35,9 +35,9 @@ from jrlhf.rewards import Reward, import_host_reward
 from jrlhf.rollouts import decode_texts, sample_batched
 from jrlhf.runlock import RunLock
 from jrlhf.setups import initial_weights, make_setup, stream_key, stream_seed
-from jrlhf.tasks import reviews
+from jrlhf.tasks import arithmetic, reviews
 
-TASKS = {"reviews": reviews}
+TASKS = {"reviews": reviews, "arithmetic": arithmetic}
 KINDS = ("train", "rank", "evaluate", "export")
 REWARD_MODEL_PATH = "reward.model_path"  # weights loaded from that config field's folder
 ANNOTATOR = "annotator"  # the task's annotator as a host reward function

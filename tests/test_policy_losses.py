@@ -108,7 +108,6 @@ def test_micro_batch_gradients_sum_to_the_full_batch_gradient(mode):
     log-probs) of the micro-batches, concatenated, equal the full batch's — also with an empty
     row alone in one micro-batch."""
     new, old, adv, mask = random_batch(3)
-    adv_t = np.broadcast_to(adv[:, None], (B, T)).copy()
 
     def loss(logp, sl, counts=None):
         return losses.clipped_kl_regularised_loss(

@@ -145,3 +145,23 @@ def test_grpo_stage_with_a_weighted_reward_and_a_failing_one_from_the_cli(tmp_pa
 def all_nan(prompts, responses):
     return [float("nan")] * len(prompts)
 
+
+
+def test_a_reward_model_scores_like_its_forward():
+    """`Reward.from_model(...).scores` (the ranking / evaluation path) equals the reward
+    model's scalar head at each row's last real token."""
+    from jrlhf.models import init_params, reward_scores
+    from jrlhf.setups import with_scalar_head
+
+    rm_cfg, rm_params = with_scalar_head(CFG, init_params(CFG, 1))
+    rm_params["score"]["kernel"] = jnp.asarray(
+        np.random.RandomState(3).randn(CFG.hidden_size, 1).astype(np.float32))
+    reward = Reward.weighted([(0.5, Reward.from_model(rm_cfg, rm_params))])
+    rng = np.random.RandomState(2)
+    ids, mask = rng.randint(4, 16, (3, 4)), np.ones((3, 4), np.int32)
+    tokens, tmask = rng.randint(4, 16, (3, N)), np.ones((3, N), np.int32)
+    tmask[1, 3:] = 0
+    want = 0.5 * np.asarray(reward_scores(rm_cfg, rm_params, np.concatenate([ids, tokens], 1),
+                                          np.concatenate([mask, tmask], 1)))
+    assert np.abs(want).min() > 1e-3  # a head that scores
+    np.testing.assert_allclose(reward.scores(ids, mask, tokens, tmask), want, rtol=1e-5)
