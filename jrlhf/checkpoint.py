@@ -2,7 +2,8 @@
 
 A checkpoint holds the train state's arrays (params, optimizer state, step, RNG key data,
 KL coefficient), plus JSON metadata: the data iterator's state, the resolved config, any
-loop state (e.g. reward-normalisation moments) and a digest (CRC-32 per array) of the arrays.
+loop state (e.g. reward-normalisation moments), a digest (CRC-32 per array) of the arrays and a
+CRC-32 of the metadata itself.
 Saving is asynchronous; once a save is committed, a list of its files and their sizes
 (`jrlhf_files.json`) is written beside it. Restoring checks that list first (a missing or
 truncated file is found without reading through Orbax, whose failed asynchronous reads print
@@ -45,6 +46,12 @@ def arrays_digest(arrays) -> list[int] | None:
     return [zlib.crc32(np.ascontiguousarray(jax.device_get(x)).tobytes()) for x in leaves]
 
 
+def meta_digest(meta: dict) -> int:
+    """CRC-32 of the metadata (data position, loop state, config, the arrays' digest) as
+    canonical JSON: a changed byte there is caught like one in the arrays."""
+    return zlib.crc32(json.dumps(meta, sort_keys=True).encode())
+
+
 class CorruptCheckpoint(ValueError):
     pass
 
@@ -66,6 +73,7 @@ class Checkpointer:
         checkpoint `step`."""
         arrays = _arrays(state)
         meta = dict(meta or {}, digest=arrays_digest(arrays))
+        meta["meta_digest"] = meta_digest(meta)
         args = ocp.args.Composite(state=ocp.args.StandardSave(arrays),
                                   meta=ocp.args.JsonSave(meta))
         # Orbax finishes the previous save before it starts this one anyway; waiting here first
@@ -138,6 +146,9 @@ class Checkpointer:
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         arrays = restored["state"]
         meta = dict(restored["meta"] or {})
+        expected_meta = meta.pop("meta_digest", None)
+        if expected_meta is not None and meta_digest(meta) != expected_meta:
+            raise CorruptCheckpoint("metadata digest mismatch")
         expected = meta.pop("digest", None)
         if expected is not None and arrays_digest(arrays) != expected:
             raise CorruptCheckpoint("array digest mismatch")

@@ -292,7 +292,7 @@ def undamaged_sft_run(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "meta"])
 def test_a_damaged_latest_checkpoint_falls_back_to_the_intact_one(tmp_path, damage,
                                                                  undamaged_sft_run, capfd):
     """Bytes flipped inside, a truncated or a deleted array file of the latest checkpoint:
@@ -316,6 +316,11 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_intact_one(tmp_path, dama
     target.write_bytes(bytes(data))
     if damage == "delete":
         target.unlink()
+    if damage == "meta":  # the data position changed in place (same size: the file list passes)
+        meta = out / "sft" / "checkpoints" / "3" / "meta" / "metadata"
+        text = meta.read_text()
+        assert '"next_index": 3' in text
+        meta.write_text(text.replace('"next_index": 3', '"next_index": 7'))
     capfd.readouterr()
     log = []
     from jrlhf.stages import COMMAND_STAGES, open_run, run_stages
@@ -325,7 +330,8 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_intact_one(tmp_path, dama
         assert run_stages(run, [COMMAND_STAGES["sft"]]) is None
     text = "\n".join(log)
     assert "checkpoint step 3" in text and "using step 2" in text
-    why = {"flip": "array digest mismatch", "truncate": "bytes, ", "delete": "is missing"}
+    why = {"flip": "array digest mismatch", "truncate": "bytes, ", "delete": "is missing",
+           "meta": "metadata digest mismatch"}
     assert why[damage] in text, text
     assert "Traceback" not in capfd.readouterr().err
     assert "resumed from step 2" in text
