@@ -194,6 +194,12 @@ def test_pipeline_killed_at_random_points_resumes_to_the_uninterrupted_result(tm
         print(f"{point[2].name} at {point[:2]}: checkpoints {left}")
         if point[2] == signal.SIGTERM:  # a preempted stage ends the run: nothing later ran
             assert not (out / "export").exists() and not (out / "summary.json").exists()
+            saved = re.search(r"\[(\w+)\] SIGTERM: saved step (\d+)", text)
+            if saved:  # inside a training loop: that step was checkpointed before stopping
+                stage, step = saved.groups()
+                assert step in left[stage], (text, left)
+                rows = [r for r in read_metrics(out / "metrics.jsonl") if r["stage"] == stage]
+                assert rows[-1]["step"] == int(step)
     code, text = Watched(start(out, resume=True)).finish()
     assert code == 0, text
     assert "resumed from step" in text

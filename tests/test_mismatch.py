@@ -154,7 +154,7 @@ def test_ppo_tis_is_a_no_op_when_the_sampler_agrees_and_changes_the_update_other
                                        {k: v for k, v in batch.items()})
 
 
-@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+@pytest.mark.parametrize("algorithm", ["grpo"])  # PPO runs the same RolloutLoop code
 def test_a_bf16_sampler_shows_a_log_prob_gap_a_float32_one_does_not(algorithm):
     """One rollout iteration of a float32 model whose sampler runs in bf16 (`rollout.dtype`):
     the logged gap is clearly above float32 rounding; with the sampler in float32 it is not."""

@@ -1,12 +1,8 @@
-"""Running it for real: SIGTERM preemption, NaN halt, exact resume of PPO, LoRA export, the other
-commands. (SIGKILL at random points of the whole pipeline: tests/test_faults.py.)"""
+"""Running it for real: NaN halt, exact resume of PPO, LoRA export, the other commands, damaged
+checkpoints. (SIGKILL and SIGTERM at random points of the whole pipeline: tests/test_faults.py.)"""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
+import shutil
 from pathlib import Path
 
 import jax
@@ -24,45 +20,6 @@ from jrlhf.setups import make_setup
 
 ROOT = Path(__file__).parent.parent
 TINY = str(ROOT / "configs" / "tiny.py")
-
-
-def jrlhf(*args, env=None):
-    return subprocess.Popen([sys.executable, "-m", "jrlhf.cli", *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
-                                 **(env or {})})
-
-
-def wait_for_rows(path: Path, stage: str, n: int, proc, timeout=240):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"process ended early:\n{proc.stdout.read()}")
-        rows = [r for r in read_metrics(path) if r["stage"] == stage] if path.exists() else []
-        if len(rows) >= n:
-            return
-        time.sleep(0.05)
-    raise AssertionError("timed out")
-
-
-def sft_args(out):
-    return ["sft", "--config", TINY, "--set", f"run.out_dir={out}", "--set", "sft.steps=60",
-            "--set", "run.save_every=10", "--set", "run.log_every=0"]
-
-
-@pytest.mark.slow
-def test_sigterm_saves_and_exits_zero(tmp_path):
-    proc = jrlhf(*sft_args(tmp_path))
-    wait_for_rows(tmp_path / "metrics.jsonl", "sft", 15, proc)
-    proc.send_signal(signal.SIGTERM)
-    out = proc.stdout.read()
-    assert proc.wait() == 0, out
-    assert "SIGTERM: saved step" in out
-    step = int(out.split("SIGTERM: saved step ")[1].split(",")[0])
-    ckpt = Checkpointer(tmp_path / "sft" / "checkpoints")
-    assert ckpt.latest_step() == step < 60
-    ckpt.close()
-    assert len(read_metrics(tmp_path / "metrics.jsonl")) == step
 
 
 CFG = ModelConfig(family="llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
@@ -292,17 +249,27 @@ def undamaged_sft_run(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def three_step_sft_run(tmp_path_factory):
+    """A run stopped after step 3 (checkpoints 1-3), copied by each test that damages it."""
+    from jrlhf.cli import main
+
+    out = tmp_path_factory.mktemp("three")
+    assert main(checkpointed_sft_args(out, 3)) == 0
+    return out
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "meta"])
 def test_a_damaged_latest_checkpoint_falls_back_to_the_intact_one(tmp_path, damage,
-                                                                 undamaged_sft_run, capfd):
+                                                                 undamaged_sft_run,
+                                                                 three_step_sft_run, capfd):
     """Bytes flipped inside, a truncated or a deleted array file of the latest checkpoint:
     `--resume` says so in one line (nothing else on stderr), sets it aside and continues from
     the checkpoint before it, with the same metrics as a run that was never damaged."""
-    from jrlhf.cli import main
 
     args = checkpointed_sft_args
     out = tmp_path / "damaged"
-    assert main(args(out, 3)) == 0
+    shutil.copytree(three_step_sft_run, out)
     files = [p for p in (out / "sft" / "checkpoints" / "3").rglob("*") if p.is_file()
              and "ocdbt" in str(p) and p.stat().st_size > 10_000]
     assert files, list((out / "sft" / "checkpoints" / "3").rglob("*"))
