@@ -263,10 +263,10 @@ def three_step_sft_run(tmp_path_factory):
 def test_a_damaged_latest_checkpoint_falls_back_to_the_intact_one(tmp_path, damage,
                                                                  undamaged_sft_run,
                                                                  three_step_sft_run, capfd):
-    """Bytes flipped inside, a truncated or a deleted array file of the latest checkpoint:
-    `--resume` says so in one line (nothing else on stderr), sets it aside and continues from
-    the checkpoint before it, with the same metrics as a run that was never damaged."""
-
+    """Bytes flipped inside, a truncated or a deleted array file of the latest checkpoint, or a
+    changed byte in its metadata: `--resume` says so in one line (nothing else on stderr), sets
+    it aside and continues from the checkpoint before it, with the same metrics as a run that
+    was never damaged."""
     args = checkpointed_sft_args
     out = tmp_path / "damaged"
     shutil.copytree(three_step_sft_run, out)
