@@ -26,8 +26,7 @@ import numpy as np
 
 from jrlhf import elo, loops, models, rl
 from jrlhf.config import Config, derive, parse_reward_functions, save_config
-from jrlhf.data import Encoder, build_dataset, load_rows, make_loader
-from jrlhf.data.rows import ranks_from_scores
+from jrlhf.data import Encoder, build_dataset, load_rows, make_loader, ranks_from_scores
 from jrlhf.models.config import ModelConfig
 from jrlhf.models.sources import load_policy
 from jrlhf.report import write_atomically, write_report

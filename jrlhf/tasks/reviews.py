@@ -12,7 +12,6 @@ import random
 import re
 from pathlib import Path
 
-from jrlhf.data.rows import ranks_from_scores
 
 POSITIVE = ("good", "great", "wonderful", "brilliant", "excellent", "beautiful", "fantastic",
             "amazing", "moving", "charming", "delightful", "superb", "fun", "funny", "clever",
@@ -57,17 +56,6 @@ def score_texts(prompts: list[str], responses: list[str]) -> list[float]:
     """The annotator as a host reward function (`jrlhf.rewards.Reward.host`): each response's
     `sentiment_score` (the prompt does not matter here)."""
     return [sentiment_score(r) for r in responses]
-
-
-def rank(responses: list[str]) -> list[int]:
-    """The annotator's ranking of K responses (1 = best; equal scores tie)."""
-    return ranks_from_scores([sentiment_score(r) for r in responses])
-
-
-def compare(a: str, b: str) -> str:
-    """Pairwise judgement: "a", "b" or "tie"."""
-    sa, sb = sentiment_score(a), sentiment_score(b)
-    return "a" if sa > sb else "b" if sb > sa else "tie"
 
 
 def sft_response(title: str, rng: random.Random) -> str:
