@@ -1,8 +1,14 @@
 """Movie-review sentiment: the classic RLHF demonstration with a programmatic annotator.
 
-The "human" is a sentiment lexicon: it scores a review by its positive minus negative words and
-*ranks* the K responses to a prompt by that score (ties allowed). SFT data mixes sentiments, so
-the SFT policy is neutral on average; RLHF should make it write warmer reviews.
+The "human" wants what the prompt asks for — a one-sentence review of the named film — and
+prefers warmer ones: `review_score` is the review's warmth (distinct positive minus distinct
+negative lexicon words, capped at ±`WARMTH_CAP`) minus `FORM_PENALTY` for each thing a reader
+would object to first: the film is not named, or the response is not one complete sentence.
+The penalty exceeds the whole warmth range, so any well-formed review outranks any malformed
+one, and repeating a warm word, or dropping the sentence for a string of adjectives, gains
+nothing. The annotator *ranks* the K responses to a prompt by that score (ties allowed). SFT
+data mixes sentiments, so the SFT policy is neutral on average; RLHF should make it write
+warmer reviews that are still reviews.
 """
 
 from __future__ import annotations
@@ -46,16 +52,51 @@ def prompt_for(title: str) -> str:
     return f"Write a one-sentence review of the movie \"{title}\"."
 
 
-def sentiment_score(text: str) -> float:
-    """Positive minus negative lexicon words."""
-    words = re.findall(r"[a-z]+", text.lower())
-    return float(sum(w in _POS for w in words) - sum(w in _NEG for w in words))
+WARMTH_CAP = 3  # more than three distinct warm words is not a warmer review
+FORM_PENALTY = 2 * WARMTH_CAP + 1  # per objection; > the warmth range, so form comes first
+MIN_SENTENCE_WORDS = 5
+
+
+def warmth(text: str) -> int:
+    """Distinct positive minus distinct negative lexicon words, clipped to ±`WARMTH_CAP`."""
+    words = set(re.findall(r"[a-z]+", text.lower()))
+    return max(-WARMTH_CAP, min(WARMTH_CAP, len(words & _POS) - len(words & _NEG)))
+
+
+def title_of(prompt: str) -> str | None:
+    """The film a review prompt names (`prompt_for`), also inside a chat template; None if the
+    prompt names none."""
+    match = re.search(r'movie "([^"]+)"', prompt)
+    return match.group(1) if match else None
+
+
+def is_one_sentence(text: str) -> bool:
+    """One complete sentence: starts with a capital letter (or a quote or digit), has at least
+    `MIN_SENTENCE_WORDS` words, ends with `.` or `!` (a closing quote may follow), and holds no
+    other sentence end (a cut-off or run-on response fails)."""
+    text = text.strip()
+    if not text or not (text[0].isupper() or text[0].isdigit() or text[0] in "\"'“"):
+        return False
+    if len(re.findall(r"[A-Za-z0-9']+", text)) < MIN_SENTENCE_WORDS:
+        return False
+    body = text.rstrip("\"'”")
+    if not body.endswith((".", "!")):
+        return False
+    return re.search(r"[.!?]\s", body[:-1]) is None and "\n" not in body
+
+
+def review_score(title: str | None, text: str) -> float:
+    """`warmth` − `FORM_PENALTY` × (film not named + not one sentence). `title` None (a prompt
+    that names no film) skips the naming check."""
+    names_film = title is None or title.lower() in text.lower()
+    objections = (not names_film) + (not is_one_sentence(text))
+    return float(warmth(text) - FORM_PENALTY * objections)
 
 
 def score_texts(prompts: list[str], responses: list[str]) -> list[float]:
     """The annotator as a host reward function (`jrlhf.rewards.Reward.host`): each response's
-    `sentiment_score` (the prompt does not matter here)."""
-    return [sentiment_score(r) for r in responses]
+    `review_score` against the film its prompt names."""
+    return [review_score(title_of(p), r) for p, r in zip(prompts, responses)]
 
 
 def sft_response(title: str, rng: random.Random) -> str:
