@@ -106,7 +106,7 @@ class RolloutLoop:
             score_rollout, policy_cfg=setup.model_cfg, value_cfg=setup.value_cfg,
             reward_fn=reward.device_fn(), temperature=r.temperature,
             missing_eos_penalty=r.missing_eos_penalty, lora_scale=setup.lora_scale,
-            eos_token_id=eos_token_id))
+            eos_token_id=eos_token_id, with_entropy=setup.algorithm == "grpo"))
         clip = config.ppo.reward_clip
 
         @jax.jit

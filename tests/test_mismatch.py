@@ -206,4 +206,11 @@ def test_the_update_logs_its_gradient_norm():
     counts = losses.aggregation_counts(batch["response_mask"])
     grads = jax.grad(lambda p: grpo_loss(p, mb, counts, cfg=cfg, model_cfg=CFG)[0])(params)
     np.testing.assert_allclose(metrics["grpo/grad_norm"], optax.tree.norm(grads), rtol=1e-5)
-    assert float(metrics["grpo/entropy"]) > 0
+    # The entropy metric is the rollout's (score_rollout with_entropy), masked-averaged.
+    assert "grpo/entropy" not in metrics
+    entropy = np.random.RandomState(1).rand(*batch["response_mask"].shape).astype(np.float32)
+    _, metrics = make_grpo_step(cfg, CFG)(make_state(params, OPT_EQ)[0],
+                                          dict(batch, entropy=entropy))
+    mask = batch["response_mask"]
+    np.testing.assert_allclose(metrics["grpo/entropy"], (entropy * mask).sum() / mask.sum(),
+                               rtol=1e-6)

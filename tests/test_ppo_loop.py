@@ -13,7 +13,7 @@ from jrlhf import lora, rl
 from jrlhf.config import (Config, LoRAConfig, MeshConfig, OptimConfig, PPOConfig, RolloutConfig,
                           RunConfig)
 from jrlhf.loops import train
-from jrlhf.models import ModelConfig, init_params
+from jrlhf.models import ModelConfig, forward, init_params
 from jrlhf.rollouts import Reward
 from jrlhf.setups import make_setup
 from jrlhf.steps.ppo import score_rollout
@@ -108,6 +108,17 @@ def test_score_rollout_penalty_and_reference():
     # Reference == policy here: identical log-probs, so KL 0.
     np.testing.assert_allclose(batch["logprobs"], batch["ref_logprobs"], atol=1e-6)
     assert np.all(np.asarray(batch["logprobs"])[0, 2] == 0)
+    assert "entropy" not in batch
+    # with_entropy (GRPO's metric): the tempered distribution's entropy at each response
+    # position, from full logits, zero on padding.
+    batch, _ = score_rollout(params, params["policy"], None, prompt, pmask, resp, rmask,
+                             temperature=0.9, policy_cfg=cfg_v, value_cfg=None,
+                             reward_fn=count_target, with_entropy=True)
+    full = jnp.concatenate([prompt, resp], 1)
+    logits = forward(cfg_v, params["policy"], full, jnp.concatenate([pmask, rmask], 1))
+    want = rl.entropy_from_logits(logits[:, 1:-1] / 0.9) * rmask
+    np.testing.assert_allclose(batch["entropy"], want, atol=1e-5)
+    assert float(np.asarray(batch["entropy"])[0, 2]) == 0.0 and float(batch["entropy"][0, 0]) > 0
 
 
 def test_running_moments_match_numpy():

@@ -2,7 +2,9 @@
 
 Rollout batch: B = G·K rows, the K samples of each prompt consecutive. `input_ids,
 attention_mask [B, P+N]`, `response_mask, logprobs, ref_logprobs [B, N]`, `scores [B]`;
-optional `sampler_logprobs [B, N]` as in `jrlhf.steps.ppo` (mismatch/* metrics, `tis_cap`).
+optional `sampler_logprobs [B, N]` as in `jrlhf.steps.ppo` (mismatch/* metrics, `tis_cap`) and
+`entropy [B, N]` (the sampling policy's, from `score_rollout(with_entropy=True)`: the `entropy`
+metric, kept out of the update's forwards, which need none).
 Inside one function: advantages from the scores within each group (GRPO: normalised by the
 group's mean and std; RLOO: minus the mean of the other K−1), then epochs × minibatches of the
 clipped surrogate with `kl_coef`·k3 KL to the reference as a loss term.
@@ -48,16 +50,14 @@ def grpo_loss(params, mb, counts, *, cfg: GRPOConfig, model_cfg: ModelConfig, la
     `(loss, metrics)`."""
     N = mb["response_mask"].shape[1]
     fp = forward_params(params, labels, lora_scale)
-    out = tfm.token_outputs(model_cfg, fp, mb["input_ids"], mb["attention_mask"], last=N,
-                            temperature=temperature, with_entropy=True)
-    logprobs = out.logprobs
+    logprobs = tfm.token_outputs(model_cfg, fp, mb["input_ids"], mb["attention_mask"], last=N,
+                                 temperature=temperature).logprobs
     loss, m = losses.clipped_kl_regularised_loss(
         logprobs, mb["logprobs"], mb["ref_logprobs"], mb["advantages"], mb["response_mask"],
         cfg.clip_eps, cfg.kl_coef, clip_high=cfg.clip_high or None, dual_clip=cfg.dual_clip,
         ratio_level=cfg.importance_ratio, aggregation=cfg.loss_aggregation, counts=counts,
         token_weights=mb.get("tis_weights"))
-    entropy = masked_mean(jax.lax.stop_gradient(out.entropy), mb["response_mask"])
-    return loss, dict(m, loss=loss, entropy=entropy)
+    return loss, dict(m, loss=loss)
 
 
 # Metrics that are aggregated with the whole minibatch's counts (micro-batches sum to them);
@@ -116,6 +116,8 @@ def grpo_step(state, batch, *, cfg: GRPOConfig, model_cfg: ModelConfig, labels=N
         grad_norm_key=f"{cfg.estimator}/grad_norm")
     metrics.update({f"{cfg.estimator}/mean_score": jnp.mean(batch["scores"]),
                     f"{cfg.estimator}/advantages_std": jnp.std(advantages), **mismatch})
+    if "entropy" in batch:
+        metrics[f"{cfg.estimator}/entropy"] = masked_mean(batch["entropy"], mask)
     return state, metrics
 
 

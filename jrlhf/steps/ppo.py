@@ -186,7 +186,8 @@ def reward_model_fn(rm_cfg: ModelConfig):
 def score_rollout(params, ref_params, reward_params, prompt_ids, prompt_mask, response_ids,
                   response_mask, *, policy_cfg: ModelConfig, value_cfg: ModelConfig | None,
                   reward_fn, temperature: float = 1.0, missing_eos_penalty: float = 0.0,
-                  lora_scale: float = 0.0, eos_token_id: int | None = None):
+                  lora_scale: float = 0.0, eos_token_id: int | None = None,
+                  with_entropy: bool = False):
     """The experience phase: one function giving `ppo_step`'s (or `grpo_step`'s) rollout batch.
 
     `params` is the trained tree `{"policy": ..., ["value": ...]}`. Policy log-probs and values
@@ -197,15 +198,19 @@ def score_rollout(params, ref_params, reward_params, prompt_ids, prompt_mask, re
     recomputed with the trainer's own full forward at `temperature` (equal to the sampler's
     within float32 rounding).
 
+    `with_entropy`: the batch also holds `entropy [B, N]`, the sampling policy's per-token
+    entropy (a metric computed once here, in the forward the log-probs need anyway, instead of
+    in every forward of the update).
+
     Returns `(batch, scores)`; `batch["scores"]` is filled by the caller (after optional
     normalisation), the raw `scores [B]` are returned for metrics.
     """
     N = response_ids.shape[1]
     ids = jnp.concatenate([prompt_ids, response_ids], axis=1)
     mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
-    logprobs, _, values = policy_outputs(params, ids, mask, N, policy_cfg=policy_cfg,
-                                         value_cfg=value_cfg, temperature=temperature,
-                                         lora_scale=lora_scale)
+    logprobs, entropy, values = policy_outputs(params, ids, mask, N, policy_cfg=policy_cfg,
+                                               value_cfg=value_cfg, temperature=temperature,
+                                               lora_scale=lora_scale, with_entropy=with_entropy)
     if ref_params is None:
         ref_params = lora.base_params(params["policy"])
     ref_logprobs = tfm.token_outputs(policy_cfg, ref_params, ids, mask, last=N,
@@ -218,4 +223,6 @@ def score_rollout(params, ref_params, reward_params, prompt_ids, prompt_mask, re
     m = response_mask.astype(jnp.float32)
     batch = {"input_ids": ids, "attention_mask": mask, "response_mask": response_mask,
              "logprobs": logprobs * m, "ref_logprobs": ref_logprobs * m, "values": values * m}
+    if with_entropy:
+        batch["entropy"] = entropy * m
     return batch, scores
