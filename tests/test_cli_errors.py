@@ -112,6 +112,8 @@ CASES = {
     "keep no checkpoints": override("run.keep_checkpoints=0", "run.keep_checkpoints=0"),
     "not a number": override("sft.learning_rate=fast", "sft.learning_rate"),
     "unknown choice": override("grpo.loss_aggregation=sum", "grpo.loss_aggregation"),
+    "unknown barrier choice": override("model.residual_barrier=yes",
+                                       "model.residual_barrier must be auto, on or off"),
     "unknown task": override("data.task=nope", "data.task='nope': unknown task"),
     "config syntax error": config_file("def get_config(:\n"),
     "config import error": config_file("import no_such_module_xyz\n"),

@@ -351,3 +351,40 @@ def test_packed_dpo_and_orpo_steps_equal_unpacked(orpo):
             np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-7, err_msg=k)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), state.params,
                  ref_state.params)
+
+
+@pytest.mark.parametrize("variant", [{}, {"scan_layers": True}, {"remat": "full"}])
+def test_residual_barrier_leaves_loss_and_gradients_unchanged(variant):
+    """The XLA:CPU residual-gradient barrier (a conditional on each layer's output cotangent):
+    the same loss and gradients as without it, one conditional per layer in the compiled
+    backward (none without it), and "auto" means on here, on CPU."""
+    import re
+
+    from jrlhf.models.transformer import gradient_barrier, uses_residual_barrier
+
+    ids, mask = left_padded_batch(GPT2.vocab_size, [9, 6, 3], seed=4)
+    params = init_params(GPT2, 0)
+    weights = jnp.asarray(np.random.RandomState(0).randn(3, 9, GPT2.vocab_size), jnp.float32)
+
+    def run(barrier):
+        cfg = dataclasses.replace(GPT2, residual_barrier=barrier, **variant)
+        loss = jax.jit(jax.value_and_grad(
+            lambda p: jnp.sum(weights * models.forward(cfg, p, ids, mask))))
+        text = loss.lower(params).compile().as_text()
+        return loss(params), len(re.findall(r"\bconditional\(", text))
+
+    (loss_on, grads_on), conds_on = run("on")
+    (loss_off, grads_off), conds_off = run("off")
+    np.testing.assert_allclose(loss_on, loss_off, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 grads_on, grads_off)
+    assert conds_off == 0
+    assert conds_on == (1 if variant.get("scan_layers") else GPT2.num_layers)
+    assert uses_residual_barrier(GPT2) and not uses_residual_barrier(
+        dataclasses.replace(GPT2, residual_barrier="off"))
+    # A cotangent that is already non-finite comes back all NaN (the step stops on it anyway).
+    g = jax.grad(lambda x: jnp.sum(gradient_barrier(x) * jnp.array([jnp.inf, 1.0])))(
+        jnp.ones(2))
+    assert np.isnan(np.asarray(g)).all()
+    with pytest.raises(ValueError, match="residual_barrier must be auto|on|off, got 'yes'"):
+        dataclasses.replace(GPT2, residual_barrier="yes")

@@ -73,6 +73,9 @@ class ModelConfig:
     scan_layers: bool = False  # one compiled layer body (lax.scan) for cache-free forwards
     remat: str = "none"  # rematerialise each layer in the backward pass: none | full | dots
     attention: str = "auto"  # auto | xla | cudnn (see jrlhf.models.attention)
+    # Materialise the residual stream's gradient between layers (`transformer.gradient_barrier`):
+    # auto | on | off; auto = on where it pays (XLA:CPU), off on GPU / TPU.
+    residual_barrier: str = "auto"
     # Positions per LM-head block in the losses (`token_outputs`); 0 = all at once.
     logits_chunk_size: int = 2048
 
@@ -93,6 +96,9 @@ class ModelConfig:
             raise ValueError(f"remat must be none|full|dots, got {self.remat!r}")
         if self.attention not in ("auto", "xla", "cudnn"):
             raise ValueError(f"attention must be auto|xla|cudnn, got {self.attention!r}")
+        if self.residual_barrier not in ("auto", "on", "off"):
+            raise ValueError(f"residual_barrier must be auto|on|off, got "
+                             f"{self.residual_barrier!r}")
         if self.logits_chunk_size < 0:
             raise ValueError(f"logits_chunk_size must be >= 0, got {self.logits_chunk_size}")
         if self.layer_types and len(self.layer_types) != self.num_layers:

@@ -61,6 +61,44 @@ def last_token_index(attention_mask: jax.Array) -> jax.Array:
     return T - 1 - jnp.argmax(attention_mask[:, ::-1].astype(jnp.int32), axis=-1)
 
 
+@jax.custom_vjp
+def gradient_barrier(x: jax.Array) -> jax.Array:
+    """Identity in both directions whose cotangent passes through a `lax.cond` (both branches
+    the identity), which XLA must materialise as one buffer.
+
+    Why: in the backward pass XLA:CPU does not store the residual stream's gradient once per
+    layer; it re-fuses the chain of later layers' norm-backward terms into every consumer
+    (growing with depth, through a strided transpose for the weight-gradient matmuls).
+    `optimization_barrier` does not stop that on CPU (it is expanded before fusion); a
+    conditional is a real buffer boundary. On GPU a conditional would cost a host sync, so
+    `ModelConfig.residual_barrier="auto"` uses it on CPU only.
+    """
+    return x
+
+
+def _barrier_fwd(x):
+    return x, None
+
+
+def _barrier_bwd(_, g):
+    # A runtime predicate and branches that differ, or XLA removes the conditional. The other
+    # branch runs only when g already holds a non-finite value; it makes all of g NaN, which
+    # changes nothing a step does with it (one non-finite gradient entry already makes the
+    # clipped update non-finite, and the loops stop on it).
+    finite = jnp.isfinite(g.reshape(-1)[0])
+    return (jax.lax.cond(finite, lambda t: t, lambda t: jnp.full_like(t, jnp.nan), g),)
+
+
+gradient_barrier.defvjp(_barrier_fwd, _barrier_bwd)
+
+
+def uses_residual_barrier(cfg: ModelConfig) -> bool:
+    """Whether `cfg.residual_barrier` ("auto": on XLA:CPU only) is on in this process."""
+    if cfg.residual_barrier == "auto":
+        return attn.platform() == "cpu"
+    return cfg.residual_barrier == "on"
+
+
 def _linear(cfg: ModelConfig, d_in: int, d_out: int, bias: bool, rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(d_in, d_out, use_bias=bias, kernel_init=_INIT, dtype=jnp.dtype(cfg.dtype),
                       param_dtype=jnp.float32, rngs=rngs)
@@ -273,9 +311,11 @@ class Transformer(nnx.Module):
         each optionally rematerialised. Each layer runs under its own graphdef: layers differ
         statically (sliding window, RoPE base)."""
 
+        barrier = uses_residual_barrier(self.cfg)
+
         def block(block_def, layer_state, x):
             out, _ = nnx.merge(block_def, layer_state)(x, positions, segment_ids)
-            return out
+            return gradient_barrier(out) if barrier else out
 
         if self.cfg.remat == "full":
             block = jax.checkpoint(block, static_argnums=0)
