@@ -3,7 +3,6 @@ the reviews annotator against hand-scored reviews."""
 
 import json
 import random
-import re
 
 import pytest
 
@@ -19,8 +18,7 @@ def test_every_generated_problem_reads_back_to_its_answer():
         # Inside a chat template, as the policy's prompt is decoded during rollouts.
         wrapped = f"system\nYou are a helpful AI assistant.\nuser\n{question}\nassistant\n"
         assert arithmetic.answer_of(wrapped) == answer
-        ops.add(next(op for op, (_, pattern, _) in arithmetic.TEMPLATES.items()
-                     if re.search(pattern, question)))
+        ops.add(arithmetic.operands(question)[0])
         assert answer >= 0
     assert ops == {"+", "-", "*"}
 

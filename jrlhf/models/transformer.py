@@ -63,8 +63,8 @@ def last_token_index(attention_mask: jax.Array) -> jax.Array:
 
 @jax.custom_vjp
 def gradient_barrier(x: jax.Array) -> jax.Array:
-    """Identity in both directions whose cotangent passes through a `lax.cond` (both branches
-    the identity), which XLA must materialise as one buffer.
+    """Identity in both directions (for finite gradients) whose cotangent passes through a
+    `lax.cond`, which XLA must materialise as one buffer.
 
     Why: in the backward pass XLA:CPU does not store the residual stream's gradient once per
     layer; it re-fuses the chain of later layers' norm-backward terms into every consumer

@@ -25,6 +25,8 @@ TEMPLATES = {
     "*": ("{name} has {a} bags with {b} {item} in each. How many {item} does {name} have?",
           r"has (\d+) bags with (\d+) (\w+) in each\.", lambda a, b: a * b),
 }
+
+
 def problem(rng: random.Random) -> tuple[str, int]:
     """A random word problem and its answer."""
     op = rng.choice(tuple(TEMPLATES))
@@ -39,14 +41,24 @@ def problem(rng: random.Random) -> tuple[str, int]:
     return question, fn(a, b)
 
 
-def answer_of(prompt: str) -> int | None:
-    """The exact answer of the problem in `prompt` (None if it holds none)."""
-    for _, pattern, fn in TEMPLATES.values():
+def operands(prompt: str) -> tuple[str, int, int] | None:
+    """`(op, a, b)` of the problem written in `prompt` (also inside a chat template), read back
+    with its template's regex; None if it holds none."""
+    for op, (_, pattern, _) in TEMPLATES.items():
         match = re.search(pattern, prompt)
         if match:
-            numbers = [int(g) for g in match.groups() if g.isdigit()]
-            return fn(*numbers)
+            a, b = (int(g) for g in match.groups() if g.isdigit())
+            return op, a, b
     return None
+
+
+def answer_of(prompt: str) -> int | None:
+    """The exact answer of the problem in `prompt` (None if it holds none)."""
+    found = operands(prompt)
+    if found is None:
+        return None
+    op, a, b = found
+    return TEMPLATES[op][2](a, b)
 
 
 def final_number(response: str) -> int | None:
@@ -73,12 +85,12 @@ def score_texts(prompts: list[str], responses: list[str]) -> list[float]:
 
 
 def worked_answer(question: str, answer: int) -> str:
-    for op, (_, pattern, _) in TEMPLATES.items():
-        match = re.search(pattern, question)
-        if match:
-            a, b = (int(g) for g in match.groups() if g.isdigit())
-            return f"{a} {op} {b} = {answer}. The answer is {answer}."
-    raise ValueError(question)
+    """The SFT demonstration for `question`: "a op b = answer. The answer is answer." """
+    found = operands(question)
+    if found is None:
+        raise ValueError(f"no arithmetic problem in {question!r}")
+    op, a, b = found
+    return f"{a} {op} {b} = {answer}. The answer is {answer}."
 
 
 def write_task_files(folder: str | Path, *, num_sft: int, num_prompts: int, num_eval: int,
