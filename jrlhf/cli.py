@@ -34,9 +34,11 @@ TRAIN_STEPS = ("sft", "reward", "dpo", "orpo", "ppo", "grpo")
 def _config(args, **changes):
     from jrlhf.config import Config, apply_overrides, load_config
     from jrlhf.distributed import maybe_initialize
+    from jrlhf.host_memory import keep_freed_memory
 
     config = load_config(args.config) if args.config else Config()
     config = dataclasses.replace(apply_overrides(config, args.set or []), **changes)
+    keep_freed_memory(config.run.host_memory)  # before JAX starts a backend
     maybe_initialize(config.run)
     return config
 
@@ -119,8 +121,11 @@ def _generate(args) -> int:
     import numpy as np
 
     from jrlhf import models
+    from jrlhf.host_memory import keep_freed_memory
     from jrlhf.models.sources import load_tokenizer
     from jrlhf.sampling import generate
+
+    keep_freed_memory("auto")  # no config here: the default of run.host_memory
 
     start = time.perf_counter()
     if args.model:

@@ -456,9 +456,16 @@ class RunConfig:
     # checkpoints were made with; keys listed here may differ (e.g. sft.steps to extend a run,
     # data.<file> for a changed data file). `RESUME_SAFE` keys may always differ.
     allow_changed: tuple[str, ...] = ()
+    # Host malloc (`jrlhf.host_memory`): "auto" keeps freed memory for reuse when JAX runs on
+    # the CPU only (XLA:CPU maps each step's temp buffer afresh otherwise), "keep" always,
+    # "system" never. Applied by the CLI before JAX starts.
+    host_memory: str = "auto"
 
     def __post_init__(self):
         _check_ranges("run", self)
+        if self.host_memory not in ("auto", "keep", "system"):
+            raise ValueError(f"run.host_memory must be auto, keep or system, got "
+                             f"{self.host_memory!r}")
 
 
 @dataclasses.dataclass(frozen=True)

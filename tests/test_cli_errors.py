@@ -114,6 +114,8 @@ CASES = {
     "unknown choice": override("grpo.loss_aggregation=sum", "grpo.loss_aggregation"),
     "unknown barrier choice": override("model.residual_barrier=yes",
                                        "model.residual_barrier must be auto, on or off"),
+    "unknown host memory choice": override("run.host_memory=yes",
+                                           "run.host_memory must be auto, keep or system"),
     "unknown task": override("data.task=nope", "data.task='nope': unknown task"),
     "config syntax error": config_file("def get_config(:\n"),
     "config import error": config_file("import no_such_module_xyz\n"),
