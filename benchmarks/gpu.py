@@ -101,7 +101,7 @@ def render(ours: dict, peer: dict, cfg: ModelConfig, T: int, long_T: int, P: int
     rm_cfg = dataclasses.replace(cfg, lm_head=False, scalar_head=True)
     flops = {"sft": model_flops(cfg, 8 * T, T, True), "sft_long": model_flops(cfg, 2 * long_T,
                                                                                 long_T, True),
-             "reward": model_flops(rm_cfg, 8 * T, T, True)}
+             "reward": model_flops(rm_cfg, 8 * T, T, True, read_tokens=8)}
 
     def mfu(seconds, work):
         return f"{100 * flops[work] / seconds / peak:.1f}% MFU" if peak else "MFU n/a"

@@ -38,18 +38,24 @@ def matmul_params(cfg: ModelConfig) -> int:
 
 
 def model_flops(cfg: ModelConfig, tokens: int, seq_len: int, backward: bool,
-                lm_tokens: int | None = None) -> float:
+                lm_tokens: int | None = None, read_tokens: int | None = None) -> float:
     """Analytic FLOPs: (2 or 6)·N·tokens plus attention (2 or 6)·2·L·T·H·Dh per token.
 
     `lm_tokens`: positions that go through the LM head (default: all `tokens`); the PPO
     update and scoring only compute response positions' logits, the sampler's prefill only the
-    last prompt position's.
+    last prompt position's. `read_tokens`: positions whose final hidden state is read (a reward
+    model's last token of each row, `Transformer.__call__(read=...)`): the last layer runs its
+    queries, attention and MLP there only, its key / value projections on every token.
     """
     mult = 6 if backward else 2
     attn = 2 * cfg.num_layers * seq_len * cfg.num_heads * cfg.head_dim
     head = cfg.vocab_size * cfg.hidden_size if cfg.lm_head else 0
     lm_tokens = tokens if lm_tokens is None else lm_tokens
-    return mult * ((matmul_params(cfg) - head + attn) * tokens + head * lm_tokens)
+    flops = mult * ((matmul_params(cfg) - head + attn) * tokens + head * lm_tokens)
+    if read_tokens is not None:
+        query_side = cfg.layer_params - cfg.kv_projection_params + attn // cfg.num_layers
+        flops -= mult * query_side * (tokens - read_tokens)
+    return flops
 
 
 def random_ids(rng, shape, vocab, avoid: tuple[int, ...]):
@@ -144,12 +150,16 @@ def update_flops(setup: Setup, config: Config) -> tuple[float, int, int]:
     if a == "sft":
         B = c.sft.batch_size
         return model_flops(cfg, B * L, L, True), B * L, B
-    if c.data.pack and a in ("reward", "dpo", "orpo"):  # one group / pair per row
-        B = c.reward.batch_size if a == "reward" else c.dpo.batch_size
+    # The reward model reads one position per response (`steps.reward.group_rewards`).
+    if c.data.pack and a == "reward":  # one group of 2 per row
+        G = c.reward.batch_size
+        return model_flops(cfg, G * L, L, True, read_tokens=2 * G), G * L, G
+    if c.data.pack and a in ("dpo", "orpo"):  # one pair per row
+        B = c.dpo.batch_size
         return model_flops(cfg, B * L, L, True), B * L, B
     if a == "reward":
         G, T = c.reward.batch_size, P + R
-        return model_flops(cfg, 2 * G * T, T, True), 2 * G * T, G
+        return model_flops(cfg, 2 * G * T, T, True, read_tokens=2 * G), 2 * G * T, G
     if a in ("dpo", "orpo"):
         B, T = c.dpo.batch_size, P + R
         return model_flops(cfg, 2 * B * T, T, True), 2 * B * T, B
@@ -263,11 +273,11 @@ def _bench_iteration(work, setup, result, steps, warmup, rng):
     N, E = c.rollout.max_new_tokens, c.ppo.ppo_epochs
     T = P + N
     backbone = dataclasses.replace(setup.model_cfg, lm_head=False, scalar_head=True)
-    scored_backbones = 1 + (setup.value_cfg is not None)  # the reward model (+ value model)
     flops = {"generate": _generation_flops(setup.model_cfg, B, P, N),
              # policy and reference with LM heads on response positions, then backbones
              "score": 2 * model_flops(setup.model_cfg, B * T, T, False, lm_tokens=B * N)
-             + scored_backbones * model_flops(backbone, B * T, T, False),
+             + model_flops(backbone, B * T, T, False, read_tokens=B)  # the reward model
+             + (setup.value_cfg is not None) * model_flops(backbone, B * T, T, False),
              "update": update_flops(setup, c)[0]}
     tokens = {"generate": B * N, "score": B * T, "update": B * T * E}
     result.update({"dispatches_per_step": 3, "ppo_epochs": E,

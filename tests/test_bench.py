@@ -62,6 +62,11 @@ def test_model_flops_hand_count():
     head = 512 * 128
     assert bench.model_flops(cfg, 10, 16, False, lm_tokens=4) == \
         2 * ((n - head + 2 * 2 * 16 * 128) * 10 + head * 4)
+    # Reading 2 of the 10 positions: the last layer's query side (all but its K/V projections,
+    # plus its attention) runs on 2 tokens, not 10.
+    kv = 2 * 128 * 128 + 2 * 128
+    assert bench.model_flops(cfg, 10, 16, True) - bench.model_flops(
+        cfg, 10, 16, True, read_tokens=2) == 6 * (per_layer - kv + 2 * 16 * 128) * 8
 
 
 def test_parse_mesh():

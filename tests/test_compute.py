@@ -389,3 +389,78 @@ def test_residual_barrier_leaves_loss_and_gradients_unchanged(variant):
     with pytest.raises(ValueError, match=re.escape("residual_barrier must be auto|on|off, got "
                                                    "'yes'")):
         dataclasses.replace(GPT2, residual_barrier="yes")
+
+
+GEMMA_LIKE = dataclasses.replace(
+    CFG, num_layers=3, sliding_window=3, layer_types=("sliding_attention", "full_attention",
+                                                      "sliding_attention"),
+    qk_norm=True, norm_plus_one=True, sandwich_norms=True, scale_embeddings=True,
+    attn_softcap=5.0, query_scale=0.3, activation="gelu_pytorch_tanh")
+
+
+@pytest.mark.parametrize("cfg,variant", [
+    (CFG, {}), (dataclasses.replace(GPT2, lm_head=False, scalar_head=True), {}),
+    (GEMMA_LIKE, {}), (CFG, {"scan_layers": True}), (CFG, {"remat": "full"}),
+    (dataclasses.replace(CFG, num_layers=1), {})],
+    ids=["llama", "gpt2", "gemma-like", "scan", "remat", "one-layer"])
+def test_reading_a_few_positions_equals_the_full_forward(cfg, variant):
+    """`token_scores(read=...)` (the last layer's queries at the read columns only) equals the
+    full forward's scores gathered there — values and gradients, on left-padded rows, right-
+    padded rows and packed rows — and `reward_scores` reads each row's last real token."""
+    cfg = dataclasses.replace(cfg, **variant)
+    params = init_params(cfg, 0)
+    left_ids, left_mask = left_padded_batch(cfg.vocab_size, [9, 6, 3, 1], seed=5)
+    right_ids, right_mask = np.zeros_like(left_ids), np.zeros_like(left_mask)
+    for b, n in enumerate([9, 6, 3, 1]):
+        right_ids[b, :n], right_mask[b, :n] = left_ids[b, -n:], 1
+    rng = np.random.RandomState(1)
+    for ids, mask in ((left_ids, left_mask), (right_ids, right_mask)):
+        real = [np.flatnonzero(row) for row in mask]
+        read = np.stack([rng.choice(cols, 2) for cols in real]).astype(np.int32)  # [B, 2]
+
+        def full(p):
+            scores = models.token_scores(cfg, p, ids, mask)
+            return jnp.take_along_axis(scores, jnp.asarray(read), axis=1)
+
+        def partial(p):
+            return models.token_scores(cfg, p, ids, mask, read=jnp.asarray(read))
+
+        np.testing.assert_allclose(partial(params), full(params), atol=1e-5)
+        weights = jnp.asarray(rng.randn(*read.shape), jnp.float32)
+        g_full = jax.grad(lambda p: jnp.sum(weights * full(p)))(params)
+        g_partial = jax.grad(lambda p: jnp.sum(weights * partial(p)))(params)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g_partial,
+                     g_full)
+        last = [cols[-1] for cols in real]
+        np.testing.assert_allclose(
+            models.reward_scores(cfg, params, ids, mask),
+            np.asarray(models.token_scores(cfg, params, ids, mask))[np.arange(4), last],
+            atol=1e-5)
+    # Packed rows: each segment's last token, attention never crossing segments.
+    seg = np.array([[1, 1, 1, 2, 2, 3, 3, 3, 0], [1, 1, 1, 1, 1, 1, 2, 2, 2]], np.int32)
+    ids = left_ids[:2]
+    mask = (seg > 0).astype(np.int32)
+    last = rl.segment_last_index(jnp.asarray(seg), 3)
+    full = jnp.take_along_axis(models.token_scores(cfg, params, ids, mask,
+                                                   segment_ids=jnp.asarray(seg)), last, axis=1)
+    np.testing.assert_allclose(models.token_scores(cfg, params, ids, mask,
+                                                   segment_ids=jnp.asarray(seg), read=last),
+                               full, atol=1e-5)
+
+
+def test_attention_at_equals_rows_of_full_attention():
+    q, k, v = qkv(2, 7, seed=3)
+    index = np.array([[6, 2], [0, 4]], np.int32)
+    seg = np.array([[1, 1, 2, 2, 2, 2, 2], [1, 1, 1, 1, 1, 0, 0]], np.int32)
+    for window, segments in ((None, None), (3, None), (None, seg)):
+        allowed = np.tril(np.ones((7, 7), bool))[None].repeat(2, 0)
+        if window:
+            allowed &= ~np.tril(np.ones((7, 7), bool), -window)[None]
+        if segments is not None:
+            allowed &= segments[:, :, None] == segments[:, None, :]
+        want = reference_attention(q, k, v, allowed)[np.arange(2)[:, None], index]
+        q_at = q[np.arange(2)[:, None], index]
+        got = attention.attention_at(q_at, k, v, jnp.asarray(index), window=window,
+                                     segment_ids=None if segments is None else
+                                     jnp.asarray(segments))
+        np.testing.assert_allclose(got, want, atol=1e-5)

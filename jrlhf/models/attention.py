@@ -15,6 +15,9 @@ Layout contract (how padding is honoured without a dense float mask):
 - Packed rows (several examples per row) carry `segment_ids` `[B, T]` (1, 2, ... per example,
   0 on padding): a query sees only keys of its own segment. That is a boolean `[B, 1, T, T]`
   mask (never a float32 one); with cuDNN it becomes the kernel's bias.
+- Reading a few positions (`attention_at`: a reward model's last token per row or per
+  segment): the last layer runs its queries at those R columns only, against all T keys, with a
+  boolean `[B, 1, R, T]` mask (R ≪ T).
 - Cached decode (`cached_attention`) is one query per row against a cache whose row b holds
   real keys in slots `first_slot[b] .. slot` (a left-padded prompt, then one slot per decoded
   token): a `[B, 1, 1, S]` boolean mask, linear work per step.
@@ -116,6 +119,29 @@ def self_attention(q, k, v, *, implementation: str, segment_ids=None,
     return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask,
                                         scale=scale, is_causal=True, local_window_size=local,
                                         implementation=implementation)
+
+
+def attention_at(q, k, v, query_index, *, segment_ids=None, window: int | None = None,
+                 scale: float | None = None, softcap: float | None = None) -> jax.Array:
+    """Causal attention of R queries sitting at columns `query_index [B, R]` of left-aligned
+    rows over all T keys of those rows (`q [B, R, H, Dh]`, `k / v [B, T, K, Dh]`). Returns
+    `[B, R, H, Dh]`, equal to rows `query_index` of `self_attention` over all T queries.
+
+    For R much smaller than T (a reward read at one token per row or per segment): a boolean
+    `[B, 1, R, T]` mask on XLA's attention, linear work per query as in cached decode.
+    """
+    cols = jnp.arange(k.shape[1])[None, None, :]
+    rows = query_index[:, :, None]
+    visible = cols <= rows
+    if window is not None:
+        visible &= cols > rows - window
+    if segment_ids is not None:
+        own = jnp.take_along_axis(segment_ids, query_index, axis=1)
+        visible &= own[:, :, None] == segment_ids[:, None, :]
+    if softcap is not None:
+        return _softcapped_attention(q, k, v, visible[:, None], scale, softcap)
+    return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
+                                        mask=visible[:, None], scale=scale, implementation="xla")
 
 
 def cached_attention(q, keys, values, first_slot, slot, *, window: int | None = None,

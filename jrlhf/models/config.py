@@ -133,9 +133,9 @@ class ModelConfig:
         return self.rope_theta, self.rope_scaling
 
     @property
-    def num_params(self) -> int:
-        """Analytic parameter count (embeddings and heads included)."""
-        d, f, L = self.hidden_size, self.intermediate_size, self.num_layers
+    def layer_params(self) -> int:
+        """Parameters of one decoder layer (attention, MLP, norms)."""
+        d, f = self.hidden_size, self.intermediate_size
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         attn = d * (q + 2 * kv) + q * d
         if self.attention_bias:
@@ -145,16 +145,23 @@ class ModelConfig:
         if self.qk_norm:
             attn += 2 * self.head_dim
         if self.family == "gpt2":
-            mlp = 2 * d * f + (f + d if self.mlp_bias else 0)
-            norms = 4 * d
-            final = 2 * d
-            extra = self.max_position_embeddings * d
-        else:
-            mlp = 3 * d * f + (2 * f + d if self.mlp_bias else 0)
-            norms = (4 if self.sandwich_norms else 2) * d
-            final = d
-            extra = 0
-        total = self.vocab_size * d + extra + L * (attn + mlp + norms) + final
+            return attn + 2 * d * f + (f + d if self.mlp_bias else 0) + 4 * d
+        mlp = 3 * d * f + (2 * f + d if self.mlp_bias else 0)
+        return attn + mlp + (4 if self.sandwich_norms else 2) * d
+
+    @property
+    def kv_projection_params(self) -> int:
+        """Parameters of one layer's key and value projections."""
+        kv = self.num_kv_heads * self.head_dim
+        return 2 * self.hidden_size * kv + (2 * kv if self.attention_bias else 0)
+
+    @property
+    def num_params(self) -> int:
+        """Analytic parameter count (embeddings and heads included)."""
+        d = self.hidden_size
+        final = 2 * d if self.family == "gpt2" else d
+        extra = self.max_position_embeddings * d if self.family == "gpt2" else 0
+        total = self.vocab_size * d + extra + self.num_layers * self.layer_params + final
         if self.lm_head and not self.tie_word_embeddings:
             total += self.vocab_size * d
         if self.scalar_head:

@@ -28,10 +28,10 @@ def group_rewards(params, batch, model_cfg: ModelConfig):
     as segment k + 1 of row g (reward read at each segment's last token; `ranks [G, K]`)."""
     if "segment_ids" in batch:
         K = batch["ranks"].shape[1]
-        scores = tfm.token_scores(model_cfg, params, batch["input_ids"], batch["attention_mask"],
-                                  positions=batch["positions"], segment_ids=batch["segment_ids"])
         last = rl.segment_last_index(batch["segment_ids"], K)
-        return jnp.take_along_axis(scores, last, axis=1)
+        return tfm.token_scores(model_cfg, params, batch["input_ids"], batch["attention_mask"],
+                                positions=batch["positions"], segment_ids=batch["segment_ids"],
+                                read=last)
     G, K, T = batch["input_ids"].shape
     scores = tfm.reward_scores(model_cfg, params, batch["input_ids"].reshape(G * K, T),
                                batch["attention_mask"].reshape(G * K, T))
