@@ -616,7 +616,8 @@ def apply_overrides(config, assignments: list[str]):
 # (checkpoints are restored onto any mesh).
 RESUME_SAFE = ("run.out_dir", "run.log_every", "run.progress", "run.save_every",
                "run.keep_checkpoints", "run.coordinator_address", "run.num_processes",
-               "run.process_id", "run.allow_changed", "mesh.data", "mesh.fsdp", "mesh.tensor")
+               "run.process_id", "run.allow_changed", "run.host_memory", "mesh.data",
+               "mesh.fsdp", "mesh.tensor")
 
 
 def flatten_dict(data: dict) -> dict[str, Any]:
