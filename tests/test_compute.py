@@ -464,3 +464,10 @@ def test_attention_at_equals_rows_of_full_attention():
                                      segment_ids=None if segments is None else
                                      jnp.asarray(segments))
         np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_token_scores_refuses_last_and_read_together():
+    ids, mask = left_padded_batch(CFG.vocab_size, [5, 3], seed=0)
+    with pytest.raises(ValueError, match="takes `last` or `read`, not both"):
+        models.token_scores(CFG, init_params(CFG, 0), ids, mask, last=2,
+                            read=jnp.zeros((2, 1), jnp.int32))
