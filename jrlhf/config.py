@@ -16,6 +16,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from jrlhf.host_memory import SETTINGS as HOST_MEMORY_SETTINGS
 from jrlhf.losses import AGGREGATIONS
 from jrlhf.models.config import ModelConfig
 
@@ -463,7 +464,7 @@ class RunConfig:
 
     def __post_init__(self):
         _check_ranges("run", self)
-        if self.host_memory not in ("auto", "keep", "system"):
+        if self.host_memory not in HOST_MEMORY_SETTINGS:
             raise ValueError(f"run.host_memory must be auto, keep or system, got "
                              f"{self.host_memory!r}")
 

@@ -95,6 +95,18 @@ def roll_rows(x: jax.Array, shift: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, index, axis=1)
 
 
+def causal_visible(query_cols: jax.Array, num_keys: int, window: int | None = None) -> jax.Array:
+    """Boolean `[..., R, num_keys]`: which key columns a query at column `query_cols [..., R]`
+    sees — those at or before it and, with `window`, fewer than `window` columns back (the
+    sliding-window convention of this module)."""
+    keys = jnp.arange(num_keys)
+    rows = query_cols[..., None]
+    visible = keys <= rows
+    if window is not None:
+        visible &= keys > rows - window
+    return visible
+
+
 def self_attention(q, k, v, *, implementation: str, segment_ids=None,
                    window: int | None = None, scale: float | None = None,
                    softcap: float | None = None) -> jax.Array:
@@ -108,11 +120,7 @@ def self_attention(q, k, v, *, implementation: str, segment_ids=None,
     if segment_ids is not None:
         mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
     if softcap is not None:
-        T = q.shape[1]
-        rows, cols = jnp.arange(T)[:, None], jnp.arange(T)[None, :]
-        visible = cols <= rows
-        if window is not None:
-            visible &= cols > rows - window
+        visible = causal_visible(jnp.arange(q.shape[1]), q.shape[1], window)
         visible = visible[None, None] if mask is None else visible & mask
         return _softcapped_attention(q, k, v, visible, scale, softcap)
     local = None if window is None else (window - 1, 0)
@@ -130,11 +138,7 @@ def attention_at(q, k, v, query_index, *, segment_ids=None, window: int | None =
     For R much smaller than T (a reward read at one token per row or per segment): a boolean
     `[B, 1, R, T]` mask on XLA's attention, linear work per query as in cached decode.
     """
-    cols = jnp.arange(k.shape[1])[None, None, :]
-    rows = query_index[:, :, None]
-    visible = cols <= rows
-    if window is not None:
-        visible &= cols > rows - window
+    visible = causal_visible(query_index, k.shape[1], window)
     if segment_ids is not None:
         own = jnp.take_along_axis(segment_ids, query_index, axis=1)
         visible &= own[:, :, None] == segment_ids[:, None, :]
@@ -150,9 +154,8 @@ def cached_attention(q, keys, values, first_slot, slot, *, window: int | None = 
     cache `keys / values [B, S, K, Dh]`, whose row b is real from `first_slot[b]` to `slot`.
     Returns `[B, 1, H, Dh]`."""
     slots = jnp.arange(keys.shape[1])[None, :]
-    visible = (slots >= first_slot[:, None]) & (slots <= slot)
-    if window is not None:
-        visible &= slots > slot - window
+    visible = (slots >= first_slot[:, None]) & causal_visible(jnp.reshape(slot, (1,)),
+                                                             keys.shape[1], window)
     if softcap is not None:
         return _softcapped_attention(q, keys, values, visible[:, None, None, :], scale, softcap)
     return jax.nn.dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype),
