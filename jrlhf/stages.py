@@ -179,6 +179,7 @@ def _open_locked(config: Config, out: Path, lock, *, resume, train, log) -> Run:
         f"{policy_cfg.num_params / 1e6:.1f}M parameters")
     d = config.data
     encoder = Encoder(tokenizer, d.max_prompt_length, d.max_response_length, d.chat_template)
+    encoder.check_positions(policy_cfg, config.rollout.max_new_tokens)
     return Run(config, out, tokenizer, encoder, task_files(config, out),
                {"base": (policy_cfg, params)}, resume=resume, train=train, log=log, lock=lock)
 

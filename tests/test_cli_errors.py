@@ -154,6 +154,26 @@ CASES = {
     "not gz": data_file("grpo", "prompts_path", "prompts.jsonl.gz", b"plain text\n",
                         "{path}: cannot be read as gzip-compressed JSONL"),
     "missing data file": override("data.sft_path=/no/such/file.jsonl", "/no/such/file.jsonl"),
+    "blank user turn in a chat SFT row": data_file(
+        "sft", "sft_path", "chat.jsonl",
+        jsonl({"messages": [{"role": "user", "content": " \t"},
+                            {"role": "assistant", "content": "Hi."}]}),
+        "{path}:1: field 'messages[0].content': empty (a user turn must say something)"),
+    "identical responses ranked apart": data_file(
+        "reward", "rankings_path", "ranks.jsonl",
+        jsonl({"prompt": "Q", "responses": ["a", "b", "a "], "ranks": [1, 2, 3]}),
+        "{path}:1: field 'responses[2]': identical to responses[0] but ranked 3, not 1"),
+    "identical responses ranked apart, rows skipped": data_file(
+        "reward", "rankings_path", "ranks.jsonl",
+        jsonl({"prompt": "Q", "responses": ["a", "a"], "ranks": [1, 2]}),
+        "{path}: no usable rankings rows (1 bad, first: {path}:1: field 'responses[1]': "
+        "identical to responses[0]", "data.on_bad_row=skip"),
+    "sampled positions beyond GPT-2's table": lambda tmp: (
+        ["ppo", "--config", str(ROOT / "configs" / "bench_gpt2.py"),
+         "--set", f"run.out_dir={tmp / 'run'}", "--set", "model.arch.num_layers=1",
+         "--set", "model.arch.max_position_embeddings=130", "--set", "rollout.max_new_tokens=80"],
+        ("data.max_prompt_length + rollout.max_new_tokens = 64 + 80 = 144 tokens exceed the "
+         "model's learned position table (max_position_embeddings=130); jrlhf refuses")),
     # models
     "truncated GGUF": truncated_gguf,
     "remote-code folder": remote_code_folder,

@@ -251,3 +251,67 @@ def test_a_rank_beyond_int32_is_a_bad_row(tmp_path):
     path.write_text(json.dumps({"prompt": "p", "responses": ["a", "b"], "ranks": [1, 2**40]}))
     with pytest.raises(BadRow, match=r"big.jsonl:1: field 'ranks': expected integers from 1"):
         load_rows(path, "rankings")
+
+
+def test_a_blank_user_turn_is_refused_in_every_chat_row(tmp_path):
+    """Like an empty `prompt`: a whitespace user turn names file, row and field, in the SFT,
+    prompts and rankings layouts; with on_bad_row=skip it is counted, not kept."""
+    blank = {"role": "user", "content": " \n\t"}
+    reply = {"role": "assistant", "content": "Hello."}
+    cases = {
+        "sft": {"messages": [{"role": "system", "content": "Be brief."}, blank, reply]},
+        "prompts": {"messages": [blank, reply, {"role": "user", "content": "And now?"}]},
+        "rankings": {"messages": [blank], "responses": ["a", "b"], "ranks": [1, 2]},
+    }
+    good = {"sft": CHAT_ROW, "prompts": {"prompt": "p"}, "rankings": RANK_ROWS[0]}
+    for kind, row in cases.items():
+        path = write_jsonl(tmp_path / f"{kind}.jsonl", [good[kind], row])
+        field = "messages[1].content" if kind == "sft" else "messages[0].content"
+        with pytest.raises(BadRow) as err:
+            load_rows(path, kind)
+        assert str(err.value) == (f"{path}:2: field {field!r}: empty (a user turn must say "
+                                  "something)")
+        rows, report = load_rows(path, kind, on_bad_row="skip")
+        assert len(rows) == 1 and report.skipped == 1
+
+
+def test_identical_responses_ranked_apart_are_refused(tmp_path):
+    """The rankings twin of `chosen == rejected`: one text (up to surrounding whitespace) with
+    two ranks prefers a response to itself. Equal texts with equal ranks are a harmless tie."""
+    path = write_jsonl(tmp_path / "ranks.jsonl", [
+        {"prompt": "p", "responses": ["a", "b", "c"], "ranks": [1, 2, 3]},
+        {"prompt": "p", "responses": ["same", "other", " same\n"], "ranks": [1, 2, 3]}])
+    with pytest.raises(BadRow) as err:
+        load_rows(path, "rankings")
+    assert str(err.value) == (f"{path}:2: field 'responses[2]': identical to responses[0] but "
+                              "ranked 3, not 1: a response cannot be preferred to itself")
+    rows, report = load_rows(path, "rankings", on_bad_row="skip")
+    assert [r["ranks"] for r in rows] == [[1, 2, 3]] and report.skipped == 1
+    tie = write_jsonl(tmp_path / "tie.jsonl", [
+        {"prompt": "p", "responses": ["same", "other", "same"], "ranks": [2, 1, 2]}])
+    assert load_rows(tie, "rankings")[0][0]["ranks"] == [2, 1, 2]
+    scored = write_jsonl(tmp_path / "scored.jsonl", [{"instruction": "p", "completions": [
+        {"response": "x", "overall_score": 9}, {"response": "y", "overall_score": 1},
+        {"response": "x", "overall_score": 5}]}])
+    with pytest.raises(BadRow, match=r"scored.jsonl:1: field 'completions\[2\].response': "
+                                     r"identical to completions\[0\].response but ranked 2, "
+                                     r"not 1"):
+        load_rows(scored, "rankings")
+
+
+def test_lengths_beyond_a_learned_position_table_are_refused(gpt2_tokenizer):
+    """GPT-2 reads positions from a table: P + R (training rows) and P + N (sampled sequences)
+    must fit it, or the run is refused naming the keys; rotary models have no table."""
+    gpt2 = models.ModelConfig(family="gpt2", max_position_embeddings=80)
+    enc = Encoder(gpt2_tokenizer, max_prompt_length=64, max_response_length=16)
+    enc.check_positions(gpt2, max_new_tokens=16)  # 80 of 80 positions: fits
+    with pytest.raises(ValueError) as err:
+        enc.check_positions(gpt2, max_new_tokens=17)
+    assert str(err.value).startswith(
+        "data.max_prompt_length + rollout.max_new_tokens = 64 + 17 = 81 tokens exceed the "
+        "model's learned position table (max_position_embeddings=80); jrlhf refuses")
+    long = Encoder(gpt2_tokenizer, max_prompt_length=64, max_response_length=17)
+    with pytest.raises(ValueError, match=r"data.max_prompt_length \+ data.max_response_length "
+                                         r"= 64 \+ 17 = 81 tokens exceed .*=80\)"):
+        long.check_positions(gpt2)
+    long.check_positions(models.ModelConfig(family="llama", max_position_embeddings=80), 999)

@@ -12,7 +12,8 @@ step compiles once:
 
 Truncation is explicit: an over-long prompt loses tokens from its *left* (the end of the prompt,
 next to the response, is kept); an over-long response is cut at R tokens (and then has no EOS).
-Both are counted in `Encoder.stats` and reported.
+Both are counted in `Encoder.stats` and reported. Lengths beyond a model's learned position
+table are refused up front (`Encoder.check_positions`), never truncated.
 """
 
 from __future__ import annotations
@@ -50,6 +51,35 @@ class Encoder:
     @property
     def total_length(self) -> int:
         return self.max_prompt_length + self.max_response_length
+
+    def check_positions(self, model, max_new_tokens: int = 0) -> None:
+        """Refuse lengths beyond `model`'s learned position table, before any step runs.
+
+        GPT-2 (`family="gpt2"`) looks positions up in a table of `max_position_embeddings`
+        rows; a longer sequence would read past it (non-finite losses, garbage samples). Rotary
+        families have no table and are not checked. Training rows hold up to
+        `max_prompt_length + max_response_length` tokens, sampled sequences (RL, rankings,
+        evaluation) `max_prompt_length + max_new_tokens` (0: none sampled). jrlhf refuses such
+        lengths; it does not truncate to fit.
+
+        Args:
+            model: the policy's `ModelConfig` (`family`, `max_position_embeddings`).
+            max_new_tokens: `rollout.max_new_tokens`, or 0 when nothing is sampled.
+
+        Raises:
+            ValueError: one line naming the config keys, their sum and the table's size.
+        """
+        if model.family != "gpt2":
+            return
+        table, P = model.max_position_embeddings, self.max_prompt_length
+        for key, n in (("data.max_response_length", self.max_response_length),
+                       ("rollout.max_new_tokens", max_new_tokens)):
+            if P + n > table:
+                raise ValueError(
+                    f"data.max_prompt_length + {key} = {P} + {n} = {P + n} tokens exceed the "
+                    f"model's learned position table (max_position_embeddings={table}); jrlhf "
+                    f"refuses longer sequences rather than truncating them: lower "
+                    f"data.max_prompt_length or {key} so they sum to at most {table}")
 
     def prompt_text(self, prompt: str, messages: str = "") -> str:
         """The prompt as the model sees it (chat-formatted when the tokenizer has a template)."""

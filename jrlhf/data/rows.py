@@ -42,8 +42,7 @@ def read_rows(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     if name.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
-            yield i, row
+        yield from enumerate(pq.read_table(path).to_pylist(), start=1)
         return
     if not name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
         raise ValueError(f"{path}: unsupported data file (use .jsonl, .jsonl.gz or .parquet)")
@@ -52,8 +51,9 @@ def read_rows(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
         yield from _json_lines(path, opener)
     except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
         # A damaged file is an error whatever `on_bad_row` says: no row of it can be trusted.
-        raise ValueError(f"{path}: cannot be read as {'gzip-compressed ' if opener is gzip.open else ''}"
-                         f"JSONL ({type(err).__name__}: {err})") from None
+        kind = "gzip-compressed JSONL" if opener is gzip.open else "JSONL"
+        raise ValueError(f"{path}: cannot be read as {kind} ({type(err).__name__}: {err})")\
+            from None
 
 
 def _json_lines(path: Path, opener) -> Iterator[tuple[int, Any]]:
@@ -101,6 +101,8 @@ def _messages(row: Row, field: str = "messages") -> list[dict]:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(
                 m.get("content"), str):
             row.fail(f"{field}[{j}]", "expected {\"role\": str, \"content\": str}")
+        if m["role"] == "user" and not m["content"].strip():
+            row.fail(f"{field}[{j}].content", "empty (a user turn must say something)")
     if not msgs[-1]["content"].strip():
         row.fail(f"{field}[{len(msgs) - 1}].content", "empty")
     return msgs
@@ -143,6 +145,17 @@ def ranks_from_scores(scores: list[float]) -> list[int]:
     return [1 + sum(other > s for other in scores) for s in scores]
 
 
+def _check_ranked_apart(row: Row, responses: list[str], ranks: list, field: str) -> None:
+    """Refuse two identical responses (after stripping) ranked differently: the row prefers a
+    text over itself. `field` formats the offending response's field from its index."""
+    seen = {}
+    for j, (text, rank) in enumerate(zip(responses, ranks)):
+        i = seen.setdefault(text.strip(), j)
+        if ranks[i] != rank:
+            row.fail(field.format(j), f"identical to {field.format(i)} but ranked {rank}, not "
+                                      f"{ranks[i]}: a response cannot be preferred to itself")
+
+
 def normalise_rankings(row: Row) -> dict:
     data = row.data
     if "responses" in data:
@@ -163,6 +176,7 @@ def normalise_rankings(row: Row) -> dict:
             row.fail("ranks", f"expected integers from 1 (best) to 2**31 - 1, got {ranks}")
         if len(set(ranks)) < 2:
             row.fail("ranks", "all responses tie: the row gives no preference")
+        _check_ranked_apart(row, responses, ranks, "responses[{}]")
         return {**prompt, "responses": list(responses), "ranks": list(ranks)}
     if "completions" in data:  # UltraFeedback-style ratings
         prompt = {"prompt": data.get("instruction") or row.text("prompt"), "messages": ""}
@@ -186,6 +200,7 @@ def normalise_rankings(row: Row) -> dict:
         ranks = ranks_from_scores(scores)
         if len(set(ranks)) < 2:
             row.fail("completions", "all completions have the same score")
+        _check_ranked_apart(row, responses, ranks, "completions[{}].response")
         return {**prompt, "responses": responses, "ranks": ranks}
     if "chosen" in data and "rejected" in data:
         chosen, rejected = row.text("chosen"), row.text("rejected")
