@@ -99,18 +99,31 @@ class MetricsWriter:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """The rows of a metrics.jsonl; a half-written last line (a kill mid-append) is dropped."""
+    """The rows of a metrics.jsonl; a half-written last line (a kill mid-append) is dropped.
+
+    Any other line that is not a JSON object is an error naming the file and the line (1-based,
+    blank lines counted), as are bytes that are not UTF-8 on any line: `MetricsWriter` writes
+    ASCII only, so those are damage, never an interrupted append.
+    """
     path = Path(path)
     if not path.exists():
         return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    lines = [(n, raw) for n, raw in enumerate(path.read_bytes().split(b"\n"), start=1)
+             if raw.strip()]
     rows = []
-    for i, line in enumerate(lines):
+    for k, (n, raw) in enumerate(lines):
         try:
-            rows.append(json.loads(line))
+            row = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}:{n}: not UTF-8 text ({err.reason} at byte {err.start}): "
+                             "the metrics file is damaged; remove that line") from None
         except json.JSONDecodeError:
-            if i < len(lines) - 1:
-                raise ValueError(f"{path}:{i + 1}: not a JSON row") from None
+            if k < len(lines) - 1:
+                raise ValueError(f"{path}:{n}: not a JSON row") from None
+            continue
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
     return rows
 
 

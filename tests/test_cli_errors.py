@@ -95,6 +95,15 @@ def locked_out_dir(tmp):
             f"in use by another jrlhf run (pid {holder.pid}"), holder
 
 
+def damaged_metrics(tmp):
+    """A run folder whose metrics.jsonl ends in bytes that are not UTF-8 (line 3: blank lines
+    count), met when the stage starts and trims its old rows."""
+    path = write(tmp / "run" / "metrics.jsonl", jsonl({"stage": "sft", "step": 1}).encode()
+                 + b"\n" + bytes(range(128, 256)))
+    return (["sft", "--config", TINY, "--set", f"run.out_dir={tmp / 'run'}"],
+            f"{path}:3: not UTF-8 text (invalid start byte at byte 0)")
+
+
 SFT_ROWS = jsonl(*({"prompt": f"Say {i}:", "response": f" {i}"} for i in range(16)))
 
 CASES = {
@@ -178,6 +187,8 @@ CASES = {
     "truncated GGUF": truncated_gguf,
     "remote-code folder": remote_code_folder,
     "missing model folder": missing_model_folder,
+    # run files
+    "random bytes ending metrics.jsonl": damaged_metrics,
 }
 
 
