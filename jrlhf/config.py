@@ -464,6 +464,8 @@ class RunConfig:
 
     def __post_init__(self):
         _check_ranges("run", self)
+        if not self.out_dir.strip():
+            raise ValueError("run.out_dir is empty: name the run's folder (e.g. runs/my_run)")
         if self.host_memory not in HOST_MEMORY_SETTINGS:
             raise ValueError(f"run.host_memory must be auto, keep or system, got "
                              f"{self.host_memory!r}")
@@ -593,13 +595,59 @@ def override(config, key: str, text: str):
     return _set_path(config, key, parse)
 
 
+def _typed(value, tp, key: str):
+    """`value` if it has the field type `tp` (a list for a `tuple[X, ...]` field becomes a
+    tuple; an int is a float), else a `TypeError` naming `key`, the value and the type."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _typed(value, arg, key)
+            except TypeError:
+                pass
+        ok = False
+    elif origin is tuple and args and args[-1] is Ellipsis and isinstance(value, (tuple, list)):
+        return tuple(_typed(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    elif origin is tuple and args:
+        ok = False  # not a list or tuple (a str here is a common slip: ("embed/.*",))
+    elif origin is typing.Literal:
+        ok = value in args
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(tp, type) and tp is not tuple:
+        ok = isinstance(value, tp)
+    else:  # a bare `tuple` or an unknown form: the dataclass converts and validates it
+        return value
+    if not ok:
+        raise TypeError(f"config key {key}={value!r}: expected {_type_name(tp)}, got "
+                        f"{type(value).__name__}")
+    return value
+
+
+def _type_name(tp) -> str:
+    """`int`, `int or None`, `'gpt2' or 'llama'`, `tuple[str, ...]`: a field type for errors."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("None" if a is type(None) else _type_name(a) for a in args)
+    if origin is typing.Literal:
+        return " or ".join(map(repr, args))
+    if origin is tuple:
+        return f"tuple[{_type_name(args[0])}, ...]" if args else "tuple"
+    return getattr(tp, "__name__", str(tp))
+
+
 def derive(config, changes: dict[str, Any]):
     """`config` with each dotted key of `changes` set to its (already typed) value.
 
-    What `configs/*.py` use to change only what differs from their base.
+    What `configs/*.py` use to change only what differs from their base. A value of the wrong
+    type is a `TypeError` naming the key, the value and the field's type.
     """
     for key, value in changes.items():
-        config = _set_path(config, key, lambda tp, full_key, v=value: v)
+        config = _set_path(config, key, lambda tp, full_key, v=value: _typed(v, tp, full_key))
     return config
 
 

@@ -130,6 +130,12 @@ CASES = {
     "config import error": config_file("import no_such_module_xyz\n"),
     "config wrong type": config_file("def get_config():\n    return 3\n"),
     "config without get_config": config_file("x = 1\n"),
+    "config derives a wrong type": lambda tmp: (
+        config_file("from jrlhf.config import Config, derive\n\n\ndef get_config():\n"
+                    "    return derive(Config(), {'sft.steps': 'abc'})\n")(tmp)[0],
+        (f"{tmp / 'bad.py'}: the config file fails: TypeError: config key sft.steps='abc': "
+         "expected int, got str")),
+    "empty out_dir": override("run.out_dir=", "run.out_dir is empty: name the run's folder"),
     "unusable out_dir": unusable_out_dir,
     # data files
     "bad sft row": data_file("sft", "sft_path", "sft.jsonl", '{"prompt": "p", "response": " "}\n',

@@ -131,3 +131,58 @@ def test_a_field_the_saved_config_predates_is_unchanged_at_its_default():
     assert changed_keys(saved, Config()) == {}
     assert changed_keys(saved, apply_overrides(Config(), ["rollout.dtype=bfloat16"])) == {
         "rollout.dtype": (None, "bfloat16")}
+
+
+@pytest.mark.parametrize("changes,expected", [
+    ({"sft.steps": "abc"}, "config key sft.steps='abc': expected int, got str"),
+    ({"sft.steps": 3.0}, "config key sft.steps=3.0: expected int, got float"),
+    ({"sft.steps": True}, "config key sft.steps=True: expected int, got bool"),
+    ({"ppo.kl_coef": "0.1"}, "config key ppo.kl_coef='0.1': expected float, got str"),
+    ({"ppo.adaptive_kl": 1}, "config key ppo.adaptive_kl=1: expected bool, got int"),
+    ({"optim.freeze": "embed/.*"},
+     "config key optim.freeze='embed/.*': expected tuple[str, ...], got str"),
+    ({"optim.freeze": ("a", 3)}, "config key optim.freeze[1]=3: expected str, got int"),
+    ({"model.arch": "gpt2"}, "config key model.arch='gpt2': expected ModelConfig or None, got str"),
+    ({"model.arch.family": "gpt3"},
+     "config key model.arch.family='gpt3': expected 'gpt2' or 'llama', got str"),
+])
+def test_derive_refuses_a_wrong_type_naming_key_value_and_type(changes, expected):
+    with pytest.raises(TypeError) as err:
+        derive(Config(), changes)
+    assert str(err.value) == expected
+
+
+def test_derive_accepts_what_the_field_means():
+    """An int where a float goes, a list for a tuple, None for an optional section, a dict for
+    RoPE scaling (the model config converts it)."""
+    c = derive(Config(), {"ppo.kl_coef": 1, "optim.freeze": ["a", "b"], "model.arch": None})
+    assert c.ppo.kl_coef == 1.0 and c.optim.freeze == ("a", "b") and c.model.arch is None
+    scaled = derive(Config(), {"model.arch.rope_scaling": {"rope_type": "linear", "factor": 2.0}})
+    assert scaled.model.arch.rope_scaling == (("factor", 2.0), ("rope_type", "linear"))
+
+
+def test_a_config_file_deriving_a_wrong_type_is_one_line_naming_file_and_key(tmp_path, capsys):
+    from jrlhf.cli import main
+
+    bad = tmp_path / "bad.py"
+    bad.write_text("from jrlhf.config import Config, derive\n\n\ndef get_config():\n"
+                   "    return derive(Config(), {'sft.steps': 'abc'})\n")
+    assert main(["sft", "--config", str(bad)]) == 2
+    assert capsys.readouterr().err == (
+        f"jrlhf sft: error: {bad}: the config file fails: TypeError: config key "
+        "sft.steps='abc': expected int, got str\n")
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_out_dir_is_refused(value, tmp_path, capsys, monkeypatch):
+    """`--set run.out_dir=` would write the run into the current folder: refused, nothing
+    written."""
+    from jrlhf.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["sft", "--set", f"run.out_dir={value}"]) == 2
+    assert capsys.readouterr().err == (
+        "jrlhf sft: error: run.out_dir is empty: name the run's folder (e.g. runs/my_run)\n")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="run.out_dir is empty"):
+        derive(Config(), {"run.out_dir": ""})
