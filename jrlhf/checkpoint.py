@@ -2,14 +2,19 @@
 
 A checkpoint holds the train state's arrays (params, optimizer state, step, RNG key data,
 KL coefficient), plus JSON metadata: the data iterator's state, the resolved config, any
-loop state (e.g. reward-normalisation moments), a digest (CRC-32 per array) of the arrays and a
-CRC-32 of the metadata itself.
+loop state (e.g. reward-normalisation moments), a checksum per array (`array_checksums`:
+computed on the devices where the array lies, the same for any mesh or number of processes, so
+multi-host checkpoints are checked like single-host ones and no array is skipped) and a CRC-32
+of the metadata itself.
 Saving is asynchronous; once a save is committed, a list of its files and their sizes
 (`jrlhf_files.json`) is written beside it. Restoring checks that list first (a missing or
 truncated file is found without reading through Orbax, whose failed asynchronous reads print
 pages of "Event loop is closed" tracebacks), then places arrays onto the shardings of a
 template state (which may come from a different mesh) and checks the digest: a checkpoint that
 cannot be read or does not match is reported in one line and the previous intact one is used.
+With several processes every process takes part in each save and restore (Orbax writes each
+process's shards); whether a checkpoint is intact is agreed by all of them, process 0 moves a bad
+one aside, and all fall back to the same previous step.
 """
 
 from __future__ import annotations
@@ -22,9 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jrlhf import distributed
 from jrlhf.report import write_atomically
 from jrlhf.state import TrainState
 
@@ -39,11 +46,47 @@ def _arrays(state: TrainState) -> dict:
 
 def arrays_digest(arrays) -> list[int] | None:
     """CRC-32 of each array's bytes (in tree order); None when some array spans other
-    processes' devices (multi-host: each host could only hash its own shards)."""
+    processes' devices. What checkpoints before `array_checksums` held (still checked)."""
     leaves = jax.tree.leaves(arrays)
     if not all(getattr(x, "is_fully_addressable", True) for x in leaves):
         return None
     return [zlib.crc32(np.ascontiguousarray(jax.device_get(x)).tobytes()) for x in leaves]
+
+
+def _as_uint32(x: jax.Array) -> jax.Array:
+    """The bits of each element of `x` as uint32 (narrower types zero-extended)."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    width = jnp.dtype(x.dtype).itemsize
+    if width == 4:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16}.get(width)
+    if unsigned is None:
+        raise ValueError(f"no checksum for {x.dtype} arrays")
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _checksum(x: jax.Array) -> jax.Array:
+    """`Σ_i bits(x_i) · (2i + 1) mod 2³²` over the row-major flat index i: exact in any
+    reduction order (modular sums), so any sharding gives the same value; a change of one
+    element always changes it (odd multipliers are invertible mod 2³²)."""
+    x = jnp.asarray(x)
+    index = jnp.zeros(x.shape, jnp.uint32)
+    stride = 1
+    for dim in reversed(range(x.ndim)):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, dim) * jnp.uint32(stride)
+        stride = stride * x.shape[dim] % 2**32
+    return jnp.sum(_as_uint32(x) * (2 * index + 1), dtype=jnp.uint32)
+
+
+_checksums = jax.jit(lambda leaves: [_checksum(x) for x in leaves])
+
+
+def array_checksums(arrays) -> list[int]:
+    """One `_checksum` per array (tree order), computed where the arrays lie: no host copy,
+    and with several processes every process gets the same values (a collective: all call
+    it)."""
+    return [int(c) for c in _checksums(jax.tree.leaves(arrays))]
 
 
 def meta_digest(meta: dict) -> int:
@@ -72,7 +115,7 @@ class Checkpointer:
         """Start an asynchronous save of `state` (and `meta`, plus the arrays' digest) as
         checkpoint `step`."""
         arrays = _arrays(state)
-        meta = dict(meta or {}, digest=arrays_digest(arrays))
+        meta = dict(meta or {}, checksums=array_checksums(arrays))
         meta["meta_digest"] = meta_digest(meta)
         args = ocp.args.Composite(state=ocp.args.StandardSave(arrays),
                                   meta=ocp.args.JsonSave(meta))
@@ -84,7 +127,7 @@ class Checkpointer:
     def _list_committed_files(self) -> None:
         """Write the file list of each committed checkpoint that has none yet (process 0; a
         kill before it is written leaves a checkpoint checked by its digest alone)."""
-        if jax.process_index() != 0:
+        if not distributed.is_writer():
             return
         for step in self.manager.all_steps():
             folder = self.directory / str(step)
@@ -119,6 +162,8 @@ class Checkpointer:
                 why = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
                 why = why.split(" See full TensorStore details")[0][:200]
                 moved = self._set_aside(candidate)
+                distributed.barrier("checkpoint_set_aside")
+                self.manager.reload()
                 rest = (f"; using step {steps[i + 1]}" if i + 1 < len(steps)
                         else "; no earlier checkpoint")
                 if log:
@@ -130,26 +175,41 @@ class Checkpointer:
         """Move a bad checkpoint out of the manager's folder (kept for inspection), so the
         resumed run can write that step again."""
         target = self.directory.parent / "corrupt_checkpoints" / str(step)
+        if not distributed.is_writer():
+            return target
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():
             target = target.with_name(f"{step}.{len(list(target.parent.iterdir()))}")
         os.replace(self.directory / str(step), target)
-        self.manager.reload()
         return target
 
-    def _restore_step(self, template: TrainState, step: int):
+    def _read_step(self, template: TrainState, step: int):
+        """`(arrays, meta)` of checkpoint `step` as this process reads them (may raise)."""
         self._check_files(step)
         target = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
             _arrays(template))
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-        arrays = restored["state"]
         meta = dict(restored["meta"] or {})
         expected_meta = meta.pop("meta_digest", None)
         if expected_meta is not None and meta_digest(meta) != expected_meta:
             raise CorruptCheckpoint("metadata digest mismatch")
-        expected = meta.pop("digest", None)
+        return restored["state"], meta
+
+    def _restore_step(self, template: TrainState, step: int):
+        error = None
+        try:
+            arrays, meta = self._read_step(template, step)
+        except Exception as err:  # noqa: BLE001 - reported below, once every process knows
+            error = err
+        # Each process read its own shards: all must have succeeded before any array is used.
+        if not distributed.all_processes(error is None, "checkpoint_read"):
+            raise error or CorruptCheckpoint("another process could not read it")
+        expected = meta.pop("checksums", None)
+        if expected is not None and array_checksums(arrays) != expected:
+            raise CorruptCheckpoint("array checksum mismatch")
+        expected = meta.pop("digest", None)  # checkpoints before checksums
         if expected is not None and arrays_digest(arrays) != expected:
             raise CorruptCheckpoint("array digest mismatch")
         rng = jax.random.wrap_key_data(arrays["rng"], impl=jax.random.key_impl(template.rng))

@@ -32,14 +32,15 @@ TRAIN_STEPS = ("sft", "reward", "dpo", "orpo", "ppo", "grpo")
 
 
 def _config(args, **changes):
-    from jrlhf.config import Config, apply_overrides, load_config
-    from jrlhf.distributed import maybe_initialize
+    from jrlhf import distributed
+    from jrlhf.config import Config, apply_overrides, load_config, to_dict
     from jrlhf.host_memory import keep_freed_memory
 
     config = load_config(args.config) if args.config else Config()
     config = dataclasses.replace(apply_overrides(config, args.set or []), **changes)
     keep_freed_memory(config.run.host_memory)  # before JAX starts a backend
-    maybe_initialize(config.run)
+    distributed.maybe_initialize(config.run, label=f"jrlhf {args.command}")
+    distributed.check_same_run(to_dict(config))
     return config
 
 
@@ -235,16 +236,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _multi_process() -> bool:
+    """Whether this command runs as one of several jax.distributed processes."""
+    jax = sys.modules.get("jax")
+    if jax is None:
+        return False
+    from jrlhf import distributed
+
+    return distributed.initialized() and jax.process_count() > 1
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
     except (KeyError, ValueError, FileNotFoundError, FileExistsError, FloatingPointError,
             NotImplementedError) as err:  # NotImplementedError: a model jrlhf refuses
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        print(f"jrlhf {args.command}: error: {message}", file=sys.stderr)
+        line = f"jrlhf {args.command}: error: {message}"
+        if _multi_process():  # the other processes stop with this line too, not hang
+            from jrlhf import distributed
+
+            distributed.fail(line)
+        print(line, file=sys.stderr)
         return 2
+    except BaseException as err:
+        if not _multi_process() or isinstance(err, SystemExit):
+            raise
+        from jrlhf import distributed
+
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        line = f"jrlhf {args.command}: error: {type(err).__name__}: {first}"
+        if type(err).__name__ == "JaxRuntimeError":  # a collective lost its peer: name it
+            distributed.wait_for_verdict(line)
+        import traceback
+
+        traceback.print_exc()  # a bug: its traceback, then the peers are stopped
+        distributed.fail(line, 1)
+    if _multi_process():
+        from jrlhf import distributed
+
+        distributed.finish()
+    return code
 
 
 if __name__ == "__main__":

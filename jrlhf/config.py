@@ -61,7 +61,8 @@ RANGES = {
     "iterate.rounds": _AT_LEAST_1, "iterate.earlier_versions_share": _UNIT,
     "run.log_every": _AT_LEAST_0, "run.save_every": _AT_LEAST_0,
     "run.keep_checkpoints": _AT_LEAST_1, "run.num_processes": _AT_LEAST_1,
-    "run.process_id": _AT_LEAST_0,
+    "run.process_id": _AT_LEAST_0, "run.peer_timeout_s": _POSITIVE,
+    "run.startup_timeout_s": _AT_LEAST_1,
 }
 
 
@@ -453,6 +454,11 @@ class RunConfig:
     coordinator_address: str = ""
     num_processes: int = 1
     process_id: int = 0
+    # Bounded failure: a process whose heartbeat stops for this long (killed, host lost) or that
+    # reports an error makes every other process exit with one line naming it (seconds).
+    peer_timeout_s: float = 60.0
+    # How long a process waits for the coordinator at start-up (seconds).
+    startup_timeout_s: int = 300
     # `--resume` refuses a config (or data file) that differs from the one a stage's
     # checkpoints were made with; keys listed here may differ (e.g. sft.steps to extend a run,
     # data.<file> for a changed data file). `RESUME_SAFE` keys may always differ.
@@ -665,7 +671,8 @@ def apply_overrides(config, assignments: list[str]):
 # (checkpoints are restored onto any mesh).
 RESUME_SAFE = ("run.out_dir", "run.log_every", "run.progress", "run.save_every",
                "run.keep_checkpoints", "run.coordinator_address", "run.num_processes",
-               "run.process_id", "run.allow_changed", "run.host_memory", "mesh.data",
+               "run.process_id", "run.allow_changed", "run.host_memory",
+               "run.peer_timeout_s", "run.startup_timeout_s", "mesh.data",
                "mesh.fsdp", "mesh.tensor")
 
 

@@ -12,12 +12,15 @@ import functools
 import json
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 import jax
+import numpy as np
 
+from jrlhf import distributed
 from jrlhf.checkpoint import Checkpointer
 from jrlhf.config import RESUME_SAFE, Config, changed_keys, save_config
 from jrlhf.report import MetricsWriter, check_finite, one_line, write_atomically
@@ -88,6 +91,9 @@ def _open_stage(name: str, config: Config, out_dir: Path, resume: bool, train: b
     except Exception:
         ckpt.close()
         raise
+    distributed.barrier("stage_checked")  # every process compared before process 0 writes
+    if not distributed.is_writer():
+        return ckpt, None
     save_config(config, out_dir / name / "config.json")
     write_atomically(out_dir / name / "inputs.json",
                      json.dumps(inputs, indent=2, sort_keys=True) + "\n")
@@ -168,14 +174,24 @@ def run_stage(name: str, config: Config, state: TrainState, step_fn: Callable, b
                     log(f"[{name}] resumed from step {start} ({ckpt.directory})")
             # Rows a killed run wrote past its last checkpoint (or before its first) are
             # replayed.
-            writer.truncate_after(start)
+            if writer:
+                writer.truncate_after(start)
         with Preemption() as preemption:
             end = num_steps if train else start
             bar = progress(range(start, end), num_steps, name, run.progress and train,
                            initial=start)
             for step in bar:
+                started, waited = time.perf_counter(), distributed.waited_seconds()
                 state, metrics = step_fn(state, next(batches))
+                dispatched = time.perf_counter()
                 metrics = {k: float(v) for k, v in metrics.items()}
+                stop = preemption.requested
+                if distributed.process_count() > 1:  # every host stops at the same step
+                    busy = dispatched - started - (distributed.waited_seconds() - waited)
+                    table = distributed.gather_floats(
+                        [float(stop), busy, time.perf_counter() - started])
+                    stop = bool(table[:, 0].max() > 0)
+                    metrics.update(host_metrics(table[:, 1], table[:, 2]))
                 check_finite(step + 1, metrics, name, state)
                 history.append(metrics)
                 if writer:
@@ -184,10 +200,10 @@ def run_stage(name: str, config: Config, state: TrainState, step_fn: Callable, b
                     # Through the bar when there is one, so the line does not break it.
                     getattr(bar, "write", log)(one_line(name, step + 1, metrics))
                 done = step + 1 == num_steps
-                if ckpt and (done or preemption.requested or
+                if ckpt and (done or stop or
                              (run.save_every and (step + 1) % run.save_every == 0)):
                     _save(ckpt, name, step + 1, state, batches, loop_state)
-                if preemption.requested and not done:
+                if stop and not done:
                     preempted = True
                     if log:
                         log(f"[{name}] SIGTERM: saved step {step + 1}, stopping")
@@ -198,6 +214,16 @@ def run_stage(name: str, config: Config, state: TrainState, step_fn: Callable, b
         if writer is not None:
             writer.close()
     return StageResult(state, history, preempted)
+
+
+def host_metrics(busy, step_seconds) -> dict[str, float]:
+    """Stragglers, from every process's `busy [P]` (seconds of its own work before it could
+    dispatch the step: waits on other processes excluded) and `step_seconds [P]` (its wall
+    time): the slowest process and how far behind the quickest it was."""
+    busy = np.asarray(busy)
+    return {"hosts/busy_max": float(busy.max()), "hosts/busy_min": float(busy.min()),
+            "hosts/slowest": float(np.argmax(busy)), "hosts/lag": float(busy.max() - busy.min()),
+            "hosts/step_seconds": float(np.max(step_seconds))}
 
 
 def stage_step(setup: Setup, config: Config, *, reward: Reward | None = None,

@@ -54,16 +54,37 @@ def sample_batched(cfg: ModelConfig, params, prompt_ids, prompt_mask, key,
                    num_samples: int = 1):
     """`(tokens [B·K, N], mask [B·K, N])` as NumPy: K = `num_samples` responses per prompt row
     from one shared prefill (rows bK .. bK+K−1 are prompt b's), sampled `rollout.batch_size`
-    prompts at a time (chunk `i` with key `fold_in(key, i)`)."""
-    sample = make_sampler(cfg, rollout, eos_token_id, pad_token_id, num_samples=num_samples)
+    prompts at a time (chunk `i` with key `fold_in(key, i)`). When `params` lie on a mesh the
+    prompts are split over it too and the samples gathered back (every process gets all; each
+    process must call this with the same prompts)."""
+    mesh = sharding.mesh_of(params)
     tokens, masks = [], []
     for start in range(0, len(prompt_ids), rollout.batch_size):
-        out = sample(params, jnp.asarray(prompt_ids[start:start + rollout.batch_size]),
-                     jnp.asarray(prompt_mask[start:start + rollout.batch_size]),
+        chunk = [np.asarray(x[start:start + rollout.batch_size])
+                 for x in (prompt_ids, prompt_mask)]
+        split = mesh is not None and (len(chunk[0]) * num_samples) % sharding.batch_devices(
+            mesh) == 0
+        if mesh is not None:
+            chunk = sharding.put(chunk, sharding.rows_layout(mesh, len(chunk[0])))
+        sample = make_sampler(cfg, rollout, eos_token_id, pad_token_id,
+                              num_samples=num_samples, mesh=mesh if split else None)
+        out = sample(params, jnp.asarray(chunk[0]), jnp.asarray(chunk[1]),
                      jax.random.fold_in(key, start))
-        tokens.append(np.asarray(out.tokens))
-        masks.append(np.asarray(out.mask))
+        tokens.append(sharding.to_host(out.tokens))
+        masks.append(sharding.to_host(out.mask))
     return np.concatenate(tokens), np.concatenate(masks)
+
+
+def gather_rows(name: str, lo: int, local: np.ndarray) -> np.ndarray:
+    """The whole `[B]` vector from each process's rows `lo..lo+len(local)-1` (one process:
+    `local` itself)."""
+    if jax.process_count() == 1:
+        return local
+    from jrlhf import distributed
+
+    parts = distributed.gather_json(name, [lo, np.asarray(local).tolist()])
+    return np.concatenate([np.asarray(v, local.dtype) for _, v in sorted(
+        {start: v for start, v in parts}.items())])
 
 
 def _timed(fn, *args):
@@ -132,7 +153,9 @@ class RolloutLoop:
         overlong handling), the reward model's `raw` scores, response `lengths`, `truncated`
         rows, phase seconds and sequence tokens."""
         setup = self.setup
-        prompt_ids, prompt_mask = (np.asarray(prompts[k]) for k in ("input_ids", "attention_mask"))
+        # The whole prompt batch on every process (a host loads only its rows of it).
+        prompt_ids, prompt_mask = (sharding.to_host(prompts[k])
+                                   for k in ("input_ids", "attention_mask"))
         # The group's K samples share one prefill of their prompt (generate's num_samples).
         ids, mask = (np.repeat(x, self.group, axis=0) for x in (prompt_ids, prompt_mask))
         if setup.mesh is not None:
@@ -150,28 +173,35 @@ class RolloutLoop:
         batch, raw = self.score(tree, setup.ref_params, self.reward.device_params(), ids, mask,
                                 gen.tokens, gen.mask)
         prompts, host = None, 0.0
-        if self.reward.on_host:
-            prompts, responses = self.reward.decode_texts(ids, mask, gen.tokens, gen.mask)
-            host = self.reward.host_scores(prompts, responses)
+        if self.reward.on_host:  # each process scores the rows its devices hold
+            (local_ids, (lo, _)), local_mask, local_tokens, local_tmask = (
+                sharding.local_rows(ids), *(sharding.local_rows(x)[0]
+                                            for x in (mask, gen.tokens, gen.mask)))
+            prompts, responses = self.reward.decode_texts(local_ids, local_mask, local_tokens,
+                                                          local_tmask)
+            host = gather_rows("host_scores", lo, self.reward.host_scores(prompts, responses))
         batch, raw = jax.block_until_ready((batch, raw))
         t_score = time.perf_counter() - started
-        raw = np.asarray(raw) + host
-        check_finite(self.reward, raw, prompts)
+        raw = sharding.to_host(raw) + host
+        check_finite(self.reward, raw, prompts if prompts and len(prompts) == len(raw) else None)
         raw = jnp.asarray(raw)
         batch["sampler_logprobs"] = gen.logprobs  # mismatch/* metrics; truncated IS
-        lengths = np.asarray(gen.mask).sum(1)
+        lengths = sharding.to_host(gen.mask).sum(1)
         N = gen.tokens.shape[1]
         # Cut at max_new_tokens: all N slots used and the last one is not EOS.
         truncated = lengths == N
         if self.eos_token_id is not None:
-            truncated &= np.asarray(gen.tokens)[:, -1] != self.eos_token_id
+            truncated &= sharding.to_host(gen.tokens)[:, -1] != self.eos_token_id
         r = self.rollout
         scores = raw
         if r.overlong == "penalty":
             scores = raw + rl.overlong_penalty(jnp.asarray(lengths), jnp.asarray(truncated), N,
                                                r.overlong_buffer, r.overlong_penalty)
         elif r.overlong == "mask":  # the row stays in its group's baseline, out of the loss
-            batch["response_mask"] = batch["response_mask"] * jnp.asarray(~truncated)[:, None]
+            keep = np.asarray(~truncated, np.int32)[:, None]
+            if setup.mesh is not None:
+                keep = sharding.put(keep, sharding.batch_sharding(setup.mesh))
+            batch["response_mask"] = batch["response_mask"] * keep
         batch["scores"] = scores
         return {"batch": batch, "raw": np.asarray(raw), "lengths": lengths,
                 "truncated": truncated, "t_gen": t_gen, "t_score": t_score,

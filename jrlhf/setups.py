@@ -179,8 +179,14 @@ def _needs_reference_copy(algorithm: str, config: Config) -> bool:
 
 
 def default_mesh(config: Config):
-    """The configured mesh, or None for 1x1x1 (plain jit on the default device)."""
-    return None if config.mesh.shape == (1, 1, 1) else sharding.make_mesh(config.mesh)
+    """The configured mesh, or None for 1x1x1 (plain jit on the default device). With several
+    processes (a pod) 1x1x1 means data parallel over every device of every process: a host
+    never trains alone."""
+    if config.mesh.shape == (1, 1, 1):
+        if jax.process_count() == 1:
+            return None
+        return sharding.make_mesh(dataclasses.replace(config.mesh, data=jax.device_count()))
+    return sharding.make_mesh(config.mesh)
 
 
 def make_setup(algorithm: str, config: Config, model_cfg: ModelConfig, params, *,

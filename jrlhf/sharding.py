@@ -121,8 +121,8 @@ def put(tree, shardings):
     def one(x, sh):
         if isinstance(x, jax.Array) and x.sharding == sh:
             return x
-        if sh.is_fully_addressable:
-            return jax.device_put(x, sh)
+        if sh.is_fully_addressable or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+            return jax.device_put(x, sh)  # a global array is resharded on the devices
         if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
             data = one(jax.random.key_data(x), sh)
             return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
@@ -132,3 +132,84 @@ def put(tree, shardings):
     if isinstance(shardings, jax.sharding.Sharding):
         return jax.tree.map(lambda x: one(x, shardings), tree)
     return jax.tree.map(one, tree, shardings)
+
+
+def rows_layout(mesh, rows: int) -> NamedSharding:
+    """The layout of a `[rows, ...]` batch: split over (data, fsdp) when they divide `rows`, else
+    replicated (e.g. GRPO's prompts, fewer than the devices; their samples are split)."""
+    return batch_sharding(mesh) if rows % batch_devices(mesh) == 0 else replicated(mesh)
+
+
+def host_rows(sh: NamedSharding, rows: int) -> tuple[int, int]:
+    """This process's rows `[lo, hi)` of a `[rows, ...]` batch laid out with `sh`: the union of
+    its devices' slices, one contiguous block (all rows when the batch is replicated)."""
+    spans = {idx[0].indices(rows)[:2] if idx else (0, rows)
+             for idx in sh.addressable_devices_indices_map((rows,)).values()}
+    covered = sorted(spans)
+    if any(a[1] != b[0] for a, b in zip(covered, covered[1:])):
+        raise ValueError(f"this process's devices hold rows {covered} of each batch, not one "
+                         "contiguous block: order the mesh's devices by process")
+    return covered[0][0], covered[-1][1]
+
+
+class HostShare:
+    """An iterator of this process's rows of each batch (`host_rows`), yielding global arrays
+    laid out with `sh` (`jax.make_array_from_process_local_data`); `get_state` / `set_state`
+    are the wrapped iterator's."""
+
+    def __init__(self, iterator, sh: NamedSharding, rows: int):
+        self.iterator, self.sh, self.rows = iterator, sh, rows
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        local = next(self.iterator)
+        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+            self.sh, np.asarray(x), (self.rows, *np.shape(x)[1:])), local)
+
+    def get_state(self):
+        return self.iterator.get_state()
+
+    def set_state(self, state) -> None:
+        self.iterator.set_state(state)
+
+
+def to_host(x) -> np.ndarray:
+    """All of `x` as NumPy on this process: all-gathered from the other processes' devices when
+    it spans them (every process must call it: a collective)."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def local_rows(x) -> tuple[np.ndarray, tuple[int, int]]:
+    """`(rows, (lo, hi))`: the rows `lo..hi-1` of `x [B, ...]` this process's devices hold, as
+    NumPy (no communication)."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(x), (0, np.shape(x)[0])
+    lo, hi = host_rows(x.sharding, x.shape[0])
+    parts = {}
+    for shard in x.addressable_shards:
+        start = shard.index[0].indices(x.shape[0])[0] if shard.index else 0
+        parts.setdefault(start, np.asarray(shard.data))
+    return np.concatenate([parts[k] for k in sorted(parts)]), (lo, hi)
+
+
+def from_local_rows(local: np.ndarray, rows: int, mesh) -> jax.Array:
+    """The global `[rows, ...]` array whose rows this process holds as `local` (its
+    `host_rows` under `rows_layout(mesh, rows)`)."""
+    return jax.make_array_from_process_local_data(rows_layout(mesh, rows), np.asarray(local),
+                                                  (rows, *np.shape(local)[1:]))
+
+
+def mesh_of(tree):
+    """The mesh a tree's arrays are laid out on (the first `NamedSharding` leaf's), or None when
+    they sit on single devices."""
+    for x in jax.tree.leaves(tree):
+        sh = getattr(x, "sharding", None)
+        if isinstance(sh, NamedSharding) and sh.mesh.size > 1:
+            return sh.mesh
+    return None

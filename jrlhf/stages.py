@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jrlhf import elo, loops, models, rl
+from jrlhf import distributed, elo, loops, models, rl, sharding
 from jrlhf.config import Config, derive, parse_reward_functions, save_config
 from jrlhf.data import Encoder, build_dataset, load_rows, make_loader, ranks_from_scores
 from jrlhf.models.config import ModelConfig
@@ -33,7 +33,7 @@ from jrlhf.report import write_atomically, write_report
 from jrlhf.rewards import Reward, import_host_reward
 from jrlhf.rollouts import decode_texts, sample_batched
 from jrlhf.runlock import RunLock
-from jrlhf.setups import initial_weights, make_setup, stream_key, stream_seed
+from jrlhf.setups import default_mesh, initial_weights, make_setup, stream_key, stream_seed
 from jrlhf.tasks import arithmetic, reviews
 
 TASKS = {"reviews": reviews, "arithmetic": arithmetic}
@@ -123,7 +123,10 @@ class Run:
                 raise ValueError(f"the {stage.name} stage needs --set reward.model_path=DIR (a "
                                  "reward model folder written by `jrlhf reward`)")
             cfg, params = models.load_pretrained(path, lm_head=False, scalar_head=True)
-            self.models[name] = (cfg, jax.tree.map(jnp.asarray, params))
+            params = jax.tree.map(jnp.asarray, params)
+            if jax.process_count() > 1:  # beside the policy, on every process's devices
+                params = sharding.put(params, sharding.replicated(default_mesh(self.config)))
+            self.models[name] = (cfg, params)
         if name not in self.models:
             raise KeyError(f"stage {stage.name!r} needs weights {name!r}, which no earlier stage "
                            "produced")
@@ -140,11 +143,14 @@ class Run:
 
 
 def task_files(config: Config, out: Path) -> dict[str, Path]:
-    """Data files: the configured paths, or the built-in task's generated files for empty ones."""
+    """Data files: the configured paths, or the built-in task's generated files for empty ones
+    (written by process 0; the others wait for them)."""
     d = config.data
-    files = TASKS[d.task].write_task_files(out / "data", num_sft=d.num_sft_examples,
-                                           num_prompts=max(d.num_ranking_prompts, 64),
-                                           num_eval=d.num_eval_prompts, seed=config.run.seed)
+    write = functools.partial(TASKS[d.task].write_task_files, out / "data",
+                              num_sft=d.num_sft_examples,
+                              num_prompts=max(d.num_ranking_prompts, 64),
+                              num_eval=d.num_eval_prompts, seed=config.run.seed)
+    files = written_by_one(write, "task_files")
     chosen = {"sft": d.sft_path, "prompts": d.prompts_path, "eval_prompts": d.eval_prompts_path}
     found = {k: Path(v) if v else files[k] for k, v in chosen.items()}
     if d.rankings_path:
@@ -160,8 +166,10 @@ def open_run(config: Config, *, resume: bool = False, train: bool = True, log=pr
                          f"{', '.join(TASKS)}")
     out = Path(config.run.out_dir)
     # One host per run takes the folder (the others share it, e.g. over NFS).
-    lock = RunLock(out).__enter__() if jax.process_index() == 0 else None
+    lock = RunLock(out).__enter__() if distributed.is_writer() else None
     try:
+        distributed.barrier("run_lock")
+        distributed.check_shared_folder(out)
         return _open_locked(config, out, lock, resume=resume, train=train, log=log)
     except BaseException:
         if lock is not None:
@@ -173,7 +181,8 @@ def _open_locked(config: Config, out: Path, lock, *, resume, train, log) -> Run:
     if lock is not None and lock.previous_holder:
         log(f"[run] took over {lock.path} from a run that ended without releasing it "
             f"(pid {lock.previous_holder})")
-    save_config(config, out / "config.json")
+    if distributed.is_writer():
+        save_config(config, out / "config.json")
     policy_cfg, params, tokenizer = load_policy(config.model, config.run.seed)
     log(f"[model] {config.model.source}: {policy_cfg.family}, {policy_cfg.num_layers} layers, "
         f"{policy_cfg.num_params / 1e6:.1f}M parameters")
@@ -194,7 +203,8 @@ def run_stages(run: Run, stages: list[Stage]) -> str | None:
         if not RUNNERS[stage.kind](run, stage):
             run.log(f"[{stage.name}] preempted; resume with --resume")
             return stage.name
-        if run.preemption is not None and run.preemption.requested and i + 1 < len(stages):
+        requested = run.preemption is not None and run.preemption.requested
+        if distributed.any_process(requested) and i + 1 < len(stages):  # all hosts stop
             run.log(f"[{stages[i + 1].name}] preempted (SIGTERM) before it started; resume "
                     "with --resume")
             return stages[i + 1].name
@@ -233,19 +243,38 @@ PACKED_EXAMPLES = {
 }
 
 
-def stage_batches(run: Run, stage: Stage, config: Config):
-    """The stage's endless, resumable batch iterator over its data file."""
+def written_by_one(make: Callable, name: str):
+    """`make()` on process 0 first (it writes files the others then read), then on the others
+    after a barrier: generated data, TFDS builds. One process: just `make()`."""
+    if distributed.is_writer():
+        result = make()
+    distributed.barrier(name)
+    if not distributed.is_writer():
+        result = make()
+    return result
+
+
+def stage_batches(run: Run, stage: Stage, config: Config, mesh=None):
+    """The stage's endless, resumable batch iterator over its data file. On a mesh that spans
+    several processes each process reads only its rows of every batch and the iterator yields
+    global arrays (`sharding.HostShare`)."""
     kind, example_fn, batch_size = LOADERS[stage.algorithm]
     path = run.file(stage.data, stage)
-    source, _ = build_dataset(kind, path, run.out / "tfds", config.data.on_bad_row, log=run.log)
+    source, _ = written_by_one(functools.partial(
+        build_dataset, kind, path, run.out / "tfds", config.data.on_bad_row,
+        log=run.log if distributed.is_writer() else None), "dataset")
     a, d = stage.algorithm, config.data
     if d.pack and a in PACKED_EXAMPLES:
         example = PACKED_EXAMPLES[a](run.encoder, source, d.row_length)
     else:
         example = example_fn(run.encoder, source)
-    return make_loader(source, example, batch_size(config),
-                       seed=stream_seed(d.shuffle_seed, stage.name),
-                       pack_length=d.row_length if d.pack and a == "sft" else 0)
+    rows, layout = batch_size(config), None
+    if mesh is not None and jax.process_count() > 1:
+        layout = sharding.rows_layout(mesh, rows)
+    loader = make_loader(source, example, rows, seed=stream_seed(d.shuffle_seed, stage.name),
+                         rows=None if layout is None else sharding.host_rows(layout, rows),
+                         pack_length=d.row_length if d.pack and a == "sft" else 0)
+    return loader if layout is None else sharding.HostShare(loader, layout, rows)
 
 
 def file_digest(path: Path) -> str:
@@ -296,7 +325,7 @@ def run_train(run: Run, stage: Stage) -> bool:
     config = _stage_config(run, stage)
     model_cfg, params = initial_weights(stage.algorithm, config, *run.weights(stage.start, stage))
     setup = make_setup(stage.algorithm, config, model_cfg, params, name=stage.name)
-    batches = stage_batches(run, stage, config)
+    batches = stage_batches(run, stage, config, setup.mesh)
     rollout = {}
     if stage.algorithm in ("ppo", "grpo"):
         rollout = dict(reward=stage_reward(run, stage, config), eos_token_id=run.encoder.eos_id,
@@ -356,7 +385,9 @@ def run_rank(run: Run, stage: Stage) -> bool:
                 rows.append({"prompt": prompts[i], "responses": responses, "ranks": ranks,
                              "sources": sources})
         before = run.file(stage.data, stage).read_text() if stage.data else ""
-        write_atomically(path, before + "".join(json.dumps(r) + "\n" for r in rows))
+        if distributed.is_writer():
+            write_atomically(path, before + "".join(json.dumps(r) + "\n" for r in rows))
+        distributed.barrier("rankings")
         run.log(f"[{stage.name}] {len(rows)} of {n} prompts ranked by the {d.task} annotator "
                 f"({K} responses each) → {path}")
     run.files[stage.produces] = path
@@ -366,8 +397,13 @@ def run_rank(run: Run, stage: Stage) -> bool:
 def sequence_kl(cfg, params, ref_cfg, ref_params, ids, mask, tokens, tmask, temperature):
     """Mean over rows of the summed per-token log-ratio log π(y) − log π_ref(y) of sampled
     responses `tokens [B, N]` (mask `tmask`) after prompts `ids [B, P]`."""
-    full = jnp.concatenate([jnp.asarray(ids), jnp.asarray(tokens)], 1)
-    fmask = jnp.concatenate([jnp.asarray(mask), jnp.asarray(tmask)], 1)
+    full = np.concatenate([np.asarray(ids), np.asarray(tokens)], 1)
+    fmask = np.concatenate([np.asarray(mask), np.asarray(tmask)], 1)
+    tokens, tmask = np.asarray(tokens), np.asarray(tmask)
+    mesh = sharding.mesh_of(params)
+    if mesh is not None:  # the rows split over the mesh the weights lie on
+        full, fmask, tokens, tmask = sharding.put((full, fmask, tokens, tmask),
+                                                  sharding.rows_layout(mesh, len(full)))
     N = tokens.shape[1]
 
     def logp(c, p):
@@ -384,7 +420,6 @@ def run_evaluate(run: Run, stage: Stage) -> bool:
     config = _stage_config(run, stage)
     judge = annotator_reward(run, config)
     out = run.out / stage.folder
-    out.mkdir(parents=True, exist_ok=True)
     prompts, ids, mask = encode_prompts(run.encoder, run.file(stage.data, stage))
     key = stream_key(config.run.seed, stage.name, "sample")
     ref_cfg, ref_params = run.weights(stage.start, stage)
@@ -402,13 +437,15 @@ def run_evaluate(run: Run, stage: Stage) -> bool:
     names = list(stage.compare)
     games = [(a, b, _judged(row_scores[a][i], row_scores[b][i])) for i in range(len(prompts))
              for x, a in enumerate(names) for b in names[x + 1:]]
-    write_atomically(out / "comparisons.jsonl", "".join(
-        json.dumps({"a": a, "b": b, "winner": w}) + "\n" for a, b, w in games))
     board = elo.leaderboard(games, samples=200, seed=config.run.seed)
-    write_atomically(out / "leaderboard.txt", elo.format_leaderboard(board) + "\n")
-    write_atomically(out / "samples.jsonl", "".join(
-        json.dumps({"prompt": p, **{n: texts[n][i] for n in names}}) + "\n"
-        for i, p in enumerate(prompts)))
+    if distributed.is_writer():
+        write_atomically(out / "comparisons.jsonl", "".join(
+            json.dumps({"a": a, "b": b, "winner": w}) + "\n" for a, b, w in games))
+        write_atomically(out / "leaderboard.txt", elo.format_leaderboard(board) + "\n")
+        write_atomically(out / "samples.jsonl", "".join(
+            json.dumps({"prompt": p, **{n: texts[n][i] for n in names}}) + "\n"
+            for i, p in enumerate(prompts)))
+    distributed.barrier("evaluate")
     run.results[stage.name] = {"scores": scores, "kls": kls, "board": board}
     run.log(f"[{stage.name}] held-out annotator scores ({len(prompts)} prompts): "
             + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()) + "\n"
@@ -422,9 +459,16 @@ def _judged(score_a: float, score_b: float) -> str:
 
 
 def run_export(run: Run, stage: Stage) -> bool:
+    """The weights as a Hugging Face folder: gathered from every process's devices, written by
+    process 0."""
     cfg, params = run.weights(stage.start, stage)
-    target = models.save_pretrained(run.out / stage.folder, cfg, params, tokenizer=run.tokenizer)
-    run.results[stage.name] = str(target)
+    params = jax.tree.map(sharding.to_host, params)
+    target = None
+    if distributed.is_writer():
+        target = str(models.save_pretrained(run.out / stage.folder, cfg, params,
+                                            tokenizer=run.tokenizer))
+    target = distributed.gather_json("export", target)[0]
+    run.results[stage.name] = target
     run.log(f"[{stage.name}] exported {target}")
     return True
 
@@ -513,9 +557,11 @@ def _pipeline_summary(run: Run, started: float) -> dict:
     config, log = run.config, run.log
     out, ev = run.out, run.results["eval"]
     scores, kls, board = ev["scores"], ev["kls"], ev["board"]
-    png = write_report(out / "metrics.jsonl", out / "report.png", title="jrlhf pipeline", notes=[
-        f"held-out annotator score: SFT {scores['sft']:.2f} -> PPO {scores['ppo']:.2f}",
-        f"KL(PPO || SFT) {kls['ppo']:.2f} nats/response"])
+    png = out / "report.png"
+    if distributed.is_writer():
+        write_report(out / "metrics.jsonl", png, title="jrlhf pipeline", notes=[
+            f"held-out annotator score: SFT {scores['sft']:.2f} -> PPO {scores['ppo']:.2f}",
+            f"KL(PPO || SFT) {kls['ppo']:.2f} nats/response"])
     summary = {
         "score_sft": scores["sft"], "score_ppo": scores["ppo"], "kl_ppo_to_sft": kls["ppo"],
         "leaderboard": [{k: r[k] for k in ("name", "rating", "ci", "wins", "losses", "ties")}
@@ -524,7 +570,9 @@ def _pipeline_summary(run: Run, started: float) -> dict:
         "export": run.results["export"], "reward_model": run.results["reward/export"],
         "seconds": time.perf_counter() - started,
     }
-    write_atomically(out / "summary.json", json.dumps(summary, indent=2))
+    if distributed.is_writer():
+        write_atomically(out / "summary.json", json.dumps(summary, indent=2))
+    distributed.barrier("summary")
     log("\n" + "\n".join([
         "== jrlhf pipeline done ==",
         f"held-out annotator score ({config.data.num_eval_prompts} prompts): SFT "
@@ -554,5 +602,7 @@ def run_iterate(config: Config, *, resume: bool = False, log=print) -> dict:
                           for row in run.results[f"round{r}/eval"]["board"]] for r in rounds],
         "rankings": str(run.files[f"rankings{config.iterate.rounds}"]) if rounds else "",
     }
-    write_atomically(run.out / "summary.json", json.dumps(summary, indent=2))
+    if distributed.is_writer():
+        write_atomically(run.out / "summary.json", json.dumps(summary, indent=2))
+    distributed.barrier("summary")
     return summary

@@ -258,8 +258,7 @@ def test_loader_packs_whole_examples():
     source = [{"input_ids": np.arange(1, n + 1, dtype=np.int32) + 100 * i,
                "attention_mask": np.ones(n, np.int32), "loss_mask": np.ones(n, np.int32)}
               for i, n in enumerate(lengths)]
-    batches = make_loader(source, dict, 2, shuffle=False, process_index=0, process_count=1,
-                          pack_length=10)
+    batches = make_loader(source, dict, 2, shuffle=False, pack_length=10)
     seen = []
     for _ in range(2):
         batch = next(batches)

@@ -297,7 +297,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_intact_one(tmp_path, dama
         assert run_stages(run, [COMMAND_STAGES["sft"]]) is None
     text = "\n".join(log)
     assert "checkpoint step 3" in text and "using step 2" in text
-    why = {"flip": "array digest mismatch", "truncate": "bytes, ", "delete": "is missing",
+    why = {"flip": "array checksum mismatch", "truncate": "bytes, ", "delete": "is missing",
            "meta": "metadata digest mismatch"}
     assert why[damage] in text, text
     assert "Traceback" not in capfd.readouterr().err

@@ -230,38 +230,51 @@ def packed_row(element: dict) -> dict:
 
 
 def make_loader(source, example_fn, batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                process_index: int | None = None, process_count: int | None = None,
-                pack_length: int = 0):
+                rows: tuple[int, int] | None = None, pack_length: int = 0):
     """An endless grain iterator of batches over a TFDS data source.
 
-    Each host reads its own slice (`process_index::process_count`, default from jax) and batches
-    `batch_size` examples (the per-host batch). Epochs are reshuffled with `seed`. The iterator
-    has `get_state()` / `set_state()`, so a resumed run sees exactly the batches it would have.
+    Every process sees the same order of examples (shuffled with `seed`, reshuffled each
+    epoch); a global batch is `batch_size` consecutive examples of it, so the batches do not
+    depend on how many processes read them. `rows=(lo, hi)` makes this iterator yield only rows
+    `lo..hi-1` of each global batch (this host's share under the batch sharding,
+    `sharding.host_rows`), reading and tokenizing only those examples; None: whole batches. A
+    row count that does not divide evenly into files or hosts changes nothing: each host indexes
+    the one global order. The iterator has `get_state()` / `set_state()` (the same on every
+    host), so a resumed run sees exactly the batches it would have.
     `pack_length > 0` (SFT only) packs whole examples first-fit into `batch_size` rows of that
-    length per batch (`packed_row`); an example never straddles two rows.
+    length per batch (`packed_row`); an example never straddles two rows. Packing is sequential
+    over the stream, so with `rows` every host packs the global batch and keeps its rows.
     """
     import grain
 
-    if process_index is None or process_count is None:
-        import jax
-
-        process_index, process_count = jax.process_index(), jax.process_count()
-    ds = grain.MapDataset.source(source)[process_index::process_count]
+    ds = grain.MapDataset.source(source)
     if len(ds) < batch_size:
-        raise ValueError(f"data source has {len(ds)} examples on this host, fewer than the batch "
-                         f"size {batch_size}")
+        raise ValueError(f"the data source has {len(ds)} examples, fewer than the batch size "
+                         f"{batch_size}")
+    lo, hi = rows or (0, batch_size)
+    share = hi - lo
+    if not (0 <= lo < hi <= batch_size and batch_size % share == 0 and lo % share == 0):
+        raise ValueError(f"rows={rows} is not an aligned block of a batch of {batch_size}")
     if shuffle:
         ds = ds.shuffle(seed=seed)
     # Small read-ahead: tokenization is cheap next to a step, and counters stay meaningful.
-    options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2 * batch_size)
+    options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2 * share)
     ds = ds.repeat(None).map(example_fn)
     if not pack_length:
-        return iter(ds.batch(batch_size, drop_remainder=True).to_iter_dataset(
-            read_options=options))
+        if share == batch_size:
+            return iter(ds.batch(batch_size, drop_remainder=True).to_iter_dataset(
+                read_options=options))
+        # Blocks of `share` consecutive examples; this host's is block lo/share of every batch.
+        blocks = ds.batch(share, drop_remainder=True)[lo // share::batch_size // share]
+        return iter(blocks.to_iter_dataset(read_options=options))
     from grain.experimental import FirstFitPackIterDataset
 
+    options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2 * batch_size)
     packed = FirstFitPackIterDataset(
         ds.map(unpadded).to_iter_dataset(read_options=options),
         length_struct={"input_ids": pack_length, "loss_mask": pack_length},
         num_packing_bins=batch_size, seed=seed, shuffle_bins=False)
-    return iter(packed.map(packed_row).batch(batch_size, drop_remainder=True))
+    batches = packed.map(packed_row).batch(batch_size, drop_remainder=True)
+    if share != batch_size:
+        batches = batches.map(lambda batch: {k: v[lo:hi] for k, v in batch.items()})
+    return iter(batches)
