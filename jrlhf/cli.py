@@ -236,14 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _multi_process() -> bool:
-    """Whether this command runs as one of several jax.distributed processes."""
-    jax = sys.modules.get("jax")
-    if jax is None:
-        return False
+def _peers():
+    """`jrlhf.distributed` when this command is one of several processes, else None."""
+    if "jax" not in sys.modules:  # annotate, elo: never started JAX
+        return None
     from jrlhf import distributed
 
-    return distributed.initialized() and jax.process_count() > 1
+    return distributed if distributed.initialized() and distributed.process_count() > 1 else None
 
 
 def main(argv=None) -> int:
@@ -255,29 +254,16 @@ def main(argv=None) -> int:
             NotImplementedError) as err:  # NotImplementedError: a model jrlhf refuses
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         line = f"jrlhf {args.command}: error: {message}"
-        if _multi_process():  # the other processes stop with this line too, not hang
-            from jrlhf import distributed
-
-            distributed.fail(line)
+        if _peers():  # the other processes stop with this line too, never hang
+            _peers().fail(line)
         print(line, file=sys.stderr)
         return 2
     except BaseException as err:
-        if not _multi_process() or isinstance(err, SystemExit):
-            raise
-        from jrlhf import distributed
-
-        first = (str(err).strip().splitlines() or [""])[0][:300]
-        line = f"jrlhf {args.command}: error: {type(err).__name__}: {first}"
-        if type(err).__name__ == "JaxRuntimeError":  # a collective lost its peer: name it
-            distributed.wait_for_verdict(line)
-        import traceback
-
-        traceback.print_exc()  # a bug: its traceback, then the peers are stopped
-        distributed.fail(line, 1)
-    if _multi_process():
-        from jrlhf import distributed
-
-        distributed.finish()
+        if _peers() and not isinstance(err, SystemExit):
+            _peers().crashed(err, f"jrlhf {args.command}")
+        raise
+    if _peers():
+        _peers().finish()
     return code
 
 

@@ -370,6 +370,20 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     _stop(message, code)
 
 
+def crashed(err: BaseException, label: str) -> None:
+    """An unexpected exception ends this process: a collective that lost its peer waits for
+    the `Watchdog` to name the lost process; anything else (a bug) prints its traceback. The
+    other processes are stopped either way."""
+    first = (str(err).strip().splitlines() or [""])[0][:300]
+    line = f"{label}: error: {type(err).__name__}: {first}"
+    if type(err).__name__ == "JaxRuntimeError":
+        wait_for_verdict(line)
+    import traceback
+
+    traceback.print_exc()
+    fail(line, 1)
+
+
 def wait_for_verdict(message: str) -> None:
     """A collective failed (a peer's connection dropped): give the `Watchdog` up to its timeout
     to name the lost process, then report `message` ourselves."""

@@ -23,7 +23,7 @@ import numpy as np
 from jrlhf import distributed
 from jrlhf.checkpoint import Checkpointer
 from jrlhf.config import RESUME_SAFE, Config, changed_keys, save_config
-from jrlhf.report import MetricsWriter, check_finite, one_line, write_atomically
+from jrlhf.report import MetricsWriter, NoMetrics, check_finite, one_line, write_atomically
 from jrlhf.rollouts import Reward, RolloutLoop
 from jrlhf.setups import Setup
 from jrlhf.state import TrainState
@@ -93,7 +93,7 @@ def _open_stage(name: str, config: Config, out_dir: Path, resume: bool, train: b
         raise
     distributed.barrier("stage_checked")  # every process compared before process 0 writes
     if not distributed.is_writer():
-        return ckpt, None
+        return ckpt, NoMetrics()
     save_config(config, out_dir / name / "config.json")
     write_atomically(out_dir / name / "inputs.json",
                      json.dumps(inputs, indent=2, sort_keys=True) + "\n")
@@ -164,7 +164,7 @@ def run_stage(name: str, config: Config, state: TrainState, step_fn: Callable, b
         train: False restores the latest checkpoint (resume) and returns without stepping.
     """
     run, history, start, preempted = config.run, [], 0, False
-    ckpt = writer = None
+    ckpt, writer = None, NoMetrics()
     try:
         if out_dir is not None:
             ckpt, writer = _open_stage(name, config, Path(out_dir), resume, train, inputs or {})
@@ -172,10 +172,8 @@ def run_stage(name: str, config: Config, state: TrainState, step_fn: Callable, b
                 state, start = _restore(ckpt, state, batches, set_loop_state, log)
                 if log:
                     log(f"[{name}] resumed from step {start} ({ckpt.directory})")
-            # Rows a killed run wrote past its last checkpoint (or before its first) are
-            # replayed.
-            if writer:
-                writer.truncate_after(start)
+            # Rows a killed run wrote past its last checkpoint (or its first) are replayed.
+            writer.truncate_after(start)
         with Preemption() as preemption:
             end = num_steps if train else start
             bar = progress(range(start, end), num_steps, name, run.progress and train,
@@ -185,17 +183,10 @@ def run_stage(name: str, config: Config, state: TrainState, step_fn: Callable, b
                 state, metrics = step_fn(state, next(batches))
                 dispatched = time.perf_counter()
                 metrics = {k: float(v) for k, v in metrics.items()}
-                stop = preemption.requested
-                if distributed.process_count() > 1:  # every host stops at the same step
-                    busy = dispatched - started - (distributed.waited_seconds() - waited)
-                    table = distributed.gather_floats(
-                        [float(stop), busy, time.perf_counter() - started])
-                    stop = bool(table[:, 0].max() > 0)
-                    metrics.update(host_metrics(table[:, 1], table[:, 2]))
+                stop = _agreed_stop(preemption.requested, metrics, started, dispatched, waited)
                 check_finite(step + 1, metrics, name, state)
                 history.append(metrics)
-                if writer:
-                    writer.write(step + 1, metrics)
+                writer.write(step + 1, metrics)
                 if log and run.log_every and (step + 1) % run.log_every == 0:
                     # Through the bar when there is one, so the line does not break it.
                     getattr(bar, "write", log)(one_line(name, step + 1, metrics))
@@ -211,9 +202,20 @@ def run_stage(name: str, config: Config, state: TrainState, step_fn: Callable, b
     finally:
         if ckpt is not None:
             ckpt.close()
-        if writer is not None:
-            writer.close()
+        writer.close()
     return StageResult(state, history, preempted)
+
+
+def _agreed_stop(requested: bool, metrics: dict, started: float, dispatched: float,
+                 waited: float) -> bool:
+    """Whether to stop after this step: SIGTERM on any process stops all at the same step.
+    With several processes the step's `host_metrics` are added to `metrics`."""
+    if distributed.process_count() == 1:
+        return requested
+    busy = dispatched - started - (distributed.waited_seconds() - waited)
+    table = distributed.gather_floats([float(requested), busy, time.perf_counter() - started])
+    metrics.update(host_metrics(table[:, 1], table[:, 2]))
+    return bool(table[:, 0].max() > 0)
 
 
 def host_metrics(busy, step_seconds) -> dict[str, float]:

@@ -98,6 +98,20 @@ class MetricsWriter:
         self.tb.close()
 
 
+class NoMetrics:
+    """A `MetricsWriter` that writes nothing: a stage run without a folder, and every process
+    but process 0 (the one writer) in a multi-host run."""
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """The rows of a metrics.jsonl; a half-written last line (a kill mid-append) is dropped.
 
