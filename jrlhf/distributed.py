@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import sys
 import threading
 import time
@@ -122,11 +123,32 @@ def maybe_initialize(run: RunConfig | None = None, *, label: str = "jrlhf") -> b
         if not 0 <= pid < num:
             raise ValueError(f"process_id={pid} must be in [0, {num}) for num_processes={num}")
         _use_gloo_on_cpu()
+        if pid != 0:  # process 0 hosts the coordinator
+            _wait_for_coordinator(coordinator, run.startup_timeout_s)
         _initialize(f"the coordinator {coordinator}", run, coordinator_address=coordinator,
                     num_processes=num, process_id=pid, **timeouts)
     if jax.process_count() > 1:
         Watchdog.start_once(run.peer_timeout_s, label)
     return True
+
+
+def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+    """Wait until the coordinator's port accepts connections, at most `timeout_s`: jax's own
+    client aborts the process with a stack dump when its deadline passes."""
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        raise ValueError(f"coordinator address {address!r} is not host:port")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
+            return
+        except OSError as err:
+            if time.monotonic() > deadline:
+                raise ValueError(f"could not join the coordinator {address} within "
+                                 f"run.startup_timeout_s={timeout_s:g} s ({err.strerror or err}):"
+                                 " is process 0 running, and is the address right?") from None
+            time.sleep(0.5)
 
 
 def _initialize(where: str, run: RunConfig, **kwargs) -> None:
