@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
+import os
 from typing import Any, Literal
 
 import jax
@@ -17,6 +19,9 @@ import numpy as np
 
 Family = Literal["gpt2", "llama"]
 
+# The sizes every model has; each must be a positive integer.
+SIZE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+               "intermediate_size", "max_position_embeddings")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +91,10 @@ class ModelConfig:
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
         if self.family not in ("gpt2", "llama"):
             raise ValueError(f"ModelConfig.family must be 'gpt2' or 'llama', got {self.family!r}")
+        for name in SIZE_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
@@ -476,3 +485,122 @@ def to_hf_config(cfg: ModelConfig):
         if model_type == "gemma2":
             kwargs["attn_logit_softcapping"] = cfg.attn_softcap
     return config_class(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks before anything is allocated.
+
+# Size keys of a transformers config.json (GPT-2's names, then the Llama family's); the ones in
+# _HF_OPTIONAL_SIZES may be null (derived by transformers).
+_HF_SIZE_KEYS = ("vocab_size", "n_embd", "n_head", "n_layer", "n_positions", "n_inner",
+                 "hidden_size", "num_attention_heads", "num_key_value_heads",
+                 "num_hidden_layers", "intermediate_size", "max_position_embeddings", "head_dim")
+_HF_OPTIONAL_SIZES = ("n_inner", "num_key_value_heads", "head_dim")
+
+
+def check_hf_sizes(raw: dict, where: str) -> None:
+    """Refuse a config.json dict whose sizes describe no model, before transformers sees it.
+
+    Every size present is a positive integer, the heads divide the hidden size where the head
+    size is derived from it (GPT-2 always; the Llama family when `head_dim` is not given), and
+    the query heads are a multiple of the key/value heads.
+
+    Raises:
+        ValueError: one line naming `where`, the key and its value.
+    """
+    for key in _HF_SIZE_KEYS:
+        value = raw.get(key)
+        if key not in raw or (value is None and key in _HF_OPTIONAL_SIZES):
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{where}: {key}={value!r} must be a positive integer")
+    gpt2 = raw.get("model_type") == "gpt2"
+    hidden, heads = ("n_embd", "n_head") if gpt2 else ("hidden_size", "num_attention_heads")
+    derived = gpt2 or raw.get("head_dim") is None
+    if hidden in raw and heads in raw and derived and raw[hidden] % raw[heads]:
+        raise ValueError(f"{where}: {heads}={raw[heads]} does not divide {hidden}={raw[hidden]} "
+                         f"(the head size is {hidden} / {heads}"
+                         f"{'' if gpt2 else ' when head_dim is not given'})")
+    kv_heads = None if gpt2 else raw.get("num_key_value_heads")
+    if kv_heads and heads in raw and raw[heads] % kv_heads:
+        raise ValueError(f"{where}: {heads}={raw[heads]} must be a multiple of "
+                         f"num_key_value_heads={kv_heads}")
+
+
+# Fields that say how a model is computed, not what its checkpoint holds.
+_COMPUTE_FIELDS = ("dtype", "scan_layers", "remat", "attention", "residual_barrier",
+                   "logits_chunk_size")
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-6)
+    return a == b
+
+
+def _explicit_query_scale(cfg: ModelConfig) -> float | None:
+    """`cfg.query_scale`, None where it is the default head_dim ** -0.5."""
+    scale = cfg.query_scale
+    return None if scale is None or _same(scale, cfg.head_dim ** -0.5) else scale
+
+
+def check_exportable(cfg: ModelConfig, where: str) -> None:
+    """Refuse a config that its own Hugging Face form would not describe.
+
+    What `save_pretrained` writes must load back as the same model: a GPT-2 checkpoint has
+    every bias and `hf_model_type="gpt2"`, Qwen2 biases q/k/v, Mistral has no biases, ... A
+    random-weight `model.arch` is checked here before training, not when its export fails.
+
+    Raises:
+        ValueError: one line naming `where` and each field that would not round-trip.
+    """
+    try:
+        back = from_hf_config(to_hf_config(cfg), lm_head=cfg.lm_head,
+                              scalar_head=cfg.scalar_head)
+    except Exception as err:  # noqa: BLE001 - transformers' validators raise their own types
+        text = " ".join(str(err).split())
+        raise ValueError(f"{where}: cannot be written as a {cfg.hf_model_type} checkpoint "
+                         f"({type(err).__name__}: {text})") from None
+    ours, theirs = (dataclasses.replace(c, query_scale=_explicit_query_scale(c))
+                    for c in (cfg, back))
+    differ = [f"{f.name}={getattr(ours, f.name)!r} (it has {getattr(theirs, f.name)!r})"
+              for f in dataclasses.fields(cfg)
+              if f.name not in _COMPUTE_FIELDS
+              and not _same(getattr(ours, f.name), getattr(theirs, f.name))]
+    if differ:
+        raise ValueError(f"{where}: a {back.hf_model_type} checkpoint cannot hold this model: "
+                         f"{', '.join(differ)}; set these fields to match")
+
+
+def host_memory_bytes() -> int:
+    """Physical memory of this host, in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def format_bytes(n: float) -> str:
+    """`n` bytes as a short human size (`3.6 TiB`)."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+    power = 0
+    while n >= 1024 and power < len(units) - 1:
+        n, power = n / 1024, power + 1
+    return f"{n:.1f} {units[power]}"
+
+
+def check_memory(cfg: ModelConfig, where: str, *, bytes_per_param: int = 4,
+                 limit: int | None = None) -> None:
+    """Refuse a model whose parameters alone exceed `limit` (default: this host's memory).
+
+    Parameters are built on the host (float32 master weights: 4 bytes each), so a config that
+    asks for more than the host has is refused before the first array is allocated.
+
+    Raises:
+        ValueError: one line naming `where`, the estimate, the limit and the sizes behind it.
+    """
+    limit = host_memory_bytes() if limit is None else limit
+    need = cfg.num_params * bytes_per_param
+    if need > limit:
+        raise ValueError(
+            f"{where}: {cfg.num_params:,} parameters need {format_bytes(need)} "
+            f"({bytes_per_param} bytes each), more than the {format_bytes(limit)} of memory "
+            f"this host has (vocab_size={cfg.vocab_size}, hidden_size={cfg.hidden_size}, "
+            f"num_layers={cfg.num_layers}, intermediate_size={cfg.intermediate_size})")

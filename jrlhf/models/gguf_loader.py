@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 from pathlib import Path
 
 import numpy as np
 
 from jrlhf.models.config import ModelConfig
-from jrlhf.models.hf import params_from_hf_tensors
+from jrlhf.models.hf import WeightsMismatch, params_from_hf_tensors
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -67,11 +68,15 @@ def load_gguf(path: str | os.PathLike, dtype=np.float32, *, with_tokenizer: bool
         raise FileNotFoundError(f"{path}: GGUF file not found")
     try:
         return _load_gguf(path, dtype, with_tokenizer, gguf)
-    except (ValueError, IndexError, KeyError, OSError) as err:
-        if isinstance(err, FileNotFoundError):
+    except (ValueError, IndexError, KeyError, OSError, ZeroDivisionError, struct.error) as err:
+        if isinstance(err, (FileNotFoundError, WeightsMismatch)):
             raise
-        raise ValueError(f"{path}: not a complete, readable GGUF file ({type(err).__name__}: "
-                         f"{err})") from None
+        raise _unreadable(path, err) from None
+
+
+def _unreadable(path: Path, err: Exception) -> ValueError:
+    text = " ".join(str(err).split())
+    return ValueError(f"{path}: not a complete, readable GGUF file ({type(err).__name__}: {text})")
 
 
 def _load_gguf(path: Path, dtype, with_tokenizer: bool, gguf):
@@ -123,12 +128,22 @@ def _load_gguf(path: Path, dtype, with_tokenizer: bool, gguf):
 
 
 def load_gguf_tokenizer(path: str | os.PathLike):
-    """transformers fast tokenizer from a GGUF file's metadata (torch-free)."""
+    """transformers fast tokenizer from a GGUF file's metadata (torch-free).
+
+    Raises:
+        FileNotFoundError / ValueError: one line naming the file (missing, truncated, no
+            tokenizer in its metadata).
+    """
     from transformers import AutoTokenizer
 
     path = Path(path)
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
-                                         local_files_only=True, trust_remote_code=False)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: GGUF file not found")
+    try:
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
+                                             local_files_only=True, trust_remote_code=False)
+    except (ValueError, IndexError, KeyError, OSError, TypeError, struct.error) as err:
+        raise _unreadable(path, err) from None
 
 
 def smollm2_gguf_path() -> Path:

@@ -9,12 +9,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from jrlhf import paths
-from jrlhf.models.config import ModelConfig, from_hf_config, to_hf_config
+from jrlhf.models.config import (
+    ModelConfig,
+    check_hf_sizes,
+    check_memory,
+    from_hf_config,
+    to_hf_config,
+)
 
 # Buffers some checkpoints carry that are not parameters.
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
@@ -77,6 +83,81 @@ def hf_name_table(cfg: ModelConfig) -> list[tuple[str, str, str]]:
     return table
 
 
+class WeightsMismatch(ValueError):
+    """A checkpoint's tensors do not fit its config: a missing, unknown or wrong-shape tensor."""
+
+
+def param_shape(cfg: ModelConfig, path: str) -> tuple[int, ...]:
+    """Shape of our parameter at `path` (e.g. `layers/0/attn/q_proj/kernel`) for `cfg`."""
+    d, f, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    *_, module, leaf = path.split("/")
+    if module in ("embed", "pos_embed"):
+        return (vocab if module == "embed" else cfg.max_position_embeddings, d)
+    if module in ("q_norm", "k_norm"):
+        return (cfg.head_dim,)
+    if module.endswith("norm"):
+        return (d,)
+    d_in, d_out = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
+                   "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d),
+                   "fc_in": (d, f), "fc_out": (f, d), "lm_head": (d, vocab),
+                   "score": (d, 1)}[module]
+    return (d_in, d_out) if leaf == "kernel" else (d_out,)
+
+
+def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """`{hf_name: shape}` (names without the model prefix, torch layout) a checkpoint of `cfg`
+    holds."""
+    shapes = {}
+    for ours, theirs, tf in hf_name_table(cfg):
+        if tf == "qkv":  # GPT-2's fused Conv1D: [d, q + 2 kv] and its bias
+            width = sum(param_shape(cfg, ours.replace("qkv", f"{p}/kernel"))[1]
+                        for p in ("q_proj", "k_proj", "v_proj"))
+            shapes[theirs + ".weight"] = (cfg.hidden_size, width)
+            shapes[theirs + ".bias"] = (width,)
+            continue
+        shape = param_shape(cfg, ours)
+        shapes[theirs] = shape[::-1] if tf == "T" else shape
+    return shapes
+
+
+def _describe(cfg: ModelConfig) -> str:
+    return (f"{cfg.hf_model_type}: vocab_size {cfg.vocab_size}, hidden_size {cfg.hidden_size}, "
+            f"{cfg.num_layers} layers, {cfg.num_heads} heads x {cfg.head_dim}, "
+            f"{cfg.num_kv_heads} kv heads, intermediate_size {cfg.intermediate_size}")
+
+
+def check_hf_tensors(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], *,
+                     source: str = "checkpoint") -> None:
+    """Refuse tensors that do not fit `cfg`, before any array is built from them.
+
+    Args:
+        cfg: the config the tensors must fit.
+        shapes: `{hf_name without the model prefix: shape}` of every tensor.
+        source: the file or folder, for the message.
+
+    Raises:
+        WeightsMismatch: one line naming the tensor, and for a wrong shape the shape found and
+            the shape the config expects. A scalar head may be absent (it starts at zero); an
+            `lm_head.weight` beside tied embeddings is ignored; any other tensor is unknown.
+    """
+    expected = expected_hf_shapes(cfg)
+    for name, shape in expected.items():
+        if name not in shapes:
+            if name == "score.weight":
+                continue
+            raise WeightsMismatch(f"{source}: tensor {name!r} is missing (config: "
+                                  f"{cfg.hf_model_type}, {cfg.num_layers} layers)")
+        found = tuple(shapes[name])
+        if found != shape:
+            raise WeightsMismatch(f"{source}: tensor {name!r} has shape {list(found)}; the config "
+                                  f"({_describe(cfg)}) expects {list(shape)}")
+    leftover = sorted(set(shapes) - set(expected) - {"lm_head.weight"})
+    if leftover:
+        raise WeightsMismatch(f"{source}: unexpected tensors {leftover[:5]} (and {len(leftover)} "
+                              f"in all) for a {cfg.hf_model_type} model")
+
+
 def _strip_prefix(name: str) -> str:
     for prefix in _PREFIXES:
         if name.startswith(prefix):
@@ -84,43 +165,34 @@ def _strip_prefix(name: str) -> str:
     return name
 
 
+def _named(names) -> dict[str, str]:
+    """`{name without the model prefix: name}` of the tensors that are parameters."""
+    return {_strip_prefix(k): k for k in names if not k.endswith(_IGNORED_SUFFIXES)}
+
+
 def params_from_hf_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray], *,
                            source: str = "checkpoint", dtype=np.float32) -> dict:
     """Our nested params from a `{hf_name: array}` state dict (torch layout).
 
-    A scalar head missing from the checkpoint starts at zero (a fresh reward/value head).
-    Unknown tensors are an error: they mean the checkpoint is not the architecture we think.
+    The names and shapes are checked first (`check_hf_tensors`). A scalar head missing from
+    the checkpoint starts at zero (a fresh reward/value head).
     """
-    named = {_strip_prefix(k): v for k, v in tensors.items()
-             if not k.endswith(_IGNORED_SUFFIXES)}
-    used: set[str] = set()
+    named = {short: tensors[name] for short, name in _named(tensors).items()}
+    check_hf_tensors(cfg, {k: np.shape(v) for k, v in named.items()}, source=source)
     flat: dict[str, np.ndarray] = {}
-
-    def take(name: str) -> np.ndarray:
-        if name not in named:
-            raise KeyError(f"{source}: tensor {name!r} is missing (config: {cfg.hf_model_type}, "
-                           f"{cfg.num_layers} layers)")
-        used.add(name)
-        return np.asarray(named[name])
-
     for ours, theirs, tf in hf_name_table(cfg):
         if tf == "qkv":
-            weight, bias = take(theirs + ".weight"), take(theirs + ".bias")
-            for j, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+            weight, bias = (np.asarray(named[theirs + suffix]) for suffix in (".weight", ".bias"))
+            for j, proj in enumerate(("q_proj", "k_proj", "v_proj")):  # GPT-2: q, k, v all [d, d]
                 base = ours.replace("qkv", proj)
                 flat[f"{base}/kernel"] = np.split(weight, 3, axis=1)[j]
                 flat[f"{base}/bias"] = np.split(bias, 3)[j]
             continue
         if ours == "score/kernel" and theirs not in named:
-            flat[ours] = np.zeros((cfg.hidden_size, 1), np.float32)
+            flat[ours] = np.zeros(param_shape(cfg, ours), np.float32)
             continue
-        array = take(theirs)
+        array = np.asarray(named[theirs])
         flat[ours] = array.T if tf == "T" else array
-    # A checkpoint may carry an lm_head copy of tied embeddings, or an LM head we don't want.
-    leftover = sorted(set(named) - used - {"lm_head.weight"})
-    if leftover:
-        raise ValueError(f"{source}: unexpected tensors {leftover[:5]} (and {len(leftover)} in all)"
-                         f" for a {cfg.hf_model_type} model")
     return paths.unflatten({k: np.ascontiguousarray(v, dtype=dtype) for k, v in flat.items()})
 
 
@@ -143,26 +215,78 @@ def hf_tensors_from_params(cfg: ModelConfig, params: dict, prefix: str | None = 
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
-def read_safetensors_folder(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All tensors of a local HF model folder (single file or sharded with an index)."""
-    from safetensors.numpy import load_file
+INDEX_FILE = "model.safetensors.index.json"
 
+
+def _inside(name) -> bool:
+    """Whether an index entry names a path inside its folder (relative, no `..`)."""
+    if not isinstance(name, str) or not name or "\\" in name:
+        return False
+    path = PurePosixPath(name)
+    return not path.is_absolute() and ".." not in path.parts
+
+
+def safetensors_files(path: str | os.PathLike) -> list[Path]:
+    """The weight files of a local HF model folder: those its shard index names, else every
+    `*.safetensors` in it.
+
+    Every index entry must name a path inside the folder (relative, no `..`; symbolic links
+    inside it are followed, as in the Hugging Face cache's snapshot folders) and exist.
+
+    Raises:
+        FileNotFoundError: no folder, no weights (naming pickle-only weights), a missing shard.
+        ValueError: an index that is not `{"weight_map": {tensor: file}}`, an entry outside.
+    """
     folder = Path(path)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: not a model folder (expected config.json + *.safetensors)")
-    index = folder / "model.safetensors.index.json"
+        raise FileNotFoundError(f"{folder}: not a model folder (expected config.json + "
+                                "*.safetensors)")
+    index = folder / INDEX_FILE
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = sorted(p.name for p in folder.glob("*.safetensors"))
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError,
+                AttributeError) as err:
+            raise ValueError(f"{index}: not a shard index ({type(err).__name__}: {err}); expected "
+                             '{"weight_map": {tensor: file}}') from None
+        for name in names:
+            if not _inside(name):
+                raise ValueError(f"{index}: shard {name!r} is outside {folder}; an index may name "
+                                 "only files inside its folder")
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"{index}: shard {name!r} is not a file in {folder}")
+        return [folder / name for name in names]
+    files = sorted(folder.glob("*.safetensors"))
     if not files:
         pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
         why = (f"it holds only {pickled}: pickle-based weights are never loaded (unpickling runs "
                "arbitrary code). Convert them to safetensors first.") if pickled else "no weights"
         raise FileNotFoundError(f"{folder}: no *.safetensors files; {why}")
+    return files
+
+
+def safetensors_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """`{tensor name: shape}` from the headers of safetensors files (no tensor data read)."""
+    from safetensors import SafetensorError, safe_open
+
+    shapes = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="numpy") as f:
+                names = f.keys()  # a safetensors handle, not a dict
+                shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in names})
+        except SafetensorError as err:
+            raise ValueError(f"{file}: not a readable safetensors file ({err})") from None
+    return shapes
+
+
+def read_safetensors_folder(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All tensors of a local HF model folder (single file or sharded with an index)."""
+    from safetensors.numpy import load_file
+
     tensors: dict[str, np.ndarray] = {}
-    for name in files:
-        tensors.update(_load_safetensors_file(folder / name, load_file))
+    for file in safetensors_files(path):
+        tensors.update(_load_safetensors_file(file, load_file))
     return tensors
 
 
@@ -213,9 +337,38 @@ def refuse_remote_code(folder: str | os.PathLike) -> None:
                              "folder's own Python")
 
 
+def read_hf_config(path: str | os.PathLike):
+    """The transformers config of a local HF model folder, checked before transformers builds it:
+    no remote code, sizes that describe a model (`check_hf_sizes`).
+
+    Raises:
+        FileNotFoundError / ValueError: one line naming the folder or its config.json.
+    """
+    import transformers
+
+    folder = Path(path)
+    config = folder / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{folder}: no config.json (expected a local Hugging Face model "
+                                "folder)")
+    refuse_remote_code(folder)  # also: config.json is a JSON object
+    check_hf_sizes(json.loads(config.read_text()), str(config))
+    try:
+        return transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True,
+                                                       trust_remote_code=False)
+    except Exception as err:  # noqa: BLE001 - transformers' validators raise their own types
+        text = " ".join(str(err).split())
+        raise ValueError(f"{config}: transformers cannot read it ({type(err).__name__}: "
+                         f"{text})") from None
+
+
 def load_pretrained(path: str | os.PathLike, dtype=np.float32, *, lm_head: bool | None = None,
                     scalar_head: bool | None = None):
     """Load a local HF model folder. Returns `(ModelConfig, params)`.
+
+    Everything is checked before an array is built: the config's sizes, a memory estimate
+    against this host's memory, that every shard is inside the folder, and every tensor's
+    name and shape against the config.
 
     Args:
         path: folder with `config.json` and `*.safetensors` (sharded folders included).
@@ -223,27 +376,29 @@ def load_pretrained(path: str | os.PathLike, dtype=np.float32, *, lm_head: bool 
         lm_head / scalar_head: which heads to build; by default what the checkpoint has
             (a `*ForSequenceClassification` checkpoint gives a scalar head, no LM head).
     """
-    import transformers
+    from safetensors.numpy import load_file
 
     folder = Path(path)
-    if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"{folder}: no config.json (expected a local Hugging Face model folder)")
-    refuse_remote_code(folder)
-    hf_config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True,
-                                                        trust_remote_code=False)
+    hf_config = read_hf_config(folder)
     try:  # refuse an unsupported architecture before reading weights, naming the folder
         from_hf_config(hf_config)
-    except NotImplementedError as err:
-        raise NotImplementedError(f"{folder}: {err}") from None
-    tensors = read_safetensors_folder(folder)
-    has_score = any(_strip_prefix(k) == "score.weight" for k in tensors)
+    except (NotImplementedError, ValueError) as err:
+        raise type(err)(f"{folder}: {err}") from None
+    files = safetensors_files(folder)
+    all_shapes = safetensors_shapes(files)
+    shapes = {short: all_shapes[name] for short, name in _named(all_shapes).items()}
     arch = " ".join(getattr(hf_config, "architectures", None) or [])
-    is_classifier = has_score or "SequenceClassification" in arch
+    is_classifier = "score.weight" in shapes or "SequenceClassification" in arch
     cfg = from_hf_config(
         hf_config,
         lm_head=(not is_classifier) if lm_head is None else lm_head,
         scalar_head=is_classifier if scalar_head is None else scalar_head,
     )
+    check_memory(cfg, str(folder), bytes_per_param=np.dtype(dtype).itemsize)
+    check_hf_tensors(cfg, shapes, source=str(folder))
+    tensors: dict[str, np.ndarray] = {}
+    for file in files:
+        tensors.update(_load_safetensors_file(file, load_file))
     params = params_from_hf_tensors(cfg, tensors, source=str(folder), dtype=np.dtype(dtype))
     return cfg, params
 

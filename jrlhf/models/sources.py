@@ -7,15 +7,20 @@ folder (safetensors), or "random" (weights from `arch`). `model_config` reads on
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import jax
 import numpy as np
 import transformers
 
-from jrlhf.models.config import ModelConfig, from_hf_config
+from jrlhf.models.config import ModelConfig, check_exportable, check_memory, from_hf_config
 from jrlhf.models.gguf_loader import load_gguf, load_gguf_tokenizer, smollm2_gguf_path
-from jrlhf.models.hf import load_pretrained, refuse_remote_code
+from jrlhf.models.hf import load_pretrained, read_hf_config, refuse_remote_code
 from jrlhf.models.transformer import init_params
+
+# A tokenizer folder holds one of these (a fast tokenizer, or a slow one's vocabulary).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json",
+                   "vocab.txt", "tiktoken.model")
 
 
 def _gguf_path(source: str):
@@ -27,12 +32,28 @@ def _is_gguf(source: str) -> bool:
 
 
 def load_tokenizer(source: str):
-    """The tokenizer of a GGUF file ("smollm2" for the embedded one) or a local HF folder."""
+    """The tokenizer of a GGUF file ("smollm2" for the embedded one) or a local HF folder.
+
+    Raises:
+        FileNotFoundError / ValueError: one line naming the path and what it lacks.
+    """
     if _is_gguf(source):
         return load_gguf_tokenizer(_gguf_path(source))
-    refuse_remote_code(source)
-    return transformers.AutoTokenizer.from_pretrained(source, local_files_only=True,
-                                                      trust_remote_code=False)
+    folder = Path(source)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: not a tokenizer folder (a tokenizer comes from a "
+                                "Hugging Face model folder, a .gguf file or 'smollm2')")
+    refuse_remote_code(folder)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{folder}: no tokenizer files (expected one of "
+                                f"{', '.join(TOKENIZER_FILES)})")
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
+                                                          trust_remote_code=False)
+    except Exception as err:  # noqa: BLE001 - transformers raises many types here
+        text = " ".join(str(err).split())
+        raise ValueError(f"{folder}: its tokenizer files cannot be loaded "
+                         f"({type(err).__name__}: {text})") from None
 
 
 def load_policy(section, seed: int = 0, *, tokenizer: bool = True):
@@ -44,6 +65,8 @@ def load_policy(section, seed: int = 0, *, tokenizer: bool = True):
         if section.arch is None:
             raise ValueError("model.source='random' needs model.arch (a ModelConfig)")
         cfg = section.compute(section.arch)
+        check_exportable(cfg, "model.arch")
+        check_memory(cfg, "model.arch")
         params = jax.tree.map(np.asarray, init_params(cfg, seed))
         return cfg, params, load_tokenizer(section.tokenizer or "smollm2") if tokenizer else None
     tokenizer = None
@@ -79,7 +102,4 @@ def model_config(section) -> ModelConfig:
                           intermediate_size=int(f("llama.feed_forward_length")),
                           tie_word_embeddings=True)
         return section.compute(cfg)
-    refuse_remote_code(section.source)
-    hf = transformers.AutoConfig.from_pretrained(section.source, local_files_only=True,
-                                                 trust_remote_code=False)
-    return section.compute(from_hf_config(hf))
+    return section.compute(from_hf_config(read_hf_config(section.source)))
