@@ -1,11 +1,17 @@
 """Model folders: checked before any array is built (shard paths, tensor shapes, config sizes,
-memory, tokenizers)."""
+memory, tokenizers), and exports that a failure or a kill at any moment leaves whole."""
 
 import dataclasses
+import hashlib
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import transformers
@@ -330,3 +336,180 @@ def test_tokenizer_errors_name_the_path_and_what_is_missing(where, expected, tmp
                             "--set", f"model.tokenizer={where.format(tmp=tmp_path)}"],
                            expected.format(tmp=tmp_path), capfd)
     assert "sentencepiece" not in line
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic exports.
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.iterdir())}
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.parent.iterdir() if ".jrlhf-" in p.name)
+
+
+@pytest.fixture
+def exported(hf_folder, tiny_tokenizer, tmp_path):
+    """`(cfg, params, new_params, folder)`: a first export at `folder` (llama_gqa with a
+    tokenizer) and other parameters to export over it."""
+    _, src = hf_folder("llama_gqa")
+    cfg, params = models.load_pretrained(src)
+    folder = tmp_path / "export"
+    models.save_pretrained(folder, cfg, params, tokenizer=tiny_tokenizer)
+    new = jax.tree.map(lambda p: np.asarray(p) + 0.5, params)
+    return cfg, params, new, folder
+
+
+def assert_is_export_of(folder: Path, cfg, params) -> None:
+    cfg2, params2 = models.load_pretrained(folder)
+    assert cfg2 == cfg
+    jax.tree.map(np.testing.assert_array_equal, params2, params)
+    assert transformers.AutoTokenizer.from_pretrained(folder)("the movie")["input_ids"]
+    transformers.AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_an_export_writes_the_whole_folder(exported):
+    cfg, params, _, folder = exported
+    names = set(digests(folder))
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+            "tokenizer_config.json"} <= names, names
+    assert json.loads((folder / "generation_config.json").read_text())["pad_token_id"] == 0
+    assert leftovers(folder) == []
+    assert_is_export_of(folder, cfg, params)
+
+
+@pytest.mark.parametrize("failing", ["weights", "config", "tokenizer"])
+def test_a_failed_export_leaves_the_previous_one_intact(failing, exported, tiny_tokenizer,
+                                                        monkeypatch):
+    cfg, params, new, folder = exported
+    before = digests(folder)
+
+    def fail(*args, **kwargs):
+        if failing == "weights":  # half a file, then the disk is full
+            Path(args[1]).write_bytes(b"\0" * 1000)
+        raise OSError(28, "No space left on device")
+
+    target = {"weights": "safetensors.numpy.save_file",
+              "config": "transformers.PretrainedConfig.save_pretrained"}.get(failing)
+    if target:
+        monkeypatch.setattr(target, fail)
+    else:
+        monkeypatch.setattr(tiny_tokenizer, "save_pretrained", fail)
+    with pytest.raises(OSError, match="No space left"):
+        models.save_pretrained(folder, cfg, new, tokenizer=tiny_tokenizer)
+    monkeypatch.undo()
+    assert digests(folder) == before
+    assert leftovers(folder) == []
+    assert_is_export_of(folder, cfg, params)
+
+
+KILLED_EXPORT = """
+import os, shutil, sys, time
+import numpy as np, transformers
+from jrlhf import models
+from jrlhf.models import hf
+
+src, folder, point = sys.argv[1:]
+cfg, params = models.load_pretrained(src)
+tokenizer = transformers.AutoTokenizer.from_pretrained(src)
+params = {"embed": {"embedding": params["embed"]["embedding"] + 0.5},
+          **{k: v for k, v in params.items() if k != "embed"}}
+
+def hang(original):
+    def run(*args, **kwargs):
+        if point != "swap":
+            original(*args, **kwargs)
+        print("KILL ME", flush=True)
+        time.sleep(600)
+    return run
+
+if point == "weights":
+    import safetensors.numpy
+    safetensors.numpy.save_file = hang(safetensors.numpy.save_file)
+elif point == "config":
+    transformers.PretrainedConfig.save_pretrained = hang(
+        transformers.PretrainedConfig.save_pretrained)
+elif point == "tokenizer":
+    type(tokenizer).save_pretrained = hang(type(tokenizer).save_pretrained)
+else:  # after the exchange, while the previous export is being removed
+    hf.shutil.rmtree = hang(shutil.rmtree)
+models.save_pretrained(folder, cfg, params, tokenizer=tokenizer)
+"""
+
+
+@pytest.mark.parametrize("point", ["weights", "config", "tokenizer", "swap"])
+def test_a_killed_export_leaves_the_previous_or_the_new_export(point, exported, tiny_tokenizer,
+                                                               tmp_path):
+    """SIGKILL at four moments of an export over a previous one: the folder is the previous
+    export byte for byte (or, once swapped, the new one); what the kill left beside it (a
+    full-size weights file among it) is removed by the next export."""
+    cfg, params, _, folder = exported
+    source = tmp_path / "source"  # the previous export is the child's model and tokenizer
+    shutil.copytree(folder, source)
+    before = digests(folder)
+    child = subprocess.Popen([sys.executable, "-c", KILLED_EXPORT, str(source), str(folder),
+                              point], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    try:
+        lines = iter(child.stdout.readline, "")
+        assert any(line.strip() == "KILL ME" for line in lines), "the export ended unkilled"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    (stale,) = leftovers(folder)
+    assert (folder.parent / stale / "model.safetensors").stat().st_size > 10_000
+    new = {**params, "embed": {"embedding": params["embed"]["embedding"] + 0.5}}
+    if point == "swap":
+        assert_is_export_of(folder, cfg, new)
+    else:
+        assert digests(folder) == before
+        assert_is_export_of(folder, cfg, params)
+    models.save_pretrained(folder, cfg, new, tokenizer=tiny_tokenizer)
+    assert leftovers(folder) == []
+    assert_is_export_of(folder, cfg, new)
+
+
+def test_without_an_atomic_exchange_a_set_aside_export_is_restored(exported, tiny_tokenizer,
+                                                                   monkeypatch):
+    """Where renameat2 is missing the swap is two renames; a kill between them leaves the
+    previous export beside the folder, and the next export puts it back before writing."""
+    from jrlhf.models import hf
+
+    cfg, _, new, folder = exported
+    before = digests(folder)
+    monkeypatch.setattr(hf, "_exchange", lambda a, b: False)
+    folder.rename(folder.with_name(f".export.jrlhf-old-{os.getpid()}-0123abcd"))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tiny_tokenizer, "save_pretrained", disk_full)
+    with pytest.raises(OSError):
+        models.save_pretrained(folder, cfg, new, tokenizer=tiny_tokenizer)
+    assert digests(folder) == before and leftovers(folder) == []
+    monkeypatch.undo()
+    monkeypatch.setattr(hf, "_exchange", lambda a, b: False)
+    models.save_pretrained(folder, cfg, new, tokenizer=tiny_tokenizer)
+    assert leftovers(folder) == []
+    assert_is_export_of(folder, cfg, new)
+
+
+@pytest.mark.parametrize("content", ["notes.md", "subfolder/"])
+def test_a_folder_that_is_not_an_export_is_never_replaced(content, exported, tmp_path):
+    cfg, params, _, _ = exported
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"x")
+    if content.endswith("/"):
+        (folder / content).mkdir()
+    else:
+        (folder / content).write_text("keep me")
+    with pytest.raises(FileExistsError, match=rf"{folder}: holds '{content.rstrip('/')}', "
+                                              "which no export writes"):
+        models.save_pretrained(folder, cfg, params)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["model.safetensors",
+                                                               content.rstrip("/")])
+    assert leftovers(folder) == []

@@ -6,9 +6,14 @@ every `(our_path, hf_name, transform)`; loading and saving both walk that one ta
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import errno
 import json
 import os
+import re
+import secrets
+import shutil
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -403,18 +408,105 @@ def load_pretrained(path: str | os.PathLike, dtype=np.float32, *, lm_head: bool 
     return cfg, params
 
 
-def save_pretrained(path: str | os.PathLike, cfg: ModelConfig, params: dict, *,
-                    tokenizer=None, dtype=np.float32) -> Path:
-    """Write an HF folder that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+# What an export folder holds (our files, transformers' config and tokenizer files, and the
+# temp file of exports before they were atomic). A folder holding anything else is not replaced.
+_EXPORT_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".jinja", ".safetensors.tmp")
 
-    A model with only a scalar head is written as `*ForSequenceClassification` (num_labels=1).
+
+def _check_replaceable(folder: Path) -> None:
+    """Refuse to replace an existing `folder` that is not a model export."""
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise FileExistsError(f"{folder}: exists and is not a folder; choose another export folder")
+    for entry in sorted(folder.iterdir()):
+        if entry.is_dir() or not entry.name.endswith(_EXPORT_SUFFIXES):
+            raise FileExistsError(f"{folder}: holds {entry.name!r}, which no export writes; an "
+                                  "export replaces its whole folder, so choose a new or empty "
+                                  "folder or an earlier export")
+
+
+def _sibling(folder: Path, kind: str) -> Path:
+    """A fresh hidden path beside `folder` for an export being written ("tmp") or replaced."""
+    return folder.with_name(f".{folder.name}.jrlhf-{kind}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale(folder: Path) -> None:
+    """Remove what killed exports to `folder` left beside it (unless their process still runs).
+
+    A previous export set aside while a kill came between the two renames of a swap (only
+    where the atomic exchange is unavailable) is put back first, if `folder` is missing.
     """
+    pattern = re.compile(rf"\.{re.escape(folder.name)}\.jrlhf-(tmp|old)-(\d+)-[0-9a-f]+")
+    if not folder.parent.is_dir():
+        return
+    for entry in sorted(folder.parent.iterdir()):
+        match = pattern.fullmatch(entry.name)
+        if not match or (int(match[2]) != os.getpid() and _alive(int(match[2]))):
+            continue
+        if match[1] == "old" and not folder.exists():
+            os.rename(entry, folder)
+        else:
+            shutil.rmtree(entry)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux `renameat2(RENAME_EXCHANGE)`); False where
+    the C library or the file system lacks it."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                          ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _move_into_place(tmp: Path, folder: Path) -> None:
+    """Rename the complete export `tmp` to `folder`, replacing a previous export there: at any
+    moment `folder` is the previous export or the new one."""
+    if not folder.exists():
+        os.rename(tmp, folder)
+    elif _exchange(tmp, folder):
+        shutil.rmtree(tmp)  # now the previous export
+    else:
+        old = _sibling(folder, "old")
+        os.rename(folder, old)
+        os.rename(tmp, folder)
+        shutil.rmtree(old)
+    _fsync(folder.parent)
+
+
+def _write_export(folder: Path, cfg: ModelConfig, params: dict, tokenizer, dtype) -> None:
+    """Weights, config.json, generation config (LM exports) and tokenizer files into `folder`,
+    each file synced to disk."""
+    import transformers
     from safetensors.numpy import save_file
 
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    if cfg.lm_head and cfg.scalar_head:  # a policy's shared value head is training-only
-        cfg = dataclasses.replace(cfg, scalar_head=False)
     hf_config = to_hf_config(cfg)
     if cfg.lm_head:
         hf_config.architectures = [HF_CLASSES[cfg.hf_model_type][0]]
@@ -422,10 +514,47 @@ def save_pretrained(path: str | os.PathLike, cfg: ModelConfig, params: dict, *,
         hf_config.architectures = [HF_CLASSES[cfg.hf_model_type][1]]
         hf_config.num_labels = 1
     tensors = hf_tensors_from_params(cfg, params, dtype=dtype)
-    tmp = folder / "model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, folder / "model.safetensors")
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     hf_config.save_pretrained(str(folder))
+    if cfg.lm_head:
+        transformers.GenerationConfig.from_model_config(hf_config).save_pretrained(str(folder))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
+    for file in sorted(folder.rglob("*")):
+        if file.is_file():
+            _fsync(file)
+    _fsync(folder)
+
+
+def save_pretrained(path: str | os.PathLike, cfg: ModelConfig, params: dict, *,
+                    tokenizer=None, dtype=np.float32) -> Path:
+    """Write an HF folder that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+
+    A model with only a scalar head is written as `*ForSequenceClassification` (num_labels=1).
+    The whole folder (weights, config.json, generation config, tokenizer files) is written
+    into a hidden sibling folder and then renamed into place, so a kill at any moment leaves
+    the previous export or the new one, never a mix; what a killed export left beside `path`
+    is removed here. An existing `path` that holds other files than an export's is refused
+    (FileExistsError), never replaced.
+
+    Returns:
+        `Path(path)`.
+    """
+    folder = Path(path)
+    target = folder.resolve() if folder.is_symlink() else Path(os.path.abspath(folder))
+    if not target.name:
+        raise FileExistsError(f"{folder}: cannot be replaced by an export; choose a folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(target)
+    _check_replaceable(target)
+    if cfg.lm_head and cfg.scalar_head:  # a policy's shared value head is training-only
+        cfg = dataclasses.replace(cfg, scalar_head=False)
+    tmp = _sibling(target, "tmp")
+    tmp.mkdir()
+    try:
+        _write_export(tmp, cfg, params, tokenizer, dtype)
+        _move_into_place(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return folder
