@@ -183,13 +183,15 @@ def run_stage(name: str, config: Config, state: TrainState, step_fn: Callable, b
                 state, metrics = step_fn(state, next(batches))
                 dispatched = time.perf_counter()
                 metrics = {k: float(v) for k, v in metrics.items()}
-                stop = _agreed_stop(preemption.requested, metrics, started, dispatched, waited)
                 check_finite(step + 1, metrics, name, state)
-                history.append(metrics)
-                writer.write(step + 1, metrics)
                 if log and run.log_every and (step + 1) % run.log_every == 0:
                     # Through the bar when there is one, so the line does not break it.
                     getattr(bar, "write", log)(one_line(name, step + 1, metrics))
+                # Agreed last, so a SIGTERM that arrived during this step (or its log line)
+                # stops at this step.
+                stop = _agreed_stop(preemption.requested, metrics, started, dispatched, waited)
+                history.append(metrics)
+                writer.write(step + 1, metrics)
                 done = step + 1 == num_steps
                 if ckpt and (done or stop or
                              (run.save_every and (step + 1) % run.save_every == 0)):

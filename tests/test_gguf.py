@@ -50,15 +50,16 @@ def test_greedy_chat_answer_says_paris(smollm2):
 
 
 def test_logits_match_transformers_gguf_loading(smollm2):
-    """Our float32 logits are as close to transformers' GGUF model run in float64 as
+    """Our float32 logits are about as close to transformers' GGUF model run in float64 as
     transformers' own float32 run is.
 
     SmolLM2's residual stream reaches |h| ~ 2.5e4 on some tokens, where one float32 ulp is
     ~2e-3, so two float32 implementations that sum in different orders differ by ~1e-4 on a
-    34-token prompt (measured here: transformers fp32 vs fp64 9.3e-5, ours fp32 vs fp64
-    8.6e-5 alone and 1.17e-4 once inside the full suite on 2 xdist workers, ours vs transformers
-    fp32 1.1e-4). The exact reference is therefore transformers in float64, and the bound is
-    float32's own noise with a margin; a wrong tensor, norm or RoPE shows as errors above 1e-2.
+    34-token prompt. The largest error moves with the summation order (measured: transformers
+    fp32 vs fp64 6.0e-5 to 9.3e-5 across torch builds and thread counts; ours 8.6e-5 to
+    1.17e-4), so it gets a fixed float32-scale bound; the mean error is the stable statistic
+    (transformers 9.7e-6, ours 1.33e-5) and is held to twice transformers'. A wrong tensor, norm
+    or RoPE shows as errors above 1e-2.
     """
     cfg, params, tok = smollm2
     path = models.smollm2_gguf_path()
@@ -69,9 +70,10 @@ def test_logits_match_transformers_gguf_loading(smollm2):
     with torch.no_grad():
         ref32 = ref_model(torch.tensor(ids)).logits.numpy()
         ref64 = ref_model.double()(torch.tensor(ids)).logits.numpy()
-    float32_noise = np.abs(ref32 - ref64).max()
-    assert float32_noise <= 1.5e-4
-    assert np.abs(ours - ref64).max() <= 1.5 * float32_noise
+    theirs_error, our_error = np.abs(ref32 - ref64), np.abs(ours - ref64)
+    assert theirs_error.max() <= 1.5e-4
+    assert our_error.max() <= 2.5e-4
+    assert our_error.mean() <= 2 * theirs_error.mean()
     assert np.abs(ours - ref32).max() <= 3e-4
 
 

@@ -148,7 +148,10 @@ def assert_same_metrics(one: Path, two: Path) -> None:
         keys = {k for k in ra if not k.startswith(UNTIMED)}
         assert keys == {k for k in rb if not k.startswith(UNTIMED)}
         for k in keys - {"stage", "step"}:
-            np.testing.assert_allclose(rb[k], ra[k], rtol=1e-3, atol=1e-5,
+            # A clip fraction counts elements past a threshold: a rounding-level difference
+            # moves one of them across (one of PPO's 192 tokens is 0.0052); allow two.
+            atol = 0.011 if "frac" in k else 1e-5
+            np.testing.assert_allclose(rb[k], ra[k], rtol=1e-3, atol=atol,
                                        err_msg=f"{ra['stage']} {ra['step']} {k}")
         assert {"hosts/slowest", "hosts/lag", "hosts/busy_max"} <= set(rb)
 
