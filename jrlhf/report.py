@@ -17,13 +17,56 @@ SUMMARY_KEYS = ("sft/loss", "reward/loss", "reward/accuracy", "score/mean", "ppo
                 "value/error")
 
 
+TEMP_SUFFIX = ".tmp"  # `write_atomically` writes `<name>.tmp` beside the file, then renames it
+
+
 def write_atomically(path: str | os.PathLike, text: str) -> None:
-    """Write then rename: a kill leaves the old file or the new one, never half of one."""
+    """Write `text` (UTF-8) to `<name>.tmp`, fsync it, rename it over `path`, fsync the folder.
+
+    A kill leaves the old file or the new one, never half of one, and a power loss cannot leave
+    an empty or partial file under `path` either (the data is on disk before the rename). An
+    error leaves the old file and no temp file; a temp file that a kill left behind is removed
+    by `remove_temp_files` when a run next opens the folder (or replaced by the next write).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    tmp = path.with_name(path.name + TEMP_SUFFIX)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(text.encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # e.g. a full disk: the old file stays, without a temp file beside
+        tmp.unlink(missing_ok=True)
+        raise
+    sync_folder(path.parent)
+
+
+def sync_folder(folder: str | os.PathLike) -> None:
+    """fsync a folder: the renames and removals in it so far survive a power loss."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temp files of `write_atomically` calls that a kill cut short (plain files
+    named `*.tmp`) anywhere under `folder`, without following links; returns them.
+
+    Only while nothing else writes there: a run calls it once it holds the folder, before any
+    stage starts.
+    """
+    removed = []
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            path = Path(parent) / name
+            if name.endswith(TEMP_SUFFIX) and path.is_file() and not path.is_symlink():
+                path.unlink()
+                removed.append(path)
+    return sorted(removed)
 
 
 def check_finite(step: int, metrics: dict[str, float], stage: str, state=None) -> None:

@@ -29,7 +29,7 @@ from jrlhf.config import Config, derive, parse_reward_functions, save_config
 from jrlhf.data import Encoder, build_dataset, load_rows, make_loader, ranks_from_scores
 from jrlhf.models.config import ModelConfig
 from jrlhf.models.sources import load_policy
-from jrlhf.report import write_atomically, write_report
+from jrlhf.report import remove_temp_files, sync_folder, write_atomically, write_report
 from jrlhf.rewards import Reward, import_host_reward
 from jrlhf.rollouts import decode_texts, sample_batched
 from jrlhf.runlock import RunLock
@@ -182,6 +182,11 @@ def _open_locked(config: Config, out: Path, lock, *, resume, train, log) -> Run:
         log(f"[run] took over {lock.path} from a run that ended without releasing it "
             f"(pid {lock.previous_holder})")
     if distributed.is_writer():
+        left = remove_temp_files(out)  # before any stage writes: nothing else writes here now
+        if left:
+            log(f"[run] removed {len(left)} temp file(s) an interrupted run left: "
+                + ", ".join(str(p.relative_to(out)) for p in left[:3])
+                + (", ..." if len(left) > 3 else ""))
         save_config(config, out / "config.json")
     policy_cfg, params, tokenizer = load_policy(config.model, config.run.seed)
     log(f"[model] {config.model.source}: {policy_cfg.family}, {policy_cfg.num_layers} layers, "
@@ -439,18 +444,86 @@ def run_evaluate(run: Run, stage: Stage) -> bool:
              for x, a in enumerate(names) for b in names[x + 1:]]
     board = elo.leaderboard(games, samples=200, seed=config.run.seed)
     if distributed.is_writer():
-        write_atomically(out / "comparisons.jsonl", "".join(
-            json.dumps({"a": a, "b": b, "winner": w}) + "\n" for a, b, w in games))
-        write_atomically(out / "leaderboard.txt", elo.format_leaderboard(board) + "\n")
-        write_atomically(out / "samples.jsonl", "".join(
-            json.dumps({"prompt": p, **{n: texts[n][i] for n in names}}) + "\n"
-            for i, p in enumerate(prompts)))
+        try:
+            evaluation_files(out)
+        except IncompleteEvaluation as err:
+            if (out / EVALUATION_MARKER).exists():
+                run.log(f"[{stage.name}] replacing an incomplete evaluation: {err}")
+        write_evaluation(out, stage.name, {
+            "comparisons.jsonl": "".join(json.dumps({"a": a, "b": b, "winner": w}) + "\n"
+                                         for a, b, w in games),
+            "leaderboard.txt": elo.format_leaderboard(board) + "\n",
+            "samples.jsonl": "".join(
+                json.dumps({"prompt": p, **{n: texts[n][i] for n in names}}) + "\n"
+                for i, p in enumerate(prompts))})
     distributed.barrier("evaluate")
     run.results[stage.name] = {"scores": scores, "kls": kls, "board": board}
     run.log(f"[{stage.name}] held-out annotator scores ({len(prompts)} prompts): "
             + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()) + "\n"
             + elo.format_leaderboard(board))
     return True
+
+
+# Beside an evaluation's files (comparisons.jsonl, leaderboard.txt, samples.jsonl): the marker
+# that vouches for them as one set.
+EVALUATION_MARKER = "evaluation.json"
+
+
+class IncompleteEvaluation(ValueError):
+    """An evaluation folder whose files are not one evaluation's complete set."""
+
+
+def write_evaluation(folder: Path, stage: str, contents: dict[str, str]) -> None:
+    """Replace an evaluation's files (`contents`: name -> text) in `folder` as one set.
+
+    The marker `evaluation.json` first says `"complete": false`; then each file is replaced
+    (`write_atomically`); then the marker says `"complete": true` and names each file's
+    SHA-256. A kill at any moment leaves a set its marker vouches for (the previous one, or
+    this one) or a marker saying it is incomplete: `evaluation_files` refuses that, and the
+    next run of the stage (`--resume` too: an evaluation always runs again) replaces it.
+    """
+    marker = folder / EVALUATION_MARKER
+    write_atomically(marker, json.dumps({"stage": stage, "complete": False}) + "\n")
+    for name, text in contents.items():
+        write_atomically(folder / name, text)
+    digests = {name: hashlib.sha256(text.encode("utf-8")).hexdigest()
+               for name, text in contents.items()}
+    write_atomically(marker, json.dumps({"stage": stage, "complete": True, "sha256": digests},
+                                        indent=2) + "\n")
+
+
+def evaluation_files(folder: str | Path) -> dict[str, Path]:
+    """The evaluation files in `folder` (name -> path) if they are one evaluation's complete
+    set: its marker says complete and each file has the SHA-256 the marker names.
+
+    Raises:
+        IncompleteEvaluation: naming the folder or file and what is wrong.
+    """
+    folder = Path(folder)
+    marker = folder / EVALUATION_MARKER
+    try:
+        info = json.loads(marker.read_text())
+    except FileNotFoundError:
+        raise IncompleteEvaluation(f"{folder}: no {EVALUATION_MARKER}: not a complete "
+                                   "evaluation") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        info = None
+    if not isinstance(info, dict):
+        raise IncompleteEvaluation(f"{marker}: not a marker that jrlhf writes")
+    if not info.get("complete"):
+        raise IncompleteEvaluation(f"{marker}: evaluation {info.get('stage')!r} was cut short "
+                                   "while writing its files (they may mix two evaluations)")
+    digests = info.get("sha256")
+    if not isinstance(digests, dict) or not digests:
+        raise IncompleteEvaluation(f"{marker}: not a marker that jrlhf writes")
+    files = {}
+    for name, digest in digests.items():
+        path = folder / name
+        if not path.is_file() or file_digest(path) != digest:
+            raise IncompleteEvaluation(f"{path}: not the file evaluation {info['stage']!r} "
+                                       f"wrote (its SHA-256 is in {marker}): changed since")
+        files[name] = path
+    return files
 
 
 def _judged(score_a: float, score_b: float) -> str:
@@ -546,10 +619,20 @@ def run_pipeline(config: Config, *, resume: bool = False, log=print) -> dict:
     or `{"preempted": stage}`."""
     started = time.perf_counter()
     with open_run(config, resume=resume, log=log) as run:
+        _remove_summary(run)
         preempted = run_stages(run, pipeline_stages(config))
         if preempted:
             return {"preempted": preempted}
         return _pipeline_summary(run, started)
+
+
+def _remove_summary(run: Run) -> None:
+    """summary.json is written when a run finishes; a run starting in the folder first removes
+    the previous one, so that it never lies beside outputs it does not describe (until this
+    run finishes, or after a kill, there is none)."""
+    if distributed.is_writer():
+        (run.out / "summary.json").unlink(missing_ok=True)
+        sync_folder(run.out)
 
 
 def _pipeline_summary(run: Run, started: float) -> dict:
@@ -592,17 +675,19 @@ def run_iterate(config: Config, *, resume: bool = False, log=print) -> dict:
     """Iterative RLHF (`iterate_stages`); returns its summary (also summary.json), or
     `{"preempted": stage}`."""
     with open_run(config, resume=resume, log=log) as run:
+        _remove_summary(run)
         preempted = run_stages(run, iterate_stages(config))
-    if preempted:
-        return {"preempted": preempted}
-    rounds = range(1, config.iterate.rounds + 1)
-    summary = {
-        "versions": [f"v{r}" for r in range(config.iterate.rounds + 1)],
-        "leaderboards": [[{k: row[k] for k in ("name", "rating", "wins", "losses", "ties")}
-                          for row in run.results[f"round{r}/eval"]["board"]] for r in rounds],
-        "rankings": str(run.files[f"rankings{config.iterate.rounds}"]) if rounds else "",
-    }
-    if distributed.is_writer():
-        write_atomically(run.out / "summary.json", json.dumps(summary, indent=2))
-    distributed.barrier("summary")
+        if preempted:
+            return {"preempted": preempted}
+        rounds = range(1, config.iterate.rounds + 1)
+        summary = {
+            "versions": [f"v{r}" for r in range(config.iterate.rounds + 1)],
+            "leaderboards": [[{k: row[k] for k in ("name", "rating", "wins", "losses", "ties")}
+                              for row in run.results[f"round{r}/eval"]["board"]]
+                             for r in rounds],
+            "rankings": str(run.files[f"rankings{config.iterate.rounds}"]) if rounds else "",
+        }
+        if distributed.is_writer():  # still holding the folder
+            write_atomically(run.out / "summary.json", json.dumps(summary, indent=2))
+        distributed.barrier("summary")
     return summary

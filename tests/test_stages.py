@@ -2,6 +2,7 @@
 uninterrupted run gives (`jrlhf pipeline` killed and preempted at random points:
 tests/test_faults.py; `jrlhf iterate` preempted in a reward stage: here)."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -249,3 +250,67 @@ def test_a_sigterm_in_a_stage_loop_reaches_the_run():
             os.kill(os.getpid(), signal.SIGTERM)
         assert loop_level.requested and run_level.requested
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs as consistent sets: evaluation files vouched for by their marker, summary.json only
+# beside the outputs it describes, no temp files left by a killed run (kills: test_faults.py).
+
+EVALUATION = {"comparisons.jsonl": '{"a": "sft", "b": "ppo", "winner": "b"}\n',
+              "leaderboard.txt": " #  model  BT rating\n 1  ppo  1100.0\n 2  sft  900.0\n",
+              "samples.jsonl": '{"prompt": "Am\u00e9lie", "sft": "fine", "ppo": "superb"}\n'}
+
+
+def test_an_evaluation_set_is_vouched_for_by_its_marker(tmp_path):
+    from jrlhf.stages import IncompleteEvaluation, evaluation_files, write_evaluation
+
+    with pytest.raises(IncompleteEvaluation, match=rf"{tmp_path}: no evaluation.json"):
+        evaluation_files(tmp_path)
+    write_evaluation(tmp_path, "eval", EVALUATION)
+    files = evaluation_files(tmp_path)
+    assert {name: path.read_bytes() for name, path in files.items()} == \
+        {name: text.encode() for name, text in EVALUATION.items()}
+    assert json.loads((tmp_path / "evaluation.json").read_text()) == {
+        "stage": "eval", "complete": True,
+        "sha256": {name: hashlib.sha256(text.encode()).hexdigest()
+                   for name, text in EVALUATION.items()}}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*EVALUATION, "evaluation.json"])
+    # A file changed or removed since (another tool, an older jrlhf) is not part of the set.
+    (tmp_path / "samples.jsonl").write_text("edited\n")
+    with pytest.raises(IncompleteEvaluation,
+                       match=r"samples.jsonl: not the file evaluation 'eval' wrote"):
+        evaluation_files(tmp_path)
+    (tmp_path / "samples.jsonl").unlink()
+    with pytest.raises(IncompleteEvaluation, match=r"samples.jsonl: not the file"):
+        evaluation_files(tmp_path)
+    (tmp_path / "evaluation.json").write_text('{"stage": "eval", "complete": false}\n')
+    with pytest.raises(IncompleteEvaluation, match=r"evaluation 'eval' was cut short"):
+        evaluation_files(tmp_path)
+
+
+def test_a_run_removes_the_temp_files_a_killed_run_left(tmp_path):
+    """Opening the folder (before any stage) removes `write_atomically`'s leftovers anywhere in
+    it and says so in one line; other files stay."""
+    from jrlhf.stages import open_run
+
+    left = ["metrics.jsonl.tmp", "sft/checkpoints/4/jrlhf_files.json.tmp",
+            "sft/inputs.json.tmp", "samples.jsonl.tmp"]
+    for name in left + ["notes.txt"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("half")
+    lines = []
+    with open_run(tiny(tmp_path), log=lines.append):
+        assert not [p for p in tmp_path.rglob("*.tmp")]
+    assert lines[0] == ("[run] removed 4 temp file(s) an interrupted run left: "
+                        "metrics.jsonl.tmp, samples.jsonl.tmp, "
+                        "sft/checkpoints/4/jrlhf_files.json.tmp, ...")
+    assert (tmp_path / "notes.txt").read_text() == "half"
+
+
+def test_a_pipeline_removes_the_previous_summary_when_it_starts(tmp_path):
+    """summary.json describes a finished run's outputs; a run that starts (here: one that
+    fails in its first stage) removes it first, so it never lies beside newer outputs."""
+    (tmp_path / "summary.json").write_text('{"score_ppo": 1.0}')
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        run_pipeline(tiny(tmp_path, f"data.sft_path={tmp_path / 'missing.jsonl'}"), log=quiet)
+    assert not (tmp_path / "summary.json").exists()
