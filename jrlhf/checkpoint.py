@@ -12,6 +12,12 @@ truncated file is found without reading through Orbax, whose failed asynchronous
 pages of "Event loop is closed" tracebacks), then places arrays onto the shardings of a
 template state (which may come from a different mesh) and checks the digest: a checkpoint that
 cannot be read or does not match is reported in one line and the previous intact one is used.
+Each checkpoint also records its arrays' paths, shapes and dtypes: a template that asks for
+others (a changed `lora.rank` or `model.arch`) is `LayoutMismatch`, which is the config's doing,
+not damage, so nothing is moved aside. A background save that fails (disk full, read-only) is
+`CheckpointWriteError` (an OSError naming the file) from the next `check()`, `save()` or `wait()`;
+Orbax's own tracebacks for failures it also raises, and the "Event loop is closed" noise of reads
+it cancelled, are kept off the terminal (`_quiet_orbax`).
 With several processes every process takes part in each save and restore (Orbax writes each
 process's shards); whether a checkpoint is intact is agreed by all of them, process 0 moves a bad
 one aside, and all fall back to the same previous step.
@@ -20,7 +26,10 @@ one aside, and all fall back to the same previous step.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
+import sys
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -99,30 +108,155 @@ class CorruptCheckpoint(ValueError):
     pass
 
 
+class LayoutMismatch(ValueError):
+    """The arrays a template asks for are not those a checkpoint holds: a config change, not
+    damage (the checkpoint stays where it is)."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, read-only folder, permissions)."""
+
+
+def array_layout(arrays) -> dict[str, list]:
+    """`path -> [shape, dtype]` of every array in `arrays` (what a checkpoint records)."""
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): [list(x.shape), str(x.dtype)]
+            for path, x in jax.tree_util.tree_flatten_with_path(arrays)[0]}
+
+
+def layout_difference(asked: dict[str, list], held: dict[str, list]) -> str | None:
+    """One line on how the arrays a template asks for differ from those a checkpoint holds, or
+    None when they are the same."""
+    def shown(entry):
+        return f"{tuple(entry[0])} {entry[1]}"
+
+    differences = []
+    for key in sorted(set(asked) | set(held)):
+        if key not in held:
+            differences.append(f"the config asks for {key} {shown(asked[key])}, the checkpoint "
+                               "holds no such array")
+        elif key not in asked:
+            differences.append(f"the checkpoint holds {key} {shown(held[key])}, the config asks "
+                               "for no such array")
+        elif asked[key] != held[key]:
+            differences.append(f"the config asks for {key} {shown(asked[key])}, the checkpoint "
+                               f"holds {shown(held[key])}")
+    if not differences:
+        return None
+    more = f" (and {len(differences) - 1} more)" if len(differences) > 1 else ""
+    return differences[0] + more
+
+
+def write_error(err: BaseException, what: str) -> CheckpointWriteError:
+    """One-line `CheckpointWriteError` for an Orbax/TensorStore write failure: the file and the
+    system's reason when the message names them ("Failed writing: "<path>": ... : <reason>
+    [os_error_code=...]"), else the first line of the message."""
+    text = str(err)
+    found = re.search(r'Failed writing: "([^"]+)".*?: ([^:\[]+?) \[os_error_code', text)
+    if found:
+        return CheckpointWriteError(f"cannot write {what}: {found.group(2)} ({found.group(1)})")
+    if isinstance(err, OSError) and err.strerror:
+        return CheckpointWriteError(f"cannot write {what}: {err.strerror} ({err.filename})")
+    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return CheckpointWriteError(f"cannot write {what}: {first[:300]}")
+
+
+class _OrbaxReported(logging.Filter):
+    """Drops the log records of Orbax's failures (its own, and asyncio's "Task exception was
+    never retrieved" for its abandoned write tasks): each failure is also raised to jrlhf, which
+    reports it in one line (a failed save) or falls back from it (a damaged checkpoint)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        orbax = f"{os.sep}orbax{os.sep}"
+        if orbax in (record.pathname or ""):
+            return False
+        tb = record.exc_info[2] if record.exc_info else None
+        while tb is not None:
+            if orbax in tb.tb_frame.f_code.co_filename:
+                return False
+            tb = tb.tb_next
+        return True
+
+
+def _quiet_orbax() -> None:
+    """Keep Orbax's duplicate failure reports off the terminal (idempotent): its ERROR log
+    records with tracebacks, and the `RuntimeError: Event loop is closed` that TensorStore
+    callbacks of reads Orbax cancelled raise after its event loop is gone (unraisable: Python
+    would print each). Other unraisable errors still reach the previous hook."""
+    for name in ("absl", "asyncio"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _OrbaxReported) for f in logger.filters):
+            logger.addFilter(_OrbaxReported())
+    previous = sys.unraisablehook
+    if getattr(previous, "jrlhf_quiet_orbax", False):
+        return
+
+    def hook(unraisable):
+        err = unraisable.exc_value
+        if isinstance(err, RuntimeError) and str(err) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.jrlhf_quiet_orbax = True
+    sys.unraisablehook = hook
+
+
 class Checkpointer:
     """Keep-last-N checkpoints of a TrainState plus JSON metadata under `directory`."""
 
     def __init__(self, directory: str | os.PathLike, keep: int = 2):
+        _quiet_orbax()
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        try:
+            self.manager = ocp.CheckpointManager(self.directory, options=self._options)
+        except OSError as err:
+            raise write_error(err, f"checkpoints to {self.directory}") from None
+        self._saving: int | None = None
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state: TrainState, meta: dict[str, Any] | None = None,
              force: bool = True) -> None:
-        """Start an asynchronous save of `state` (and `meta`, plus the arrays' digest) as
-        checkpoint `step`."""
+        """Start an asynchronous save of `state` (and `meta`, plus the arrays' checksums and
+        layout) as checkpoint `step`."""
         arrays = _arrays(state)
-        meta = dict(meta or {}, checksums=array_checksums(arrays))
+        meta = dict(meta or {}, checksums=array_checksums(arrays), arrays=array_layout(arrays))
         meta["meta_digest"] = meta_digest(meta)
         args = ocp.args.Composite(state=ocp.args.StandardSave(arrays),
                                   meta=ocp.args.JsonSave(meta))
         # Orbax finishes the previous save before it starts this one anyway; waiting here first
         # lets the previous checkpoint's file list be written.
         self.wait()
-        self.manager.save(step, args=args, force=force)
+        self._saving = step
+        try:
+            self.manager.save(step, args=args, force=force)
+        except Exception as err:  # noqa: BLE001 - any failure to write is one line
+            raise write_error(err, f"checkpoint step {step} to {self.directory}") from None
+
+    def check(self) -> None:
+        """Raise `CheckpointWriteError` now if the save in the background has failed (cheap:
+        call it every step, so a full disk is reported when it happens, not at the next save)."""
+        if self._saving is None:
+            return
+        try:
+            self.manager.check_for_errors()
+        except Exception as err:  # noqa: BLE001 - any failure to write is one line
+            step, self._saving = self._saving, None
+            raise write_error(err, f"checkpoint step {step} to {self.directory}") from None
+
+    def saved_meta(self, step: int) -> dict:
+        """The JSON metadata of checkpoint `step` alone (no arrays are read); raises
+        `CorruptCheckpoint` when it fails its digest."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))
+        meta = dict(restored["meta"] or {})
+        expected = meta.pop("meta_digest", None)
+        if expected is not None and meta_digest(meta) != expected:
+            raise CorruptCheckpoint("metadata digest mismatch")
+        return meta
 
     def _list_committed_files(self) -> None:
         """Write the file list of each committed checkpoint that has none yet (process 0; a
@@ -158,6 +292,8 @@ class Checkpointer:
         for i, candidate in enumerate(steps):
             try:
                 return self._restore_step(template, candidate)
+            except LayoutMismatch:  # the config's doing: nothing is moved
+                raise
             except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is skipped
                 why = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
                 why = why.split(" See full TensorStore details")[0][:200]
@@ -183,18 +319,41 @@ class Checkpointer:
         os.replace(self.directory / str(step), target)
         return target
 
+    def set_all_aside(self) -> Path:
+        """Move every checkpoint to `replaced_checkpoints/<n>` beside this folder (a stage that
+        starts over keeps what it had) and reopen it empty; returns where they went."""
+        self.close()
+        folder = self.directory.parent / "replaced_checkpoints"
+        target = folder / str(len(list(folder.iterdir())) if folder.is_dir() else 0)
+        if distributed.is_writer():
+            folder.mkdir(parents=True, exist_ok=True)
+            os.replace(self.directory, target)
+        distributed.barrier("checkpoints_replaced")
+        self.manager = ocp.CheckpointManager(self.directory, options=self._options)
+        return target
+
+    def set_aside_count(self) -> int:
+        """How many checkpoints of this folder were set aside as corrupt."""
+        folder = self.directory.parent / "corrupt_checkpoints"
+        return len(list(folder.iterdir())) if folder.is_dir() else 0
+
     def _read_step(self, template: TrainState, step: int):
-        """`(arrays, meta)` of checkpoint `step` as this process reads them (may raise)."""
+        """`(arrays, meta)` of checkpoint `step` as this process reads them (may raise): the file
+        list, then the metadata and its digest, then whether the template asks for the arrays
+        the checkpoint holds (`LayoutMismatch`: no array is read), then the arrays."""
         self._check_files(step)
+        meta = self.saved_meta(step)
+        held = meta.pop("arrays", None)  # checkpoints before layouts were recorded: not compared
+        if held is not None:
+            difference = layout_difference(array_layout(_arrays(template)), held)
+            if difference:
+                raise LayoutMismatch(f"checkpoint step {step} in {self.directory} holds other "
+                                     f"arrays than the config builds: {difference}")
         target = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
             _arrays(template))
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-        meta = dict(restored["meta"] or {})
-        expected_meta = meta.pop("meta_digest", None)
-        if expected_meta is not None and meta_digest(meta) != expected_meta:
-            raise CorruptCheckpoint("metadata digest mismatch")
+            state=ocp.args.StandardRestore(target)))
         return restored["state"], meta
 
     def _restore_step(self, template: TrainState, step: int):
@@ -219,7 +378,12 @@ class Checkpointer:
         return state, meta
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:  # noqa: BLE001 - any failure to write is one line
+            step, self._saving = self._saving, None
+            raise write_error(err, f"checkpoint step {step} to {self.directory}") from None
+        self._saving = None
         self._list_committed_files()
 
     def close(self) -> None:

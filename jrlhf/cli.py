@@ -61,6 +61,8 @@ def _train(args) -> int:
     train = args.command != "export"
     stage = COMMAND_STAGES[args.command if train else args.stage]
     folder = Path(args.out).absolute() if args.out else Path(stage.name) / "export"
+    if args.out:  # found unwritable before training, not after it
+        _check_writable(folder)
     stages = [stage, Stage(f"{stage.name}/export", "export", start=stage.produces,
                            folder=str(folder))]
     if train and stage.reward:  # RL: the task's annotator judges base vs trained, held out
@@ -69,6 +71,20 @@ def _train(args) -> int:
     with open_run(_config(args), resume=args.resume or not train, train=train) as run:
         run_stages(run, stages)
     return 0
+
+
+def _check_writable(folder: Path) -> None:
+    """Raise a one-line OSError naming `folder` when a file cannot be created in it (read-only
+    file system, permissions): its missing parents are created, a probe file written and
+    removed."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".jrlhf-write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise OSError(err.errno, f"cannot write the export folder {folder}: "
+                                 f"{err.strerror}") from None
 
 
 def _bench(args) -> int:
@@ -250,9 +266,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)
-    except (KeyError, ValueError, FileNotFoundError, FileExistsError, FloatingPointError,
-            NotImplementedError) as err:  # NotImplementedError: a model jrlhf refuses
+    except (KeyError, ValueError, OSError, FloatingPointError,
+            NotImplementedError) as err:  # NotImplementedError: a model jrlhf refuses; OSError:
+        # a file that cannot be read or written (missing, read-only, disk full), named
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        if isinstance(err, OSError) and err.strerror:  # not "[Errno 28] ..."
+            message = f"{err.strerror}: {err.filename}" if err.filename else err.strerror
         line = f"jrlhf {args.command}: error: {message}"
         if _peers():  # the other processes stop with this line too, never hang
             _peers().fail(line)

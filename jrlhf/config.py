@@ -463,6 +463,11 @@ class RunConfig:
     # checkpoints were made with; keys listed here may differ (e.g. sft.steps to extend a run,
     # data.<file> for a changed data file). `RESUME_SAFE` keys may always differ.
     allow_changed: tuple[str, ...] = ()
+    # `--resume` never trains a stage over by itself: stages named here (e.g. `sft`,
+    # `round2/reward`) start again from step 0 on `--resume` when their checkpoints cannot be
+    # resumed (set aside as corrupt, or made for other array shapes: a changed lora.rank or
+    # model.arch); their checkpoints are moved to `<stage>/replaced_checkpoints/`, not deleted.
+    restart_stages: tuple[str, ...] = ()
     # Host malloc (`jrlhf.host_memory`): "auto" keeps freed memory for reuse when JAX runs on
     # the CPU only (XLA:CPU maps each step's temp buffer afresh otherwise), "keep" always,
     # "system" never. Applied by the CLI before JAX starts.
@@ -671,7 +676,7 @@ def apply_overrides(config, assignments: list[str]):
 # (checkpoints are restored onto any mesh).
 RESUME_SAFE = ("run.out_dir", "run.log_every", "run.progress", "run.save_every",
                "run.keep_checkpoints", "run.coordinator_address", "run.num_processes",
-               "run.process_id", "run.allow_changed", "run.host_memory",
+               "run.process_id", "run.allow_changed", "run.restart_stages", "run.host_memory",
                "run.peer_timeout_s", "run.startup_timeout_s", "mesh.data",
                "mesh.fsdp", "mesh.tensor")
 

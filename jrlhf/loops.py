@@ -21,8 +21,9 @@ import jax
 import numpy as np
 
 from jrlhf import distributed
+from jrlhf import resume as resume_binding
 from jrlhf.checkpoint import Checkpointer
-from jrlhf.config import RESUME_SAFE, Config, changed_keys, save_config
+from jrlhf.config import Config, save_config, to_dict
 from jrlhf.report import MetricsWriter, NoMetrics, check_finite, one_line, write_atomically
 from jrlhf.rollouts import Reward, RolloutLoop
 from jrlhf.setups import Setup
@@ -74,23 +75,9 @@ class StageResult(NamedTuple):
 
 def _open_stage(name: str, config: Config, out_dir: Path, resume: bool, train: bool,
                 inputs: dict[str, str]):
-    """The stage's checkpointer and metrics writer; refuses to overwrite an earlier run's
-    checkpoints without `resume`, to export (`train=False`) without a checkpoint, and to resume
-    with another config or other data than the checkpoints were made with."""
-    ckpt = Checkpointer(out_dir / name / "checkpoints", keep=config.run.keep_checkpoints)
-    latest = ckpt.latest_step()
-    try:
-        if latest is None and not train:
-            raise FileNotFoundError(f"no checkpoint of stage {name!r} in {ckpt.directory}")
-        if latest is not None and not resume:
-            raise FileExistsError(
-                f"{ckpt.directory} already holds checkpoints (latest step {latest}): pass "
-                "--resume to continue that run, or set run.out_dir to a new folder")
-        if latest is not None:
-            _require_same_run(name, config, out_dir / name, inputs)
-    except Exception:
-        ckpt.close()
-        raise
+    """The stage's checkpointer (checked by `resume.open_checkpoints`) and metrics writer;
+    process 0 records the config and data digests beside them."""
+    ckpt = resume_binding.open_checkpoints(name, config, out_dir, resume, train, inputs)
     distributed.barrier("stage_checked")  # every process compared before process 0 writes
     if not distributed.is_writer():
         return ckpt, NoMetrics()
@@ -100,43 +87,12 @@ def _open_stage(name: str, config: Config, out_dir: Path, resume: bool, train: b
     return ckpt, MetricsWriter(out_dir, name)
 
 
-def _require_same_run(name: str, config: Config, stage_dir: Path, inputs: dict[str, str]):
-    """Refuse to resume `name` when its config or data differ from what its checkpoints were
-    made with, except `RESUME_SAFE` keys and those in `run.allow_changed`, listing the diff."""
-    allowed = set(RESUME_SAFE) | set(config.run.allow_changed)
-    saved = stage_dir / "config.json"
-    changes = {}
-    if saved.exists():
-        changes = changed_keys(json.loads(saved.read_text()), config)
-    saved_inputs = stage_dir / "inputs.json"
-    before = json.loads(saved_inputs.read_text()) if saved_inputs.exists() else {}
-    for key in sorted(set(before) | set(inputs)):
-        if before.get(key) != inputs.get(key):
-            changes[f"data.{key}"] = ("file " + str(before.get(key))[:12],
-                                      "file " + str(inputs.get(key))[:12])
-    refused = {k: v for k, v in changes.items() if k not in allowed}
-    if refused:
-        diff = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
-        raise ValueError(
-            f"--resume of stage {name!r} with a config or data other than its checkpoints were "
-            f"made with ({diff}); resume with the original settings, or allow the change with "
-            f"--set run.allow_changed={','.join(refused)}")
-
-
-def _restore(ckpt: Checkpointer, state, batches, set_loop_state, log):
-    """`(state, step)` of the latest intact checkpoint; the data iterator and loop state
-    follow it."""
-    state, meta = ckpt.restore(state, log=log)
-    if "data" in meta and hasattr(batches, "set_state"):
-        batches.set_state(meta["data"])
-    if set_loop_state and "loop" in meta:
-        set_loop_state(meta["loop"])
-    return state, int(meta["stage_step"])
-
-
-def _save(ckpt: Checkpointer, name: str, step: int, state, batches, loop_state) -> None:
-    """Checkpoint `step` with the data iterator's position and the loop's own state."""
-    meta = {"stage_step": step, "stage": name}
+def _save(ckpt: Checkpointer, name: str, step: int, state, batches, loop_state,
+          config: Config, inputs: dict[str, str] | None) -> None:
+    """Checkpoint `step` with the data iterator's position, the loop's own state, and the
+    config and data digests it was made with (what `--resume` is checked against)."""
+    meta = {"stage_step": step, "stage": name, "config": to_dict(config),
+            "inputs": inputs or {}}
     if hasattr(batches, "get_state"):
         meta["data"] = batches.get_state()
     if loop_state:
@@ -153,13 +109,12 @@ def run_stage(name: str, config: Config, state: TrainState, step_fn: Callable, b
     """Run `num_steps` of `state, metrics = step_fn(state, next(batches))` with checkpoints.
 
     Args:
-        name: stage name (metrics rows, checkpoint folder `out_dir/name/checkpoints`).
-        config: uses `run.save_every`, `run.keep_checkpoints`, `run.log_every`, `run.progress`.
+        name / config: metrics rows' stage and `out_dir/name/checkpoints`; its `run.*` settings.
         state: the initial state (also the layout restored checkpoints take).
         batches: iterator; if it has `get_state`/`set_state` (grain) its position is saved.
         out_dir: where metrics.jsonl, TensorBoard files and checkpoints go (None: nothing saved).
-        resume: continue from the latest checkpoint of this stage if there is one (refused if
-            the config or `inputs`, `{name: digest}` of the data files, differ from its own).
+        resume: continue from the stage's latest checkpoint (`resume.restore`); refused if the
+            config or `inputs` (`{name: digest}` of the data files) differ from its own.
         loop_state / set_loop_state: extra JSON-able loop state to save and restore.
         train: False restores the latest checkpoint (resume) and returns without stepping.
     """
@@ -169,9 +124,8 @@ def run_stage(name: str, config: Config, state: TrainState, step_fn: Callable, b
         if out_dir is not None:
             ckpt, writer = _open_stage(name, config, Path(out_dir), resume, train, inputs or {})
             if resume and ckpt.latest_step() is not None:
-                state, start = _restore(ckpt, state, batches, set_loop_state, log)
-                if log:
-                    log(f"[{name}] resumed from step {start} ({ckpt.directory})")
+                state, start = resume_binding.restore(ckpt, name, config, state, batches,
+                                                      set_loop_state, log)
             # Rows a killed run wrote past its last checkpoint (or its first) are replayed.
             writer.truncate_after(start)
         with Preemption() as preemption:
@@ -182,6 +136,8 @@ def run_stage(name: str, config: Config, state: TrainState, step_fn: Callable, b
                 started, waited = time.perf_counter(), distributed.waited_seconds()
                 state, metrics = step_fn(state, next(batches))
                 dispatched = time.perf_counter()
+                if ckpt:
+                    ckpt.check()  # a background save that failed is reported now
                 metrics = {k: float(v) for k, v in metrics.items()}
                 check_finite(step + 1, metrics, name, state)
                 if log and run.log_every and (step + 1) % run.log_every == 0:
@@ -195,7 +151,7 @@ def run_stage(name: str, config: Config, state: TrainState, step_fn: Callable, b
                 done = step + 1 == num_steps
                 if ckpt and (done or stop or
                              (run.save_every and (step + 1) % run.save_every == 0)):
-                    _save(ckpt, name, step + 1, state, batches, loop_state)
+                    _save(ckpt, name, step + 1, state, batches, loop_state, config, inputs)
                 if stop and not done:
                     preempted = True
                     if log:

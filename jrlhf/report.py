@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -230,3 +231,74 @@ def write_report(metrics_path: str | os.PathLike, png_path: str | os.PathLike,
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
     return png_path
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a data file's bytes: what a resumed stage checks its data against."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# Beside an evaluation's files (comparisons.jsonl, leaderboard.txt, samples.jsonl): the marker
+# that vouches for them as one set.
+EVALUATION_MARKER = "evaluation.json"
+
+
+class IncompleteEvaluation(ValueError):
+    """An evaluation folder whose files are not one evaluation's complete set."""
+
+
+def write_evaluation(folder: Path, stage: str, contents: dict[str, str]) -> None:
+    """Replace an evaluation's files (`contents`: name -> text) in `folder` as one set.
+
+    The marker `evaluation.json` first says `"complete": false`; then each file is replaced
+    (`write_atomically`); then the marker says `"complete": true` and names each file's
+    SHA-256. A kill at any moment leaves a set its marker vouches for (the previous one, or
+    this one) or a marker saying it is incomplete: `evaluation_files` refuses that, and the
+    next run of the stage (`--resume` too: an evaluation always runs again) replaces it.
+    """
+    marker = folder / EVALUATION_MARKER
+    write_atomically(marker, json.dumps({"stage": stage, "complete": False}) + "\n")
+    for name, text in contents.items():
+        write_atomically(folder / name, text)
+    digests = {name: hashlib.sha256(text.encode("utf-8")).hexdigest()
+               for name, text in contents.items()}
+    write_atomically(marker, json.dumps({"stage": stage, "complete": True, "sha256": digests},
+                                        indent=2) + "\n")
+
+
+def evaluation_files(folder: str | Path) -> dict[str, Path]:
+    """The evaluation files in `folder` (name -> path) if they are one evaluation's complete
+    set: its marker says complete and each file has the SHA-256 the marker names.
+
+    Raises:
+        IncompleteEvaluation: naming the folder or file and what is wrong.
+    """
+    folder = Path(folder)
+    marker = folder / EVALUATION_MARKER
+    try:
+        info = json.loads(marker.read_text())
+    except FileNotFoundError:
+        raise IncompleteEvaluation(f"{folder}: no {EVALUATION_MARKER}: not a complete "
+                                   "evaluation") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        info = None
+    if not isinstance(info, dict):
+        raise IncompleteEvaluation(f"{marker}: not a marker that jrlhf writes")
+    if not info.get("complete"):
+        raise IncompleteEvaluation(f"{marker}: evaluation {info.get('stage')!r} was cut short "
+                                   "while writing its files (they may mix two evaluations)")
+    digests = info.get("sha256")
+    if not isinstance(digests, dict) or not digests:
+        raise IncompleteEvaluation(f"{marker}: not a marker that jrlhf writes")
+    files = {}
+    for name, digest in digests.items():
+        path = folder / name
+        if not path.is_file() or file_digest(path) != digest:
+            raise IncompleteEvaluation(f"{path}: not the file evaluation {info['stage']!r} "
+                                       f"wrote (its SHA-256 is in {marker}): changed since")
+        files[name] = path
+    return files

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -29,7 +28,9 @@ from jrlhf.config import Config, derive, parse_reward_functions, save_config
 from jrlhf.data import Encoder, build_dataset, load_rows, make_loader, ranks_from_scores
 from jrlhf.models.config import ModelConfig
 from jrlhf.models.sources import load_policy
-from jrlhf.report import remove_temp_files, sync_folder, write_atomically, write_report
+from jrlhf.report import (EVALUATION_MARKER, IncompleteEvaluation, evaluation_files, file_digest,
+                          remove_temp_files, sync_folder, write_atomically, write_evaluation,
+                          write_report)
 from jrlhf.rewards import Reward, import_host_reward
 from jrlhf.rollouts import decode_texts, sample_batched
 from jrlhf.runlock import RunLock
@@ -282,15 +283,6 @@ def stage_batches(run: Run, stage: Stage, config: Config, mesh=None):
     return loader if layout is None else sharding.HostShare(loader, layout, rows)
 
 
-def file_digest(path: Path) -> str:
-    """SHA-256 of a data file's bytes: what a resumed stage checks its data against."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def annotator_reward(run: Run, config: Config) -> Reward:
     """The task's annotator as a host reward over decoded (prompt, response) texts: what the
     ranking stage ranks by and evaluation scores with."""
@@ -409,14 +401,17 @@ def sequence_kl(cfg, params, ref_cfg, ref_params, ids, mask, tokens, tmask, temp
     if mesh is not None:  # the rows split over the mesh the weights lie on
         full, fmask, tokens, tmask = sharding.put((full, fmask, tokens, tmask),
                                                   sharding.rows_layout(mesh, len(full)))
-    N = tokens.shape[1]
-
-    def logp(c, p):
-        logits = models.forward(c, p, full, fmask, last=N) / temperature
-        return rl.logprobs_from_logits(logits, jnp.asarray(tokens))
-
-    kl = (logp(cfg, params) - logp(ref_cfg, ref_params)) * tmask
+    kl = (_response_logprobs(cfg, params, full, fmask, tokens, temperature)
+          - _response_logprobs(ref_cfg, ref_params, full, fmask, tokens, temperature)) * tmask
     return float(jnp.mean(jnp.sum(kl, axis=1)))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "temperature"))
+def _response_logprobs(cfg, params, full, fmask, tokens, temperature):
+    """log π(y_t) `[B, N]` of the last N = `tokens.shape[1]` positions of `full [B, P + N]`.
+    Jitted: op by op, every operation on a multi-host array is its own collective program."""
+    logits = models.forward(cfg, params, full, fmask, last=tokens.shape[1]) / temperature
+    return rl.logprobs_from_logits(logits, tokens)
 
 
 def run_evaluate(run: Run, stage: Stage) -> bool:
@@ -462,68 +457,6 @@ def run_evaluate(run: Run, stage: Stage) -> bool:
             + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()) + "\n"
             + elo.format_leaderboard(board))
     return True
-
-
-# Beside an evaluation's files (comparisons.jsonl, leaderboard.txt, samples.jsonl): the marker
-# that vouches for them as one set.
-EVALUATION_MARKER = "evaluation.json"
-
-
-class IncompleteEvaluation(ValueError):
-    """An evaluation folder whose files are not one evaluation's complete set."""
-
-
-def write_evaluation(folder: Path, stage: str, contents: dict[str, str]) -> None:
-    """Replace an evaluation's files (`contents`: name -> text) in `folder` as one set.
-
-    The marker `evaluation.json` first says `"complete": false`; then each file is replaced
-    (`write_atomically`); then the marker says `"complete": true` and names each file's
-    SHA-256. A kill at any moment leaves a set its marker vouches for (the previous one, or
-    this one) or a marker saying it is incomplete: `evaluation_files` refuses that, and the
-    next run of the stage (`--resume` too: an evaluation always runs again) replaces it.
-    """
-    marker = folder / EVALUATION_MARKER
-    write_atomically(marker, json.dumps({"stage": stage, "complete": False}) + "\n")
-    for name, text in contents.items():
-        write_atomically(folder / name, text)
-    digests = {name: hashlib.sha256(text.encode("utf-8")).hexdigest()
-               for name, text in contents.items()}
-    write_atomically(marker, json.dumps({"stage": stage, "complete": True, "sha256": digests},
-                                        indent=2) + "\n")
-
-
-def evaluation_files(folder: str | Path) -> dict[str, Path]:
-    """The evaluation files in `folder` (name -> path) if they are one evaluation's complete
-    set: its marker says complete and each file has the SHA-256 the marker names.
-
-    Raises:
-        IncompleteEvaluation: naming the folder or file and what is wrong.
-    """
-    folder = Path(folder)
-    marker = folder / EVALUATION_MARKER
-    try:
-        info = json.loads(marker.read_text())
-    except FileNotFoundError:
-        raise IncompleteEvaluation(f"{folder}: no {EVALUATION_MARKER}: not a complete "
-                                   "evaluation") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        info = None
-    if not isinstance(info, dict):
-        raise IncompleteEvaluation(f"{marker}: not a marker that jrlhf writes")
-    if not info.get("complete"):
-        raise IncompleteEvaluation(f"{marker}: evaluation {info.get('stage')!r} was cut short "
-                                   "while writing its files (they may mix two evaluations)")
-    digests = info.get("sha256")
-    if not isinstance(digests, dict) or not digests:
-        raise IncompleteEvaluation(f"{marker}: not a marker that jrlhf writes")
-    files = {}
-    for name, digest in digests.items():
-        path = folder / name
-        if not path.is_file() or file_digest(path) != digest:
-            raise IncompleteEvaluation(f"{path}: not the file evaluation {info['stage']!r} "
-                                       f"wrote (its SHA-256 is in {marker}): changed since")
-        files[name] = path
-    return files
 
 
 def _judged(score_a: float, score_b: float) -> str:

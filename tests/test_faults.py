@@ -251,28 +251,31 @@ def killed_child(args: list[str], env=None) -> str:
     return "".join(seen)
 
 
-# The `point`-th `write_atomically` of `jrlhf.stages` (0-based) is cut short: half its temp file
-# written, then the kill. Run as `-c CUT_EVALUATION_WRITE point (folder contents.json | cli args)`.
+# The `point`-th write (0-based) of an evaluation's files (`report.write_evaluation`: marker,
+# three files, marker) is cut short: half its temp file written, then the kill. Run as
+# `-c CUT_EVALUATION_WRITE point (folder contents.json | cli args)`.
 CUT_EVALUATION_WRITE = """
 import json, sys, time
 from pathlib import Path
-from jrlhf import stages
+from jrlhf import report
 
-point, writes, original = int(sys.argv[1]), [], stages.write_atomically
+point, writes, original = int(sys.argv[1]), [], report.write_atomically
+EVALUATION = {"evaluation.json", "comparisons.jsonl", "leaderboard.txt", "samples.jsonl"}
 
 def write_atomically(path, text):
-    writes.append(Path(path).name)
+    if Path(path).name in EVALUATION:
+        writes.append(Path(path).name)
     if len(writes) == point + 1:
         Path(str(path) + ".tmp").write_text(text[: len(text) // 2])
         print("KILL ME", writes, flush=True)
         time.sleep(600)
     original(path, text)
 
-stages.write_atomically = write_atomically
+report.write_atomically = write_atomically
 if sys.argv[2] == "cli":
     from jrlhf.cli import main
     sys.exit(main(sys.argv[3:]))
-stages.write_evaluation(Path(sys.argv[2]), "eval", json.loads(Path(sys.argv[3]).read_text()))
+report.write_evaluation(Path(sys.argv[2]), "eval", json.loads(Path(sys.argv[3]).read_text()))
 """
 
 OLD_EVALUATION = {"comparisons.jsonl": '{"a": "sft", "b": "ppo", "winner": "a"}\n',
@@ -291,7 +294,7 @@ def test_a_kill_between_evaluation_files_leaves_a_set_its_marker_vouches_for(poi
     marker). The folder then holds the previous complete set, or files that do mix the two
     evaluations under a marker saying so; the next evaluation leaves its complete set."""
     from jrlhf.report import remove_temp_files
-    from jrlhf.stages import IncompleteEvaluation, evaluation_files, write_evaluation
+    from jrlhf.report import IncompleteEvaluation, evaluation_files, write_evaluation
 
     folder = tmp_path / "run"
     folder.mkdir()
@@ -336,7 +339,8 @@ def assert_consistent_evaluation(folder: Path, names: tuple[str, ...], prompts: 
     """The marker vouches for the files, and they agree with each other: the comparisons are
     the annotator's judgements of the samples, the leaderboard is the comparisons'."""
     from jrlhf import elo
-    from jrlhf.stages import _judged, evaluation_files
+    from jrlhf.report import evaluation_files
+    from jrlhf.stages import _judged
     from jrlhf.tasks.reviews import score_texts
 
     files = evaluation_files(folder)
@@ -356,7 +360,7 @@ def test_jrlhf_grpo_killed_between_evaluation_files_evaluates_again_on_resume(tm
     """`jrlhf grpo` killed while its evaluation writes (a seeded point among the files and the
     completing marker): the marker says the set is incomplete; `--resume` trains nothing,
     evaluates again and leaves one complete, self-consistent set, no temp file anywhere."""
-    from jrlhf.stages import IncompleteEvaluation, evaluation_files
+    from jrlhf.report import IncompleteEvaluation, evaluation_files
 
     point = random.Random(f"{SEED}-evaluation").randint(1, 4)
     out = tmp_path / "run"

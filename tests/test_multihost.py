@@ -218,9 +218,12 @@ def test_dpo_and_grpo_on_two_processes_equal_one(tmp_path, command):
         assert_same_metrics(one_dir, two_dir)
         assert_no_temp_files(two_dir)
         assert not any("error" in line for i in range(2) for line in two.errors(i))
-        if command == "grpo":
-            rows = [r for r in read_metrics(two_dir / "metrics.jsonl") if r["stage"] == "grpo"]
-            assert all(r["hosts/slowest"] == 1 and r["hosts/lag"] > 0.4 for r in rows), rows
+        if command == "grpo" and not mesh:
+            # Step 1 compiles on each process (seconds, unequal): the lag is judged after it.
+            rows = [r for r in read_metrics(two_dir / "metrics.jsonl")
+                    if r["stage"] == "grpo" and r["step"] > 1]
+            assert rows and all(r["hosts/slowest"] == 1 and r["hosts/lag"] > 0.4
+                                for r in rows), rows
 
 
 def sft(num: int, out: Path, *more: str, **kwargs) -> Pod:

@@ -262,7 +262,7 @@ EVALUATION = {"comparisons.jsonl": '{"a": "sft", "b": "ppo", "winner": "b"}\n',
 
 
 def test_an_evaluation_set_is_vouched_for_by_its_marker(tmp_path):
-    from jrlhf.stages import IncompleteEvaluation, evaluation_files, write_evaluation
+    from jrlhf.report import IncompleteEvaluation, evaluation_files, write_evaluation
 
     with pytest.raises(IncompleteEvaluation, match=rf"{tmp_path}: no evaluation.json"):
         evaluation_files(tmp_path)
