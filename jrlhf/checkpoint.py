@@ -41,7 +41,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jrlhf import distributed
-from jrlhf.report import write_atomically
+from jrlhf.report import TEMP_SUFFIX, write_atomically
 from jrlhf.state import TrainState
 
 FILE_LIST = "jrlhf_files.json"
@@ -161,9 +161,11 @@ def write_error(err: BaseException, what: str) -> CheckpointWriteError:
 
 
 class _OrbaxReported(logging.Filter):
-    """Drops the log records of Orbax's failures (its own, and asyncio's "Task exception was
-    never retrieved" for its abandoned write tasks): each failure is also raised to jrlhf, which
-    reports it in one line (a failed save) or falls back from it (a damaged checkpoint)."""
+    """Drops the log records of Orbax's failures (its own, asyncio's "Task exception was never
+    retrieved" for its abandoned write tasks, and "Future exception was never retrieved" for the
+    TensorStore reads of a damaged checkpoint it abandoned after the first failed one): each
+    failure is also raised to jrlhf, which reports it in one line (a failed save) or falls back
+    from it (a damaged checkpoint)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.ERROR:
@@ -171,6 +173,8 @@ class _OrbaxReported(logging.Filter):
         orbax = f"{os.sep}orbax{os.sep}"
         if orbax in (record.pathname or ""):
             return False
+        if record.exc_info and "tensorstore_spec=" in str(record.exc_info[1]):
+            return False  # a TensorStore error: it carries the spec of the array it failed on
         tb = record.exc_info[2] if record.exc_info else None
         while tb is not None:
             if orbax in tb.tb_frame.f_code.co_filename:
@@ -268,7 +272,8 @@ class Checkpointer:
             if (folder / FILE_LIST).exists() or not folder.is_dir():
                 continue
             sizes = {str(p.relative_to(folder)): p.stat().st_size
-                     for p in sorted(folder.rglob("*")) if p.is_file()}
+                     for p in sorted(folder.rglob("*"))
+                     if p.is_file() and not p.name.endswith(TEMP_SUFFIX)}  # a kill's leftover
             write_atomically(folder / FILE_LIST, json.dumps(sizes, indent=0))
 
     def _check_files(self, step: int) -> None:

@@ -74,12 +74,12 @@ def _train(args) -> int:
 
 
 def _check_writable(folder: Path) -> None:
-    """Raise a one-line OSError naming `folder` when a file cannot be created in it (read-only
-    file system, permissions): its missing parents are created, a probe file written and
-    removed."""
+    """Raise a one-line OSError naming `folder` when the export cannot be written beside it
+    (read-only file system, permissions; it is written in a sibling, then swapped in): its
+    missing parents are created, a probe file written in the parent and removed."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".jrlhf-write-probe-{os.getpid()}"
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        probe = folder.parent / f".jrlhf-write-probe-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:

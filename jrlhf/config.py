@@ -694,8 +694,15 @@ def changed_keys(saved: dict, config: Config) -> dict[str, tuple[Any, Any]]:
     now = flatten_dict(json.loads(json.dumps(to_dict(config))))
     defaults = flatten_dict(json.loads(json.dumps(to_dict(Config()))))
     before = flatten_dict(saved)
-    return {k: (before.get(k), now.get(k)) for k in sorted(set(now) | set(before))
-            if before.get(k, defaults.get(k)) != now.get(k)}
+    changes = {}
+    for key in sorted(set(now) | set(before)):
+        old, new = before.get(key, defaults.get(key)), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):  # model.arch: its changed fields
+            changes.update({f"{key}.{k}": (old.get(k), new.get(k))
+                            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)})
+        elif old != new:
+            changes[key] = (before.get(key), new)
+    return changes
 
 
 def to_dict(config) -> dict:
@@ -719,8 +726,7 @@ def from_dict(cls, data: dict):
     return cls(**kwargs)
 
 
-def save_config(config: Config, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
-    return path
+def config_json(config: Config) -> str:
+    """The resolved config as the JSON text a run saves beside its results (`from_dict` reads
+    it back)."""
+    return json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n"

@@ -23,7 +23,7 @@ import numpy as np
 from jrlhf import distributed
 from jrlhf import resume as resume_binding
 from jrlhf.checkpoint import Checkpointer
-from jrlhf.config import Config, save_config, to_dict
+from jrlhf.config import Config, config_json, to_dict
 from jrlhf.report import MetricsWriter, NoMetrics, check_finite, one_line, write_atomically
 from jrlhf.rollouts import Reward, RolloutLoop
 from jrlhf.setups import Setup
@@ -81,7 +81,7 @@ def _open_stage(name: str, config: Config, out_dir: Path, resume: bool, train: b
     distributed.barrier("stage_checked")  # every process compared before process 0 writes
     if not distributed.is_writer():
         return ckpt, NoMetrics()
-    save_config(config, out_dir / name / "config.json")
+    write_atomically(out_dir / name / "config.json", config_json(config))
     write_atomically(out_dir / name / "inputs.json",
                      json.dumps(inputs, indent=2, sort_keys=True) + "\n")
     return ckpt, MetricsWriter(out_dir, name)

@@ -81,7 +81,8 @@ def require_same_run(name: str, config: Config, stage_dir: Path, inputs: dict[st
         if before.get(key) != inputs.get(key):
             changes[f"data.{key}"] = ("file " + str(before.get(key))[:12],
                                       "file " + str(inputs.get(key))[:12])
-    refused = {k: v for k, v in changes.items() if k not in allowed}
+    refused = {k: v for k, v in changes.items()
+               if k not in allowed and k.rsplit(".", 1)[0] not in allowed}  # model.arch.x
     if refused:
         diff = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
         raise ValueError(

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jrlhf import distributed, elo, loops, models, rl, sharding
-from jrlhf.config import Config, derive, parse_reward_functions, save_config
+from jrlhf.config import Config, config_json, derive, parse_reward_functions
 from jrlhf.data import Encoder, build_dataset, load_rows, make_loader, ranks_from_scores
 from jrlhf.models.config import ModelConfig
 from jrlhf.models.sources import load_policy
@@ -188,7 +188,7 @@ def _open_locked(config: Config, out: Path, lock, *, resume, train, log) -> Run:
             log(f"[run] removed {len(left)} temp file(s) an interrupted run left: "
                 + ", ".join(str(p.relative_to(out)) for p in left[:3])
                 + (", ..." if len(left) > 3 else ""))
-        save_config(config, out / "config.json")
+        write_atomically(out / "config.json", config_json(config))
     policy_cfg, params, tokenizer = load_policy(config.model, config.run.seed)
     log(f"[model] {config.model.source}: {policy_cfg.family}, {policy_cfg.num_layers} layers, "
         f"{policy_cfg.num_params / 1e6:.1f}M parameters")

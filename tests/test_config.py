@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from jrlhf.config import (Config, PPOConfig, apply_overrides, derive, from_dict, load_config,
-                          save_config)
+                          config_json)
 
 CONFIGS = sorted(Path(__file__).parent.parent.glob("configs/*.py"))
 
@@ -16,8 +16,7 @@ CONFIGS = sorted(Path(__file__).parent.parent.glob("configs/*.py"))
 def test_every_config_file_loads_and_round_trips(path, tmp_path):
     config = load_config(path)
     assert isinstance(config, Config)
-    saved = save_config(config, tmp_path / "c.json")
-    assert from_dict(Config, json.loads(saved.read_text())) == config
+    assert from_dict(Config, json.loads(config_json(config))) == config
 
 
 def test_configs_derive_from_base_changing_only_what_differs():

@@ -562,3 +562,47 @@ def test_jrlhf_annotate_killed_mid_row_resumes_at_the_first_unanswered_prompt(tm
     assert term.proc.wait(timeout=30) == 0
     assert out.read_bytes() == b"".join(rows)
     assert load_rows(out, "rankings")[1].rows == 4
+
+
+def file_size_limited(args: list[str], limit: int) -> subprocess.CompletedProcess:
+    """`jrlhf <args>` where no file may grow beyond `limit` bytes (RLIMIT_FSIZE, SIGXFSZ
+    ignored: a write past it fails with EFBIG, as a full disk fails with ENOSPC)."""
+    import resource
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run([sys.executable, "-m", "jrlhf.cli", *args], cwd=ROOT, text=True,
+                          capture_output=True, timeout=600, preexec_fn=limited,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_a_failed_write_is_one_line_at_the_moment_it_happens(tmp_path):
+    """No file over 12 MB: the first (background) checkpoint write fails and the run stops with
+    one line naming the file; an export (12.9 MB of weights) fails in one
+    line and leaves the previous export and no temp folder."""
+    out = tmp_path / "run"
+    args = tiny_command("sft", out, "sft.steps=4", "run.save_every=2", "run.log_every=1")
+    proc = file_size_limited(args, 12_000_000)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert re.fullmatch(r"jrlhf sft: error: cannot write checkpoint step 2 to \S+: File too "
+                        r"large \(\S+/2\.orbax-checkpoint-tmp/\S+\)", line), line
+    # Reported by the first step after the background write failed (or by the next save's
+    # wait): nothing more is written, no export.
+    assert "[sft/export]" not in proc.stdout
+    assert [p.name for p in (out / "sft" / "checkpoints").iterdir()] == [
+        "2.orbax-checkpoint-tmp"]
+
+    out = tmp_path / "exported"
+    run_cli(tiny_command("sft", out, "sft.steps=2"))
+    before = digests(out / "sft" / "export")
+    args = tiny_command("sft", out, "sft.steps=2")[1:]
+    proc = file_size_limited(["export", "--stage", "sft", *args], 12_000_000)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("jrlhf export: error: File too large: ") and \
+        line.endswith("/model.safetensors"), line
+    assert digests(out / "sft" / "export") == before
+    assert sorted(p.name for p in (out / "sft").iterdir() if p.name.startswith(".")) == []

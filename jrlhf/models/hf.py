@@ -505,6 +505,7 @@ def _write_export(folder: Path, cfg: ModelConfig, params: dict, tokenizer, dtype
     """Weights, config.json, generation config (LM exports) and tokenizer files into `folder`,
     each file synced to disk."""
     import transformers
+    from safetensors import SafetensorError
     from safetensors.numpy import save_file
 
     hf_config = to_hf_config(cfg)
@@ -514,7 +515,15 @@ def _write_export(folder: Path, cfg: ModelConfig, params: dict, tokenizer, dtype
         hf_config.architectures = [HF_CLASSES[cfg.hf_model_type][1]]
         hf_config.num_labels = 1
     tensors = hf_tensors_from_params(cfg, params, dtype=dtype)
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    weights = folder / "model.safetensors"
+    try:
+        save_file(tensors, str(weights), metadata={"format": "pt"})
+    except SafetensorError as err:  # an I/O error (disk full, ...) as the OSError it is
+        found = re.search(r"\(os error (\d+)\)", str(err))
+        if not found:
+            raise
+        number = int(found.group(1))
+        raise OSError(number, os.strerror(number), str(weights)) from None
     hf_config.save_pretrained(str(folder))
     if cfg.lm_head:
         transformers.GenerationConfig.from_model_config(hf_config).save_pretrained(str(folder))
