@@ -91,7 +91,9 @@ def clipped_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low: f
         `(loss, metrics)`: per token max(−A·r, −A·clip(r)) (then min(·, −c·A) where A < 0 with
         dual-clip), aggregated. Metrics: `clipfrac` (share of tokens where the clipped term is
         active), `clipfrac_low` / `clipfrac_high` (active at the lower / upper bound),
-        `dual_clipfrac`, `approx_kl` (mean of ½(log r)²) — token means over this batch.
+        `dual_clipfrac`, `approx_kl` (mean of ½(log r)²) — token means over this batch, or
+        with `counts` (a micro-batch of a larger batch) its sums over `counts["num_tokens"]`:
+        the micro-batches' metrics then sum to the whole batch's.
     """
     clip_high = clip_low if clip_high is None else clip_high
     if ratio_level == "token":
@@ -112,13 +114,17 @@ def clipped_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low: f
     if token_weights is not None:
         token_loss = token_loss * token_weights
     clip_active = clipped > unclipped
-    frac = lambda x: masked_mean(x.astype(jnp.float32), mask)  # noqa: E731
+    if counts is None:
+        frac = lambda x: masked_mean(x.astype(jnp.float32), mask)  # noqa: E731
+    else:  # a micro-batch's part of the whole batch's share: the parts sum to it
+        frac = lambda x: (jnp.sum(jnp.where(mask > 0, x.astype(jnp.float32), 0.0))  # noqa: E731
+                          / jnp.maximum(counts["num_tokens"], 1.0))
     metrics = {
         "clipfrac": frac(clip_active),
         "clipfrac_low": frac(clip_active & (ratio < 1.0)),
         "clipfrac_high": frac(clip_active & (ratio > 1.0)),
         "dual_clipfrac": frac(dual_active),
-        "approx_kl": masked_mean(0.5 * jnp.square(log_ratio), mask),
+        "approx_kl": frac(0.5 * jnp.square(log_ratio)),
     }
     return aggregate(token_loss, mask, aggregation, counts), metrics
 
@@ -298,25 +304,41 @@ def orpo_loss(chosen_mean_logps, rejected_mean_logps, chosen_nll, lam: float):
 
 def group_advantages(scores, eps: float = 1e-6, scale: bool = True):
     """GRPO: scores `[G, K]` of K samples per prompt, normalised within each group:
-    (r − mean_g) / (std_g + eps); `scale=False` (Dr. GRPO) keeps r − mean_g."""
-    centred = scores - jnp.mean(scores, axis=-1, keepdims=True)
+    (r − mean_g) / (std_g + eps); `scale=False` (Dr. GRPO) keeps r − mean_g.
+
+    Each group is first shifted by its first score (the same advantages in exact arithmetic):
+    an all-equal group is then exactly 0 (float32's mean of K equal values can land a rounding
+    step off them, and dividing that step by a std of the same size made it ~0.1–0.5)."""
+    shifted = scores - scores[..., :1]
+    centred = shifted - jnp.mean(shifted, axis=-1, keepdims=True)
     if not scale:
         return centred
-    return centred / (jnp.std(scores, axis=-1, keepdims=True) + eps)
+    return centred / (jnp.std(shifted, axis=-1, keepdims=True) + eps)
 
 
-def batch_baseline_advantages(scores, eps: float = 1e-6, scale: bool = True):
+def batch_baseline_advantages(scores, eps: float = 1e-6, scale: bool = True, rows=None):
     """REINFORCE++ with a batch baseline: scores `[G, K]` minus the mean of the whole batch,
-    divided by the batch's std (+ eps) when `scale`. `[G, K]`."""
-    centred = scores - jnp.mean(scores)
-    return centred / (jnp.std(scores) + eps) if scale else centred
+    divided by the batch's std (+ eps) when `scale`. `[G, K]`.
+
+    `rows [G, K]` (bool; None = all) marks the real rows: only they make the mean and std, and
+    the others (dynamic sampling's fillers) get advantage 0. Scores are shifted by the first
+    real one first, so an all-equal batch is exactly 0 (as in `group_advantages`)."""
+    rows = jnp.ones(scores.shape, bool) if rows is None else rows
+    shifted = jnp.where(rows, scores - scores.reshape(-1)[jnp.argmax(rows.reshape(-1))], 0.0)
+    count = jnp.maximum(jnp.sum(rows), 1)
+    centred = jnp.where(rows, shifted - jnp.sum(shifted) / count, 0.0)
+    if not scale:
+        return centred
+    return centred / (jnp.sqrt(jnp.sum(jnp.square(centred)) / count) + eps)
 
 
 def leave_one_out_advantages(scores):
-    """RLOO: each sample's score minus the mean of the other K−1 in its group. `[G, K]`."""
+    """RLOO: each sample's score minus the mean of the other K−1 in its group. `[G, K]`.
+    (Shifted by the group's first score first: an all-equal group is exactly 0.)"""
     K = scores.shape[-1]
-    total = jnp.sum(scores, axis=-1, keepdims=True)
-    return scores - (total - scores) / (K - 1)
+    shifted = scores - scores[..., :1]
+    total = jnp.sum(shifted, axis=-1, keepdims=True)
+    return shifted - (total - shifted) / (K - 1)
 
 
 def clipped_kl_regularised_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask,

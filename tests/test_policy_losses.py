@@ -136,6 +136,9 @@ def test_grpo_step_with_micro_batches_equals_the_full_minibatch(mode):
     batch = group_rollout(params)
     batch["response_mask"][2::4, 2:] = 0  # more distinct lengths
     batch["attention_mask"][2::4, -3:] = 0
+    # The sampler's log-probs off the trainer's: ratios away from 1, so some tokens clip.
+    batch["logprobs"] = batch["logprobs"] + np.random.RandomState(4).normal(
+        0, 0.3, batch["logprobs"].shape).astype(np.float32)
     cfg = GRPOConfig(group_size=4, minibatch_size=8, epochs=1, loss_aggregation=mode,
                      clip_high=0.28, dual_clip=2.0)
     out = {}
@@ -145,8 +148,50 @@ def test_grpo_step_with_micro_batches_equals_the_full_minibatch(mode):
         out[k] = jax.tree.map(np.asarray, state.params), metrics
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), out[4][0],
                  out[1][0])
-    for key in ("grpo/loss", "grpo/policy_loss", "grpo/kl"):
+    # Clip fractions and approx_kl too: the share over the whole minibatch, not a mean of the
+    # micro-batches' shares (rows of different lengths make those differ).
+    for key in ("grpo/loss", "grpo/policy_loss", "grpo/kl", "grpo/clipfrac", "grpo/clipfrac_low",
+                "grpo/clipfrac_high", "grpo/dual_clipfrac", "grpo/approx_kl"):
         np.testing.assert_allclose(out[4][1][key], out[1][1][key], rtol=1e-5, atol=1e-7)
+    assert 0 < float(out[1][1]["grpo/clipfrac"]) < 1  # something to compare
+
+
+@pytest.mark.parametrize("size", range(2, 10))
+def test_an_all_equal_group_has_advantage_exactly_zero(size):
+    """K = 2…9 equal scores of magnitudes up to 1e4 (float32's mean of them can be a rounding
+    step off): GRPO, Dr. GRPO, RLOO and REINFORCE++ give exactly 0 to every member; a group
+    beside them that differs is unaffected."""
+    for value in (-1.3, 2.9, 12.7, 0.1, -977.31, 1e4 / 3):
+        equal = jnp.full((1, size), value, jnp.float32)
+        for adv in (losses.group_advantages(equal), losses.group_advantages(equal, scale=False),
+                    losses.leave_one_out_advantages(equal),
+                    losses.batch_baseline_advantages(equal)):
+            assert np.all(np.asarray(adv) == 0), (size, value, adv)
+        mixed = jnp.stack([equal[0], equal[0] + jnp.arange(size, dtype=jnp.float32)])
+        adv = np.asarray(losses.group_advantages(mixed))
+        assert np.all(adv[0] == 0)
+        want = np.arange(size) - (size - 1) / 2
+        np.testing.assert_allclose(adv[1], want / (np.arange(size).std() + 1e-6), atol=1e-3)
+
+
+def test_reinforce_plus_plus_baseline_excludes_filler_rows():
+    """Dynamic sampling's filler groups (response mask all 0) take no part in the batch
+    baseline's mean and std, and get advantage 0; the real rows' advantages are those of a
+    batch without the fillers."""
+    from jrlhf.steps.grpo import sequence_advantages
+
+    scores = np.random.RandomState(3).randn(4, 4).astype(np.float32)
+    scores[1] = 5.0  # a filler group: all equal, far from the rest
+    rows = np.ones((4, 4), bool)
+    rows[1] = False
+    got = np.asarray(losses.batch_baseline_advantages(jnp.asarray(scores), rows=rows))
+    real = scores[rows]
+    np.testing.assert_allclose(got[rows], (real - real.mean()) / (real.std() + 1e-6),
+                               rtol=1e-5)
+    assert np.all(got[1] == 0)
+    via_step = sequence_advantages(jnp.asarray(scores.reshape(-1)), 4, "reinforce++",
+                                   rows=jnp.asarray(rows.reshape(-1)))
+    np.testing.assert_array_equal(np.asarray(via_step), got.reshape(-1))
 
 
 @pytest.mark.parametrize("mode", losses.AGGREGATIONS)

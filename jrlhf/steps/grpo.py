@@ -28,16 +28,20 @@ from jrlhf.steps.common import (accumulate_gradients, forward_params, jit_step,
 from jrlhf.steps.ppo import sampler_mismatch
 
 
-def sequence_advantages(scores, group_size: int, estimator: str, scale: bool = True):
+def sequence_advantages(scores, group_size: int, estimator: str, scale: bool = True,
+                        rows=None):
     """Advantages `[B]` from scores `[B]` grouped in consecutive runs of `group_size`.
-    `scale`: divide by the group's (grpo) or batch's (reinforce++) std; RLOO never does."""
+    `scale`: divide by the group's (grpo) or batch's (reinforce++) std; RLOO never does.
+    `rows [B]` (bool; None = all): the real rows; reinforce++'s batch baseline is theirs
+    (dynamic sampling's filler groups are all-equal: 0 under grpo and rloo anyway)."""
     groups = scores.reshape(-1, group_size)
     if estimator == "grpo":
         adv = losses.group_advantages(groups, scale=scale)
     elif estimator == "rloo":
         adv = losses.leave_one_out_advantages(groups)
     elif estimator == "reinforce++":
-        adv = losses.batch_baseline_advantages(groups, scale=scale)
+        adv = losses.batch_baseline_advantages(
+            groups, scale=scale, rows=None if rows is None else rows.reshape(groups.shape))
     else:
         raise ValueError(f"unknown estimator {estimator!r}; choose grpo, rloo or reinforce++")
     return adv.reshape(-1)
@@ -62,7 +66,8 @@ def grpo_loss(params, mb, counts, *, cfg: GRPOConfig, model_cfg: ModelConfig, la
 
 # Metrics that are aggregated with the whole minibatch's counts (micro-batches sum to them);
 # the rest are per-micro-batch means, averaged.
-_SUMMED = ("loss", "policy_loss", "kl")
+_SUMMED = ("loss", "policy_loss", "kl", "clipfrac", "clipfrac_low", "clipfrac_high",
+           "dual_clipfrac", "approx_kl")
 
 
 def minibatch_gradients(loss_fn, params, mb, grad_accum_steps: int):
@@ -96,7 +101,7 @@ def grpo_step(state, batch, *, cfg: GRPOConfig, model_cfg: ModelConfig, labels=N
         raise ValueError(f"minibatch of {size} rows is not divisible by "
                          f"grpo.grad_accum_steps={cfg.grad_accum_steps}")
     advantages = sequence_advantages(batch["scores"], cfg.group_size, cfg.estimator,
-                                     cfg.scale_advantages)
+                                     cfg.scale_advantages, rows=jnp.any(mask > 0, axis=1))
     data = {k: batch[k] for k in ("input_ids", "attention_mask", "response_mask", "logprobs",
                                   "ref_logprobs")}
     data["advantages"] = advantages
