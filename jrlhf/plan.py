@@ -152,7 +152,11 @@ def plan(config: Config, step: str = "sft", device: str = "h100", *,
     n = math.prod(config.mesh.shape)
     devices = jax.devices()
     if len(devices) < n:
-        raise ValueError(f"mesh of {n} devices, but only {len(devices)} are attached")
+        raise ValueError(
+            f"mesh of {n} devices, but only {len(devices)} are attached" + (
+                "" if on_device else f" (JAX started before plan could add {n} fake CPU "
+                "devices: run `jrlhf plan` in a fresh process, or set XLA_FLAGS="
+                f"--xla_force_host_platform_device_count={n})"))
     mesh = sharding.make_mesh(config.mesh, devices[:n])
     policy_cfg = model_config(config.model)
     model_cfg, params = initial_weights(step, config, policy_cfg, abstract_params(policy_cfg))

@@ -13,9 +13,12 @@ import numpy as np
 
 from jrlhf import paths
 
-SUMMARY_KEYS = ("sft/loss", "reward/loss", "reward/accuracy", "score/mean", "ppo/kl",
-                "ppo/kl_coef", "ppo/entropy", "ppo/response_length", "ppo/clipfrac",
-                "value/error")
+SUMMARY_KEYS = ("sft/loss", "reward/loss", "reward/accuracy", "dpo/loss", "dpo/accuracy",
+                "dpo/margin", "orpo/loss", "orpo/accuracy", "orpo/log_odds_ratio", "score/mean",
+                "ppo/kl", "ppo/kl_coef", "ppo/entropy", "ppo/response_length", "ppo/clipfrac",
+                "value/error",
+                *(f"{e}/{k}" for e in ("grpo", "rloo", "reinforce++")
+                  for k in ("mean_score", "kl", "clipfrac")))
 
 
 TEMP_SUFFIX = ".tmp"  # `write_atomically` writes `<name>.tmp` beside the file, then renames it

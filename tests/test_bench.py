@@ -133,3 +133,33 @@ def test_count_collectives():
     text = "%a = f32[] all-reduce(f32[] %x)\n%b = all-gather-start(%y)\n%c = all-reduce(%z)"
     assert count_collectives(text)["all-reduce"] == 2
     assert count_collectives(text)["all-gather"] == 1
+
+
+def test_jrlhf_plan_needs_no_devices_under_jax_platforms_cpu():
+    """`jrlhf plan` adds its fake CPU devices itself, also when JAX_PLATFORMS=cpu is set (it
+    was read as "JAX already started"): one process, one real CPU device, an 8-device mesh."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "jrlhf.cli", "plan", "--config", str(ROOT / "configs" / "tiny.py"),
+         "--mesh", "data=2,fsdp=4", "--step", "dpo", "--json"], cwd=ROOT, text=True,
+        capture_output=True, timeout=600, env={**env, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1} and result["step"] == "dpo"
+
+
+def test_every_command_option_has_help():
+    from jrlhf.cli import build_parser
+
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if a.dest == "command"]
+    missing = [f"{name} {action.option_strings or action.dest}"
+               for name, sub in commands.choices.items() for action in sub._actions
+               if not action.help and action.dest != "help"]
+    assert not missing, missing
+    assert "implementation" not in (parser.description or "") and "jrlhf <command> -h" in (
+        parser.description or "")

@@ -132,6 +132,33 @@ def test_reward_head_matches_sequence_classification(name, hf_folder, tmp_path):
     np.testing.assert_allclose(again.numpy(), ref.numpy(), atol=TOL, rtol=0)
 
 
+def test_an_exported_reward_model_without_a_pad_id_scores_batches_in_transformers(hf_folder,
+                                                                                  tmp_path):
+    """A reward model grown from a policy whose config has no pad id: the export names one
+    (EOS here: no tokenizer) and transformers scores a right-padded batch of 2 as we do."""
+    from jrlhf.setups import reward_model_init
+
+    _, folder = hf_folder("llama_gqa")
+    cfg, params = models.load_pretrained(folder)
+    cfg = dataclasses.replace(cfg, pad_token_id=None)
+    cfg, params = reward_model_init(cfg, params)
+    params["score"]["kernel"] = jnp.asarray(
+        np.random.RandomState(0).normal(0, 0.1, params["score"]["kernel"].shape), jnp.float32)
+    ids, mask = left_padded_batch(cfg.vocab_size, [7, 4], seed=3)
+    ids = np.where(ids == cfg.eos_token_id, 1, ids)  # no real token equals the pad id
+    right_ids, right_mask = np.full_like(ids, cfg.eos_token_id), np.zeros_like(mask)
+    for b, n in enumerate((7, 4)):
+        right_ids[b, :n], right_mask[b, :n] = ids[b, -n:], 1
+    models.save_pretrained(tmp_path / "rm", cfg, params)
+    saved = json.loads((tmp_path / "rm" / "config.json").read_text())
+    assert saved["pad_token_id"] == cfg.eos_token_id is not None
+    cls = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    with torch.no_grad():
+        theirs = cls(torch.tensor(right_ids), attention_mask=torch.tensor(right_mask)).logits
+    np.testing.assert_allclose(theirs[:, 0].numpy(), models.reward_scores(cfg, params, ids, mask),
+                               atol=TOL, rtol=0)
+
+
 def test_value_head_added_to_lm_checkpoint_starts_at_zero(hf_folder):
     _, folder = hf_folder("llama_gqa")
     cfg, params = models.load_pretrained(folder, scalar_head=True)

@@ -239,3 +239,18 @@ def test_bench_and_plan_import_only_what_accelerator_hosts_have():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("algorithm,estimator", [(a, "grpo") for a in ALGORITHMS]
+                         + [("grpo", "rloo"), ("grpo", "reinforce++")])
+def test_every_step_prints_a_one_line_summary(algorithm, estimator):
+    """The progress line of each algorithm's step names some of its metrics (DPO and ORPO
+    printed `[dpo 1] ` with nothing after it)."""
+    from jrlhf.report import one_line
+
+    config = small_config(mesh=MeshConfig(), **{"grpo.estimator": estimator})
+    cfg, params = initial_weights(algorithm, config, CFG, init_params(CFG, 0))
+    setup = make_setup(algorithm, config, cfg, params)
+    _, metrics = jax.eval_shape(setup.step, setup.state, batch_shapes(setup, config))
+    line = one_line(algorithm, 1, {k: 0.5 for k in metrics})
+    assert re.fullmatch(rf"\[{algorithm} 1\]( \S+=0\.5)+", line), (line, sorted(metrics))

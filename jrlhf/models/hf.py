@@ -514,6 +514,12 @@ def _write_export(folder: Path, cfg: ModelConfig, params: dict, tokenizer, dtype
     else:
         hf_config.architectures = [HF_CLASSES[cfg.hf_model_type][1]]
         hf_config.num_labels = 1
+        if hf_config.pad_token_id is None:
+            # transformers' sequence classifiers find each row's last token as the last one
+            # that is not the pad id, and refuse batches > 1 without one: the tokenizer's pad
+            # token, else EOS (rows padded with it score their last non-EOS token there).
+            pad = getattr(tokenizer, "pad_token_id", None)
+            hf_config.pad_token_id = pad if pad is not None else cfg.eos_token_id
     tensors = hf_tensors_from_params(cfg, params, dtype=dtype)
     weights = folder / "model.safetensors"
     try:
