@@ -22,7 +22,7 @@ run: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/jrlhf pipeline --config configs/default.py --resume
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --durations=15
 
 clean:
 	rm -rf $(VENV)

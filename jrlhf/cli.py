@@ -102,11 +102,12 @@ def _bench(args) -> int:
 
 
 def _plan(args) -> int:
+    from jrlhf.host_memory import backends_started
     from jrlhf.plan import format_plan, parse_mesh, plan
 
     mesh = parse_mesh(args.mesh)
     n = mesh.data * mesh.fsdp * mesh.tensor
-    if not args.on_device and not _jax_backend_started():
+    if not args.on_device and not backends_started():
         # Fake CPU devices stand in for the accelerators being planned for.
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={n}").strip()
@@ -114,18 +115,6 @@ def _plan(args) -> int:
     result = plan(_config(args, mesh=mesh), args.step, args.device, on_device=args.on_device)
     print(json.dumps(result, indent=2) if args.json else format_plan(result))
     return 0
-
-
-def _jax_backend_started() -> bool:
-    """Whether JAX has created its devices (then XLA flags no longer take effect): e.g. tests
-    calling `main` in-process. JAX_PLATFORMS being set does not count."""
-    if "jax" not in sys.modules:
-        return False
-    try:
-        from jax._src import xla_bridge  # no public query; the import is guarded
-        return bool(xla_bridge.backends_are_initialized())
-    except (ImportError, AttributeError):
-        return True
 
 
 def _annotate(args) -> int:

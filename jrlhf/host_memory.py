@@ -57,7 +57,9 @@ def runs_on_cpu_only() -> bool:
     return not any(True for _ in pkgutil.iter_modules(jax_plugins.__path__))
 
 
-def _backends_started() -> bool:
+def backends_started() -> bool:
+    """Whether JAX has created its devices (XLA flags and malloc settings no longer take
+    effect then). JAX_PLATFORMS being set does not count."""
     if "jax" not in sys.modules:
         return False
     from jax._src import xla_bridge
@@ -91,7 +93,7 @@ def keep_freed_memory(setting: str = "auto") -> bool:
             raise ValueError("run.host_memory='keep' needs Linux with glibc (it sets glibc's "
                              "mallopt); use 'auto' or 'system'")
         return False
-    if _backends_started():
+    if backends_started():
         if explicit:
             raise ValueError("run.host_memory='keep' must be applied before JAX starts a "
                              "backend (its worker threads already hold their own malloc "

@@ -232,7 +232,8 @@ def make_setup(algorithm: str, config: Config, model_cfg: ModelConfig, params, *
         reference = None
         if _needs_reference_copy(algorithm, config):
             reference = jax.tree.map(jnp.array, policy)
-        return TrainState.create(tree, tx, stream_key(seed, name, "state"), kl_coef), reference
+        state = TrainState.create(tree, tx, stream_key(seed, name, "state"), kl_coef, copy=False)
+        return state, reference
 
     if _is_abstract(params):
         state, reference = jax.eval_shape(build, params)

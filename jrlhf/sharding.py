@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import NamedSharding
@@ -111,18 +112,23 @@ def opt_state_shardings(tx: optax.GradientTransformation, opt_state, params_shar
     )
 
 
-def put(tree, shardings):
+def put(tree, shardings, *, copy: bool = False):
     """Place a tree's leaves with the given shardings (a prefix tree, or one sharding).
 
     Works in multi-process runs too, where a sharding spans devices of other processes: each
     process then builds its own shards from its (identical) host copy. Arrays that already have
-    the target sharding are returned as they are.
+    the target sharding are returned as they are, unless `copy` (then every array is new: one
+    that a donating step receives cannot delete the caller's).
     """
     def one(x, sh):
-        if isinstance(x, jax.Array) and x.sharding == sh:
+        if isinstance(x, jax.Array) and x.sharding == sh and not copy:
             return x
         if sh.is_fully_addressable or (isinstance(x, jax.Array) and not x.is_fully_addressable):
-            return jax.device_put(x, sh)  # a global array is resharded on the devices
+            # A global array is resharded on the devices. (device_put's may_alias=False still
+            # shares the buffer of a replicated leaf's first device: copy first.)
+            if copy and isinstance(x, jax.Array):
+                x = jnp.array(x, copy=True)
+            return jax.device_put(x, sh)
         if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
             data = one(jax.random.key_data(x), sh)
             return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))

@@ -21,6 +21,28 @@ def forward_params(params, labels=None, lora_scale: float = 0.0):
     return params
 
 
+PACKED = ("segment_ids", "positions")  # packed rows: which example each token is, its position
+
+
+def check_batch(batch, step: str, *layouts: tuple[tuple[str, ...], tuple[str, ...]]) -> None:
+    """Refuse a batch that is none of the step's `layouts` (`(required keys, optional keys)`):
+    a key missing, or one the step would never read — a typo, or e.g. `advantages`, which the
+    fused RL steps compute themselves — is a ValueError naming it, not silently ignored."""
+    keys = set(batch)
+    for required, optional in layouts:
+        if set(required) <= keys <= set(required) | set(optional):
+            return
+    required, optional = layouts[0]
+    missing = sorted(set(required) - keys)
+    unknown = sorted(keys - {k for r, o in layouts for k in (*r, *o)})
+    what = "; ".join(part for part in (
+        f"missing {', '.join(missing)}" if missing else "",
+        f"unknown {', '.join(unknown)} (never read)" if unknown else "") if part)
+    layouts_text = " | ".join(", ".join((*r, *(f"[{k}]" for k in o))) for r, o in layouts)
+    raise ValueError(f"{step}: the batch has keys {sorted(keys)}: {what or 'another layout'}; "
+                     f"it takes {layouts_text} ([optional])")
+
+
 def split_micro_batches(batch, n: int):
     """Reshape every leaf's leading dim B into `[n, B // n]`."""
     def split(x):
@@ -146,5 +168,7 @@ def jit_step(step_fn, state=None, mesh=None):
 
 
 def place_state(state, mesh):
-    """Put a state's arrays on the mesh with `state_shardings` (multi-process safe)."""
-    return sharding.put(state, state_shardings(state, mesh))
+    """A copy of a state's arrays on the mesh with `state_shardings` (multi-process safe).
+    Always new buffers: the jitted step donates the placed state, and the caller's arrays (the
+    state passed in, weights shared with a reference) stay valid."""
+    return sharding.put(state, state_shardings(state, mesh), copy=True)

@@ -23,9 +23,9 @@ from jrlhf.config import GRPOConfig
 from jrlhf.models import transformer as tfm
 from jrlhf.models.config import ModelConfig
 from jrlhf.rl import masked_mean
-from jrlhf.steps.common import (accumulate_gradients, forward_params, jit_step,
+from jrlhf.steps.common import (accumulate_gradients, check_batch, forward_params, jit_step,
                                 minibatch_epochs)
-from jrlhf.steps.ppo import sampler_mismatch
+from jrlhf.steps.ppo import RL_BATCH, RL_OPTIONAL, sampler_mismatch
 
 
 def sequence_advantages(scores, group_size: int, estimator: str, scale: bool = True,
@@ -89,6 +89,7 @@ def grpo_step(state, batch, *, cfg: GRPOConfig, model_cfg: ModelConfig, labels=N
 
     `temperature` is the sampler's: the trained log-probs are those of logits / temperature.
     """
+    check_batch(batch, f"{cfg.estimator} step", (RL_BATCH, RL_OPTIONAL + ("values",)))
     mask = batch["response_mask"]
     B = mask.shape[0]
     if B % cfg.group_size:

@@ -26,7 +26,7 @@ from jrlhf import lora, losses, rl
 from jrlhf.config import PPOConfig
 from jrlhf.models import transformer as tfm
 from jrlhf.models.config import ModelConfig
-from jrlhf.steps.common import forward_params, jit_step, minibatch_epochs
+from jrlhf.steps.common import check_batch, forward_params, jit_step, minibatch_epochs
 
 
 def policy_outputs(params, input_ids, attention_mask, num_response: int, *,
@@ -86,6 +86,12 @@ def ppo_loss(params, mb, *, cfg: PPOConfig, forward):
     return loss, metrics
 
 
+# A rollout batch (`score_rollout` + the sampler): what PPO and the GRPO family read.
+RL_BATCH = ("input_ids", "attention_mask", "response_mask", "logprobs", "ref_logprobs",
+            "scores")
+RL_OPTIONAL = ("sampler_logprobs", "entropy")
+
+
 def ppo_step(state, batch, *, cfg: PPOConfig, policy_cfg: ModelConfig,
              value_cfg: ModelConfig | None = None, labels=None, lora_scale: float = 0.0,
              temperature: float = 1.0):
@@ -95,6 +101,12 @@ def ppo_step(state, batch, *, cfg: PPOConfig, policy_cfg: ModelConfig,
     optimizer steps over RNG-drawn permutations (nested `lax.scan`), then the adaptive-KL
     update. `state.kl_coef` holds β; `temperature` is the sampler's (logits are divided by it).
     """
+    check_batch(batch, "ppo_step", (RL_BATCH + ("values",), RL_OPTIONAL))
+    if state.kl_coef is None:
+        raise ValueError("ppo_step: the state holds no KL coefficient β (state.kl_coef is "
+                         "None): create it with TrainState.create(params, tx, rng, "
+                         "kl_coef=ppo_cfg.kl_coef); the state is where β lives (the adaptive "
+                         "controller updates it there)")
     mask = batch["response_mask"]
     B, N = mask.shape
     num_minibatches = cfg.num_minibatches(B)

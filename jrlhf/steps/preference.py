@@ -21,7 +21,8 @@ from jrlhf import lora, losses, rl
 from jrlhf.config import DPOConfig
 from jrlhf.models import transformer as tfm
 from jrlhf.models.config import ModelConfig
-from jrlhf.steps.common import accumulate_gradients, forward_params, jit_step
+from jrlhf.steps.common import (PACKED, accumulate_gradients, check_batch, forward_params,
+                                jit_step)
 
 
 def response_logps(cfg: ModelConfig, params, ids, attention_mask, loss_mask):
@@ -76,10 +77,19 @@ def _pair_metrics(prefix, losses_sum, aux, num_pairs, grads):
             **{f"{prefix}/{k}": v / n for k, v in aux.items() if k not in ("correct", "margin")}}
 
 
+def pair_layouts(optional: tuple[str, ...] = ()):
+    """The two batch layouts of a preference step: chosen/rejected rows, or packed pairs."""
+    sides = tuple(f"{side}_{k}" for side in ("chosen", "rejected")
+                  for k in ("ids", "mask", "loss_mask"))
+    return ((sides, optional),
+            (("input_ids", "attention_mask", "loss_mask", *PACKED), optional))
+
+
 def dpo_step(state, batch, *, model_cfg: ModelConfig, cfg: DPOConfig, labels=None,
              lora_scale: float = 0.0, grad_accum_steps: int = 1):
     """One optimizer step of DPO / IPO. Metrics: loss, accuracy (implicit chosen reward >
     rejected), margin, chosen/rejected implicit rewards, grad norm."""
+    check_batch(batch, "dpo_step", *pair_layouts(("ref_chosen_logps", "ref_rejected_logps")))
     P = pair_count(batch)
     if "ref_chosen_logps" not in batch:
         if not lora_scale:
@@ -109,6 +119,7 @@ def orpo_step(state, batch, *, model_cfg: ModelConfig, cfg: DPOConfig, labels=No
               lora_scale: float = 0.0, grad_accum_steps: int = 1):
     """One optimizer step of ORPO: SFT on the chosen response plus the odds-ratio term; no
     reference model. Metrics: loss, nll, log_odds_ratio, accuracy (log odds ratio > 0)."""
+    check_batch(batch, "orpo_step", *pair_layouts())
     P = pair_count(batch)
 
     def loss_fn(params, micro):

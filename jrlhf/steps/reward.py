@@ -11,7 +11,8 @@ import optax
 from jrlhf import losses, rl
 from jrlhf.models import transformer as tfm
 from jrlhf.models.config import ModelConfig
-from jrlhf.steps.common import accumulate_gradients, forward_params, jit_step
+from jrlhf.steps.common import (PACKED, accumulate_gradients, check_batch, forward_params,
+                                jit_step)
 
 
 def pairs_to_groups(chosen_ids, chosen_mask, rejected_ids, rejected_mask):
@@ -47,6 +48,7 @@ def reward_step(state, batch, *, model_cfg: ModelConfig, labels=None, lora_scale
     each group counts once. Metrics: `reward/loss`, `reward/accuracy`, `reward/margin`,
     `reward/num_pairs`, `reward/grad_norm`.
     """
+    check_batch(batch, "reward_step", (("input_ids", "attention_mask", "ranks"), PACKED))
     weights = losses.ranking_pair_weights(batch["ranks"], per_prompt)
     batch = dict(batch, pair_weights=weights)
 

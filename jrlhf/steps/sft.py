@@ -9,7 +9,8 @@ import optax
 
 from jrlhf.models import transformer as tfm
 from jrlhf.models.config import ModelConfig
-from jrlhf.steps.common import accumulate_gradients, forward_params, jit_step
+from jrlhf.steps.common import (PACKED, accumulate_gradients, check_batch, forward_params,
+                                jit_step)
 
 
 def sft_loss(params, batch, *, model_cfg: ModelConfig, token_weights):
@@ -35,6 +36,7 @@ def sft_step(state, batch, *, model_cfg: ModelConfig, labels=None, lora_scale: f
     tokens fall into micro-batches. Metrics: `sft/loss` (mean NLL per response token),
     `sft/tokens`, `sft/grad_norm`.
     """
+    check_batch(batch, "sft_step", (("input_ids", "attention_mask", "loss_mask"), PACKED))
     mask = batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]
     if "segment_ids" in batch:  # packed rows: never predict one example from the one before
         segments = batch["segment_ids"]

@@ -1,0 +1,71 @@
+"""The steps imported into research code as the README shows them, without the traps a
+researcher hit (#25): the caller's arrays survive the donating steps, β has one home, and a
+batch key no step reads is an error instead of being ignored."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jrlhf.config import GRPOConfig, MeshConfig
+from jrlhf.models import init_params
+from jrlhf.sharding import make_mesh
+from jrlhf.state import TrainState
+from jrlhf.steps import make_grpo_step, make_ppo_step, make_sft_step, place_state
+from test_steps import CFG, POLICY_CFG, PPO_CFG, TEMPERATURE, rollout_batch, sft_batch
+
+
+def leaves_alive(tree) -> bool:
+    return not any(x.is_deleted() for x in jax.tree.leaves(tree) if isinstance(x, jax.Array))
+
+
+def test_a_reference_that_is_the_policy_survives_the_updates():
+    """`ref_params = policy` then `TrainState.create(policy, ...)`: the steps donate the state,
+    and used to delete the reference with it (the second PPO iteration then failed with
+    "Buffer has been deleted or donated")."""
+    policy = jax.tree.map(jnp.asarray, {"policy": init_params(POLICY_CFG, 0)})
+    ref_params = policy["policy"]
+    state = TrainState.create(policy, optax.adam(1e-3), 0, kl_coef=PPO_CFG.kl_coef)
+    step = make_ppo_step(PPO_CFG, POLICY_CFG, temperature=TEMPERATURE)
+    before = jax.tree.map(np.asarray, ref_params)
+    for _ in range(2):
+        state, _ = step(state, rollout_batch({"policy": ref_params}))
+    assert leaves_alive(ref_params)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, ref_params), before)
+
+
+def test_place_state_leaves_the_callers_state_usable():
+    params = jax.tree.map(jnp.asarray, init_params(CFG, 0))
+    state = TrainState.create(params, optax.adam(1e-3), 0, copy=False)
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2))
+    placed = place_state(state, mesh)
+    step = make_sft_step(CFG, state=placed, mesh=mesh)
+    placed, _ = step(placed, sft_batch())
+    assert leaves_alive(state) and leaves_alive(params)
+
+
+def test_beta_lives_in_the_state_and_its_absence_is_named():
+    params = {"policy": init_params(POLICY_CFG, 0)}
+    state = TrainState.create(params, optax.adam(1e-3), 0)  # no kl_coef
+    step = make_ppo_step(PPO_CFG, POLICY_CFG, temperature=TEMPERATURE)
+    with pytest.raises(ValueError, match=r"ppo_step: the state holds no KL coefficient β.*"
+                                         r"kl_coef=ppo_cfg\.kl_coef"):
+        step(state, rollout_batch(params))
+
+
+def test_a_batch_key_no_step_reads_is_an_error_naming_it():
+    params = init_params(CFG, 0)
+    sft = make_sft_step(CFG)
+    batch = sft_batch()
+    with pytest.raises(ValueError, match=r"sft_step: .*unknown loss_weights \(never read\)"):
+        sft(TrainState.create(params, optax.adam(1e-3), 0), dict(batch, loss_weights=1))
+    del batch["loss_mask"]
+    with pytest.raises(ValueError, match=r"sft_step: .*missing loss_mask"):
+        sft(TrainState.create(params, optax.adam(1e-3), 0), batch)
+
+    grpo = make_grpo_step(GRPOConfig(group_size=4), CFG)
+    rollout = rollout_batch({"policy": init_params(POLICY_CFG, 0)})
+    advantages = np.ones(8, np.float32)  # the fused step computes its own: refused, not ignored
+    with pytest.raises(ValueError, match=r"grpo step: .*unknown advantages \(never read\)"):
+        grpo(TrainState.create(params, optax.adam(1e-3), 0), dict(rollout, advantages=advantages))
