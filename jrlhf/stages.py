@@ -188,7 +188,10 @@ def _open_locked(config: Config, out: Path, lock, *, resume, train, log) -> Run:
             log(f"[run] removed {len(left)} temp file(s) an interrupted run left: "
                 + ", ".join(str(p.relative_to(out)) for p in left[:3])
                 + (", ..." if len(left) > 3 else ""))
-        write_atomically(out / "config.json", config_json(config))
+        if not (resume and (out / "config.json").exists()):
+            # A resume's config is recorded once every stage accepted it (`run_stages`): a
+            # refused one must not replace the record of what the run was made with.
+            write_atomically(out / "config.json", config_json(config))
     policy_cfg, params, tokenizer = load_policy(config.model, config.run.seed)
     log(f"[model] {config.model.source}: {policy_cfg.family}, {policy_cfg.num_layers} layers, "
         f"{policy_cfg.num_params / 1e6:.1f}M parameters")
@@ -214,6 +217,8 @@ def run_stages(run: Run, stages: list[Stage]) -> str | None:
             run.log(f"[{stages[i + 1].name}] preempted (SIGTERM) before it started; resume "
                     "with --resume")
             return stages[i + 1].name
+    if distributed.is_writer():
+        write_atomically(run.out / "config.json", config_json(run.config))
     return None
 
 

@@ -90,6 +90,7 @@ def test_a_shape_change_is_refused_not_set_aside_and_restart_stages_retrains(run
 
 
 def test_a_changed_architecture_names_its_field_and_is_refused_by_shape(run_copy, capfd):
+    recorded = (run_copy / "config.json").read_text()
     line = refused(sft(run_copy, "model.arch.num_layers=3") + ["--resume"], capfd)
     assert "(model.arch.num_layers: 2 -> 3)" in line
     assert "--set run.allow_changed=model.arch.num_layers" in line
@@ -98,6 +99,7 @@ def test_a_changed_architecture_names_its_field_and_is_refused_by_shape(run_copy
                        "run.allow_changed=model.arch.num_layers") + ["--resume"], capfd)
     assert "holds other arrays than the config builds" in line and "layers/2/" in line
     assert digests(run_copy / "sft" / "checkpoints") == before
+    assert (run_copy / "config.json").read_text() == recorded  # a refused config is no record
 
 
 def test_the_checkpoint_holds_its_config_when_the_files_beside_it_are_gone(run_copy, capfd):
