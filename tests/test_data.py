@@ -167,6 +167,10 @@ def test_encoder_shapes_masks_and_truncation(gpt2_tokenizer):
     assert "1 prompts truncated" in enc.report()
 
 
+def pair_loss_mask(enc, row):
+    return enc.packed_preference_pair(row, length=7)["loss_mask"].tolist()
+
+
 def test_encoder_packs_a_group_into_one_row(gpt2_tokenizer):
     enc = Encoder(gpt2_tokenizer, max_prompt_length=6, max_response_length=5)
     row = {"prompt": b"Hi", "responses": [b" a", b" b c"], "ranks": [2, 1]}
@@ -174,7 +178,8 @@ def test_encoder_packs_a_group_into_one_row(gpt2_tokenizer):
     # "Hi" + " a" + EOS, then "Hi" + " b c" + EOS; the third response is absent.
     assert r["segment_ids"].tolist() == [1, 1, 1, 2, 2, 2, 2] + [0] * 5
     assert r["positions"].tolist() == [0, 1, 2, 0, 1, 2, 3] + [0] * 5
-    assert r["loss_mask"].tolist() == [0, 1, 1, 0, 1, 1, 1] + [0] * 5
+    assert "loss_mask" not in r  # reward_step reads no token losses
+    assert pair_loss_mask(enc, row) == [0, 1, 1, 1, 0, 1, 1]  # chosen first
     assert r["input_ids"][:3].tolist() == r["input_ids"][3:4].tolist() + [257, 50256]
     assert r["ranks"].tolist() == [2, 1, -1]
     pair = enc.packed_preference_pair(row, length=7)  # chosen (rank 1) is segment 1

@@ -190,6 +190,7 @@ class Encoder:
         -1, have none), plus `ranks [K]`."""
         p, responses, ranks = self._ranked_sequences(row, max_responses)
         out = self.packed_sequences([(p, r) for r in responses], length, "ranking")
+        del out["loss_mask"]  # a reward model reads scores, not tokens (`reward_step`'s layout)
         out["ranks"] = ranks
         return out
 
