@@ -16,9 +16,13 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from jrlhf.host_memory import SETTINGS as HOST_MEMORY_SETTINGS
-from jrlhf.losses import AGGREGATIONS
 from jrlhf.models.config import ModelConfig
+
+# How per-token policy losses become one (`losses.aggregate`): every token alike | every
+# response alike | a constant normaliser (Dr. GRPO). ppo.loss_aggregation, grpo.loss_aggregation.
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+# run.host_memory (`jrlhf.host_memory.keep_freed_memory`).
+HOST_MEMORY_SETTINGS = ("auto", "keep", "system")
 
 # Valid ranges of numeric fields, checked when a config is built (`--set`, config files, code):
 # key -> (lowest, lowest allowed?, highest, highest allowed?). Floats must also be finite.

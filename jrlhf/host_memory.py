@@ -27,8 +27,6 @@ import importlib.util
 import os
 import sys
 
-SETTINGS = ("auto", "keep", "system")
-
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 
@@ -68,7 +66,7 @@ def backends_started() -> bool:
 
 
 def keep_freed_memory(setting: str = "auto") -> bool:
-    """Apply `run.host_memory` (`SETTINGS`): "keep" makes glibc keep freed memory for reuse,
+    """Apply `run.host_memory` (`config.HOST_MEMORY_SETTINGS`): "keep" makes glibc keep freed memory for reuse,
     "system" leaves malloc alone, "auto" keeps it when JAX will run on the CPU only
     (`runs_on_cpu_only`). Returns whether the settings are in force.
 
@@ -77,8 +75,11 @@ def keep_freed_memory(setting: str = "auto") -> bool:
     quietly does nothing.
     """
     global _applied
-    if setting not in SETTINGS:
-        raise ValueError(f"run.host_memory must be one of {', '.join(SETTINGS)}, got {setting!r}")
+    from jrlhf.config import HOST_MEMORY_SETTINGS  # the schema's list (importing JAX starts none)
+
+    if setting not in HOST_MEMORY_SETTINGS:
+        raise ValueError(f"run.host_memory must be one of {', '.join(HOST_MEMORY_SETTINGS)}, "
+                         f"got {setting!r}")
     if setting == "system":
         return _applied
     if _applied:

@@ -12,10 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jrlhf.config import AGGREGATIONS
 from jrlhf.rl import masked_mean, masked_sum
-
-
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
 def aggregation_counts(mask) -> dict:

@@ -185,3 +185,16 @@ def test_an_empty_out_dir_is_refused(value, tmp_path, capsys, monkeypatch):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ValueError, match="run.out_dir is empty"):
         derive(Config(), {"run.out_dir": ""})
+
+
+def test_the_config_schema_imports_no_algorithm_code():
+    """`jrlhf.config` owns its fields' allowed values (e.g. `AGGREGATIONS`, which the losses
+    import from it): it imports nothing of jrlhf but the model config."""
+    import ast
+
+    tree = ast.parse((Path(__file__).parent.parent / "jrlhf" / "config.py").read_text())
+    imported = {node.module for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("jrlhf")}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                 for alias in node.names if alias.name.startswith("jrlhf")}
+    assert imported == {"jrlhf.models.config"}, imported
