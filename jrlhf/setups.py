@@ -274,9 +274,9 @@ def _make_step(algorithm, config: Config, cfg, value_cfg, labels, lora_scale, st
         return make_dpo_step(cfg, c.dpo, orpo=algorithm == "orpo", lora_scale=lora_scale,
                              grad_accum_steps=accum, **common)
     if algorithm == "ppo":
-        return make_ppo_step(c.ppo, cfg, value_cfg, lora_scale=lora_scale,
+        return make_ppo_step(cfg, c.ppo, value_cfg=value_cfg, lora_scale=lora_scale,
                              temperature=c.rollout.temperature, **common)
-    return make_grpo_step(c.grpo, cfg, lora_scale=lora_scale, temperature=c.rollout.temperature,
+    return make_grpo_step(cfg, c.grpo, lora_scale=lora_scale, temperature=c.rollout.temperature,
                           **common)
 
 

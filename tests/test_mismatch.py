@@ -96,7 +96,7 @@ def test_grpo_tis_is_a_no_op_when_the_sampler_agrees_and_otherwise_its_definitio
 
     def run(step_cfg, sampler):
         state = make_state(params, OPT_EQ)[0]
-        return make_grpo_step(step_cfg, CFG)(state, dict(batch, sampler_logprobs=sampler))
+        return make_grpo_step(CFG, step_cfg)(state, dict(batch, sampler_logprobs=sampler))
 
     plain, _ = run(cfg, batch["logprobs"])
     same, m_same = run(tis, batch["logprobs"])  # identical numerics: exactly no change
@@ -135,7 +135,7 @@ def test_ppo_tis_is_a_no_op_when_the_sampler_agrees_and_changes_the_update_other
 
     def run(cfg, sampler):
         state = make_state(params, OPT_EQ, kl_coef=cfg.kl_coef)[0]
-        step = make_ppo_step(cfg, POLICY_CFG, temperature=TEMPERATURE)
+        step = make_ppo_step(POLICY_CFG, cfg, temperature=TEMPERATURE)
         return step(state, dict(batch, sampler_logprobs=sampler))
 
     plain, _ = run(PPO_CFG, batch["logprobs"])
@@ -150,7 +150,7 @@ def test_ppo_tis_is_a_no_op_when_the_sampler_agrees_and_changes_the_update_other
     assert "mismatch/tis_capped" not in m_off
     assert differ(corrected.params, uncorrected.params)
     with pytest.raises(ValueError, match="ppo.tis_cap needs the rollout batch's sampler_logprobs"):
-        make_ppo_step(tis, POLICY_CFG)(make_state(params, OPT_EQ, kl_coef=0.05)[0],
+        make_ppo_step(POLICY_CFG, tis)(make_state(params, OPT_EQ, kl_coef=0.05)[0],
                                        {k: v for k, v in batch.items()})
 
 
@@ -199,7 +199,7 @@ def test_the_update_logs_its_gradient_norm():
     params = init_params(CFG, 0)
     batch = grpo_batch(params)
     cfg = GRPOConfig(group_size=4, epochs=1)
-    _, metrics = make_grpo_step(cfg, CFG)(make_state(params, OPT_EQ)[0], batch)
+    _, metrics = make_grpo_step(CFG, cfg)(make_state(params, OPT_EQ)[0], batch)
     mb = {k: batch[k] for k in ("input_ids", "attention_mask", "response_mask", "logprobs",
                                 "ref_logprobs")}
     mb["advantages"] = sequence_advantages(batch["scores"], 4, "grpo")
@@ -209,7 +209,7 @@ def test_the_update_logs_its_gradient_norm():
     # The entropy metric is the rollout's (score_rollout with_entropy), masked-averaged.
     assert "grpo/entropy" not in metrics
     entropy = np.random.RandomState(1).rand(*batch["response_mask"].shape).astype(np.float32)
-    _, metrics = make_grpo_step(cfg, CFG)(make_state(params, OPT_EQ)[0],
+    _, metrics = make_grpo_step(CFG, cfg)(make_state(params, OPT_EQ)[0],
                                           dict(batch, entropy=entropy))
     mask = batch["response_mask"]
     np.testing.assert_allclose(metrics["grpo/entropy"], (entropy * mask).sum() / mask.sum(),

@@ -143,7 +143,7 @@ def test_grpo_step_with_micro_batches_equals_the_full_minibatch(mode):
                      clip_high=0.28, dual_clip=2.0)
     out = {}
     for k in (1, 4):
-        step = make_grpo_step(dataclasses.replace(cfg, grad_accum_steps=k), CFG)
+        step = make_grpo_step(CFG, dataclasses.replace(cfg, grad_accum_steps=k))
         state, metrics = step(make_state(params, OPT_EQ)[0], batch)
         out[k] = jax.tree.map(np.asarray, state.params), metrics
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), out[4][0],

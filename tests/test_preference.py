@@ -165,7 +165,7 @@ def test_group_step_improves_the_objective(estimator):
     params = init_params(CFG, 0)
     batch = group_rollout(params)
     cfg = GRPOConfig(estimator=estimator, group_size=4, epochs=2, minibatch_size=8)
-    step = make_grpo_step(cfg, CFG)
+    step = make_grpo_step(CFG, cfg)
     state, _ = make_state(params)
     state, first = step(state, batch)
     for _ in range(4):
@@ -186,7 +186,7 @@ def test_rloo_step_is_grpo_with_leave_one_out():
     batch = group_rollout(params)
     cfg = GRPOConfig(group_size=4)
     a = jax.jit(functools.partial(rloo_step, cfg=cfg, model_cfg=CFG))(make_state(params)[0], batch)
-    b = make_grpo_step(dataclasses.replace(cfg, estimator="rloo"), CFG)(make_state(params)[0],
+    b = make_grpo_step(CFG, dataclasses.replace(cfg, estimator="rloo"))(make_state(params)[0],
                                                                           batch)
     jax.tree.map(np.testing.assert_array_equal, a[0].params, b[0].params)
 
@@ -202,7 +202,7 @@ def test_sharded_equals_unsharded(kind, shape):
             state = place_state(state, mesh)
         if kind == "grpo":
             batch = group_rollout(params)
-            step = make_grpo_step(GRPOConfig(group_size=4, minibatch_size=8), CFG, state=state,
+            step = make_grpo_step(CFG, GRPOConfig(group_size=4, minibatch_size=8), state=state,
                                   mesh=mesh)
         else:
             batch = pair_batch()

@@ -27,7 +27,7 @@ def test_a_reference_that_is_the_policy_survives_the_updates():
     policy = jax.tree.map(jnp.asarray, {"policy": init_params(POLICY_CFG, 0)})
     ref_params = policy["policy"]
     state = TrainState.create(policy, optax.adam(1e-3), 0, kl_coef=PPO_CFG.kl_coef)
-    step = make_ppo_step(PPO_CFG, POLICY_CFG, temperature=TEMPERATURE)
+    step = make_ppo_step(POLICY_CFG, PPO_CFG, temperature=TEMPERATURE)
     before = jax.tree.map(np.asarray, ref_params)
     for _ in range(2):
         state, _ = step(state, rollout_batch({"policy": ref_params}))
@@ -48,7 +48,7 @@ def test_place_state_leaves_the_callers_state_usable():
 def test_beta_lives_in_the_state_and_its_absence_is_named():
     params = {"policy": init_params(POLICY_CFG, 0)}
     state = TrainState.create(params, optax.adam(1e-3), 0)  # no kl_coef
-    step = make_ppo_step(PPO_CFG, POLICY_CFG, temperature=TEMPERATURE)
+    step = make_ppo_step(POLICY_CFG, PPO_CFG, temperature=TEMPERATURE)
     with pytest.raises(ValueError, match=r"ppo_step: the state holds no KL coefficient β.*"
                                          r"kl_coef=ppo_cfg\.kl_coef"):
         step(state, rollout_batch(params))
@@ -64,8 +64,25 @@ def test_a_batch_key_no_step_reads_is_an_error_naming_it():
     with pytest.raises(ValueError, match=r"sft_step: .*missing loss_mask"):
         sft(TrainState.create(params, optax.adam(1e-3), 0), batch)
 
-    grpo = make_grpo_step(GRPOConfig(group_size=4), CFG)
+    grpo = make_grpo_step(CFG, GRPOConfig(group_size=4))
     rollout = rollout_batch({"policy": init_params(POLICY_CFG, 0)})
     advantages = np.ones(8, np.float32)  # the fused step computes its own: refused, not ignored
     with pytest.raises(ValueError, match=r"grpo step: .*unknown advantages \(never read\)"):
         grpo(TrainState.create(params, optax.adam(1e-3), 0), dict(rollout, advantages=advantages))
+
+
+def test_every_step_factory_takes_the_model_config_first():
+    """`make_*_step(model_cfg, cfg, *, ...)` for every algorithm; the old orders (PPO's and
+    GRPO's took the algorithm's config first) are a TypeError naming the factory."""
+    from jrlhf.config import DPOConfig
+    from jrlhf.steps import make_dpo_step, make_reward_step
+
+    make_sft_step(CFG), make_reward_step(CFG), make_dpo_step(CFG, DPOConfig())
+    make_grpo_step(CFG, GRPOConfig()), make_ppo_step(POLICY_CFG, PPO_CFG)
+    with pytest.raises(TypeError, match=r"make_ppo_step\(model_cfg, cfg, \.\.\.\): the model's "
+                                        r"ModelConfig comes first, got PPOConfig"):
+        make_ppo_step(PPO_CFG, POLICY_CFG)
+    with pytest.raises(TypeError, match=r"make_grpo_step\(model_cfg, cfg, \.\.\.\): .*GRPOConfig"):
+        make_grpo_step(GRPOConfig(), CFG)
+    with pytest.raises(TypeError, match=r"make_dpo_step.*cfg must be a DPOConfig, got GRPOConfig"):
+        make_dpo_step(CFG, GRPOConfig())

@@ -80,7 +80,7 @@ def test_ppo_ratio_is_one_before_any_update(temperature):
              "logprobs": out.logprobs, "ref_logprobs": out.logprobs, "values": values * out.mask,
              "scores": jnp.ones(8)}
     state = make_state(params, OPT_EQ, kl_coef=0.05)[0]
-    _, metrics = make_ppo_step(cfg, CFG, temperature=temperature)(state, batch)
+    _, metrics = make_ppo_step(CFG, cfg, temperature=temperature)(state, batch)
     assert float(metrics["ppo/approx_kl"]) < 1e-10
     assert float(metrics["ppo/clipfrac"]) == 0.0
 

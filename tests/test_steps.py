@@ -248,7 +248,7 @@ def ppo_state(params, cfg=PPO_CFG, optim_cfg=OPT):
 def test_ppo_step_improves_its_objective():
     params = {"policy": init_params(POLICY_CFG, 0)}
     batch = rollout_batch(params)
-    step = make_ppo_step(PPO_CFG, POLICY_CFG, temperature=TEMPERATURE)
+    step = make_ppo_step(POLICY_CFG, PPO_CFG, temperature=TEMPERATURE)
     state = ppo_state(params)
     state, first = step(state, batch)
     for _ in range(4):
@@ -263,7 +263,7 @@ def test_ppo_first_minibatch_has_ratio_one():
     """Before any update the policy is the sampling policy: approx-KL and clipfrac are 0."""
     cfg = dataclasses.replace(PPO_CFG, ppo_epochs=1, minibatch_size=0)
     params = {"policy": init_params(POLICY_CFG, 0)}
-    step = make_ppo_step(cfg, POLICY_CFG, temperature=TEMPERATURE)
+    step = make_ppo_step(POLICY_CFG, cfg, temperature=TEMPERATURE)
     _, metrics = step(ppo_state(params, cfg), rollout_batch(params))
     assert float(metrics["ppo/approx_kl"]) < 1e-12
     assert float(metrics["ppo/clipfrac"]) == 0.0
@@ -272,7 +272,7 @@ def test_ppo_first_minibatch_has_ratio_one():
 def test_ppo_metrics_match_the_math():
     params = {"policy": init_params(POLICY_CFG, 0)}
     batch = rollout_batch(params)
-    step = make_ppo_step(PPO_CFG, POLICY_CFG, temperature=TEMPERATURE)
+    step = make_ppo_step(POLICY_CFG, PPO_CFG, temperature=TEMPERATURE)
     _, metrics = step(ppo_state(params), batch)
     m = batch["response_mask"]
     kl = (batch["logprobs"] - batch["ref_logprobs"]) * m
@@ -289,7 +289,7 @@ def test_ppo_update_is_one_dispatch_and_equals_a_minibatch_loop():
     params = {"policy": init_params(POLICY_CFG, 0)}
     batch = jax.device_put(rollout_batch(params))
     state = jax.device_put(ppo_state(params, optim_cfg=OPT_EQ))
-    step = make_ppo_step(PPO_CFG, POLICY_CFG, temperature=TEMPERATURE)
+    step = make_ppo_step(POLICY_CFG, PPO_CFG, temperature=TEMPERATURE)
     compiled = step.lower(state, batch).compile()
     reference_state = jax.tree.map(jnp.copy, state)
     with jax.transfer_guard("disallow"):
@@ -326,7 +326,8 @@ def test_ppo_separate_critic_and_adaptive_kl():
     params = {"policy": init_params(CFG, 0), "value": init_params(value_cfg, 1)}
     batch = rollout_batch(params, policy_cfg=CFG, value_cfg=value_cfg, cfg=cfg)
     state = ppo_state(params, cfg)
-    new, metrics = make_ppo_step(cfg, CFG, value_cfg, temperature=TEMPERATURE)(state, batch)
+    new, metrics = make_ppo_step(CFG, cfg, value_cfg=value_cfg,
+                                 temperature=TEMPERATURE)(state, batch)
     kl = float(metrics["ppo/kl"])
     expected = 0.05 * (1 + np.clip(kl / 0.01 - 1, -0.2, 0.2) * 8 / 100.0)
     np.testing.assert_allclose(new.kl_coef, expected, rtol=1e-6)
@@ -335,7 +336,7 @@ def test_ppo_separate_critic_and_adaptive_kl():
                                new.params[part])
         assert any(jax.tree.leaves(changed)), part
     with pytest.raises(ValueError, match="critic"):
-        make_ppo_step(cfg, CFG, None, temperature=TEMPERATURE)
+        make_ppo_step(CFG, cfg, value_cfg=None, temperature=TEMPERATURE)
 
 
 def test_ppo_padding_has_no_effect():
@@ -347,7 +348,7 @@ def test_ppo_padding_has_no_effect():
         noisy[key] = np.where(m > 0, batch[key], 123.0).astype(np.float32)
     pad = batch["attention_mask"] == 0
     noisy["input_ids"] = np.where(pad, 17, batch["input_ids"])
-    step = make_ppo_step(PPO_CFG, POLICY_CFG, temperature=TEMPERATURE)
+    step = make_ppo_step(POLICY_CFG, PPO_CFG, temperature=TEMPERATURE)
     a, ma = step(ppo_state(params, optim_cfg=OPT_EQ), batch)
     b, mb = step(ppo_state(params, optim_cfg=OPT_EQ), noisy)
     jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-6, rtol=0),

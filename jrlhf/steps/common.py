@@ -43,6 +43,19 @@ def check_batch(batch, step: str, *layouts: tuple[tuple[str, ...], tuple[str, ..
                      f"it takes {layouts_text} ([optional])")
 
 
+def check_factory_args(factory: str, model_cfg, cfg=None, cfg_type=None) -> None:
+    """Every `make_*_step` takes `(model_cfg, cfg, *, ...)`: the model's config, then the
+    algorithm's. A call in another order is a TypeError naming the factory."""
+    from jrlhf.models.config import ModelConfig
+
+    if not isinstance(model_cfg, ModelConfig):
+        raise TypeError(f"{factory}(model_cfg, cfg, ...): the model's ModelConfig comes first, "
+                        f"got {type(model_cfg).__name__}")
+    if cfg_type is not None and not isinstance(cfg, cfg_type):
+        raise TypeError(f"{factory}(model_cfg, cfg, ...): cfg must be a {cfg_type.__name__}, "
+                        f"got {type(cfg).__name__}")
+
+
 def split_micro_batches(batch, n: int):
     """Reshape every leaf's leading dim B into `[n, B // n]`."""
     def split(x):

@@ -23,8 +23,8 @@ from jrlhf.config import GRPOConfig
 from jrlhf.models import transformer as tfm
 from jrlhf.models.config import ModelConfig
 from jrlhf.rl import masked_mean
-from jrlhf.steps.common import (accumulate_gradients, check_batch, forward_params, jit_step,
-                                minibatch_epochs)
+from jrlhf.steps.common import (accumulate_gradients, check_batch, check_factory_args,
+                                forward_params, jit_step, minibatch_epochs)
 from jrlhf.steps.ppo import RL_BATCH, RL_OPTIONAL, sampler_mismatch
 
 
@@ -127,9 +127,10 @@ def grpo_step(state, batch, *, cfg: GRPOConfig, model_cfg: ModelConfig, labels=N
     return state, metrics
 
 
-def make_grpo_step(cfg: GRPOConfig, model_cfg: ModelConfig, *, labels=None,
+def make_grpo_step(model_cfg: ModelConfig, cfg: GRPOConfig, *, labels=None,
                    lora_scale: float = 0.0, temperature: float = 1.0, state=None, mesh=None):
     """Jitted `grpo_step` (RLOO with `cfg.estimator="rloo"`): one dispatch per update phase."""
+    check_factory_args("make_grpo_step", model_cfg, cfg, GRPOConfig)
     fn = functools.partial(grpo_step, cfg=cfg, model_cfg=model_cfg, labels=labels,
                            lora_scale=lora_scale, temperature=temperature)
     return jit_step(fn, state, mesh)

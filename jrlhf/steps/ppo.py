@@ -26,7 +26,8 @@ from jrlhf import lora, losses, rl
 from jrlhf.config import PPOConfig
 from jrlhf.models import transformer as tfm
 from jrlhf.models.config import ModelConfig
-from jrlhf.steps.common import check_batch, forward_params, jit_step, minibatch_epochs
+from jrlhf.steps.common import (check_batch, check_factory_args, forward_params, jit_step,
+                                minibatch_epochs)
 
 
 def policy_outputs(params, input_ids, attention_mask, num_response: int, *,
@@ -170,10 +171,12 @@ def sampler_mismatch(batch, tis_cap: float, section: str) -> dict:
     return out
 
 
-def make_ppo_step(cfg: PPOConfig, policy_cfg: ModelConfig, value_cfg: ModelConfig | None = None,
-                  *, labels=None, lora_scale: float = 0.0, temperature: float = 1.0, state=None,
-                  mesh=None):
-    """Jitted `ppo_step` with its hyper-parameters bound: one XLA dispatch per update phase."""
+def make_ppo_step(policy_cfg: ModelConfig, cfg: PPOConfig, *,
+                  value_cfg: ModelConfig | None = None, labels=None, lora_scale: float = 0.0,
+                  temperature: float = 1.0, state=None, mesh=None):
+    """Jitted `ppo_step` with its hyper-parameters bound: one XLA dispatch per update phase.
+    `value_cfg`: a separate critic's config (`ppo.critic="separate"`)."""
+    check_factory_args("make_ppo_step", policy_cfg, cfg, PPOConfig)
     if (cfg.critic == "separate") != (value_cfg is not None):
         raise ValueError(f"ppo.critic={cfg.critic!r} needs value_cfg "
                          f"{'set' if cfg.critic == 'separate' else 'None'}")

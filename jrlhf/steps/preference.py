@@ -21,8 +21,8 @@ from jrlhf import lora, losses, rl
 from jrlhf.config import DPOConfig
 from jrlhf.models import transformer as tfm
 from jrlhf.models.config import ModelConfig
-from jrlhf.steps.common import (PACKED, accumulate_gradients, check_batch, forward_params,
-                                jit_step)
+from jrlhf.steps.common import (PACKED, accumulate_gradients, check_batch, check_factory_args,
+                                forward_params, jit_step)
 
 
 def response_logps(cfg: ModelConfig, params, ids, attention_mask, loss_mask):
@@ -141,6 +141,7 @@ def orpo_step(state, batch, *, model_cfg: ModelConfig, cfg: DPOConfig, labels=No
 def make_dpo_step(model_cfg, cfg: DPOConfig, *, orpo: bool = False, labels=None,
                   lora_scale: float = 0.0, grad_accum_steps: int = 1, state=None, mesh=None):
     """Jitted `dpo_step` (or `orpo_step`) with hyper-parameters bound; sharded with a mesh."""
+    check_factory_args("make_dpo_step", model_cfg, cfg, DPOConfig)
     fn = functools.partial(orpo_step if orpo else dpo_step, model_cfg=model_cfg, cfg=cfg,
                            labels=labels, lora_scale=lora_scale,
                            grad_accum_steps=grad_accum_steps)

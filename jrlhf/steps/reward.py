@@ -11,8 +11,8 @@ import optax
 from jrlhf import losses, rl
 from jrlhf.models import transformer as tfm
 from jrlhf.models.config import ModelConfig
-from jrlhf.steps.common import (PACKED, accumulate_gradients, check_batch, forward_params,
-                                jit_step)
+from jrlhf.steps.common import (PACKED, accumulate_gradients, check_batch, check_factory_args,
+                                forward_params, jit_step)
 
 
 def pairs_to_groups(chosen_ids, chosen_mask, rejected_ids, rejected_mask):
@@ -67,6 +67,7 @@ def reward_step(state, batch, *, model_cfg: ModelConfig, labels=None, lora_scale
 def make_reward_step(model_cfg: ModelConfig, *, labels=None, lora_scale: float = 0.0,
                      per_prompt: bool = True, grad_accum_steps: int = 1, state=None, mesh=None):
     """Jitted `reward_step` with its hyper-parameters bound (sharded when `mesh` is given)."""
+    check_factory_args("make_reward_step", model_cfg)
     fn = functools.partial(reward_step, model_cfg=model_cfg, labels=labels, lora_scale=lora_scale,
                            per_prompt=per_prompt, grad_accum_steps=grad_accum_steps)
     return jit_step(fn, state, mesh)

@@ -9,8 +9,8 @@ import optax
 
 from jrlhf.models import transformer as tfm
 from jrlhf.models.config import ModelConfig
-from jrlhf.steps.common import (PACKED, accumulate_gradients, check_batch, forward_params,
-                                jit_step)
+from jrlhf.steps.common import (PACKED, accumulate_gradients, check_batch, check_factory_args,
+                                forward_params, jit_step)
 
 
 def sft_loss(params, batch, *, model_cfg: ModelConfig, token_weights):
@@ -58,6 +58,7 @@ def sft_step(state, batch, *, model_cfg: ModelConfig, labels=None, lora_scale: f
 def make_sft_step(model_cfg: ModelConfig, *, labels=None, lora_scale: float = 0.0,
                   grad_accum_steps: int = 1, state=None, mesh=None):
     """Jitted `sft_step` with its hyper-parameters bound (sharded when `mesh` is given)."""
+    check_factory_args("make_sft_step", model_cfg)
     fn = functools.partial(sft_step, model_cfg=model_cfg, labels=labels, lora_scale=lora_scale,
                            grad_accum_steps=grad_accum_steps)
     return jit_step(fn, state, mesh)
