@@ -86,3 +86,43 @@ def test_every_step_factory_takes_the_model_config_first():
         make_grpo_step(GRPOConfig(), CFG)
     with pytest.raises(TypeError, match=r"make_dpo_step.*cfg must be a DPOConfig, got GRPOConfig"):
         make_dpo_step(CFG, GRPOConfig())
+
+
+def test_a_state_of_ones_own_works_with_the_steps_on_a_mesh():
+    """A research state (no `apply_gradients` method, an extra field of its own) that follows
+    the protocol of `steps.apply_gradients` trains through a fused GRPO step on a mesh and
+    equals `TrainState` (it failed with "'MyState' object has no attribute 'apply_gradients'")."""
+    from flax import struct
+
+    from jrlhf.steps import state_shardings
+    from test_preference import group_rollout
+
+    @struct.dataclass
+    class MyState:
+        params: dict
+        opt_state: tuple
+        step: jax.Array
+        rng: jax.Array
+        seen: jax.Array  # a field of the research code's own (replicated)
+        tx: optax.GradientTransformation = struct.field(pytree_node=False)
+
+    params = init_params(CFG, 0)
+    tx = optax.adam(1e-3)
+    mine = MyState(jax.tree.map(jnp.array, params), tx.init(params), jnp.zeros((), jnp.int32),
+                   jax.random.key(0), jnp.zeros(()), tx)
+    theirs = TrainState.create(params, tx, 0)
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2))
+    batch = group_rollout(params)
+    results = []
+    for state in (mine, theirs):
+        state = place_state(state, mesh)
+        step = make_grpo_step(CFG, GRPOConfig(group_size=4, minibatch_size=4), state=state,
+                              mesh=mesh)
+        for _ in range(2):
+            state, metrics = step(state, batch)
+        results.append((state, metrics))
+    (mine, m1), (theirs, m2) = results
+    assert int(mine.step) == int(theirs.step) == 8  # 2 updates x 4 minibatches of 4 rows
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), mine.params,
+                 theirs.params)
+    assert state_shardings(mine, mesh).seen.is_fully_replicated

@@ -38,7 +38,7 @@ def run(kind, mesh=None, cfg=CFG):
         params = {"policy": init_params(policy_cfg, 0)}
         state = make_state(params, OPT_EQ, kl_coef=PPO_CFG.kl_coef)[0]
         batch = rollout_batch(params, policy_cfg=policy_cfg)
-        factory = functools.partial(make_ppo_step, PPO_CFG, policy_cfg,
+        factory = functools.partial(make_ppo_step, policy_cfg, PPO_CFG,
                                     temperature=TEMPERATURE)
     else:
         from test_preference import group_rollout
@@ -46,8 +46,8 @@ def run(kind, mesh=None, cfg=CFG):
         params = init_params(cfg, 0)
         state = make_state(params, OPT_EQ)[0]
         batch = group_rollout(params, cfg=cfg)
-        factory = functools.partial(make_grpo_step, GRPOConfig(group_size=4, minibatch_size=8),
-                                    cfg)
+        factory = functools.partial(make_grpo_step, cfg,
+                                    GRPOConfig(group_size=4, minibatch_size=8))
     if mesh is not None:
         state = place_state(state, mesh)
     step = factory(state=state, mesh=mesh)

@@ -1,6 +1,7 @@
 """Pure `(state, batch) -> (state, metrics)` steps and their jitted, sharded factories."""
 
-from jrlhf.steps.common import jit_step, place_state, state_shardings
+from jrlhf.steps.common import (apply_gradients, jit_step, minibatch_epochs, place_state,
+                                state_shardings)
 from jrlhf.steps.grpo import grpo_step, make_grpo_step, rloo_step
 from jrlhf.steps.preference import dpo_step, make_dpo_step, orpo_step, reference_logps
 from jrlhf.steps.ppo import make_ppo_step, ppo_step, rollout_advantages
@@ -8,7 +9,7 @@ from jrlhf.steps.reward import make_reward_step, pairs_to_groups, reward_step
 from jrlhf.steps.sft import make_sft_step, sft_step
 
 __all__ = [
-    "dpo_step", "grpo_step", "make_dpo_step", "make_grpo_step", "orpo_step", "reference_logps",
+    "apply_gradients", "minibatch_epochs", "dpo_step", "grpo_step", "make_dpo_step", "make_grpo_step", "orpo_step", "reference_logps",
     "rloo_step", "jit_step", "make_ppo_step", "make_reward_step", "make_sft_step", "pairs_to_groups",
     "place_state", "ppo_step", "reward_step", "rollout_advantages", "sft_step",
     "state_shardings",

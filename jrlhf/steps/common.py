@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -90,6 +91,16 @@ def accumulate_gradients(loss_fn, params, batch, num_micro_batches: int):
     return loss, aux, grads
 
 
+def apply_gradients(state, grads):
+    """One optimizer update of a state that follows the step protocol: a pytree dataclass with
+    `params`, `opt_state`, `step` and a static optax `tx` (plus `rng` for the RL steps and
+    `kl_coef` for PPO), and `replace` (`flax.struct.dataclass`). `TrainState` is one; a
+    research state of its own works with every step, `minibatch_epochs` and `jit_step`."""
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    return state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state,
+                         step=state.step + 1)
+
+
 def minibatch_epochs(state, data, grad_fn, *, epochs: int, num_minibatches: int, key,
                      grad_norm_key: str | None = None):
     """`epochs` passes over `data`, each in `num_minibatches` shuffled optimizer steps.
@@ -107,7 +118,7 @@ def minibatch_epochs(state, data, grad_fn, *, epochs: int, num_minibatches: int,
         (_, metrics), grads = grad_fn(train_state.params, mb)
         if grad_norm_key:
             metrics = dict(metrics, **{grad_norm_key: optax.tree.norm(grads)})
-        return train_state.apply_gradients(grads), metrics
+        return apply_gradients(train_state, grads), metrics
 
     def epoch(train_state, epoch_key):
         perm = jax.random.permutation(epoch_key, B)
@@ -120,15 +131,17 @@ def minibatch_epochs(state, data, grad_fn, *, epochs: int, num_minibatches: int,
 
 
 def state_shardings(state, mesh):
-    """Shardings for a `TrainState`: params by the rule table, moments like their params."""
+    """Shardings for a state (`apply_gradients`' protocol): params by the rule table, moments
+    like their params, every other array field (step, rng, β, ...) replicated."""
     params_sh = sharding.param_shardings(state.params, mesh)
+    replicated = sharding.replicated(mesh)
+    others = {f.name: jax.tree.map(lambda _: replicated, getattr(state, f.name))
+              for f in dataclasses.fields(state) if f.metadata.get("pytree_node", True)
+              and f.name not in ("params", "opt_state")}
     return state.replace(
         params=params_sh,
         opt_state=sharding.opt_state_shardings(state.tx, state.opt_state, params_sh, mesh),
-        step=sharding.replicated(mesh),
-        rng=sharding.replicated(mesh),
-        kl_coef=None if state.kl_coef is None else sharding.replicated(mesh),
-    )
+        **others)
 
 
 def all_finite(tree) -> jax.Array:

@@ -21,8 +21,8 @@ from jrlhf import lora, losses, rl
 from jrlhf.config import DPOConfig
 from jrlhf.models import transformer as tfm
 from jrlhf.models.config import ModelConfig
-from jrlhf.steps.common import (PACKED, accumulate_gradients, check_batch, check_factory_args,
-                                forward_params, jit_step)
+from jrlhf.steps.common import (PACKED, accumulate_gradients, apply_gradients, check_batch,
+                                check_factory_args, forward_params, jit_step)
 
 
 def response_logps(cfg: ModelConfig, params, ids, attention_mask, loss_mask):
@@ -112,7 +112,7 @@ def dpo_step(state, batch, *, model_cfg: ModelConfig, cfg: DPOConfig, labels=Non
         return jnp.sum(pair_losses) / P, jax.tree.map(lambda x: x.astype(jnp.float32), aux)
 
     loss, aux, grads = accumulate_gradients(loss_fn, state.params, batch, grad_accum_steps)
-    return state.apply_gradients(grads), _pair_metrics("dpo", loss, aux, P, grads)
+    return apply_gradients(state, grads), _pair_metrics("dpo", loss, aux, P, grads)
 
 
 def orpo_step(state, batch, *, model_cfg: ModelConfig, cfg: DPOConfig, labels=None,
@@ -135,7 +135,7 @@ def orpo_step(state, batch, *, model_cfg: ModelConfig, cfg: DPOConfig, labels=No
     loss, aux, grads = accumulate_gradients(loss_fn, state.params, batch, grad_accum_steps)
     metrics = _pair_metrics("orpo", loss, aux, P, grads)
     metrics["orpo/log_odds_ratio"] = metrics.pop("orpo/margin")
-    return state.apply_gradients(grads), metrics
+    return apply_gradients(state, grads), metrics
 
 
 def make_dpo_step(model_cfg, cfg: DPOConfig, *, orpo: bool = False, labels=None,

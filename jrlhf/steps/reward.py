@@ -11,8 +11,8 @@ import optax
 from jrlhf import losses, rl
 from jrlhf.models import transformer as tfm
 from jrlhf.models.config import ModelConfig
-from jrlhf.steps.common import (PACKED, accumulate_gradients, check_batch, check_factory_args,
-                                forward_params, jit_step)
+from jrlhf.steps.common import (PACKED, accumulate_gradients, apply_gradients, check_batch,
+                                check_factory_args, forward_params, jit_step)
 
 
 def pairs_to_groups(chosen_ids, chosen_mask, rejected_ids, rejected_mask):
@@ -61,7 +61,7 @@ def reward_step(state, batch, *, model_cfg: ModelConfig, labels=None, lora_scale
     metrics = {"reward/loss": loss, "reward/accuracy": aux["correct"] / pairs,
                "reward/margin": aux["margin_sum"] / pairs, "reward/num_pairs": aux["num_pairs"],
                "reward/grad_norm": optax.tree.norm(grads)}
-    return state.apply_gradients(grads), metrics
+    return apply_gradients(state, grads), metrics
 
 
 def make_reward_step(model_cfg: ModelConfig, *, labels=None, lora_scale: float = 0.0,

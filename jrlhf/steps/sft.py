@@ -9,8 +9,8 @@ import optax
 
 from jrlhf.models import transformer as tfm
 from jrlhf.models.config import ModelConfig
-from jrlhf.steps.common import (PACKED, accumulate_gradients, check_batch, check_factory_args,
-                                forward_params, jit_step)
+from jrlhf.steps.common import (PACKED, accumulate_gradients, apply_gradients, check_batch,
+                                check_factory_args, forward_params, jit_step)
 
 
 def sft_loss(params, batch, *, model_cfg: ModelConfig, token_weights):
@@ -52,7 +52,7 @@ def sft_step(state, batch, *, model_cfg: ModelConfig, labels=None, lora_scale: f
     loss, aux, grads = accumulate_gradients(loss_fn, state.params, batch, grad_accum_steps)
     metrics = {"sft/loss": loss, "sft/tokens": aux["tokens"],
                "sft/grad_norm": optax.tree.norm(grads)}
-    return state.apply_gradients(grads), metrics
+    return apply_gradients(state, grads), metrics
 
 
 def make_sft_step(model_cfg: ModelConfig, *, labels=None, lora_scale: float = 0.0,
