@@ -206,6 +206,10 @@ def _quiet_orbax() -> None:
     sys.unraisablehook = hook
 
 
+def _entries(folder: Path) -> int:
+    return len(list(folder.iterdir())) if folder.is_dir() else 0
+
+
 class Checkpointer:
     """Keep-last-N checkpoints of a TrainState plus JSON metadata under `directory`."""
 
@@ -315,7 +319,7 @@ class Checkpointer:
     def _set_aside(self, step: int) -> Path:
         """Move a bad checkpoint out of the manager's folder (kept for inspection), so the
         resumed run can write that step again."""
-        target = self.directory.parent / "corrupt_checkpoints" / str(step)
+        target = self.corrupt_folder / str(step)
         if not distributed.is_writer():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -329,7 +333,8 @@ class Checkpointer:
         starts over keeps what it had) and reopen it empty; returns where they went."""
         self.close()
         folder = self.directory.parent / "replaced_checkpoints"
-        target = folder / str(len(list(folder.iterdir())) if folder.is_dir() else 0)
+        target = folder / str(_entries(folder))
+        distributed.barrier("replacing_checkpoints")  # every process named it before the move
         if distributed.is_writer():
             folder.mkdir(parents=True, exist_ok=True)
             os.replace(self.directory, target)
@@ -337,10 +342,14 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=self._options)
         return target
 
+    @property
+    def corrupt_folder(self) -> Path:
+        """Where checkpoints that fail to read or verify are moved (beside this folder)."""
+        return self.directory.parent / "corrupt_checkpoints"
+
     def set_aside_count(self) -> int:
         """How many checkpoints of this folder were set aside as corrupt."""
-        folder = self.directory.parent / "corrupt_checkpoints"
-        return len(list(folder.iterdir())) if folder.is_dir() else 0
+        return _entries(self.corrupt_folder)
 
     def _read_step(self, template: TrainState, step: int):
         """`(arrays, meta)` of checkpoint `step` as this process reads them (may raise): the file

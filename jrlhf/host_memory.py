@@ -66,9 +66,9 @@ def backends_started() -> bool:
 
 
 def keep_freed_memory(setting: str = "auto") -> bool:
-    """Apply `run.host_memory` (`config.HOST_MEMORY_SETTINGS`): "keep" makes glibc keep freed memory for reuse,
-    "system" leaves malloc alone, "auto" keeps it when JAX will run on the CPU only
-    (`runs_on_cpu_only`). Returns whether the settings are in force.
+    """Apply `run.host_memory` (`config.HOST_MEMORY_SETTINGS`): "keep" makes glibc keep freed
+    memory for reuse, "system" leaves malloc alone, "auto" keeps it when JAX will run on the
+    CPU only (`runs_on_cpu_only`). Returns whether the settings are in force.
 
     "keep" on a platform without glibc, or after JAX has started a backend (too late: its
     worker threads already hold their own arenas), is an error naming the cause; "auto" then

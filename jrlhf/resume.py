@@ -39,9 +39,8 @@ def open_checkpoints(name: str, config: Config, out_dir: Path, resume: bool, tra
         elif resume and ckpt.set_aside_count() and name not in config.run.restart_stages:
             raise FileNotFoundError(
                 f"--resume of stage {name!r}: it has no intact checkpoint "
-                f"({ckpt.set_aside_count()} set aside in "
-                f"{ckpt.directory.parent / 'corrupt_checkpoints'}); it is not trained over "
-                f"from step 0 unless asked: pass --set run.restart_stages={name}")
+                f"({ckpt.set_aside_count()} set aside in {ckpt.corrupt_folder}); it is not "
+                f"trained over from step 0 unless asked: pass --set run.restart_stages={name}")
     except Exception:
         ckpt.close()
         raise

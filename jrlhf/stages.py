@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jrlhf import distributed, elo, loops, models, rl, sharding
+from jrlhf import distributed, elo, loops, models, sharding
 from jrlhf.config import Config, config_json, derive, parse_reward_functions
 from jrlhf.data import Encoder, build_dataset, load_rows, make_loader, ranks_from_scores
 from jrlhf.models.config import ModelConfig
@@ -217,7 +217,7 @@ def run_stages(run: Run, stages: list[Stage]) -> str | None:
             run.log(f"[{stages[i + 1].name}] preempted (SIGTERM) before it started; resume "
                     "with --resume")
             return stages[i + 1].name
-    if distributed.is_writer():
+    if run.resume and distributed.is_writer():  # a fresh run wrote it when it opened
         write_atomically(run.out / "config.json", config_json(run.config))
     return None
 
@@ -406,17 +406,16 @@ def sequence_kl(cfg, params, ref_cfg, ref_params, ids, mask, tokens, tmask, temp
     if mesh is not None:  # the rows split over the mesh the weights lie on
         full, fmask, tokens, tmask = sharding.put((full, fmask, tokens, tmask),
                                                   sharding.rows_layout(mesh, len(full)))
-    kl = (_response_logprobs(cfg, params, full, fmask, tokens, temperature)
-          - _response_logprobs(ref_cfg, ref_params, full, fmask, tokens, temperature)) * tmask
+    N = tokens.shape[1]
+    kl = (_token_outputs(cfg, params, full, fmask, last=N, temperature=temperature).logprobs
+          - _token_outputs(ref_cfg, ref_params, full, fmask, last=N,
+                           temperature=temperature).logprobs) * tmask
     return float(jnp.mean(jnp.sum(kl, axis=1)))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "temperature"))
-def _response_logprobs(cfg, params, full, fmask, tokens, temperature):
-    """log π(y_t) `[B, N]` of the last N = `tokens.shape[1]` positions of `full [B, P + N]`.
-    Jitted: op by op, every operation on a multi-host array is its own collective program."""
-    logits = models.forward(cfg, params, full, fmask, last=tokens.shape[1]) / temperature
-    return rl.logprobs_from_logits(logits, tokens)
+# The losses' log-probs (no [B, N, V] logits), jitted: op by op, every operation on a
+# multi-host array would be its own collective program.
+_token_outputs = jax.jit(models.token_outputs, static_argnames=("cfg", "last", "temperature"))
 
 
 def run_evaluate(run: Run, stage: Stage) -> bool:

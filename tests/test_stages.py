@@ -314,3 +314,35 @@ def test_a_pipeline_removes_the_previous_summary_when_it_starts(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         run_pipeline(tiny(tmp_path, f"data.sft_path={tmp_path / 'missing.jsonl'}"), log=quiet)
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_evaluation_kl_equals_a_numpy_sum_over_the_full_logits():
+    """`sequence_kl` (the jitted, chunked LM-head path) against NumPy over `models.forward`'s
+    full logits: Σ_t mask·(log π(y_t) − log π_ref(y_t)) averaged over rows, at a temperature;
+    masked response positions hold garbage tokens that must not count."""
+    from jrlhf.models import ModelConfig, forward, init_params
+    from jrlhf.stages import sequence_kl
+
+    cfg = ModelConfig(family="llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=8, intermediate_size=64, logits_chunk_size=3)
+    policy, ref = init_params(cfg, 0), init_params(cfg, 1)
+    rng = np.random.RandomState(0)
+    ids = rng.randint(1, 64, (3, 5)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, :2] = 0  # a left-padded prompt
+    tokens = rng.randint(1, 64, (3, 4)).astype(np.int32)
+    tmask = np.array([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], np.int32)
+    got = sequence_kl(cfg, policy, cfg, ref, ids, mask, tokens, tmask, 0.7)
+
+    full, fmask = np.concatenate([ids, tokens], 1), np.concatenate([mask, tmask], 1)
+    want = np.zeros(3)
+    for p in (policy, ref):
+        logits = np.asarray(forward(cfg, p, full, fmask), np.float64)[:, 4:-1] / 0.7
+        top = logits.max(-1, keepdims=True)
+        logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+        picked = np.take_along_axis(logp, tokens[..., None], -1)[..., 0]
+        want += (1 if p is policy else -1) * (picked * tmask).sum(1)
+    np.testing.assert_allclose(got, want.mean(), rtol=1e-5, atol=1e-6)
+    garbage = np.where(tmask > 0, tokens, 63)
+    assert sequence_kl(cfg, policy, cfg, ref, ids, mask, garbage, tmask, 0.7) == \
+        pytest.approx(got, abs=1e-6)
