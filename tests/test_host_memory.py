@@ -72,7 +72,10 @@ def test_cpu_only_is_judged_from_the_platforms_setting(monkeypatch):
         jax.config.update("jax_platforms", previous)
 
 
-def test_settings_are_checked_and_keep_refuses_a_started_backend():
+def test_settings_are_checked_and_keep_refuses_a_started_backend(monkeypatch):
+    # An in-process CLI test earlier in this worker may have applied "auto" before its backend
+    # started; what is checked here is a process that has not.
+    monkeypatch.setattr(host_memory, "_applied", False)
     jax.devices()  # this process's backend is up: too late for the arenas
     assert host_memory.keep_freed_memory("system") is False
     assert host_memory.keep_freed_memory("auto") is False
