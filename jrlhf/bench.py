@@ -21,10 +21,19 @@ from jrlhf.config import Config
 from jrlhf.hardware import device_bandwidth, device_peak, memory, xla_flops
 from jrlhf.models.config import ModelConfig
 from jrlhf.models.sources import load_policy
+from jrlhf import algorithms
 from jrlhf.rollouts import Reward, RolloutLoop, make_sampler
-from jrlhf.setups import ALGORITHMS, Setup, batch_shapes, initial_weights, make_setup
+from jrlhf.setups import Setup, batch_shapes, initial_weights, make_setup
 
-STEPS = (*ALGORITHMS, "generate", "ppo_iteration")
+GENERATE = "generate"  # the sampler alone, on the PPO setup's policy and prompts
+ITERATION = "_iteration"  # `<algorithm>_iteration`: a whole rollout iteration (3 dispatches)
+
+
+def step_kinds() -> tuple[str, ...]:
+    """What `jrlhf bench --step` takes: every algorithm's update, `generate`, and
+    `<algorithm>_iteration` for each algorithm that samples."""
+    return (*algorithms.names(), GENERATE,
+            *(r.name + ITERATION for r in algorithms.records() if r.rollout is not None))
 
 
 def matmul_params(cfg: ModelConfig) -> int:
@@ -143,65 +152,46 @@ def _compile(step, *args):
 
 
 def update_flops(setup: Setup, config: Config) -> tuple[float, int, int]:
-    """`(analytic FLOPs, tokens, samples)` of one `setup.step` on a `batch_shapes` batch."""
-    c, cfg, a = config, setup.model_cfg, setup.algorithm
-    P, R, N = c.data.max_prompt_length, c.data.max_response_length, c.rollout.max_new_tokens
-    L = c.data.row_length
-    if a == "sft":
-        B = c.sft.batch_size
-        return model_flops(cfg, B * L, L, True), B * L, B
-    # The reward model reads one position per response (`steps.reward.group_rewards`).
-    if c.data.pack and a == "reward":  # one group of 2 per row
-        G = c.reward.batch_size
-        return model_flops(cfg, G * L, L, True, read_tokens=2 * G), G * L, G
-    if c.data.pack and a in ("dpo", "orpo"):  # one pair per row
-        B = c.dpo.batch_size
-        return model_flops(cfg, B * L, L, True), B * L, B
-    if a == "reward":
-        G, T = c.reward.batch_size, P + R
-        return model_flops(cfg, 2 * G * T, T, True, read_tokens=2 * G), 2 * G * T, G
-    if a in ("dpo", "orpo"):
-        B, T = c.dpo.batch_size, P + R
-        return model_flops(cfg, 2 * B * T, T, True), 2 * B * T, B
-    if a == "ppo":
-        B, E = c.ppo.rollout_batch_size, c.ppo.ppo_epochs
-    else:
-        B, E = c.grpo.prompts_per_iteration * c.grpo.group_size, c.grpo.epochs
-    T = P + N
-    # The policy's backbone on every position, its LM head on the response positions; a
-    # separate value model as a backbone.
-    flops = model_flops(cfg, B * T * E, T, True, lm_tokens=B * N * E)
-    if setup.value_cfg is not None:
-        flops += model_flops(setup.value_cfg, B * T * E, T, True)
-    return flops, B * T * E, B
+    """`(analytic FLOPs, tokens, samples)` of one `setup.step` on a `batch_shapes` batch, from
+    its algorithm's `cost`: every model pass forward and backward; the tokens of the first."""
+    cost = setup.algorithm.cost(setup, config)
+    flops = sum(model_flops(
+        p.cfg, p.rows * p.length, p.length, True,
+        lm_tokens=None if p.lm_positions is None else p.rows * p.lm_positions,
+        read_tokens=None if p.read_positions is None else p.rows * p.read_positions)
+        for p in cost.passes)
+    first = cost.passes[0]
+    return flops, first.rows * first.length, cost.samples
 
 
 def bench_step(work: Workload, kind: str, *, steps: int = 5, warmup: int = 1) -> dict:
-    """Benchmark one step kind (`STEPS`); returns a dict of measurements."""
-    if kind not in STEPS:
-        raise ValueError(f"unknown step {kind!r}; choose from {', '.join(STEPS)}")
+    """Benchmark one step kind (`step_kinds()`); returns a dict of measurements."""
+    known = step_kinds()
+    if kind not in known:
+        raise ValueError(f"unknown step {kind!r}; choose from {', '.join(known)}")
     c = work.config
-    setup = work.setup("ppo" if kind in ("generate", "ppo_iteration") else kind)
+    iteration = kind.endswith(ITERATION) and kind not in algorithms.names()
+    algorithm = (kind.removesuffix(ITERATION) if iteration else
+                 algorithms.PPO.name if kind == GENERATE else kind)
+    setup = work.setup(algorithm)
     result = {"step": kind, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
               "devices": jax.device_count(), "mesh": list(c.mesh.shape),
               "model_params": work.policy_cfg.num_params, "dispatches_per_step": 1}
     rng = np.random.RandomState(0)
-    if kind == "generate":
+    if kind == GENERATE:
         return _bench_generate(work, setup, result, steps, warmup, rng)
-    if kind == "ppo_iteration":
+    if iteration:
         return _bench_iteration(work, setup, result, steps, warmup, rng)
     batch = random_batch(batch_shapes(setup, c), setup.model_cfg, rng)
     compiled, result["compile_s"] = _compile(setup.step, setup.state, batch)
-    if kind == "ppo":
-        result.update({"ppo_epochs": c.ppo.ppo_epochs,
-                       "minibatches": c.ppo.num_minibatches(c.ppo.rollout_batch_size)})
+    result.update(setup.algorithm.cost(setup, c).details)
     times = _time(_carry_state(setup.step, setup.state), lambda: (batch,), steps, warmup)
     return _finish(result, compiled, times, *update_flops(setup, c))
 
 
-def _prompts(work: Workload, rng):
+def _prompts(work: Workload, rng, rows: int):
     c = work.config
-    B, P = c.ppo.rollout_batch_size, c.data.max_prompt_length
+    B, P = rows, c.data.max_prompt_length
     cfg = work.policy_cfg
     ids = random_ids(rng, (B, P), cfg.vocab_size,
                      tuple(i for i in (cfg.eos_token_id, cfg.pad_token_id) if i is not None))
@@ -227,7 +217,7 @@ def _bench_generate(work, setup, result, steps, warmup, rng):
     """The sampler on the PPO prompts; the decode step time is the difference between a run of
     N new tokens and a prefill-only run (1 token), over N − 1 steps."""
     c = work.config
-    prompts = _prompts(work, rng)
+    prompts = _prompts(work, rng, c.ppo.rollout_batch_size)
     ids, mask = jnp.asarray(prompts["input_ids"]), jnp.asarray(prompts["attention_mask"])
     sample = jax.jit(make_sampler(setup.model_cfg, c.rollout, None, 0))
     policy = setup.policy_params(setup.state.params)
@@ -255,12 +245,13 @@ def _bench_generate(work, setup, result, steps, warmup, rng):
 
 
 def _bench_iteration(work, setup, result, steps, warmup, rng):
-    """A whole PPO iteration of the training loop, split into its three dispatches."""
+    """A whole rollout iteration of the training loop (its algorithm's loader batch of
+    prompts, `group_size` samples each), split into its three dispatches."""
     c = work.config
-    rm_cfg, rm_params = initial_weights("reward", c, work.policy_cfg, work.params)
+    rm_cfg, rm_params = initial_weights(algorithms.REWARD, c, work.policy_cfg, work.params)
     loop = RolloutLoop(setup, c, Reward.from_model(rm_cfg, jax.tree.map(jnp.asarray, rm_params)),
                        eos_token_id=None, pad_token_id=0)
-    prompts = _prompts(work, rng)
+    prompts = _prompts(work, rng, setup.algorithm.batch_size(c))
     state = setup.state
     for _ in range(warmup):
         state, _ = loop(state, prompts)
@@ -270,24 +261,26 @@ def _bench_iteration(work, setup, result, steps, warmup, rng):
         for name in phases:
             phases[name].append(metrics[f"time/{name}"])
     B, P = prompts["input_ids"].shape
-    N, E = c.rollout.max_new_tokens, c.ppo.ppo_epochs
+    rows, N, E = B * loop.group, c.rollout.max_new_tokens, loop.spec.update_epochs
     T = P + N
     backbone = dataclasses.replace(setup.model_cfg, lm_head=False, scalar_head=True)
-    flops = {"generate": _generation_flops(setup.model_cfg, B, P, N),
+    cfg = setup.model_cfg
+    flops = {"generate": model_flops(cfg, B * P, P, False, lm_tokens=B)  # one shared prefill
+             + model_flops(cfg, rows * N, P + N, False),
              # policy and reference with LM heads on response positions, then backbones
-             "score": 2 * model_flops(setup.model_cfg, B * T, T, False, lm_tokens=B * N)
-             + model_flops(backbone, B * T, T, False, read_tokens=B)  # the reward model
-             + (setup.value_cfg is not None) * model_flops(backbone, B * T, T, False),
+             "score": 2 * model_flops(cfg, rows * T, T, False, lm_tokens=rows * N)
+             + model_flops(backbone, rows * T, T, False, read_tokens=rows)  # the reward model
+             + (setup.value_cfg is not None) * model_flops(backbone, rows * T, T, False),
              "update": update_flops(setup, c)[0]}
-    tokens = {"generate": B * N, "score": B * T, "update": B * T * E}
-    result.update({"dispatches_per_step": 3, "ppo_epochs": E,
-                   "minibatches": c.ppo.num_minibatches(B), "phases": {}})
+    tokens = {"generate": rows * N, "score": rows * T, "update": rows * T * E}
+    result.update({"dispatches_per_step": 3, **setup.algorithm.cost(setup, c).details,
+                   "phases": {}})
     for name, ts in phases.items():
         med = float(np.median(ts))
         result["phases"][name] = {"median_s": med, "tokens_per_s": tokens[name] / med,
                                   "flops_per_s": flops[name] / med}
     total = [sum(ts) for ts in zip(*phases.values())]
-    return _finish(result, None, total, sum(flops.values()), B * T, B)
+    return _finish(result, None, total, sum(flops.values()), rows * T, rows)
 
 
 def _finish(result, compiled, times, flops, tokens, samples):

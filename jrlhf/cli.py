@@ -1,10 +1,11 @@
 """`jrlhf` command line: `jrlhf <command> --config configs/x.py --set section.key=value ...`.
 
-Each command maps to data: a training command to its stage description
-(`jrlhf.stages.COMMAND_STAGES`), `pipeline` / `iterate` to their stage lists. Command modules
-are imported inside the handlers, for two reasons: `jrlhf plan` must set its fake-device XLA
-flags before JAX initialises, and `jrlhf annotate` / `elo` start without loading JAX, TFDS and
-transformers (~5 s).
+Each command maps to data: a training command to its algorithm's record (`jrlhf.algorithms`:
+the command, its help and its stage, `jrlhf.stages.command_stage`), `pipeline` / `iterate` to
+their stage lists. Command modules are imported inside the handlers, for two reasons: `jrlhf
+plan` must set its fake-device XLA flags before JAX starts a backend, and `jrlhf annotate` /
+`elo` start without loading JAX, TFDS and transformers (~5 s): their parser is built without
+the algorithm records.
 """
 
 from __future__ import annotations
@@ -17,18 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-# `jrlhf <command>` for one training algorithm (its stage: `jrlhf.stages.COMMAND_STAGES`).
-TRAIN_COMMANDS = {
-    "sft": "supervised fine-tuning of model.source on data.sft_path",
-    "reward": "reward model from data.rankings_path",
-    "ppo": "PPO of model.source against reward.model_path",
-    "dpo": "DPO / IPO of model.source on data.rankings_path",
-    "orpo": "ORPO of model.source on data.rankings_path",
-    "grpo": "GRPO against reward.model_path (or the task's annotator)",
-    "rloo": "RLOO against reward.model_path (or the task's annotator)",
-}
-# The step kinds of `jrlhf bench` / `jrlhf plan`: the setups of `jrlhf.setups.ALGORITHMS`.
-TRAIN_STEPS = ("sft", "reward", "dpo", "orpo", "ppo", "grpo")
+LIGHT_COMMANDS = ("annotate", "elo")  # need no JAX: parsed without the algorithm records
 
 
 def _config(args, **changes):
@@ -54,12 +44,13 @@ def _whole_run(args) -> int:
 
 
 def _train(args) -> int:
-    """`jrlhf sft | reward | ppo | dpo | orpo | grpo | rloo`: one stage, then its export as an
-    HF folder; `jrlhf export --stage X`: the stage's latest checkpoint, exported."""
-    from jrlhf.stages import COMMAND_STAGES, Stage, open_run, run_stages
+    """`jrlhf <algorithm>` (sft, reward, ppo, dpo, orpo, grpo, rloo, ...): its one stage, then
+    its export as an HF folder; `jrlhf export --stage X`: the stage's latest checkpoint,
+    exported."""
+    from jrlhf.stages import Stage, command_stage, open_run, run_stages
 
     train = args.command != "export"
-    stage = COMMAND_STAGES[args.command if train else args.stage]
+    stage = command_stage(args.command if train else args.stage)
     folder = Path(args.out).absolute() if args.out else Path(stage.name) / "export"
     if args.out:  # found unwritable before training, not after it
         _check_writable(folder)
@@ -111,7 +102,10 @@ def _plan(args) -> int:
         # Fake CPU devices stand in for the accelerators being planned for.
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={n}").strip()
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        import jax
+
+        if not jax.config.jax_platforms:  # the CLI imported JAX: its env var was read then
+            jax.config.update("jax_platforms", "cpu")
     result = plan(_config(args, mesh=mesh), args.step, args.device, on_device=args.on_device)
     print(json.dumps(result, indent=2) if args.json else format_plan(result))
     return 0
@@ -172,12 +166,14 @@ def _generate(args) -> int:
     return 0
 
 
-def _add_tool_commands(sub, with_config) -> None:
+def _add_tool_commands(sub, with_config, algorithm_names: tuple[str, ...]) -> None:
     """`jrlhf bench` and `jrlhf plan`: they build the training setups, never run a stage."""
     p = with_config(sub.add_parser("bench", help="time compiled steps: tokens/s, FLOPs, MFU, "
                                                  "memory"))
-    p.add_argument("--step", action="append", choices=(*TRAIN_STEPS, "generate", "ppo_iteration"),
-                   required=True, help="a step to time (repeatable)")
+    p.add_argument("--step", action="append", required=True,
+                   help="a step to time (repeatable): an algorithm's update ("
+                        + ", ".join(algorithm_names) + "), generate (the sampler), or "
+                        "<algorithm>_iteration (a whole rollout iteration, e.g. ppo_iteration)")
     p.add_argument("--steps", type=int, default=5, help="timed steps (after warm-up)")
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed steps first (compilation)")
@@ -189,7 +185,7 @@ def _add_tool_commands(sub, with_config) -> None:
     p.add_argument("--mesh", default="data=1,fsdp=1,tensor=1",
                    help="the target mesh, data=D,fsdp=F,tensor=T (unnamed axes 1); as many fake "
                         "CPU devices stand in for its accelerators")
-    p.add_argument("--step", default="sft", choices=TRAIN_STEPS,
+    p.add_argument("--step", default="sft", choices=algorithm_names,
                    help="the training step planned (its state, batch and update)")
     p.add_argument("--device", default="h100", help="h100, h200, a100, tpu v4/v5e/v5p/v6e")
     p.add_argument("--on-device", action="store_true",
@@ -199,13 +195,35 @@ def _add_tool_commands(sub, with_config) -> None:
     p.set_defaults(func=_plan)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(light: bool = False) -> argparse.ArgumentParser:
+    """The `jrlhf` parser; `light`: only the commands of `LIGHT_COMMANDS` (no JAX import)."""
     parser = argparse.ArgumentParser(
         prog="jrlhf", description="RLHF on JAX: SFT, reward models from rankings, PPO, DPO/ORPO, "
         "GRPO/RLOO, iterative rounds; bench and plan for throughput and memory. Every command "
         "takes --config configs/<file>.py and --set section.key=value; `jrlhf <command> -h` "
         "says more.")
     sub = parser.add_subparsers(dest="command", required=True)
+    if not light:
+        _add_run_commands(sub)
+
+    p = sub.add_parser("annotate", help="rank sampled responses in the terminal (appends each "
+                                         "answer to --out at once; rerun to resume)")
+    p.add_argument("samples", help="JSONL rows {prompt, responses: [...]}")
+    p.add_argument("--out", required=True, help="rankings JSONL (the builders' rankings layout)")
+    p.set_defaults(func=_annotate)
+
+    p = sub.add_parser("elo", help="leaderboard from pairwise comparisons (JSONL: a, b, winner)")
+    p.add_argument("comparisons", help="JSONL rows {a, b, winner: a|b|tie}")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap samples for the CIs")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap RNG seed")
+    p.set_defaults(func=_elo)
+    return parser
+
+
+def _add_run_commands(sub) -> None:
+    """The commands that run JAX: one per algorithm record, the whole runs, export, bench, plan,
+    generate."""
+    from jrlhf import algorithms
 
     def with_config(p):
         p.add_argument("--config", help="config file (configs/*.py); default: all defaults")
@@ -214,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     commands = {"pipeline": "SFT → reward model from rankings → PPO → eval → export",
-                **TRAIN_COMMANDS}
+                **{r.name: r.help for r in algorithms.records()}}
     for name, text in commands.items():
         p = with_config(sub.add_parser(name, help=text))
         p.add_argument("--resume", action="store_true",
@@ -231,24 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = with_config(sub.add_parser("export", help="write a stage's latest checkpoint (LoRA "
                                                    "merged) as a Hugging Face folder"))
-    p.add_argument("--stage", choices=tuple(TRAIN_COMMANDS), default="ppo",
+    p.add_argument("--stage", choices=algorithms.names(), default=algorithms.PPO.name,
                    help="the trained stage whose latest checkpoint is exported")
     p.add_argument("--out", help="export folder (default: run.out_dir/<stage>/export)")
     p.set_defaults(func=_train, resume=True)
 
-    _add_tool_commands(sub, with_config)
-
-    p = sub.add_parser("annotate", help="rank sampled responses in the terminal (appends each "
-                                         "answer to --out at once; rerun to resume)")
-    p.add_argument("samples", help="JSONL rows {prompt, responses: [...]}")
-    p.add_argument("--out", required=True, help="rankings JSONL (the builders' rankings layout)")
-    p.set_defaults(func=_annotate)
-
-    p = sub.add_parser("elo", help="leaderboard from pairwise comparisons (JSONL: a, b, winner)")
-    p.add_argument("comparisons", help="JSONL rows {a, b, winner: a|b|tie}")
-    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap samples for the CIs")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap RNG seed")
-    p.set_defaults(func=_elo)
+    _add_tool_commands(sub, with_config, algorithms.names())
 
     gen = sub.add_parser("generate", help="sample a reply (default model: SmolLM2-135M GGUF)")
     gen.add_argument("--prompt", default="What is the capital of France?",
@@ -260,7 +266,6 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="sampling RNG seed")
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
     gen.set_defaults(func=_generate)
-    return parser
 
 
 def _peers():
@@ -274,7 +279,8 @@ def _peers():
 
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(light=bool(argv) and argv[0] in LIGHT_COMMANDS).parse_args(argv)
     try:
         code = args.func(args)
     except (KeyError, ValueError, OSError, FloatingPointError,

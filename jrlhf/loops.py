@@ -8,7 +8,6 @@ with the data iterator's state, resume exactly from the latest checkpoint, and o
 
 from __future__ import annotations
 
-import functools
 import json
 import signal
 import sys
@@ -17,7 +16,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-import jax
 import numpy as np
 
 from jrlhf import distributed
@@ -25,10 +23,8 @@ from jrlhf import resume as resume_binding
 from jrlhf.checkpoint import Checkpointer
 from jrlhf.config import Config, config_json, to_dict
 from jrlhf.report import MetricsWriter, NoMetrics, check_finite, one_line, write_atomically
-from jrlhf.rollouts import Reward, RolloutLoop
 from jrlhf.setups import Setup
 from jrlhf.state import TrainState
-from jrlhf.steps.preference import reference_logps
 
 
 def progress(iterable, total: int, desc: str, enabled: bool = True, initial: int = 0):
@@ -105,7 +101,7 @@ def run_stage(name: str, config: Config, state: TrainState, step_fn: Callable, b
               loop_state: Callable[[], dict] | None = None,
               set_loop_state: Callable[[dict], None] | None = None,
               log: Callable[[str], None] | None = print, train: bool = True,
-              inputs: dict[str, str] | None = None) -> StageResult:
+              inputs: dict[str, str] | None = None, summary_keys=None) -> StageResult:
     """Run `num_steps` of `state, metrics = step_fn(state, next(batches))` with checkpoints.
 
     Args:
@@ -116,10 +112,10 @@ def run_stage(name: str, config: Config, state: TrainState, step_fn: Callable, b
         resume: continue from the stage's latest checkpoint (`resume.restore`); refused if the
             config or `inputs` (`{name: digest}` of the data files) differ from its own.
         loop_state / set_loop_state: extra JSON-able loop state to save and restore.
-        train: False restores the latest checkpoint (resume) and returns without stepping.
+        train: False restores the latest checkpoint (resume) and returns without stepping;
+        summary_keys: the metrics of the one-line summaries (None: every metric).
     """
-    run, history, start, preempted = config.run, [], 0, False
-    ckpt, writer = None, NoMetrics()
+    run, history, start, preempted, ckpt, writer = config.run, [], 0, False, None, NoMetrics()
     try:
         if out_dir is not None:
             ckpt, writer = _open_stage(name, config, Path(out_dir), resume, train, inputs or {})
@@ -142,7 +138,7 @@ def run_stage(name: str, config: Config, state: TrainState, step_fn: Callable, b
                 check_finite(step + 1, metrics, name, state)
                 if log and run.log_every and (step + 1) % run.log_every == 0:
                     # Through the bar when there is one, so the line does not break it.
-                    getattr(bar, "write", log)(one_line(name, step + 1, metrics))
+                    getattr(bar, "write", log)(one_line(name, step + 1, metrics, summary_keys))
                 # Agreed last, so a SIGTERM that arrived during this step (or its log line)
                 # stops at this step.
                 stop = _agreed_stop(preemption.requested, metrics, started, dispatched, waited)
@@ -186,25 +182,12 @@ def host_metrics(busy, step_seconds) -> dict[str, float]:
             "hosts/step_seconds": float(np.max(step_seconds))}
 
 
-def stage_step(setup: Setup, config: Config, *, reward: Reward | None = None,
-               eos_token_id: int | None = None, pad_token_id: int = 0,
-               prompts: Iterator | None = None) -> Callable:
-    """What the loop calls per step for a setup: its update, DPO's update fed the frozen
-    reference's log-probs, or (ppo / grpo) a `RolloutLoop` against `reward` (refilling
-    dynamic-sampling batches from `prompts`, the stage's own batches)."""
-    if setup.algorithm in ("ppo", "grpo"):
-        if reward is None:
-            raise ValueError(f"the {setup.name} stage needs a reward")
-        return RolloutLoop(setup, config, reward, eos_token_id=eos_token_id,
-                           pad_token_id=pad_token_id, more_prompts=prompts)
-    if setup.algorithm == "dpo" and setup.ref_params is not None:
-        ref_fn = jax.jit(functools.partial(reference_logps, setup.model_cfg))
-
-        def with_reference(state, batch):
-            return setup.step(state, dict(batch, **ref_fn(setup.ref_params, batch)))
-
-        return with_reference
-    return setup.step
+def stage_step(setup: Setup, config: Config, **inputs) -> Callable:
+    """What the loop calls per step for a setup: its algorithm's driver around its update (the
+    update itself, DPO's fed the frozen reference's log-probs, or a `RolloutLoop`). `inputs`:
+    what a rollout driver needs (`reward`, `eos_token_id`, `pad_token_id`, and `prompts`, the
+    stage's own batches, for dynamic-sampling refills)."""
+    return setup.algorithm.driver(setup, config, **inputs)
 
 
 def train(setup: Setup, config: Config, batches: Iterator, *, step_fn: Callable | None = None,
@@ -216,5 +199,6 @@ def train(setup: Setup, config: Config, batches: Iterator, *, step_fn: Callable 
     step_fn = step_fn or stage_step(setup, config, prompts=batches, **step_kwargs)
     return run_stage(setup.name, config, setup.state, step_fn, batches, setup.num_steps,
                      out_dir=out_dir, resume=resume, log=log, train=train, inputs=inputs,
+                     summary_keys=setup.algorithm.summary_keys,
                      loop_state=getattr(step_fn, "get_state", None),
                      set_loop_state=getattr(step_fn, "set_state", None))

@@ -23,14 +23,14 @@ import re
 import jax
 import numpy as np
 
-from jrlhf import optim, sharding
+from jrlhf import algorithms, optim, sharding
 from jrlhf.config import Config, MeshConfig
 from jrlhf.hardware import device_memory, xla_flops
 from jrlhf.models.attention import resolve_implementation
 from jrlhf.models.config import ModelConfig
 from jrlhf.models.sources import model_config
 from jrlhf.models.transformer import abstract_params
-from jrlhf.setups import ALGORITHMS, Setup, batch_shapes, initial_weights, make_setup
+from jrlhf.setups import Setup, batch_shapes, initial_weights, make_setup
 from jrlhf.steps.common import state_shardings
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -104,29 +104,16 @@ def activation_estimate(cfg: ModelConfig, tokens: int, seq_len: int, lm_tokens: 
 
 def step_activations(setup: Setup, config: Config, device: str = "h100") -> int:
     """`activation_estimate` for one optimizer step of `setup` per device (a `device` kind):
-    the models in its loss (a separate critic too) on one (micro/mini)batch shard."""
-    c, a, cfg = config, setup.algorithm, setup.model_cfg
-    flash = flash_attention(cfg, device)
-    P, N = c.data.max_prompt_length, c.rollout.max_new_tokens
+    each model pass of its algorithm's `cost` (a separate critic too) on the rows it holds at
+    once, split over the mesh's batch axes."""
+    c = config
     ways = c.mesh.data * c.mesh.fsdp
-    accum = c.optim.grad_accum_steps
-    if a in ("sft", "reward", "dpo", "orpo"):
-        per_row = 1 if c.data.pack else 2  # packed: a group / pair per row
-        rows = {"sft": c.sft.batch_size, "reward": per_row * c.reward.batch_size,
-                "dpo": per_row * c.dpo.batch_size, "orpo": per_row * c.dpo.batch_size}[a]
-        T = c.data.row_length
-        tokens = rows * T // accum // ways
-        return activation_estimate(cfg, tokens, T, tokens if a != "reward" else 0, c.mesh.tensor,
-                                   flash)
-    if a == "ppo":
-        rows = c.ppo.minibatch_size or c.ppo.rollout_batch_size
-    else:
-        rows = c.grpo.minibatch_size or c.grpo.prompts_per_iteration * c.grpo.group_size
-    T = P + N
-    tokens, lm_tokens = rows * T // ways, rows * N // ways
-    total = activation_estimate(cfg, tokens, T, lm_tokens, c.mesh.tensor, flash)
-    if setup.value_cfg is not None:
-        total += activation_estimate(setup.value_cfg, tokens, T, 0, c.mesh.tensor, flash)
+    total = 0
+    for p in setup.algorithm.cost(setup, config).passes:
+        tokens = p.live_rows * p.length // ways
+        lm_tokens = p.live_rows * (p.length if p.lm_positions is None else p.lm_positions)
+        total += activation_estimate(p.cfg, tokens, p.length, lm_tokens // ways, c.mesh.tensor,
+                                     flash_attention(p.cfg, device))
     return total
 
 
@@ -146,8 +133,9 @@ def plan(config: Config, step: str = "sft", device: str = "h100", *,
     `on_device`: the attached devices are the target (their compiler's memory figures are
     reported); otherwise they stand in for `device` and activations are estimated.
     """
-    if step not in ALGORITHMS:
-        raise ValueError(f"jrlhf plan: unknown step {step!r}; choose from {', '.join(ALGORITHMS)}")
+    if step not in algorithms.names():
+        raise ValueError(f"jrlhf plan: unknown step {step!r}; choose from "
+                         f"{', '.join(algorithms.names())}")
     capacity = device_memory(device)
     n = math.prod(config.mesh.shape)
     devices = jax.devices()

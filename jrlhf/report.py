@@ -13,14 +13,6 @@ import numpy as np
 
 from jrlhf import paths
 
-SUMMARY_KEYS = ("sft/loss", "reward/loss", "reward/accuracy", "dpo/loss", "dpo/accuracy",
-                "dpo/margin", "orpo/loss", "orpo/accuracy", "orpo/log_odds_ratio", "score/mean",
-                "ppo/kl", "ppo/kl_coef", "ppo/entropy", "ppo/response_length", "ppo/clipfrac",
-                "value/error",
-                *(f"{e}/{k}" for e in ("grpo", "rloo", "reinforce++")
-                  for k in ("mean_score", "kl", "clipfrac")))
-
-
 TEMP_SUFFIX = ".tmp"  # `write_atomically` writes `<name>.tmp` beside the file, then renames it
 
 
@@ -104,9 +96,12 @@ def first_non_finite(state) -> str:
     return "none found"
 
 
-def one_line(stage: str, step: int, metrics: dict[str, float]) -> str:
+def one_line(stage: str, step: int, metrics: dict[str, float],
+             keys: tuple[str, ...] | None = None) -> str:
+    """`[stage step] key=value ...` for the `keys` present in `metrics` (None: all of them);
+    a key under the stage's own name is shortened to its last part."""
     parts = [f"{k.split('/')[-1] if k.startswith(stage) else k}={metrics[k]:.4g}"
-             for k in SUMMARY_KEYS if k in metrics]
+             for k in (metrics if keys is None else keys) if k in metrics]
     return f"[{stage} {step}] " + " ".join(parts)
 
 

@@ -21,11 +21,35 @@ from jrlhf import rl, sharding
 from jrlhf.config import Config, RolloutConfig
 from jrlhf.models.config import ModelConfig
 from jrlhf.rewards import Reward, check_finite
+from jrlhf.rng import stream_key
 from jrlhf.sampling import generate
-from jrlhf.setups import Setup, stream_key
 from jrlhf.steps.ppo import score_rollout
 
-__all__ = ["Reward", "RolloutLoop", "decode_texts", "make_sampler", "sample_batched"]
+__all__ = ["Reward", "RolloutLoop", "RolloutSpec", "decode_texts", "make_sampler",
+           "sample_batched"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSpec:
+    """What an algorithm's rollout loop does besides generate → score → update (its record's
+    `rollout(config)`).
+
+    group_size: samples per prompt, sharing one prefill (GRPO's K; 1 for PPO).
+    normalize_rewards / reward_clip: running mean/std normalisation of the scores (moments kept
+        across iterations and checkpointed), and clipping of the result (or of the raw scores).
+    dynamic_sampling / max_refills: drop groups whose scores are all equal and refill the batch
+        from the next prompts, at most `max_refills` rounds.
+    with_entropy: the scoring forward computes the policy's per-token entropy.
+    update_epochs: passes of the update over the batch (for its tokens/s).
+    """
+
+    group_size: int = 1
+    normalize_rewards: bool = False
+    reward_clip: float = 0.0
+    dynamic_sampling: bool = False
+    max_refills: int = 0
+    with_entropy: bool = False
+    update_epochs: int = 1
 
 
 def decode_texts(tokenizer, tokens, mask) -> list[str]:
@@ -94,41 +118,43 @@ def _timed(fn, *args):
 
 
 class RolloutLoop:
-    """One PPO or GRPO/RLOO iteration per call: generate → score → (overlong handling, dynamic
+    """One rollout iteration per call: generate → score → (overlong handling, dynamic
     sampling) → normalise → update.
 
     Args:
-        setup: a "ppo" or "grpo" `Setup` (its state is the one passed to each call).
-        config: uses `rollout` (sampling, overlong handling), `ppo.normalize_rewards` /
-            `ppo.reward_clip` (PPO), `grpo.group_size` (GRPO: each prompt is sampled that many
-            times), `grpo.dynamic_sampling` / `grpo.max_refills`, `run.seed`.
+        setup: a `Setup` whose algorithm samples (its state is the one passed to each call).
+        config: uses `rollout` (sampling, overlong handling) and `run.seed`.
         reward: a `Reward`.
         eos_token_id / pad_token_id: the tokenizer's.
         more_prompts: where dynamic sampling draws the next prompt batches from (the stage's
             own prompt iterator, so a checkpoint's iterator position covers them); None: no
             refills.
+        spec: what the loop does (default: the setup's algorithm's `rollout(config)`).
     """
 
-    def __init__(self, setup: Setup, config: Config, reward: Reward, *,
+    def __init__(self, setup, config: Config, reward: Reward, *,
                  eos_token_id: int | None, pad_token_id: int = 0,
-                 more_prompts: Iterator | None = None):
-        if setup.algorithm not in ("ppo", "grpo"):
-            raise ValueError(f"a rollout loop runs ppo or grpo, not {setup.algorithm!r}")
-        self.setup, self.reward, self.eos_token_id = setup, reward, eos_token_id
-        self.group = config.grpo.group_size if setup.algorithm == "grpo" else 1
+                 more_prompts: Iterator | None = None, spec: RolloutSpec | None = None):
+        record = setup.algorithm
+        if spec is None:
+            if record.rollout is None:
+                raise ValueError(f"a rollout loop runs an algorithm that samples; "
+                                 f"{record.name!r} does not")
+            spec = record.rollout(config)
+        self.setup, self.reward, self.eos_token_id, self.spec = setup, reward, eos_token_id, spec
+        self.group = spec.group_size
+        self.keyed_tree = record.policy_key is not None  # `{"policy", "value"?}` as scored
         self.key = stream_key(config.run.seed, setup.name, "sample")
-        self.ppo = config.ppo if setup.algorithm == "ppo" else None
         self.rollout = r = config.rollout
-        self.dynamic = setup.algorithm == "grpo" and config.grpo.dynamic_sampling
-        self.max_refills, self.more_prompts = config.grpo.max_refills, more_prompts
+        self.more_prompts = more_prompts
         self.sample = make_sampler(setup.model_cfg, r, eos_token_id, pad_token_id,
                                    num_samples=self.group, mesh=setup.mesh)
         self.score = jax.jit(functools.partial(
             score_rollout, policy_cfg=setup.model_cfg, value_cfg=setup.value_cfg,
             reward_fn=reward.device_fn(), temperature=r.temperature,
             missing_eos_penalty=r.missing_eos_penalty, lora_scale=setup.lora_scale,
-            eos_token_id=eos_token_id, with_entropy=setup.algorithm == "grpo"))
-        clip = config.ppo.reward_clip
+            eos_token_id=eos_token_id, with_entropy=spec.with_entropy))
+        clip = spec.reward_clip
 
         @jax.jit
         def normalize(moments, scores):
@@ -140,12 +166,12 @@ class RolloutLoop:
         self.moments = rl.RunningMoments.create()
 
     def _scores(self, raw):
-        ppo = self.ppo
-        if ppo is not None and ppo.normalize_rewards:
+        spec = self.spec
+        if spec.normalize_rewards:
             self.moments, scores = self._normalize(self.moments, raw)
             return scores
-        if ppo is not None and ppo.reward_clip:
-            return jnp.clip(raw, -ppo.reward_clip, ppo.reward_clip)
+        if spec.reward_clip:
+            return jnp.clip(raw, -spec.reward_clip, spec.reward_clip)
         return raw
 
     def _sample_and_score(self, state, prompts, key) -> dict:
@@ -167,7 +193,7 @@ class RolloutLoop:
         ids, mask = jnp.asarray(ids), jnp.asarray(mask)
         gen, t_gen = _timed(self.sample, setup.policy_params(state.params),
                             jnp.asarray(prompt_ids), jnp.asarray(prompt_mask), key)
-        tree = state.params if setup.algorithm == "ppo" else {"policy": state.params}
+        tree = state.params if self.keyed_tree else {"policy": state.params}
         started = time.perf_counter()
         # Dispatched, not awaited: host reward functions run while the device scores.
         batch, raw = self.score(tree, setup.ref_params, self.reward.device_params(), ids, mask,
@@ -222,7 +248,7 @@ class RolloutLoop:
                 (kept if s[g].max() > s[g].min() else dropped).append((i, g))
 
         sort(0, first)
-        while (len(kept) < G and len(rounds) <= self.max_refills and
+        while (len(kept) < G and len(rounds) <= self.spec.max_refills and
                self.more_prompts is not None):
             try:
                 prompts = next(self.more_prompts)
@@ -257,7 +283,7 @@ class RolloutLoop:
         key = jax.random.fold_in(self.key, self.iteration)
         first = self._sample_and_score(state, prompts, key)
         batch, rounds, dynamic = first["batch"], [first], {}
-        if self.dynamic:
+        if self.spec.dynamic_sampling:
             batch, rounds, dynamic = self._refill_groups(state, first, key)
         batch["scores"] = self._scores(batch["scores"])
         (state, metrics), t_update = _timed(setup.step, state, batch)
@@ -267,7 +293,7 @@ class RolloutLoop:
         truncated = np.concatenate([r["truncated"] for r in rounds])
         t_gen, t_score = (sum(r[k] for r in rounds) for k in ("t_gen", "t_score"))
         seq_tokens = sum(r["seq_tokens"] for r in rounds)
-        epochs = self.ppo.ppo_epochs if self.ppo is not None else 1
+        epochs = self.spec.update_epochs
         metrics = {k: float(v) for k, v in metrics.items()}
         metrics.update({
             "score/mean": float(raw.mean()), "score/min": float(raw.min()),

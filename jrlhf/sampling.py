@@ -20,6 +20,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jrlhf.heads import without_scalar_head
 from jrlhf.models import transformer as tfm
 from jrlhf.models.config import ModelConfig
 
@@ -84,7 +85,8 @@ def generate(cfg: ModelConfig, params, prompt_ids, prompt_mask, rng, *, max_new_
 
     Args:
         cfg: model config (static). The weights are cast to `cfg.dtype` once per call.
-        params: policy params (nested dict).
+        params: policy params (nested dict); a scalar (value) head is ignored, whichever of
+            `cfg` and `params` has one.
         prompt_ids: `[B, P]` int, left-padded.
         prompt_mask: `[B, P]`, 1 on prompt tokens, 0 on left padding.
         rng: PRNG key; the token at step t uses `fold_in(rng, t)`.
@@ -105,6 +107,7 @@ def generate(cfg: ModelConfig, params, prompt_ids, prompt_mask, rng, *, max_new_
     """
     P = prompt_ids.shape[1]
     N = max_new_tokens
+    cfg, params = without_scalar_head(cfg, params)  # sampling reads the LM head alone
     model = tfm.bind(cfg, compute_dtype_params(params, cfg.dtype))
     hidden, cache = model.prefill(prompt_ids, prompt_mask, P + N, cache_dtype)
     logits = model.logits(hidden[:, -1])  # left-padded: every row's prompt ends at column P-1

@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jrlhf import distributed, elo, loops, models, sharding
+from jrlhf import algorithms, distributed, elo, loops, models, sharding
+from jrlhf.algorithms import ANNOTATOR, ANNOTATOR_OR_MODEL, REWARD_MODEL_PATH
 from jrlhf.config import Config, config_json, derive, parse_reward_functions
 from jrlhf.data import Encoder, build_dataset, load_rows, make_loader, ranks_from_scores
 from jrlhf.models.config import ModelConfig
@@ -34,14 +35,12 @@ from jrlhf.report import (EVALUATION_MARKER, IncompleteEvaluation, evaluation_fi
 from jrlhf.rewards import Reward, import_host_reward
 from jrlhf.rollouts import decode_texts, sample_batched
 from jrlhf.runlock import RunLock
-from jrlhf.setups import default_mesh, initial_weights, make_setup, stream_key, stream_seed
+from jrlhf.rng import stream_key, stream_seed
+from jrlhf.setups import default_mesh, initial_weights, make_setup
 from jrlhf.tasks import arithmetic, reviews
 
 TASKS = {"reviews": reviews, "arithmetic": arithmetic}
 KINDS = ("train", "rank", "evaluate", "export")
-REWARD_MODEL_PATH = "reward.model_path"  # weights loaded from that config field's folder
-ANNOTATOR = "annotator"  # the task's annotator as a host reward function
-ANNOTATOR_OR_MODEL = "reward.model_path|annotator"  # the model if the field is set, else it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,17 +50,18 @@ class Stage:
     name: unique in the run: its folder under `run.out_dir` (checkpoints), its metrics rows,
         its RNG streams.
     kind: train | rank | evaluate | export.
-    algorithm: (train) a setup of `jrlhf.setups.ALGORITHMS`.
+    algorithm: (train) the name of a record of `jrlhf.algorithms`.
     data: (train, evaluate) the data file it reads; (rank) the rankings file it extends ("":
         none). A key of `Run.files`.
     start: (train) the weights it starts from; (rank) the policy it samples; (evaluate) the
         KL reference; (export) the weights it writes. A key of `Run.models`.
-    reward: (train ppo / grpo) a reward model in `Run.models`, `REWARD_MODEL_PATH`, or
-        `ANNOTATOR`.
+    reward: (train, an algorithm that samples) a reward model in `Run.models`,
+        `REWARD_MODEL_PATH`, `ANNOTATOR` or `ANNOTATOR_OR_MODEL`.
     produces: the key its result is stored under (`Run.models` for train, `Run.files` for rank).
     compare: (evaluate) the policies compared; (rank) earlier versions mixed into the samples.
     folder: (rank, evaluate, export) where it writes, relative to `run.out_dir`.
-    settings: config changes for this stage only, e.g. `(("grpo.estimator", "rloo"),)`.
+    settings: config changes for this stage only, e.g. `(("grpo.beta", 0.0),)` (after the
+        algorithm's own `settings`).
     """
 
     name: str
@@ -223,36 +223,14 @@ def run_stages(run: Run, stages: list[Stage]) -> str | None:
 
 
 def _stage_config(run: Run, stage: Stage) -> Config:
-    return derive(run.config, dict(stage.settings)) if stage.settings else run.config
+    """The run config with the stage's algorithm's settings and then its own applied."""
+    settings = dict(algorithms.get(stage.algorithm).settings if stage.algorithm else ())
+    settings.update(stage.settings)
+    return derive(run.config, settings) if settings else run.config
 
 
 # ----------------------------------------------------------------------------------------------
 # Training stages.
-
-# algorithm -> (data kind, example function of (encoder, source), batch size of the config)
-LOADERS = {
-    "sft": ("sft", lambda enc, src: enc.sft_example, lambda c: c.sft.batch_size),
-    "reward": ("rankings", lambda enc, src: functools.partial(
-        enc.ranking_example, max_responses=max(len(src[i]["ranks"]) for i in range(len(src)))),
-        lambda c: c.reward.batch_size),
-    "dpo": ("rankings", lambda enc, src: enc.preference_pair, lambda c: c.dpo.batch_size),
-    "orpo": ("rankings", lambda enc, src: enc.preference_pair, lambda c: c.dpo.batch_size),
-    "ppo": ("prompts", lambda enc, src: enc.prompt_example, lambda c: c.ppo.rollout_batch_size),
-    "grpo": ("prompts", lambda enc, src: enc.prompt_example,
-             lambda c: c.grpo.prompts_per_iteration),
-}
-
-
-# With data.pack: reward / DPO / ORPO put each ranking group or pair in one row of
-# data.row_length tokens (SFT packs whole examples first-fit in the loader instead).
-PACKED_EXAMPLES = {
-    "reward": lambda enc, src, n: functools.partial(
-        enc.packed_ranking_example, length=n,
-        max_responses=max(len(src[i]["ranks"]) for i in range(len(src)))),
-    "dpo": lambda enc, src, n: functools.partial(enc.packed_preference_pair, length=n),
-    "orpo": lambda enc, src, n: functools.partial(enc.packed_preference_pair, length=n),
-}
-
 
 def written_by_one(make: Callable, name: str):
     """`make()` on process 0 first (it writes files the others then read), then on the others
@@ -269,22 +247,18 @@ def stage_batches(run: Run, stage: Stage, config: Config, mesh=None):
     """The stage's endless, resumable batch iterator over its data file. On a mesh that spans
     several processes each process reads only its rows of every batch and the iterator yields
     global arrays (`sharding.HostShare`)."""
-    kind, example_fn, batch_size = LOADERS[stage.algorithm]
+    record, d = algorithms.get(stage.algorithm), config.data
     path = run.file(stage.data, stage)
     source, _ = written_by_one(functools.partial(
-        build_dataset, kind, path, run.out / "tfds", config.data.on_bad_row,
+        build_dataset, record.data, path, run.out / "tfds", d.on_bad_row,
         log=run.log if distributed.is_writer() else None), "dataset")
-    a, d = stage.algorithm, config.data
-    if d.pack and a in PACKED_EXAMPLES:
-        example = PACKED_EXAMPLES[a](run.encoder, source, d.row_length)
-    else:
-        example = example_fn(run.encoder, source)
-    rows, layout = batch_size(config), None
+    example = record.example(run.encoder, source, config)
+    rows, layout = record.batch_size(config), None
     if mesh is not None and jax.process_count() > 1:
         layout = sharding.rows_layout(mesh, rows)
     loader = make_loader(source, example, rows, seed=stream_seed(d.shuffle_seed, stage.name),
                          rows=None if layout is None else sharding.host_rows(layout, rows),
-                         pack_length=d.row_length if d.pack and a == "sft" else 0)
+                         pack_length=d.row_length if d.pack and record.packs_examples else 0)
     return loader if layout is None else sharding.HostShare(loader, layout, rows)
 
 
@@ -329,7 +303,7 @@ def run_train(run: Run, stage: Stage) -> bool:
     setup = make_setup(stage.algorithm, config, model_cfg, params, name=stage.name)
     batches = stage_batches(run, stage, config, setup.mesh)
     rollout = {}
-    if stage.algorithm in ("ppo", "grpo"):
+    if setup.algorithm.rollout is not None:
         rollout = dict(reward=stage_reward(run, stage, config), eos_token_id=run.encoder.eos_id,
                        pad_token_id=run.encoder.pad_id)
     inputs = {stage.data: file_digest(run.file(stage.data, stage))}
@@ -337,7 +311,7 @@ def run_train(run: Run, stage: Stage) -> bool:
                          log=run.log, train=run.train, inputs=inputs, **rollout)
     if result.preempted:
         return False
-    if stage.algorithm == "sft" and run.train:
+    if setup.algorithm.logs_tokenization and run.train:
         run.log(f"[{stage.name}] {run.encoder.report()}")
     run.models[stage.produces] = setup.exported(result.state.params)
     return True
@@ -490,22 +464,12 @@ RUNNERS = {"train": run_train, "rank": run_rank, "evaluate": run_evaluate, "expo
 # The runs: stage lists and their summaries.
 
 
-# `jrlhf <command>` for one training algorithm: the stage it runs (the CLI adds an export).
-COMMAND_STAGES = {
-    "sft": Stage("sft", "train", "sft", data="sft", start="base", produces="sft"),
-    "reward": Stage("reward", "train", "reward", data="rankings", start="base",
-                    produces="reward"),
-    "ppo": Stage("ppo", "train", "ppo", data="prompts", start="base", reward=REWARD_MODEL_PATH,
-                 produces="ppo"),
-    "dpo": Stage("dpo", "train", "dpo", data="rankings", start="base", produces="dpo"),
-    "orpo": Stage("orpo", "train", "orpo", data="rankings", start="base", produces="orpo"),
-    "grpo": Stage("grpo", "train", "grpo", data="prompts", start="base",
-                  reward=ANNOTATOR_OR_MODEL, produces="grpo",
-                  settings=(("grpo.estimator", "grpo"),)),
-    "rloo": Stage("rloo", "train", "grpo", data="prompts", start="base",
-                  reward=ANNOTATOR_OR_MODEL, produces="rloo",
-                  settings=(("grpo.estimator", "rloo"),)),
-}
+def command_stage(algorithm: str) -> Stage:
+    """`jrlhf <algorithm>`: its one training stage, from the base model on the data file its
+    record reads, against the reward its record names (the CLI adds an export)."""
+    record = algorithms.get(algorithm)
+    return Stage(record.name, "train", record.name, data=record.data, start="base",
+                 reward=record.reward_source, produces=record.name)
 
 
 def pipeline_stages(config: Config) -> list[Stage]:

@@ -290,11 +290,11 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_intact_one(tmp_path, dama
         meta.write_text(text.replace('"next_index": 3', '"next_index": 7'))
     capfd.readouterr()
     log = []
-    from jrlhf.stages import COMMAND_STAGES, open_run, run_stages
+    from jrlhf.stages import command_stage, open_run, run_stages
 
     config = apply_overrides(load_config(TINY), args(out, 4)[4::2])
     with open_run(config, resume=True, log=log.append) as run:
-        assert run_stages(run, [COMMAND_STAGES["sft"]]) is None
+        assert run_stages(run, [command_stage("sft")]) is None
     text = "\n".join(log)
     assert "checkpoint step 3" in text and "using step 2" in text
     why = {"flip": "array checksum mismatch", "truncate": "bytes, ", "delete": "is missing",

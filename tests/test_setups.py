@@ -14,12 +14,11 @@ import jax
 import numpy as np
 import pytest
 
-from jrlhf import bench, optim
+from jrlhf import algorithms, bench, optim
 from jrlhf.config import Config, LoRAConfig, MeshConfig, derive
 from jrlhf.models import ModelConfig, init_params
 from jrlhf.plan import plan
 from jrlhf.setups import (
-    ALGORITHMS,
     batch_shapes,
     initial_weights,
     make_setup,
@@ -28,6 +27,7 @@ from jrlhf.setups import (
 )
 
 ROOT = Path(__file__).parent.parent
+ALGORITHMS = algorithms.names()
 CFG = ModelConfig(family="llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=8, intermediate_size=64, eos_token_id=2,
                   pad_token_id=2)
@@ -252,5 +252,5 @@ def test_every_step_prints_a_one_line_summary(algorithm, estimator):
     cfg, params = initial_weights(algorithm, config, CFG, init_params(CFG, 0))
     setup = make_setup(algorithm, config, cfg, params)
     _, metrics = jax.eval_shape(setup.step, setup.state, batch_shapes(setup, config))
-    line = one_line(algorithm, 1, {k: 0.5 for k in metrics})
+    line = one_line(algorithm, 1, {k: 0.5 for k in metrics}, setup.algorithm.summary_keys)
     assert re.fullmatch(rf"\[{algorithm} 1\]( \S+=0\.5)+", line), (line, sorted(metrics))

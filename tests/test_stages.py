@@ -203,14 +203,14 @@ def test_remote_code_folders_are_refused_in_one_line_without_prompting(tmp_path)
 def test_sft_stage_trains_on_packed_rows(tmp_path):
     """`data.pack=true` reaches the SFT stage's loader: rows carry several examples (segment
     ids), the loss is finite and there are fewer rows than examples per step."""
-    from jrlhf.stages import COMMAND_STAGES, open_run, run_stages, stage_batches
+    from jrlhf.stages import command_stage, open_run, run_stages, stage_batches
 
     config = tiny(tmp_path, "data.pack=true", "sft.steps=2", "data.max_response_length=176")
     with open_run(config, resume=False, train=True) as run:
-        batch = next(stage_batches(run, COMMAND_STAGES["sft"], config))
+        batch = next(stage_batches(run, command_stage("sft"), config))
         assert batch["segment_ids"].max() > 1  # at least one row holds two examples
         np.testing.assert_array_equal(batch["attention_mask"], batch["segment_ids"] > 0)
-        run_stages(run, [COMMAND_STAGES["sft"]])
+        run_stages(run, [command_stage("sft")])
     rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r.get("stage") == "sft"]
     assert len(rows) == 2 and all(np.isfinite(r["sft/loss"]) for r in rows)
 
@@ -218,7 +218,7 @@ def test_sft_stage_trains_on_packed_rows(tmp_path):
 @pytest.mark.parametrize("algorithm", ["reward", "dpo"])
 def test_reward_and_dpo_stages_train_on_packed_rows(tmp_path, algorithm):
     """With `data.pack`, each ranking group / pair is one row of segments; the stages train."""
-    from jrlhf.stages import COMMAND_STAGES, open_run, run_stages, stage_batches
+    from jrlhf.stages import command_stage, open_run, run_stages, stage_batches
 
     rankings = tmp_path / "rankings.jsonl"
     words = ["great", "awful", "fine", "boring", "superb"]
@@ -228,7 +228,7 @@ def test_reward_and_dpo_stages_train_on_packed_rows(tmp_path, algorithm):
          "ranks": [1 + (i + j) % k[i] for j in range(k[i])]}) + "\n" for i in range(8)))
     config = tiny(tmp_path / "run", "data.pack=true", "data.pack_length=400",
                   f"{algorithm}.steps=2", "dpo.batch_size=2", f"data.rankings_path={rankings}")
-    stage = COMMAND_STAGES[algorithm]
+    stage = command_stage(algorithm)
     with open_run(config, resume=False, train=True) as run:
         batch = next(stage_batches(run, stage, config))
         assert batch["input_ids"].shape[1] == 400 and batch["segment_ids"].max() >= 2

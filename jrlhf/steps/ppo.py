@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from jrlhf import lora, losses, rl
 from jrlhf.config import PPOConfig
+from jrlhf.heads import without_scalar_head
 from jrlhf.models import transformer as tfm
 from jrlhf.models.config import ModelConfig
 from jrlhf.steps.common import (check_batch, check_factory_args, forward_params, jit_step,
@@ -206,8 +207,8 @@ def score_rollout(params, ref_params, reward_params, prompt_ids, prompt_mask, re
     """The experience phase: one function giving `ppo_step`'s (or `grpo_step`'s) rollout batch.
 
     `params` is the trained tree `{"policy": ..., ["value": ...]}`. Policy log-probs and values
-    (zeros without a critic), reference log-probs (`ref_params`: the frozen initial policy;
-    None with LoRA, where the reference is the trained tree's frozen base without adapters),
+    (zeros without a critic), reference log-probs (`ref_params`: the frozen initial policy,
+    with or without a value head; None with LoRA, where the reference is the trained tree's frozen base without adapters),
     and `reward_fn(reward_params, prompt_ids, prompt_mask, response_ids, response_mask) -> [B]`
     scores, minus `missing_eos_penalty` for responses that never emitted EOS. Log-probs are
     recomputed with the trainer's own full forward at `temperature` (equal to the sampler's
@@ -228,7 +229,9 @@ def score_rollout(params, ref_params, reward_params, prompt_ids, prompt_mask, re
                                                lora_scale=lora_scale, with_entropy=with_entropy)
     if ref_params is None:
         ref_params = lora.base_params(params["policy"])
-    ref_logprobs = tfm.token_outputs(policy_cfg, ref_params, ids, mask, last=N,
+    # The reference's LM head alone is read: with or without a (shared) value head.
+    ref_cfg, ref_params = without_scalar_head(policy_cfg, ref_params)
+    ref_logprobs = tfm.token_outputs(ref_cfg, ref_params, ids, mask, last=N,
                                      temperature=temperature).logprobs
     scores = reward_fn(reward_params, prompt_ids, prompt_mask, response_ids, response_mask)
     scores = scores.astype(jnp.float32)

@@ -48,7 +48,7 @@ def packed_pair_logps(cfg: ModelConfig, params, batch):
     return (sums[:, 0], sums[:, 1]), (counts[:, 0], counts[:, 1])
 
 
-def _pair_logps(cfg, params, batch):
+def pair_logps(cfg, params, batch):
     """Policy log-probs of chosen and rejected in one forward over `[2P, T]` (or over the
     packed `[P, L]` rows, see `packed_pair_logps`)."""
     if "segment_ids" in batch:
@@ -66,7 +66,7 @@ def pair_count(batch) -> int:
 
 def reference_logps(cfg: ModelConfig, ref_params, batch) -> dict:
     """`{"ref_chosen_logps", "ref_rejected_logps"}` for a batch (jit it; run once per batch)."""
-    (chosen, rejected), _ = _pair_logps(cfg, ref_params, batch)
+    (chosen, rejected), _ = pair_logps(cfg, ref_params, batch)
     return {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
 
 
@@ -101,7 +101,7 @@ def dpo_step(state, batch, *, model_cfg: ModelConfig, cfg: DPOConfig, labels=Non
 
     def loss_fn(params, micro):
         fp = forward_params(params, labels, lora_scale)
-        (chosen, rejected), _ = _pair_logps(model_cfg, fp, micro)
+        (chosen, rejected), _ = pair_logps(model_cfg, fp, micro)
         pair_losses, m = losses.dpo_loss(chosen, rejected, micro["ref_chosen_logps"],
                                          micro["ref_rejected_logps"], cfg.beta,
                                          cfg.label_smoothing, cfg.loss)
@@ -124,7 +124,7 @@ def orpo_step(state, batch, *, model_cfg: ModelConfig, cfg: DPOConfig, labels=No
 
     def loss_fn(params, micro):
         fp = forward_params(params, labels, lora_scale)
-        (chosen, rejected), (n_c, n_r) = _pair_logps(model_cfg, fp, micro)
+        (chosen, rejected), (n_c, n_r) = pair_logps(model_cfg, fp, micro)
         mean_c = chosen / jnp.maximum(n_c, 1)
         mean_r = rejected / jnp.maximum(n_r, 1)
         pair_losses, ratio = losses.orpo_loss(mean_c, mean_r, -mean_c, cfg.orpo_lambda)
