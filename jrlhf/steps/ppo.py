@@ -208,7 +208,8 @@ def score_rollout(params, ref_params, reward_params, prompt_ids, prompt_mask, re
 
     `params` is the trained tree `{"policy": ..., ["value": ...]}`. Policy log-probs and values
     (zeros without a critic), reference log-probs (`ref_params`: the frozen initial policy,
-    with or without a value head; None with LoRA, where the reference is the trained tree's frozen base without adapters),
+    with or without a value head; None with LoRA, where the reference is the trained tree's
+    frozen base without adapters),
     and `reward_fn(reward_params, prompt_ids, prompt_mask, response_ids, response_mask) -> [B]`
     scores, minus `missing_eos_penalty` for responses that never emitted EOS. Log-probs are
     recomputed with the trainer's own full forward at `temperature` (equal to the sampler's
