@@ -256,7 +256,7 @@ def pair_example(enc, source, config: Config):
 
 
 def _rollout_batch(rows: int, config: Config, *, values: bool) -> dict:
-    """A scored rollout batch of `rows` rows (`steps.ppo.score_rollout` + the sampler's
+    """A scored rollout batch of `rows` rows (`steps.rollout.score_rollout` + the sampler's
     log-probs): prompts of `data.max_prompt_length` + `rollout.max_new_tokens` new tokens."""
     P, N = config.data.max_prompt_length, config.rollout.max_new_tokens
     shapes = {"input_ids": ((rows, P + N), I32), "attention_mask": ((rows, P + N), I32),

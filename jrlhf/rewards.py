@@ -57,7 +57,7 @@ class Reward:
 
     @classmethod
     def from_model(cls, rm_cfg: ModelConfig, rm_params, name: str = "model") -> Reward:
-        from jrlhf.steps.ppo import reward_model_fn
+        from jrlhf.steps.rollout import reward_model_fn
 
         return cls(fn=reward_model_fn(rm_cfg), params=rm_params, name=name)
 

@@ -23,7 +23,7 @@ from jrlhf.models.config import ModelConfig
 from jrlhf.rewards import Reward, check_finite
 from jrlhf.rng import stream_key
 from jrlhf.sampling import generate
-from jrlhf.steps.ppo import score_rollout
+from jrlhf.steps.rollout import score_rollout
 
 __all__ = ["Reward", "RolloutLoop", "RolloutSpec", "decode_texts", "make_sampler",
            "sample_batched"]

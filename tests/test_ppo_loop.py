@@ -16,7 +16,7 @@ from jrlhf.loops import train
 from jrlhf.models import ModelConfig, forward, init_params
 from jrlhf.rollouts import Reward
 from jrlhf.setups import make_setup
-from jrlhf.steps.ppo import score_rollout
+from jrlhf.steps.rollout import score_rollout
 
 CFG = ModelConfig(family="llama", vocab_size=16, hidden_size=32, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=8, intermediate_size=64)

@@ -14,7 +14,7 @@ from jrlhf.config import MeshConfig, PPOConfig
 from jrlhf.models import ModelConfig, init_params
 from jrlhf.sampling import filter_logits, generate
 from jrlhf.steps import make_ppo_step
-from jrlhf.steps.ppo import policy_outputs
+from jrlhf.steps.rollout import policy_outputs
 from test_models import left_padded_batch
 from test_steps import OPT_EQ, make_state
 

@@ -15,7 +15,7 @@ from jrlhf.models import ModelConfig, forward, init_params
 from jrlhf.state import TrainState
 from jrlhf.steps import (make_ppo_step, make_reward_step, make_sft_step, pairs_to_groups,
                          ppo_step, rollout_advantages)
-from jrlhf.steps.ppo import policy_outputs
+from jrlhf.steps.rollout import policy_outputs
 
 CFG = ModelConfig(family="llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=8, intermediate_size=64)

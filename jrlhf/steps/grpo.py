@@ -2,7 +2,7 @@
 
 Rollout batch: B = G·K rows, the K samples of each prompt consecutive. `input_ids,
 attention_mask [B, P+N]`, `response_mask, logprobs, ref_logprobs [B, N]`, `scores [B]`;
-optional `sampler_logprobs [B, N]` as in `jrlhf.steps.ppo` (mismatch/* metrics, `tis_cap`) and
+optional `sampler_logprobs [B, N]` as in `jrlhf.steps.rollout` (mismatch/* metrics, `tis_cap`) and
 `entropy [B, N]` (the sampling policy's, from `score_rollout(with_entropy=True)`: the `entropy`
 metric, kept out of the update's forwards, which need none).
 Inside one function: advantages from the scores within each group (GRPO: normalised by the
@@ -25,7 +25,7 @@ from jrlhf.models.config import ModelConfig
 from jrlhf.rl import masked_mean
 from jrlhf.steps.common import (accumulate_gradients, check_batch, check_factory_args,
                                 forward_params, jit_step, minibatch_epochs)
-from jrlhf.steps.ppo import RL_BATCH, RL_OPTIONAL, sampler_mismatch
+from jrlhf.steps.rollout import RL_BATCH, RL_OPTIONAL, sampler_mismatch
 
 
 def sequence_advantages(scores, group_size: int, estimator: str, scale: bool = True,
