@@ -21,25 +21,22 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jrlhf import algorithms, distributed, elo, loops, models, sharding
+from jrlhf import algorithms, distributed, elo, judging, loops, models, sharding
 from jrlhf.algorithms import ANNOTATOR, ANNOTATOR_OR_MODEL, REWARD_MODEL_PATH
 from jrlhf.config import Config, config_json, derive, parse_reward_functions
-from jrlhf.data import Encoder, build_dataset, load_rows, make_loader, ranks_from_scores
+from jrlhf.data import Encoder, build_dataset, make_loader
 from jrlhf.models.config import ModelConfig
 from jrlhf.models.sources import load_policy
-from jrlhf.report import (EVALUATION_MARKER, IncompleteEvaluation, evaluation_files, file_digest,
-                          remove_temp_files, sync_folder, write_atomically, write_evaluation,
+from jrlhf.report import (file_digest, remove_temp_files, sync_folder, write_atomically,
                           write_report)
 from jrlhf.rewards import Reward, import_host_reward
-from jrlhf.rollouts import decode_texts, sample_batched
+from jrlhf.rollouts import decode_texts
 from jrlhf.runlock import RunLock
-from jrlhf.rng import stream_key, stream_seed
+from jrlhf.rng import stream_seed
 from jrlhf.setups import default_mesh, initial_weights, make_setup
-from jrlhf.tasks import arithmetic, reviews
+from jrlhf.tasks import TASKS
 
-TASKS = {"reviews": reviews, "arithmetic": arithmetic}
 KINDS = ("train", "rank", "evaluate", "export")
 
 
@@ -209,7 +206,7 @@ def run_stages(run: Run, stages: list[Stage]) -> str | None:
     if len(set(names)) != len(names):
         raise ValueError(f"stage names must be unique: {names}")
     for i, stage in enumerate(stages):
-        if not RUNNERS[stage.kind](run, stage):
+        if not RUNNERS[stage.kind](run, stage, _stage_config(run, stage)):
             run.log(f"[{stage.name}] preempted; resume with --resume")
             return stage.name
         requested = run.preemption is not None and run.preemption.requested
@@ -262,14 +259,6 @@ def stage_batches(run: Run, stage: Stage, config: Config, mesh=None):
     return loader if layout is None else sharding.HostShare(loader, layout, rows)
 
 
-def annotator_reward(run: Run, config: Config) -> Reward:
-    """The task's annotator as a host reward over decoded (prompt, response) texts: what the
-    ranking stage ranks by and evaluation scores with."""
-    task = TASKS[config.data.task]
-    return Reward.host(task.score_texts, functools.partial(decode_texts, run.tokenizer),
-                       name=f"{config.data.task} annotator")
-
-
 def stage_reward(run: Run, stage: Stage, config: Config) -> Reward:
     """What a PPO / GRPO stage optimises: `reward.functions` (a weighted sum of `model`,
     `annotator` and host functions), or by default the stage's own choice (its reward model,
@@ -286,7 +275,7 @@ def stage_reward(run: Run, stage: Stage, config: Config) -> Reward:
     parts = []
     for name, weight in spec:
         if name == "annotator":
-            part = annotator_reward(run, config)
+            part = judging.annotator_reward(run, config)
         elif name == "model":
             if model == REWARD_MODEL_PATH and not config.reward.model_path:
                 raise ValueError("reward.functions names 'model' but reward.model_path is empty")
@@ -297,8 +286,7 @@ def stage_reward(run: Run, stage: Stage, config: Config) -> Reward:
     return Reward.weighted(parts)
 
 
-def run_train(run: Run, stage: Stage) -> bool:
-    config = _stage_config(run, stage)
+def run_train(run: Run, stage: Stage, config: Config) -> bool:
     model_cfg, params = initial_weights(stage.algorithm, config, *run.weights(stage.start, stage))
     setup = make_setup(stage.algorithm, config, model_cfg, params, name=stage.name)
     batches = stage_batches(run, stage, config, setup.mesh)
@@ -318,131 +306,10 @@ def run_train(run: Run, stage: Stage) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# Rankings by the annotator, evaluation, export.
+# Export (rankings and evaluation: `jrlhf.judging`).
 
 
-def encode_prompts(encoder: Encoder, path) -> tuple[list[str], np.ndarray, np.ndarray]:
-    rows, _ = load_rows(path, "prompts")
-    examples = [encoder.prompt_example(r) for r in rows]
-    return ([r["prompt"] for r in rows], np.stack([e["input_ids"] for e in examples]),
-            np.stack([e["attention_mask"] for e in examples]))
-
-
-def run_rank(run: Run, stage: Stage) -> bool:
-    """K responses per ranking prompt (the current policy's, and earlier versions' mixed in),
-    ranked by the annotator; written with the rankings of `stage.data` before them."""
-    config = _stage_config(run, stage)
-    path = run.out / stage.folder / "rankings.jsonl"
-    if not (run.resume and path.exists()):
-        d = config.data
-        prompts, ids, mask = encode_prompts(run.encoder, run.file("prompts", stage))
-        n, K = min(d.num_ranking_prompts, len(prompts)), d.responses_per_prompt
-        earlier = list(stage.compare)
-        n_old = int(round(K * config.iterate.earlier_versions_share)) if earlier else 0
-        sources = [stage.start] * (K - n_old) + [earlier[j % len(earlier)] for j in range(n_old)]
-        sources = sorted(sources, key=sources.index)  # a version's responses side by side
-        key = stream_key(config.run.seed, stage.name, "sample")
-        texts = [[] for _ in range(n)]  # texts[i]: prompt i's K responses, as in `sources`
-        for j, name in enumerate(dict.fromkeys(sources)):
-            # A version's share of each prompt's K responses comes from one shared prefill.
-            share = sources.count(name)
-            sampled = decode_texts(run.tokenizer, *sample_batched(
-                *run.weights(name, stage), ids[:n], mask[:n], jax.random.fold_in(key, j),
-                config.rollout, eos_token_id=run.encoder.eos_id, pad_token_id=run.encoder.pad_id,
-                num_samples=share))
-            for i in range(n):
-                texts[i] += sampled[i * share:(i + 1) * share]
-        judge = annotator_reward(run, config)
-        rows = []
-        for i in range(n):
-            responses = [text if text.strip() else "(empty)" for text in texts[i]]
-            ranks = ranks_from_scores(judge.host_scores([prompts[i]] * K, responses).tolist())
-            if len(set(ranks)) > 1:  # all-tie groups carry no preference
-                rows.append({"prompt": prompts[i], "responses": responses, "ranks": ranks,
-                             "sources": sources})
-        before = run.file(stage.data, stage).read_text() if stage.data else ""
-        if distributed.is_writer():
-            write_atomically(path, before + "".join(json.dumps(r) + "\n" for r in rows))
-        distributed.barrier("rankings")
-        run.log(f"[{stage.name}] {len(rows)} of {n} prompts ranked by the {d.task} annotator "
-                f"({K} responses each) → {path}")
-    run.files[stage.produces] = path
-    return True
-
-
-def sequence_kl(cfg, params, ref_cfg, ref_params, ids, mask, tokens, tmask, temperature):
-    """Mean over rows of the summed per-token log-ratio log π(y) − log π_ref(y) of sampled
-    responses `tokens [B, N]` (mask `tmask`) after prompts `ids [B, P]`."""
-    full = np.concatenate([np.asarray(ids), np.asarray(tokens)], 1)
-    fmask = np.concatenate([np.asarray(mask), np.asarray(tmask)], 1)
-    tokens, tmask = np.asarray(tokens), np.asarray(tmask)
-    mesh = sharding.mesh_of(params)
-    if mesh is not None:  # the rows split over the mesh the weights lie on
-        full, fmask, tokens, tmask = sharding.put((full, fmask, tokens, tmask),
-                                                  sharding.rows_layout(mesh, len(full)))
-    N = tokens.shape[1]
-    kl = (_token_outputs(cfg, params, full, fmask, last=N, temperature=temperature).logprobs
-          - _token_outputs(ref_cfg, ref_params, full, fmask, last=N,
-                           temperature=temperature).logprobs) * tmask
-    return float(jnp.mean(jnp.sum(kl, axis=1)))
-
-
-# The losses' log-probs (no [B, N, V] logits), jitted: op by op, every operation on a
-# multi-host array would be its own collective program.
-_token_outputs = jax.jit(models.token_outputs, static_argnames=("cfg", "last", "temperature"))
-
-
-def run_evaluate(run: Run, stage: Stage) -> bool:
-    """Annotator score of each policy in `stage.compare` on held-out prompts, KL of each to
-    `stage.start`, pairwise judgements and a Bradley-Terry / Elo leaderboard."""
-    config = _stage_config(run, stage)
-    judge = annotator_reward(run, config)
-    out = run.out / stage.folder
-    prompts, ids, mask = encode_prompts(run.encoder, run.file(stage.data, stage))
-    key = stream_key(config.run.seed, stage.name, "sample")
-    ref_cfg, ref_params = run.weights(stage.start, stage)
-    texts, row_scores, scores, kls = {}, {}, {}, {}
-    for name in stage.compare:
-        cfg, params = run.weights(name, stage)
-        tokens, tmask = sample_batched(cfg, params, ids, mask, key, config.rollout,
-                                       eos_token_id=run.encoder.eos_id,
-                                       pad_token_id=run.encoder.pad_id)
-        texts[name] = decode_texts(run.tokenizer, tokens, tmask)
-        row_scores[name] = judge.host_scores(prompts, texts[name])
-        scores[name] = float(np.mean(row_scores[name]))
-        kls[name] = sequence_kl(cfg, params, ref_cfg, ref_params, ids, mask, tokens, tmask,
-                                config.rollout.temperature)
-    names = list(stage.compare)
-    games = [(a, b, _judged(row_scores[a][i], row_scores[b][i])) for i in range(len(prompts))
-             for x, a in enumerate(names) for b in names[x + 1:]]
-    board = elo.leaderboard(games, samples=200, seed=config.run.seed)
-    if distributed.is_writer():
-        try:
-            evaluation_files(out)
-        except IncompleteEvaluation as err:
-            if (out / EVALUATION_MARKER).exists():
-                run.log(f"[{stage.name}] replacing an incomplete evaluation: {err}")
-        write_evaluation(out, stage.name, {
-            "comparisons.jsonl": "".join(json.dumps({"a": a, "b": b, "winner": w}) + "\n"
-                                         for a, b, w in games),
-            "leaderboard.txt": elo.format_leaderboard(board) + "\n",
-            "samples.jsonl": "".join(
-                json.dumps({"prompt": p, **{n: texts[n][i] for n in names}}) + "\n"
-                for i, p in enumerate(prompts))})
-    distributed.barrier("evaluate")
-    run.results[stage.name] = {"scores": scores, "kls": kls, "board": board}
-    run.log(f"[{stage.name}] held-out annotator scores ({len(prompts)} prompts): "
-            + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()) + "\n"
-            + elo.format_leaderboard(board))
-    return True
-
-
-def _judged(score_a: float, score_b: float) -> str:
-    """A pairwise judgement from two scores: "a", "b" or "tie"."""
-    return "a" if score_a > score_b else "b" if score_b > score_a else "tie"
-
-
-def run_export(run: Run, stage: Stage) -> bool:
+def run_export(run: Run, stage: Stage, config: Config) -> bool:
     """The weights as a Hugging Face folder: gathered from every process's devices, written by
     process 0."""
     cfg, params = run.weights(stage.start, stage)
@@ -457,7 +324,9 @@ def run_export(run: Run, stage: Stage) -> bool:
     return True
 
 
-RUNNERS = {"train": run_train, "rank": run_rank, "evaluate": run_evaluate, "export": run_export}
+# stage kind -> runner `(run, stage, config) -> bool` (False: preempted, the run stops)
+RUNNERS = {"train": run_train, "rank": judging.run_rank, "evaluate": judging.run_evaluate,
+           "export": run_export}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -339,8 +339,8 @@ def assert_consistent_evaluation(folder: Path, names: tuple[str, ...], prompts: 
     """The marker vouches for the files, and they agree with each other: the comparisons are
     the annotator's judgements of the samples, the leaderboard is the comparisons'."""
     from jrlhf import elo
+    from jrlhf.judging import _judged
     from jrlhf.report import evaluation_files
-    from jrlhf.stages import _judged
     from jrlhf.tasks.reviews import score_texts
 
     files = evaluation_files(folder)

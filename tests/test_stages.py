@@ -321,7 +321,7 @@ def test_evaluation_kl_equals_a_numpy_sum_over_the_full_logits():
     full logits: Σ_t mask·(log π(y_t) − log π_ref(y_t)) averaged over rows, at a temperature;
     masked response positions hold garbage tokens that must not count."""
     from jrlhf.models import ModelConfig, forward, init_params
-    from jrlhf.stages import sequence_kl
+    from jrlhf.judging import sequence_kl
 
     cfg = ModelConfig(family="llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
                       num_kv_heads=2, head_dim=8, intermediate_size=64, logits_chunk_size=3)

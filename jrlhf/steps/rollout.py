@@ -1,0 +1,135 @@
+"""The rollout batch PPO and GRPO train on, and the functions that make it: the experience
+forward (`score_rollout`), the sampler-vs-trainer mismatch and a reward model as a reward.
+
+Rollout batch (B rows, P prompt columns, N response columns; `input_ids` is prompt + response):
+  input_ids       [B, P+N]  left-padded prompt then right-padded response
+  attention_mask  [B, P+N]  1 on real prompt tokens and on response tokens up to EOS
+  response_mask   [B, N]    1 on response tokens up to and including EOS
+  logprobs        [B, N]    log-probs under the sampling policy (logits / temperature, the
+                            sampler's temperature, bound to the step at construction)
+  ref_logprobs    [B, N]    log-probs under the frozen reference policy (same temperature)
+  values          [B, N]    critic values at the rollout (PPO)
+  scores          [B]       reward-model score of each full response
+  sampler_logprobs [B, N]   optional: the sampler's own log-probs of the sampled tokens (its
+                            numerics may differ from the trainer's: `rollout.dtype`); with it
+                            the step logs mismatch/* and can apply truncated IS (`tis_cap`)
+The logits / value predicting response token t sit at column P - 1 + t.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from jrlhf import lora, losses, rl
+from jrlhf.heads import without_scalar_head
+from jrlhf.models import transformer as tfm
+from jrlhf.models.config import ModelConfig
+from jrlhf.steps.common import forward_params
+
+RL_BATCH = ("input_ids", "attention_mask", "response_mask", "logprobs", "ref_logprobs",
+            "scores")
+RL_OPTIONAL = ("sampler_logprobs", "entropy")
+
+
+def policy_outputs(params, input_ids, attention_mask, num_response: int, *,
+                   policy_cfg: ModelConfig, value_cfg: ModelConfig | None, temperature: float,
+                   labels=None, lora_scale: float = 0.0, with_entropy: bool = False):
+    """`(logprobs [B, N], entropy [B, N] | None, values [B, N])` of the response (the last N
+    tokens of `input_ids`) under logits / temperature, without materialising the logits.
+
+    `params` is `{"policy": ...}` (value head on the policy's backbone, or no critic at all when
+    `policy_cfg.scalar_head` is False: values are then zeros) or `{"policy": ..., "value": ...}`
+    (a separate value model with config `value_cfg`).
+    """
+    fp = forward_params(params, labels, lora_scale)
+    shared = value_cfg is None and policy_cfg.scalar_head
+    out = tfm.token_outputs(policy_cfg, fp["policy"], input_ids, attention_mask,
+                            last=num_response, temperature=temperature,
+                            with_entropy=with_entropy, with_values=shared)
+    if shared:
+        values = out.values
+    elif value_cfg is None:
+        values = jnp.zeros(out.logprobs.shape, jnp.float32)
+    else:
+        values = tfm.token_scores(value_cfg, fp["value"], input_ids, attention_mask,
+                                  last=num_response)
+    return out.logprobs, out.entropy, values
+
+
+def sampler_mismatch(batch, tis_cap: float, section: str) -> dict:
+    """With `batch["sampler_logprobs"]`: metrics `mismatch/gap_mean`, `gap_max`, `kl_k3`
+    (`losses.logprob_mismatch` of the trainer's pre-update log-probs against the sampler's)
+    and, when `tis_cap` > 0, `tis_weights [B, N]` (`losses.truncated_importance_weights`) with
+    `mismatch/tis_capped` (share of tokens whose weight was capped). Empty without it."""
+    if "sampler_logprobs" not in batch:
+        if tis_cap:
+            raise ValueError(f"{section}.tis_cap needs the rollout batch's sampler_logprobs")
+        return {}
+    mask = batch["response_mask"]
+    trainer, sampler = batch["logprobs"], batch["sampler_logprobs"]
+    out = {f"mismatch/{k}": v for k, v in losses.logprob_mismatch(trainer, sampler, mask).items()}
+    if tis_cap:
+        weights = losses.truncated_importance_weights(trainer, sampler, mask, tis_cap)
+        capped = (mask > 0) & (trainer - sampler > jnp.log(tis_cap))
+        out["mismatch/tis_capped"] = rl.masked_mean(capped.astype(jnp.float32), mask)
+        out["tis_weights"] = weights
+    return out
+
+
+def reward_model_fn(rm_cfg: ModelConfig):
+    """A `reward_fn` scoring prompt + response with a reward model (same tokenizer as the
+    policy): the scalar head at each row's last real token."""
+    def reward_fn(rm_params, prompt_ids, prompt_mask, response_ids, response_mask):
+        ids = jnp.concatenate([prompt_ids, response_ids], axis=1)
+        mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
+        return tfm.reward_scores(rm_cfg, rm_params, ids, mask)
+
+    return reward_fn
+
+
+def score_rollout(params, ref_params, reward_params, prompt_ids, prompt_mask, response_ids,
+                  response_mask, *, policy_cfg: ModelConfig, value_cfg: ModelConfig | None,
+                  reward_fn, temperature: float = 1.0, missing_eos_penalty: float = 0.0,
+                  lora_scale: float = 0.0, eos_token_id: int | None = None,
+                  with_entropy: bool = False):
+    """The experience phase: one function giving `ppo_step`'s (or `grpo_step`'s) rollout batch.
+
+    `params` is the trained tree `{"policy": ..., ["value": ...]}`. Policy log-probs and values
+    (zeros without a critic), reference log-probs (`ref_params`: the frozen initial policy,
+    with or without a value head; None with LoRA, where the reference is the trained tree's
+    frozen base without adapters),
+    and `reward_fn(reward_params, prompt_ids, prompt_mask, response_ids, response_mask) -> [B]`
+    scores, minus `missing_eos_penalty` for responses that never emitted EOS. Log-probs are
+    recomputed with the trainer's own full forward at `temperature` (equal to the sampler's
+    within float32 rounding).
+
+    `with_entropy`: the batch also holds `entropy [B, N]`, the sampling policy's per-token
+    entropy (a metric computed once here, in the forward the log-probs need anyway, instead of
+    in every forward of the update).
+
+    Returns `(batch, scores)`; `batch["scores"]` is filled by the caller (after optional
+    normalisation), the raw `scores [B]` are returned for metrics.
+    """
+    N = response_ids.shape[1]
+    ids = jnp.concatenate([prompt_ids, response_ids], axis=1)
+    mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
+    logprobs, entropy, values = policy_outputs(params, ids, mask, N, policy_cfg=policy_cfg,
+                                               value_cfg=value_cfg, temperature=temperature,
+                                               lora_scale=lora_scale, with_entropy=with_entropy)
+    if ref_params is None:
+        ref_params = lora.base_params(params["policy"])
+    # The reference's LM head alone is read: with or without a (shared) value head.
+    ref_cfg, ref_params = without_scalar_head(policy_cfg, ref_params)
+    ref_logprobs = tfm.token_outputs(ref_cfg, ref_params, ids, mask, last=N,
+                                     temperature=temperature).logprobs
+    scores = reward_fn(reward_params, prompt_ids, prompt_mask, response_ids, response_mask)
+    scores = scores.astype(jnp.float32)
+    if eos_token_id is not None and missing_eos_penalty:
+        has_eos = jnp.any((response_ids == eos_token_id) & (response_mask > 0), axis=1)
+        scores = jnp.where(has_eos, scores, scores - missing_eos_penalty)
+    m = response_mask.astype(jnp.float32)
+    batch = {"input_ids": ids, "attention_mask": mask, "response_mask": response_mask,
+             "logprobs": logprobs * m, "ref_logprobs": ref_logprobs * m, "values": values * m}
+    if with_entropy:
+        batch["entropy"] = entropy * m
+    return batch, scores
