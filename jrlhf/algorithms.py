@@ -384,7 +384,7 @@ ORPO = register(_preference("orpo", "ORPO of model.source on data.rankings_path"
 
 
 def _ppo_schedule(c: Config) -> Schedule:
-    per_iteration = c.ppo.ppo_epochs * c.ppo.num_minibatches(c.ppo.rollout_batch_size)
+    per_iteration = c.ppo.epochs * c.ppo.num_minibatches(c.ppo.prompts_per_iteration)
     return Schedule(c.ppo.learning_rate, c.ppo.iterations * per_iteration, c.ppo.iterations)
 
 
@@ -405,16 +405,16 @@ PPO = register(Algorithm(
     make_step=lambda s, c: make_ppo_step(
         s.model_cfg, c.ppo, value_cfg=s.value_cfg, lora_scale=s.lora_scale,
         temperature=c.rollout.temperature, labels=s.labels, state=s.state, mesh=s.mesh),
-    batch=lambda s, c: _rollout_batch(c.ppo.rollout_batch_size, c, values=True),
-    cost=lambda s, c: _rollout_cost(s, c, c.ppo.rollout_batch_size, c.ppo.ppo_epochs,
+    batch=lambda s, c: _rollout_batch(c.ppo.prompts_per_iteration, c, values=True),
+    cost=lambda s, c: _rollout_cost(s, c, c.ppo.prompts_per_iteration, c.ppo.epochs,
                                     c.ppo.minibatch_size),
     data="prompts", example=lambda enc, src, c: enc.prompt_example,
-    batch_size=lambda c: c.ppo.rollout_batch_size,
+    batch_size=lambda c: c.ppo.prompts_per_iteration,
     summary_keys=("score/mean", "ppo/kl", "ppo/kl_coef", "ppo/entropy", "ppo/response_length",
                   "ppo/clipfrac", "value/error"),
     driver=rollout_driver, reward_source=REWARD_MODEL_PATH,
     rollout=lambda c: RolloutSpec(normalize_rewards=c.ppo.normalize_rewards,
-                                  reward_clip=c.ppo.reward_clip, update_epochs=c.ppo.ppo_epochs),
+                                  reward_clip=c.ppo.reward_clip, update_epochs=c.ppo.epochs),
     trained_tree=_ppo_tree, policy_key="policy", reference=True,
     kl_coef=lambda c: c.ppo.kl_coef,
     exported=lambda cfg, params: without_scalar_head(cfg, params)))

@@ -217,7 +217,7 @@ def _bench_generate(work, setup, result, steps, warmup, rng):
     """The sampler on the PPO prompts; the decode step time is the difference between a run of
     N new tokens and a prefill-only run (1 token), over N − 1 steps."""
     c = work.config
-    prompts = _prompts(work, rng, c.ppo.rollout_batch_size)
+    prompts = _prompts(work, rng, c.ppo.prompts_per_iteration)
     ids, mask = jnp.asarray(prompts["input_ids"]), jnp.asarray(prompts["attention_mask"])
     sample = jax.jit(make_sampler(setup.model_cfg, c.rollout, None, 0))
     policy = setup.policy_params(setup.state.params)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import operator
 import os
 import runpy
 import types
@@ -24,50 +25,10 @@ AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 # run.host_memory (`jrlhf.host_memory.keep_freed_memory`).
 HOST_MEMORY_SETTINGS = ("auto", "keep", "system")
 
-# Valid ranges of numeric fields, checked when a config is built (`--set`, config files, code):
-# key -> (lowest, lowest allowed?, highest, highest allowed?). Floats must also be finite.
-_AT_LEAST_0, _AT_LEAST_1 = (0, True, None, False), (1, True, None, False)
-_POSITIVE, _UNIT = (0, False, None, False), (0, True, 1, True)
-RANGES = {
-    "optim.warmup_steps": _AT_LEAST_0, "optim.end_lr_ratio": _UNIT,
-    "optim.weight_decay": _AT_LEAST_0, "optim.b1": (0, True, 1, False),
-    "optim.b2": (0, True, 1, False), "optim.eps": _POSITIVE, "optim.max_grad_norm": _AT_LEAST_0,
-    "optim.grad_accum_steps": _AT_LEAST_1,
-    "lora.rank": _AT_LEAST_0, "lora.alpha": _POSITIVE,
-    "mesh.data": _AT_LEAST_1, "mesh.fsdp": _AT_LEAST_1, "mesh.tensor": _AT_LEAST_1,
-    "data.max_prompt_length": _AT_LEAST_1, "data.max_response_length": _AT_LEAST_1,
-    "data.pack_length": _AT_LEAST_0, "data.num_sft_examples": _AT_LEAST_1, "data.num_ranking_prompts": _AT_LEAST_1,
-    "data.responses_per_prompt": (2, True, None, False), "data.num_eval_prompts": _AT_LEAST_1,
-    "model.logits_chunk_size": _AT_LEAST_0,
-    "rollout.max_new_tokens": _AT_LEAST_1, "rollout.temperature": _POSITIVE,
-    "rollout.top_k": _AT_LEAST_0, "rollout.top_p": (0, False, 1, True),
-    "rollout.missing_eos_penalty": _AT_LEAST_0, "rollout.batch_size": _AT_LEAST_1,
-    "rollout.overlong_buffer": _AT_LEAST_0, "rollout.overlong_penalty": _AT_LEAST_0,
-    "grpo.max_refills": _AT_LEAST_0,
-    "sft.steps": _AT_LEAST_1, "sft.batch_size": _AT_LEAST_1, "sft.learning_rate": _POSITIVE,
-    "reward.steps": _AT_LEAST_1, "reward.batch_size": _AT_LEAST_1,
-    "reward.learning_rate": _POSITIVE, "reward.num_layers": _AT_LEAST_0,
-    "ppo.kl_coef": _AT_LEAST_0, "ppo.target_kl": _POSITIVE, "ppo.kl_horizon": _POSITIVE,
-    "ppo.gamma": _UNIT, "ppo.lam": _UNIT, "ppo.clip_eps": _POSITIVE,
-    "ppo.value_clip_eps": _AT_LEAST_0, "ppo.vf_coef": _AT_LEAST_0, "ppo.entropy_coef": _AT_LEAST_0,
-    "ppo.ppo_epochs": _AT_LEAST_1, "ppo.minibatch_size": _AT_LEAST_0,
-    "ppo.iterations": _AT_LEAST_1, "ppo.rollout_batch_size": _AT_LEAST_1,
-    "ppo.learning_rate": _POSITIVE, "ppo.reward_clip": _AT_LEAST_0,
-    "dpo.beta": _POSITIVE, "dpo.label_smoothing": (0, True, 0.5, False),
-    "dpo.orpo_lambda": _AT_LEAST_0, "dpo.steps": _AT_LEAST_1, "dpo.batch_size": _AT_LEAST_1,
-    "dpo.learning_rate": _POSITIVE,
-    "grpo.group_size": (2, True, None, False), "grpo.kl_coef": _AT_LEAST_0,
-    "grpo.clip_eps": _POSITIVE, "grpo.clip_high": _AT_LEAST_0, "grpo.dual_clip": _AT_LEAST_0,
-    "grpo.grad_accum_steps": _AT_LEAST_1, "grpo.epochs": _AT_LEAST_1,
-    "grpo.minibatch_size": _AT_LEAST_0,
-    "grpo.iterations": _AT_LEAST_1, "grpo.prompts_per_iteration": _AT_LEAST_1,
-    "grpo.learning_rate": _POSITIVE,
-    "iterate.rounds": _AT_LEAST_1, "iterate.earlier_versions_share": _UNIT,
-    "run.log_every": _AT_LEAST_0, "run.save_every": _AT_LEAST_0,
-    "run.keep_checkpoints": _AT_LEAST_1, "run.num_processes": _AT_LEAST_1,
-    "run.process_id": _AT_LEAST_0, "run.peer_timeout_s": _POSITIVE,
-    "run.startup_timeout_s": _AT_LEAST_1,
-}
+def bounded(default, *, ge=None, gt=None, le=None, lt=None):
+    """A numeric field's default and, beside it, its valid range: checked when a config is
+    built (`--set`, config files, code); floats must also be finite."""
+    return dataclasses.field(default=default, metadata={"range": (ge, gt, le, lt)})
 
 
 def _check_tis_cap(section: str, cap: float) -> None:
@@ -76,20 +37,20 @@ def _check_tis_cap(section: str, cap: float) -> None:
 
 
 def _check_ranges(section: str, obj) -> None:
-    """Raise naming `section.field=value` for a numeric field outside its `RANGES` entry."""
+    """Raise naming `section.field=value` for a numeric field outside its `bounded` range."""
     for field in dataclasses.fields(obj):
-        key = f"{section}.{field.name}"
-        if key not in RANGES:
+        if "range" not in field.metadata:
             continue
         value = getattr(obj, field.name)
-        low, low_ok, high, high_ok = RANGES[key]
+        bounds = dict(zip((">=", ">", "<=", "<"), field.metadata["range"]))
+        holds = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
         bad = isinstance(value, float) and not math.isfinite(value)
-        bad = bad or value < low or (value == low and not low_ok)
-        bad = bad or (high is not None and (value > high or (value == high and not high_ok)))
-        if bad:
-            lo = f"{'>=' if low_ok else '>'} {low}"
-            hi = "" if high is None else f" and {'<=' if high_ok else '<'} {high}"
-            raise ValueError(f"{key}={value!r} is out of range: expected {lo}{hi}")
+        if bad or not all(holds[op](value, bound) for op, bound in bounds.items()
+                          if bound is not None):
+            expected = " and ".join(f"{op} {bound}" for op, bound in bounds.items()
+                                    if bound is not None)
+            raise ValueError(f"{section}.{field.name}={value!r} is out of range: expected "
+                             f"{expected}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,15 +63,17 @@ class OptimConfig:
     `jrlhf.paths`): matching parameters get no updates and no optimizer moments.
     """
 
-    warmup_steps: int = 0
+    warmup_steps: int = bounded(0, ge=0)
     decay: str = "constant"  # constant | cosine | linear
-    end_lr_ratio: float = 0.0  # final lr = learning_rate * end_lr_ratio (cosine / linear)
-    weight_decay: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    max_grad_norm: float = 1.0  # 0 disables clipping
-    grad_accum_steps: int = 1  # micro-batches per optimizer step (sft / reward / dpo / orpo)
+    # final lr = learning_rate * end_lr_ratio (cosine / linear)
+    end_lr_ratio: float = bounded(0.0, ge=0, le=1)
+    weight_decay: float = bounded(0.0, ge=0)
+    b1: float = bounded(0.9, ge=0, lt=1)
+    b2: float = bounded(0.999, ge=0, lt=1)
+    eps: float = bounded(1e-8, gt=0)
+    max_grad_norm: float = bounded(1.0, ge=0)  # 0 disables clipping
+    # micro-batches per optimizer step (sft / reward / dpo / orpo)
+    grad_accum_steps: int = bounded(1, ge=1)
     freeze: tuple[str, ...] = ()
 
     def __post_init__(self):
@@ -126,8 +89,8 @@ class LoRAConfig:
     rank 0 disables LoRA. With LoRA on, every base parameter is frozen.
     """
 
-    rank: int = 0
-    alpha: float = 16.0
+    rank: int = bounded(0, ge=0)
+    alpha: float = bounded(16.0, gt=0)
     targets: tuple[str, ...] = (r".*attn/(q_proj|v_proj)/kernel",)
 
     @property
@@ -146,9 +109,9 @@ class LoRAConfig:
 class MeshConfig:
     """Device mesh axis sizes: data parallel, fully-sharded data parallel, tensor parallel."""
 
-    data: int = 1
-    fsdp: int = 1
-    tensor: int = 1
+    data: int = bounded(1, ge=1)
+    fsdp: int = bounded(1, ge=1)
+    tensor: int = bounded(1, ge=1)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -171,7 +134,8 @@ class ModelSection:
     tokenizer: str = ""  # folder for AutoTokenizer; default: the source's own tokenizer
     dtype: str = "float32"  # compute dtype (parameters stay float32)
     attention: str = "auto"  # auto | xla | cudnn (cuDNN flash attention: GPU, bf16/fp16 compute)
-    logits_chunk_size: int = 2048  # LM-head positions per block in the losses; 0 = unchunked
+    # LM-head positions per block in the losses; 0 = unchunked
+    logits_chunk_size: int = bounded(2048, ge=0)
     # Materialise each layer's residual-stream gradient (a conditional in the backward pass):
     # auto (on XLA:CPU, where it makes the backward ~10% faster) | on | off.
     residual_barrier: str = "auto"
@@ -200,21 +164,23 @@ class DataConfig:
     rankings_path: str = ""  # rankings or pairwise preferences
     prompts_path: str = ""
     eval_prompts_path: str = ""
-    max_prompt_length: int = 64
-    max_response_length: int = 64
+    max_prompt_length: int = bounded(64, ge=1)
+    max_response_length: int = bounded(64, ge=1)
     chat_template: bool = True  # format prompts with the tokenizer's chat template if it has one
     on_bad_row: str = "error"  # error | skip
     # Several sequences per row (segment ids; positions restart): SFT packs whole examples
     # first-fit, reward/DPO put each ranking group / pair in one row.
     pack: bool = False
-    pack_length: int = 0  # tokens per packed row; 0 = max_prompt_length + max_response_length
+    # tokens per packed row; 0 = max_prompt_length + max_response_length
+    pack_length: int = bounded(0, ge=0)
     shuffle_seed: int = 0
     # The built-in task (used for files left empty above, and as the pipeline's annotator).
     task: str = "reviews"  # reviews (sentiment annotator) | arithmetic (exact-answer checker)
-    num_sft_examples: int = 256
-    num_ranking_prompts: int = 64  # prompts whose sampled responses the annotator ranks
-    responses_per_prompt: int = 4  # K responses ranked per prompt
-    num_eval_prompts: int = 32  # held-out prompts for the before/after comparison
+    num_sft_examples: int = bounded(256, ge=1)
+    # prompts whose sampled responses the annotator ranks
+    num_ranking_prompts: int = bounded(64, ge=1)
+    responses_per_prompt: int = bounded(4, ge=2)  # K responses ranked per prompt
+    num_eval_prompts: int = bounded(32, ge=1)  # held-out prompts for the before/after comparison
 
     def __post_init__(self):
         _check_ranges("data", self)
@@ -233,12 +199,15 @@ class RolloutConfig:
     those of the sampled distribution.
     """
 
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_k: int = 0  # 0 = off; on, the sampled distribution no longer equals the trained one
-    top_p: float = 1.0
-    missing_eos_penalty: float = 0.0  # subtracted from the score of responses without EOS
-    batch_size: int = 8  # rows per generate call when sampling for rankings and evaluation
+    max_new_tokens: int = bounded(32, ge=1)
+    temperature: float = bounded(1.0, gt=0)
+    # 0 = off; on, the sampled distribution no longer equals the trained one
+    top_k: int = bounded(0, ge=0)
+    top_p: float = bounded(1.0, gt=0, le=1)
+    # subtracted from the score of responses without EOS
+    missing_eos_penalty: float = bounded(0.0, ge=0)
+    # prompts per generate call when sampling for rankings and evaluation
+    eval_batch_size: int = bounded(8, ge=1)
     kv_cache_dtype: str = ""  # "" = the compute dtype; "bfloat16" halves a float32 model's cache
     # The sampler's compute dtype ("" = model.dtype): "bfloat16" samples a float32-trained model
     # in bf16, as a separate inference engine would; PPO/GRPO log the log-prob gap it causes
@@ -248,8 +217,8 @@ class RolloutConfig:
     # losses) | penalty (DAPO's soft overlong punishment: scores fall linearly by up to
     # overlong_penalty over the last overlong_buffer tokens; −overlong_penalty when cut).
     overlong: str = "keep"
-    overlong_buffer: int = 0
-    overlong_penalty: float = 1.0
+    overlong_buffer: int = bounded(0, ge=0)
+    overlong_penalty: float = bounded(1.0, ge=0)
 
     def __post_init__(self):
         _check_ranges("rollout", self)
@@ -266,9 +235,9 @@ class RolloutConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:
-    steps: int = 100
-    batch_size: int = 8
-    learning_rate: float = 1e-4
+    steps: int = bounded(100, ge=1)
+    batch_size: int = bounded(8, ge=1)
+    learning_rate: float = bounded(1e-4, gt=0)
 
     def __post_init__(self):
         _check_ranges("sft", self)
@@ -276,12 +245,12 @@ class SFTConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RewardConfig:
-    steps: int = 100
-    batch_size: int = 8  # ranking groups per step
-    learning_rate: float = 1e-4
+    steps: int = bounded(100, ge=1)
+    batch_size: int = bounded(8, ge=1)  # ranking groups per step
+    learning_rate: float = bounded(1e-4, gt=0)
     per_prompt: bool = True  # weight ranked pairs so each prompt counts once
     freeze: tuple[str, ...] = ()  # frozen parameter paths of the reward model
-    num_layers: int = 0  # reward-model depth: the policy's first N layers (0 = all)
+    num_layers: int = bounded(0, ge=0)  # reward-model depth: the policy's first N layers (0 = all)
     model_path: str = ""  # a trained reward model (HF folder) for `jrlhf ppo`
     # What PPO / GRPO / RLOO optimise: "" = the stage's default (its reward model, or the task's
     # annotator), else a weighted sum "name[=weight],...": `model` (the stage's reward model /
@@ -320,19 +289,19 @@ class PPOConfig:
     settings (temperature, max_new_tokens, top-k/p) are in `RolloutConfig`.
     """
 
-    kl_coef: float = 0.05
+    kl_coef: float = bounded(0.05, ge=0)
     kl_estimator: str = "k1"  # k1 | k2 | k3 | abs
     adaptive_kl: bool = False
-    target_kl: float = 6.0  # per-sequence KL target of the adaptive controller
-    kl_horizon: float = 10000.0
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip_eps: float = 0.2
-    value_clip_eps: float = 0.2
-    vf_coef: float = 0.1
-    entropy_coef: float = 0.0
-    ppo_epochs: int = 4
-    minibatch_size: int = 0  # rows per optimizer step; 0 = the whole rollout batch
+    target_kl: float = bounded(6.0, gt=0)  # per-sequence KL target of the adaptive controller
+    kl_horizon: float = bounded(10000.0, gt=0)
+    gamma: float = bounded(1.0, ge=0, le=1)
+    lam: float = bounded(0.95, ge=0, le=1)
+    clip_eps: float = bounded(0.2, gt=0)
+    value_clip_eps: float = bounded(0.2, ge=0)
+    vf_coef: float = bounded(0.1, ge=0)
+    entropy_coef: float = bounded(0.0, ge=0)
+    epochs: int = bounded(4, ge=1)
+    minibatch_size: int = bounded(0, ge=0)  # rows per optimizer step; 0 = the whole rollout batch
     whiten_advantages: bool = True
     # How token policy losses become one: token-mean | seq-mean-token-mean |
     # seq-mean-token-sum-norm (`losses.aggregate`); the value loss stays a token mean.
@@ -342,11 +311,11 @@ class PPOConfig:
     # correcting for a sampler with other numerics (rollout.dtype); 0 = off, else >= 1.
     tis_cap: float = 0.0
     # The loop (the PPO stage).
-    iterations: int = 20
-    rollout_batch_size: int = 8  # prompts sampled per iteration
-    learning_rate: float = 1e-5
+    iterations: int = bounded(20, ge=1)
+    prompts_per_iteration: int = bounded(8, ge=1)  # prompts sampled per iteration
+    learning_rate: float = bounded(1e-5, gt=0)
     normalize_rewards: bool = False  # running mean/std normalisation of scores
-    reward_clip: float = 0.0  # clip (normalised) scores to ±reward_clip; 0 = off
+    reward_clip: float = bounded(0.0, ge=0)  # clip (normalised) scores to ±reward_clip; 0 = off
 
     def __post_init__(self):
         _check_ranges("ppo", self)
@@ -358,9 +327,9 @@ class PPOConfig:
             raise ValueError(f"ppo.loss_aggregation must be {'|'.join(AGGREGATIONS)}, got "
                              f"{self.loss_aggregation!r}")
         _check_tis_cap("ppo", self.tis_cap)
-        if self.minibatch_size and self.rollout_batch_size % self.minibatch_size:
-            raise ValueError(f"ppo.rollout_batch_size={self.rollout_batch_size} is not divisible "
-                             f"by ppo.minibatch_size={self.minibatch_size}")
+        if self.minibatch_size and self.prompts_per_iteration % self.minibatch_size:
+            raise ValueError(f"ppo.prompts_per_iteration={self.prompts_per_iteration} is not "
+                             f"divisible by ppo.minibatch_size={self.minibatch_size}")
 
     def num_minibatches(self, batch_size: int) -> int:
         size = self.minibatch_size or batch_size
@@ -374,13 +343,14 @@ class PPOConfig:
 class DPOConfig:
     """Reference-free-at-train-time preference optimisation: DPO / IPO, and ORPO."""
 
-    beta: float = 0.1
-    label_smoothing: float = 0.0  # conservative DPO: assumed share of flipped labels
+    beta: float = bounded(0.1, gt=0)
+    # conservative DPO: assumed share of flipped labels
+    label_smoothing: float = bounded(0.0, ge=0, lt=0.5)
     loss: str = "sigmoid"  # sigmoid (DPO) | ipo
-    orpo_lambda: float = 0.1  # weight of ORPO's odds-ratio term
-    steps: int = 100
-    batch_size: int = 8
-    learning_rate: float = 5e-6
+    orpo_lambda: float = bounded(0.1, ge=0)  # weight of ORPO's odds-ratio term
+    steps: int = bounded(100, ge=1)
+    batch_size: int = bounded(8, ge=1)
+    learning_rate: float = bounded(5e-6, gt=0)
 
     def __post_init__(self):
         _check_ranges("dpo", self)
@@ -394,28 +364,31 @@ class GRPOConfig:
 
     # grpo (group mean, / group std) | rloo (leave-one-out) | reinforce++ (batch mean, / std)
     estimator: str = "grpo"
-    group_size: int = 4  # samples per prompt
-    kl_coef: float = 0.04  # weight of the k3 KL-to-reference loss term
-    clip_eps: float = 0.2  # lower ratio clip: r >= 1 - clip_eps
-    clip_high: float = 0.0  # upper ratio clip r <= 1 + clip_high (DAPO: 0.28); 0 = clip_eps
-    dual_clip: float = 0.0  # c > 1: a negative-advantage token's loss is at most -c·A; 0 = off
+    group_size: int = bounded(4, ge=2)  # samples per prompt
+    kl_coef: float = bounded(0.04, ge=0)  # weight of the k3 KL-to-reference loss term
+    clip_eps: float = bounded(0.2, gt=0)  # lower ratio clip: r >= 1 - clip_eps
+    # upper ratio clip r <= 1 + clip_high (DAPO: 0.28); 0 = clip_eps
+    clip_high: float = bounded(0.0, ge=0)
+    # c > 1: a negative-advantage token's loss is at most -c·A; 0 = off
+    dual_clip: float = bounded(0.0, ge=0)
     # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm (Dr. GRPO); `losses.aggregate`
     loss_aggregation: str = "token-mean"
     scale_advantages: bool = True  # divide by the std (grpo, reinforce++); False: Dr. GRPO
     importance_ratio: str = "token"  # token (PPO / GRPO) | sequence (GSPO)
-    epochs: int = 1
-    minibatch_size: int = 0  # rows per optimizer step; 0 = the whole batch
-    grad_accum_steps: int = 1  # micro-batches per optimizer step (normalised as one batch)
+    epochs: int = bounded(1, ge=1)
+    minibatch_size: int = bounded(0, ge=0)  # rows per optimizer step; 0 = the whole batch
+    # micro-batches per optimizer step (normalised as one batch)
+    grad_accum_steps: int = bounded(1, ge=1)
     tis_cap: float = 0.0  # truncated importance sampling, as ppo.tis_cap; 0 = off, else >= 1
     # DAPO's dynamic sampling: groups whose scores are all equal (no learning signal) are
     # dropped and replaced by groups of the next prompts, at most max_refills extra sampling
     # rounds per iteration; slots still empty then are masked out of the update.
     dynamic_sampling: bool = False
-    max_refills: int = 3
+    max_refills: int = bounded(3, ge=0)
     # The loop (the GRPO / RLOO stage).
-    iterations: int = 20
-    prompts_per_iteration: int = 4  # each sampled group_size times
-    learning_rate: float = 1e-5
+    iterations: int = bounded(20, ge=1)
+    prompts_per_iteration: int = bounded(4, ge=1)  # each sampled group_size times
+    learning_rate: float = bounded(1e-5, gt=0)
 
     def __post_init__(self):
         _check_ranges("grpo", self)
@@ -438,8 +411,9 @@ class GRPOConfig:
 class IterateConfig:
     """Iterative RLHF: rounds of (sample → rank → refresh the reward model → PPO)."""
 
-    rounds: int = 2
-    earlier_versions_share: float = 0.5  # share of each prompt's K responses from older versions
+    rounds: int = bounded(2, ge=1)
+    # share of each prompt's K responses from older versions
+    earlier_versions_share: float = bounded(0.5, ge=0, le=1)
 
     def __post_init__(self):
         _check_ranges("iterate", self)
@@ -449,20 +423,20 @@ class IterateConfig:
 class RunConfig:
     out_dir: str = "runs/default"
     seed: int = 0
-    log_every: int = 1  # a one-line summary every N steps (0 = none)
-    save_every: int = 0  # 0: save at the end of each stage only
-    keep_checkpoints: int = 2
+    log_every: int = bounded(1, ge=0)  # a one-line summary every N steps (0 = none)
+    save_every: int = bounded(0, ge=0)  # 0: save at the end of each stage only
+    keep_checkpoints: int = bounded(2, ge=1)
     progress: bool = True  # progress bars on stderr (only when stderr is a terminal)
     # Multi-host: jax.distributed.initialize (env JRLHF_COORDINATOR / JRLHF_NUM_PROCESSES /
     # JRLHF_PROCESS_ID override these; JRLHF_DISTRIBUTED=auto lets jax detect TPU pods / SLURM).
     coordinator_address: str = ""
-    num_processes: int = 1
-    process_id: int = 0
+    num_processes: int = bounded(1, ge=1)
+    process_id: int = bounded(0, ge=0)
     # Bounded failure: a process whose heartbeat stops for this long (killed, host lost) or that
     # reports an error makes every other process exit with one line naming it (seconds).
-    peer_timeout_s: float = 60.0
+    peer_timeout_s: float = bounded(60.0, gt=0)
     # How long a process waits for the coordinator at start-up (seconds).
-    startup_timeout_s: int = 300
+    startup_timeout_s: int = bounded(300, ge=1)
     # `--resume` refuses a config (or data file) that differs from the one a stage's
     # checkpoints were made with; keys listed here may differ (e.g. sft.steps to extend a run,
     # data.<file> for a changed data file). `RESUME_SAFE` keys may always differ.
@@ -579,10 +553,18 @@ def _parse_value(text: str, tp, key: str):
     raise ValueError(f"--set {key}: fields of type {tp} cannot be set from the command line")
 
 
+# Keys renamed since runs were saved: old key -> new key. Setting an old key is one error
+# naming the new one; a saved config (`--resume`) is read with its old keys renamed.
+RENAMED = {"ppo.ppo_epochs": "ppo.epochs", "ppo.rollout_batch_size": "ppo.prompts_per_iteration",
+           "rollout.batch_size": "rollout.eval_batch_size"}
+
+
 def _set_path(config, key: str, make_value, prefix: str = ""):
     """`config` with dotted `key` replaced by `make_value(field_type, full_key)`."""
     head, _, rest = key.partition(".")
     types_ = _field_types(type(config))
+    if prefix + key in RENAMED:
+        raise KeyError(f"config key {prefix + key!r} was renamed {RENAMED[prefix + key]!r}")
     if head not in types_:
         raise KeyError(f"unknown config key {prefix + key!r}; valid keys: "
                        + ", ".join(_valid_keys(type(config), prefix)))
@@ -686,9 +668,11 @@ RESUME_SAFE = ("run.out_dir", "run.log_every", "run.progress", "run.save_every",
 
 
 def flatten_dict(data: dict) -> dict[str, Any]:
-    """A `to_dict(Config)` as `{"section.field": value}` (`model.arch` stays one value)."""
-    return {f"{section}.{key}": value for section, fields in data.items()
+    """A `to_dict(Config)` as `{"section.field": value}` (`model.arch` stays one value); keys
+    saved before a rename (`RENAMED`) under their new names."""
+    flat = {f"{section}.{key}": value for section, fields in data.items()
             for key, value in fields.items()}
+    return {RENAMED.get(key, key): value for key, value in flat.items()}
 
 
 def changed_keys(saved: dict, config: Config) -> dict[str, tuple[Any, Any]]:
@@ -713,8 +697,12 @@ def to_dict(config) -> dict:
     return dataclasses.asdict(config)
 
 
-def from_dict(cls, data: dict):
-    """Rebuild a (nested) config dataclass from `to_dict` output; unknown keys are errors."""
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Rebuild a (nested) config dataclass from `to_dict` output (keys saved before a rename
+    read under their new names); unknown keys are errors."""
+    renamed = {old.rpartition(".")[2]: new.rpartition(".")[2] for old, new in RENAMED.items()
+               if old.rpartition(".")[0] == prefix.rstrip(".")}
+    data = {renamed.get(k, k): v for k, v in data.items()}
     types_ = _field_types(cls)
     unknown = set(data) - set(types_)
     if unknown:
@@ -723,7 +711,7 @@ def from_dict(cls, data: dict):
     for name, value in data.items():
         inner = _dataclass_type(types_[name])
         if inner is not None and isinstance(value, dict):
-            value = from_dict(inner, value)
+            value = from_dict(inner, value, f"{prefix}{name}.")
         elif isinstance(value, list):
             value = tuple(value)
         kwargs[name] = value

@@ -77,14 +77,14 @@ def sample_batched(cfg: ModelConfig, params, prompt_ids, prompt_mask, key,
                    rollout: RolloutConfig, *, eos_token_id: int | None, pad_token_id: int = 0,
                    num_samples: int = 1):
     """`(tokens [B·K, N], mask [B·K, N])` as NumPy: K = `num_samples` responses per prompt row
-    from one shared prefill (rows bK .. bK+K−1 are prompt b's), sampled `rollout.batch_size`
+    from one shared prefill (rows bK .. bK+K−1 are prompt b's), sampled `rollout.eval_batch_size`
     prompts at a time (chunk `i` with key `fold_in(key, i)`). When `params` lie on a mesh the
     prompts are split over it too and the samples gathered back (every process gets all; each
     process must call this with the same prompts)."""
     mesh = sharding.mesh_of(params)
     tokens, masks = [], []
-    for start in range(0, len(prompt_ids), rollout.batch_size):
-        chunk = [np.asarray(x[start:start + rollout.batch_size])
+    for start in range(0, len(prompt_ids), rollout.eval_batch_size):
+        chunk = [np.asarray(x[start:start + rollout.eval_batch_size])
                  for x in (prompt_ids, prompt_mask)]
         split = mesh is not None and (len(chunk[0]) * num_samples) % sharding.batch_devices(
             mesh) == 0

@@ -28,7 +28,7 @@ def small_config(**changes):
     base = load_config(ROOT / "configs" / "bench_gpt2.py")
     return derive(base, {"model.arch": SMALL, "data.max_prompt_length": 16,
                          "data.max_response_length": 16, "rollout.max_new_tokens": 8,
-                         "ppo.ppo_epochs": 2, **changes})
+                         "ppo.epochs": 2, **changes})
 
 
 @pytest.mark.parametrize("step", bench.step_kinds())

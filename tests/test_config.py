@@ -1,5 +1,6 @@
 """Configs are typed data: every file loads, --set parses by type, bad keys are clear errors."""
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -57,7 +58,7 @@ def test_bad_keys_and_values_are_clear_errors():
     with pytest.raises(KeyError, match="'ppo.nope'"):
         derive(Config(), {"ppo.nope": 1})
     with pytest.raises(ValueError, match="not divisible by ppo.minibatch_size=3"):
-        PPOConfig(rollout_batch_size=8, minibatch_size=3)
+        PPOConfig(prompts_per_iteration=8, minibatch_size=3)
 
 
 def test_cli_reports_config_errors(capsys):
@@ -198,3 +199,48 @@ def test_the_config_schema_imports_no_algorithm_code():
     imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
                  for alias in node.names if alias.name.startswith("jrlhf")}
     assert imported == {"jrlhf.models.config"}, imported
+
+
+def test_every_bounded_field_refuses_a_value_past_each_bound():
+    """Each field's range sits beside it (`config.bounded`); building a config with a value
+    just past any bound is one error naming the key and the range."""
+    from jrlhf.config import changed_keys, derive
+
+    checked = 0
+    for section in dataclasses.fields(Config):
+        cls = type(getattr(Config(), section.name))
+        for field in dataclasses.fields(cls):
+            if "range" not in field.metadata:
+                continue
+            ge, gt, le, lt = field.metadata["range"]
+            step = 1 if field.type in (int, "int") else 1e-3
+            bad = [v for v in (ge - step if ge is not None else None, gt, le + step if
+                               le is not None else None, lt) if v is not None]
+            for value in bad + ([float("nan")] if field.type in (float, "float") else []):
+                value = float(value) if field.type in (float, "float") else int(value)
+                with pytest.raises(ValueError, match=rf"{section.name}\.{field.name}=\S+ is out "
+                                                     "of range: expected"):
+                    derive(Config(), {f"{section.name}.{field.name}": value})
+                checked += 1
+    assert checked > 80
+    assert not changed_keys(json.loads(config_json(Config())), Config())
+
+
+@pytest.mark.parametrize("old,new", [("ppo.ppo_epochs", "ppo.epochs"),
+                                     ("ppo.rollout_batch_size", "ppo.prompts_per_iteration"),
+                                     ("rollout.batch_size", "rollout.eval_batch_size")])
+def test_renamed_keys_name_their_new_key_and_old_runs_read_back(old, new):
+    """Setting a renamed key (--set, a config file's derive) is one line naming the new key; a
+    config saved before the rename reads back and counts as unchanged (`--resume` works)."""
+    from jrlhf.config import changed_keys
+
+    for build in (lambda: apply_overrides(Config(), [f"{old}=2"]),
+                  lambda: derive(Config(), {old: 2})):
+        with pytest.raises(KeyError, match=rf"config key '{old}' was renamed '{new}'"):
+            build()
+    config = derive(Config(), {new: 2})
+    saved = json.loads(config_json(config))  # as a checkpoint holds it
+    section, _, field = new.partition(".")
+    saved[section][old.partition(".")[2]] = saved[section].pop(field)
+    assert not changed_keys(saved, config)
+    assert from_dict(Config, saved) == config

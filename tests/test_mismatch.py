@@ -166,7 +166,7 @@ def test_a_bf16_sampler_shows_a_log_prob_gap_a_float32_one_does_not(algorithm):
 
     gaps = {}
     for dtype in ("", "bfloat16"):
-        config = Config(ppo=PPOConfig(rollout_batch_size=16, minibatch_size=8, ppo_epochs=1),
+        config = Config(ppo=PPOConfig(prompts_per_iteration=16, minibatch_size=8, epochs=1),
                         grpo=GRPOConfig(group_size=4, prompts_per_iteration=4),
                         rollout=RolloutConfig(max_new_tokens=8, dtype=dtype),
                         run=RunConfig(progress=False))

@@ -46,7 +46,7 @@ def train_with(algorithm, config, prompts):
 
 
 def run(kl_coef, iterations=30, **overrides):
-    ppo = PPOConfig(iterations=iterations, rollout_batch_size=16, minibatch_size=8, ppo_epochs=4,
+    ppo = PPOConfig(iterations=iterations, prompts_per_iteration=16, minibatch_size=8, epochs=4,
                     learning_rate=2e-3, kl_coef=kl_coef)
     config = Config(ppo=dataclasses.replace(ppo, **overrides.pop("ppo", {})),
                     rollout=RolloutConfig(max_new_tokens=N), run=RunConfig(progress=False),

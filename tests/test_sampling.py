@@ -75,7 +75,7 @@ def test_ppo_ratio_is_one_before_any_update(temperature):
     trainer_logprobs = logprobs * out.mask
     log_ratio = np.asarray(trainer_logprobs - out.logprobs)
     assert np.abs(log_ratio).max() < 1e-5
-    cfg = PPOConfig(ppo_epochs=1)
+    cfg = PPOConfig(epochs=1)
     batch = {"input_ids": full_ids, "attention_mask": full_mask, "response_mask": out.mask,
              "logprobs": out.logprobs, "ref_logprobs": out.logprobs, "values": values * out.mask,
              "scores": jnp.ones(8)}

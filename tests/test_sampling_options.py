@@ -33,7 +33,7 @@ def loop_for(algorithm, rollout=None, grpo=None, reward_fn=None, more_prompts=No
     from jrlhf.rollouts import Reward, RolloutLoop
     from jrlhf.setups import make_setup
 
-    config = Config(ppo=PPOConfig(rollout_batch_size=8, minibatch_size=8, ppo_epochs=1),
+    config = Config(ppo=PPOConfig(prompts_per_iteration=8, minibatch_size=8, epochs=1),
                     grpo=grpo or GRPOConfig(group_size=4, prompts_per_iteration=4),
                     rollout=rollout or RolloutConfig(max_new_tokens=N),
                     run=RunConfig(progress=False))

@@ -48,7 +48,7 @@ def small_config(mesh=MESH, **changes) -> Config:
         "model.source": "random", "model.arch": CFG, "mesh": mesh,
         "data.max_prompt_length": 8, "data.max_response_length": 8,
         "rollout.max_new_tokens": 4, "sft.batch_size": 4, "reward.batch_size": 4,
-        "dpo.batch_size": 4, "ppo.rollout_batch_size": 4, "ppo.ppo_epochs": 1,
+        "dpo.batch_size": 4, "ppo.prompts_per_iteration": 4, "ppo.epochs": 1,
         "grpo.prompts_per_iteration": 2, "grpo.group_size": 2})
     return derive(base, changes)
 

@@ -212,7 +212,7 @@ def test_reward_step_pairs_and_accumulation():
 # ---------------------------------------------------------------------------------------------
 # PPO
 
-PPO_CFG = PPOConfig(ppo_epochs=2, minibatch_size=4, kl_coef=0.05, vf_coef=0.1,
+PPO_CFG = PPOConfig(epochs=2, minibatch_size=4, kl_coef=0.05, vf_coef=0.1,
                     entropy_coef=0.01)
 TEMPERATURE = 0.7  # the sampler's, bound to the PPO step
 POLICY_CFG = dataclasses.replace(CFG, scalar_head=True)
@@ -256,12 +256,12 @@ def test_ppo_step_improves_its_objective():
     # The clipped surrogate can improve by at most ~clip_eps * mean|A| (~0.16 here).
     assert float(last["ppo/policy_loss"]) < float(first["ppo/policy_loss"]) - 0.02
     assert float(last["value/loss"]) < float(first["value/loss"])
-    assert int(state.step) == 5 * PPO_CFG.ppo_epochs * 2
+    assert int(state.step) == 5 * PPO_CFG.epochs * 2
 
 
 def test_ppo_first_minibatch_has_ratio_one():
     """Before any update the policy is the sampling policy: approx-KL and clipfrac are 0."""
-    cfg = dataclasses.replace(PPO_CFG, ppo_epochs=1, minibatch_size=0)
+    cfg = dataclasses.replace(PPO_CFG, epochs=1, minibatch_size=0)
     params = {"policy": init_params(POLICY_CFG, 0)}
     step = make_ppo_step(POLICY_CFG, cfg, temperature=TEMPERATURE)
     _, metrics = step(ppo_state(params, cfg), rollout_batch(params))
@@ -308,8 +308,8 @@ def test_ppo_update_is_one_dispatch_and_equals_a_minibatch_loop():
                                    temperature=TEMPERATURE)
     grad_fn = jax.jit(jax.grad(lambda p, mb: ppo_loss(p, mb, cfg=cfg, forward=forward_fn)[0]))
     s = reference_state
-    keys = jax.random.split(jax.random.fold_in(s.rng, s.step), cfg.ppo_epochs)
-    for e in range(cfg.ppo_epochs):
+    keys = jax.random.split(jax.random.fold_in(s.rng, s.step), cfg.epochs)
+    for e in range(cfg.epochs):
         perm = np.asarray(jax.random.permutation(keys[e], 8))
         for i in range(2):
             idx = perm[i * 4:(i + 1) * 4]

@@ -57,7 +57,7 @@ def ppo_step(state, batch, *, cfg: PPOConfig, policy_cfg: ModelConfig,
              temperature: float = 1.0):
     """A whole PPO update phase on one rollout batch, as one function (jit it once).
 
-    KL penalty → rewards → GAE → whitening, then `cfg.ppo_epochs` × (B / `cfg.minibatch_size`)
+    KL penalty → rewards → GAE → whitening, then `cfg.epochs` × (B / `cfg.minibatch_size`)
     optimizer steps over RNG-drawn permutations (nested `lax.scan`), then the adaptive-KL
     update. `state.kl_coef` holds β; `temperature` is the sampler's (logits are divided by it).
     """
@@ -83,7 +83,7 @@ def ppo_step(state, batch, *, cfg: PPOConfig, policy_cfg: ModelConfig,
                                 temperature=temperature, labels=labels, lora_scale=lora_scale)
     grad_fn = jax.value_and_grad(functools.partial(ppo_loss, cfg=cfg, forward=forward),
                                  has_aux=True)
-    state, metrics = minibatch_epochs(state, data, grad_fn, epochs=cfg.ppo_epochs,
+    state, metrics = minibatch_epochs(state, data, grad_fn, epochs=cfg.epochs,
                                       num_minibatches=num_minibatches,
                                       key=jax.random.fold_in(state.rng, state.step),
                                       grad_norm_key="ppo/grad_norm")
