@@ -122,7 +122,9 @@ class Algorithm:
     freeze(config) -> the freeze rules (regexes over parameter paths inside a model).
     lora: LoRA (`lora.enabled`) applies to it.
     reference: it keeps a frozen copy of the initial policy (with LoRA the base weights serve).
-    kl_coef(config) -> the train state's initial β (None: no KL coefficient in the state).
+    kl_coef(config) -> the initial β in the train state's `RLState` (None: the algorithm's KL
+        weight is a fixed coefficient of its config); an algorithm that samples gets an
+        `RLState` (iteration counter, reward-normaliser moments) either way.
     initial_weights(config, cfg, params) -> `(cfg, params)` it starts from, given a policy's.
     exported(cfg, policy_params) -> `(cfg, params)` as exported (LoRA already merged).
     settings: config values the algorithm fixes, e.g. `(("grpo.estimator", "rloo"),)`.
@@ -413,8 +415,7 @@ PPO = register(Algorithm(
     summary_keys=("score/mean", "ppo/kl", "ppo/kl_coef", "ppo/entropy", "ppo/response_length",
                   "ppo/clipfrac", "value/error"),
     driver=rollout_driver, reward_source=REWARD_MODEL_PATH,
-    rollout=lambda c: RolloutSpec(normalize_rewards=c.ppo.normalize_rewards,
-                                  reward_clip=c.ppo.reward_clip, update_epochs=c.ppo.epochs),
+    rollout=lambda c: RolloutSpec(update_epochs=c.ppo.epochs),
     trained_tree=_ppo_tree, policy_key="policy", reference=True,
     kl_coef=lambda c: c.ppo.kl_coef,
     exported=lambda cfg, params: without_scalar_head(cfg, params)))

@@ -1,8 +1,8 @@
 """Orbax checkpoints: the one module that knows Orbax's API.
 
-A checkpoint holds the train state's arrays (params, optimizer state, step, RNG key data,
-KL coefficient), plus JSON metadata: the data iterator's state, the resolved config, any
-loop state (e.g. reward-normalisation moments), a checksum per array (`array_checksums`:
+A checkpoint holds the train state's arrays (params, optimizer state, step, RNG key data, and
+an RL run's `RLState`: β, reward-normaliser moments, iteration counter), plus JSON metadata: the
+data iterator's state, the resolved config, a checksum per array (`array_checksums`:
 computed on the devices where the array lies, the same for any mesh or number of processes, so
 multi-host checkpoints are checked like single-host ones and no array is skipped) and a CRC-32
 of the metadata itself.
@@ -21,6 +21,8 @@ it cancelled, are kept off the terminal (`_quiet_orbax`).
 With several processes every process takes part in each save and restore (Orbax writes each
 process's shards); whether a checkpoint is intact is agreed by all of them, process 0 moves a bad
 one aside, and all fall back to the same previous step.
+Checkpoints written before the `RLState` (β as a top-level `kl_coef` array, the iteration
+counter and moments as JSON `loop` metadata) are restored into one (`_legacy_arrays`).
 """
 
 from __future__ import annotations
@@ -40,17 +42,70 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jrlhf import distributed
+from jrlhf import distributed, sharding
 from jrlhf.report import TEMP_SUFFIX, write_atomically
-from jrlhf.state import TrainState
+from jrlhf.state import RLState, TrainState
 
 FILE_LIST = "jrlhf_files.json"
 
 
+def _rl_arrays(rl: RLState) -> dict:
+    arrays = {"moments": {"count": rl.moments.count, "mean": rl.moments.mean,
+                          "var": rl.moments.var}, "iteration": rl.iteration}
+    if rl.kl_coef is not None:
+        arrays["kl_coef"] = rl.kl_coef
+    return arrays
+
+
 def _arrays(state: TrainState) -> dict:
+    """What a checkpoint holds of `state`, as a dict of arrays (the `RLState`, if any, under
+    `rl`)."""
+    arrays = {"params": state.params, "opt_state": state.opt_state, "step": state.step,
+              "rng": jax.random.key_data(state.rng)}
+    if getattr(state, "rl", None) is not None:
+        arrays["rl"] = _rl_arrays(state.rl)
+    return arrays
+
+
+def _legacy_arrays(state: TrainState) -> dict:
+    """What checkpoints held before the `RLState`: β as a top-level `kl_coef` (zeros when the
+    state had none)."""
+    rl = getattr(state, "rl", None)
+    kl_coef = rl.kl_coef if rl is not None and rl.kl_coef is not None else np.zeros((), np.float32)
     return {"params": state.params, "opt_state": state.opt_state, "step": state.step,
-            "rng": jax.random.key_data(state.rng),
-            "kl_coef": state.kl_coef if state.kl_coef is not None else np.zeros((), np.float32)}
+            "rng": jax.random.key_data(state.rng), "kl_coef": kl_coef}
+
+
+def _is_legacy(held: dict | None) -> bool:
+    """Whether a checkpoint's recorded layout is the one before the `RLState` (one without a
+    recorded layout is older still)."""
+    return held is None or "kl_coef" in held
+
+
+def _restored_rl(template: RLState | None, arrays: dict, meta: dict, legacy: bool):
+    """The `RLState` of restored `arrays` (laid out like `template`'s): from its `rl` arrays, or
+    for a legacy checkpoint from its `kl_coef` array and JSON `loop` metadata (iteration and
+    moments; without them, the stage's step count, which a rollout stage's iterations equal)."""
+    if template is None:
+        return None
+    if not legacy:
+        held = arrays["rl"]
+        return template.replace(kl_coef=held.get("kl_coef"),
+                                moments=template.moments.replace(**held["moments"]),
+                                iteration=held["iteration"])
+    loop = meta.get("loop", {})
+    count, mean, var = loop.get("moments", (0.0, 0.0, 1.0))
+    values = template.replace(
+        kl_coef=None if template.kl_coef is None else arrays["kl_coef"],
+        moments=template.moments.replace(count=count, mean=mean, var=var),
+        iteration=loop.get("iteration", meta.get("stage_step", 0)))
+
+    def placed(value, like):
+        if isinstance(value, jax.Array):
+            return value
+        return sharding.put(np.asarray(value, like.dtype), like.sharding)
+
+    return jax.tree.map(placed, values, template)
 
 
 def arrays_digest(arrays) -> list[int] | None:
@@ -352,28 +407,30 @@ class Checkpointer:
         return _entries(self.corrupt_folder)
 
     def _read_step(self, template: TrainState, step: int):
-        """`(arrays, meta)` of checkpoint `step` as this process reads them (may raise): the file
-        list, then the metadata and its digest, then whether the template asks for the arrays
-        the checkpoint holds (`LayoutMismatch`: no array is read), then the arrays."""
+        """`(arrays, meta, legacy)` of checkpoint `step` as this process reads them (may raise):
+        the file list, then the metadata and its digest, then whether the template asks for the
+        arrays the checkpoint holds (`LayoutMismatch`: no array is read), then the arrays."""
         self._check_files(step)
         meta = self.saved_meta(step)
         held = meta.pop("arrays", None)  # checkpoints before layouts were recorded: not compared
+        legacy = _is_legacy(held)
+        asked = (_legacy_arrays if legacy else _arrays)(template)
         if held is not None:
-            difference = layout_difference(array_layout(_arrays(template)), held)
+            difference = layout_difference(array_layout(asked), held)
             if difference:
                 raise LayoutMismatch(f"checkpoint step {step} in {self.directory} holds other "
                                      f"arrays than the config builds: {difference}")
         target = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-            _arrays(template))
+            asked)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target)))
-        return restored["state"], meta
+        return restored["state"], meta, legacy
 
     def _restore_step(self, template: TrainState, step: int):
         error = None
         try:
-            arrays, meta = self._read_step(template, step)
+            arrays, meta, legacy = self._read_step(template, step)
         except Exception as err:  # noqa: BLE001 - reported below, once every process knows
             error = err
         # Each process read its own shards: all must have succeeded before any array is used.
@@ -387,8 +444,9 @@ class Checkpointer:
             raise CorruptCheckpoint("array digest mismatch")
         rng = jax.random.wrap_key_data(arrays["rng"], impl=jax.random.key_impl(template.rng))
         state = template.replace(
-            params=arrays["params"], opt_state=arrays["opt_state"], step=arrays["step"], rng=rng,
-            kl_coef=None if template.kl_coef is None else arrays["kl_coef"])
+            params=arrays["params"], opt_state=arrays["opt_state"], step=arrays["step"], rng=rng)
+        if getattr(template, "rl", None) is not None:
+            state = state.replace(rl=_restored_rl(template.rl, arrays, meta, legacy))
         return state, meta
 
     def wait(self) -> None:

@@ -83,35 +83,31 @@ def _open_stage(name: str, config: Config, out_dir: Path, resume: bool, train: b
     return ckpt, MetricsWriter(out_dir, name)
 
 
-def _save(ckpt: Checkpointer, name: str, step: int, state, batches, loop_state,
-          config: Config, inputs: dict[str, str] | None) -> None:
-    """Checkpoint `step` with the data iterator's position, the loop's own state, and the
-    config and data digests it was made with (what `--resume` is checked against)."""
+def _save(ckpt: Checkpointer, name: str, step: int, state, batches, config: Config,
+          inputs: dict[str, str] | None) -> None:
+    """Checkpoint `step` with the data iterator's position and the config and data digests it
+    was made with (what `--resume` is checked against)."""
     meta = {"stage_step": step, "stage": name, "config": to_dict(config),
             "inputs": inputs or {}}
     if hasattr(batches, "get_state"):
         meta["data"] = batches.get_state()
-    if loop_state:
-        meta["loop"] = loop_state()
     ckpt.save(step, state, meta)
 
 
 def run_stage(name: str, config: Config, state: TrainState, step_fn: Callable, batches: Iterator,
               num_steps: int, *, out_dir: str | Path | None = None, resume: bool = False,
-              loop_state: Callable[[], dict] | None = None,
-              set_loop_state: Callable[[dict], None] | None = None,
               log: Callable[[str], None] | None = print, train: bool = True,
               inputs: dict[str, str] | None = None, summary_keys=None) -> StageResult:
     """Run `num_steps` of `state, metrics = step_fn(state, next(batches))` with checkpoints.
 
     Args:
         name / config: metrics rows' stage and `out_dir/name/checkpoints`; its `run.*` settings.
-        state: the initial state (also the layout restored checkpoints take).
+        state: the initial state (also the layout restored checkpoints take); whatever a
+            run carries across steps (an RL run's `RLState`) is in it.
         batches: iterator; if it has `get_state`/`set_state` (grain) its position is saved.
         out_dir: where metrics.jsonl, TensorBoard files and checkpoints go (None: nothing saved).
         resume: continue from the stage's latest checkpoint (`resume.restore`); refused if the
             config or `inputs` (`{name: digest}` of the data files) differ from its own.
-        loop_state / set_loop_state: extra JSON-able loop state to save and restore.
         train: False restores the latest checkpoint (resume) and returns without stepping;
         summary_keys: the metrics of the one-line summaries (None: every metric).
     """
@@ -120,8 +116,7 @@ def run_stage(name: str, config: Config, state: TrainState, step_fn: Callable, b
         if out_dir is not None:
             ckpt, writer = _open_stage(name, config, Path(out_dir), resume, train, inputs or {})
             if resume and ckpt.latest_step() is not None:
-                state, start = resume_binding.restore(ckpt, name, config, state, batches,
-                                                      set_loop_state, log)
+                state, start = resume_binding.restore(ckpt, name, config, state, batches, log)
             # Rows a killed run wrote past its last checkpoint (or its first) are replayed.
             writer.truncate_after(start)
         with Preemption() as preemption:
@@ -147,7 +142,7 @@ def run_stage(name: str, config: Config, state: TrainState, step_fn: Callable, b
                 done = step + 1 == num_steps
                 if ckpt and (done or stop or
                              (run.save_every and (step + 1) % run.save_every == 0)):
-                    _save(ckpt, name, step + 1, state, batches, loop_state, config, inputs)
+                    _save(ckpt, name, step + 1, state, batches, config, inputs)
                 if stop and not done:
                     preempted = True
                     if log:
@@ -194,11 +189,8 @@ def train(setup: Setup, config: Config, batches: Iterator, *, step_fn: Callable 
           out_dir=None, resume: bool = False, log=print, train: bool = True,
           inputs: dict[str, str] | None = None, **step_kwargs) -> StageResult:
     """Run `setup`'s stage: `setup.num_steps` steps with checkpoints under
-    `out_dir/<setup.name>`. `step_fn` defaults to `stage_step(setup, config, **step_kwargs)`;
-    one with `get_state` / `set_state` (a `RolloutLoop`) has its host state checkpointed."""
+    `out_dir/<setup.name>`. `step_fn` defaults to `stage_step(setup, config, **step_kwargs)`."""
     step_fn = step_fn or stage_step(setup, config, prompts=batches, **step_kwargs)
     return run_stage(setup.name, config, setup.state, step_fn, batches, setup.num_steps,
                      out_dir=out_dir, resume=resume, log=log, train=train, inputs=inputs,
-                     summary_keys=setup.algorithm.summary_keys,
-                     loop_state=getattr(step_fn, "get_state", None),
-                     set_loop_state=getattr(step_fn, "set_state", None))
+                     summary_keys=setup.algorithm.summary_keys)

@@ -11,7 +11,6 @@ and starts a stage over only when `run.restart_stages` names it.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 from jrlhf.checkpoint import Checkpointer, LayoutMismatch
@@ -90,10 +89,8 @@ def require_same_run(name: str, config: Config, stage_dir: Path, inputs: dict[st
             f"--set run.allow_changed={','.join(refused)}")
 
 
-def restore(ckpt: Checkpointer, name: str, config: Config, state, batches,
-            set_loop_state: Callable[[dict], None] | None, log) -> tuple:
-    """`(state, step)` of the latest intact checkpoint; the data iterator and loop state
-    follow it. Checkpoints that hold other arrays than `state` (the config changed a shape), or
+def restore(ckpt: Checkpointer, name: str, config: Config, state, batches, log) -> tuple:
+    """`(state, step)` of the latest intact checkpoint; the data iterator follows it. Checkpoints that hold other arrays than `state` (the config changed a shape), or
     none intact, are `(state, 0)` for a stage in `run.restart_stages` (its checkpoints moved
     to `replaced_checkpoints/`) and a one-line error otherwise; nothing is moved then."""
     try:
@@ -112,8 +109,6 @@ def restore(ckpt: Checkpointer, name: str, config: Config, state, batches,
         return state, 0
     if "data" in meta and hasattr(batches, "set_state"):
         batches.set_state(meta["data"])
-    if set_loop_state and "loop" in meta:
-        set_loop_state(meta["loop"])
     step = int(meta["stage_step"])
     if log and step:
         log(f"[{name}] resumed from step {step} ({ckpt.directory})")

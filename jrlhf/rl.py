@@ -168,8 +168,9 @@ class RunningMoments:
 
     @classmethod
     def create(cls) -> "RunningMoments":
-        zero = jnp.zeros((), jnp.float32)
-        return cls(count=zero, mean=zero, var=jnp.ones((), jnp.float32))
+        # Three buffers, not one shared zero: a donating step may not receive one twice.
+        return cls(count=jnp.zeros((), jnp.float32), mean=jnp.zeros((), jnp.float32),
+                   var=jnp.ones((), jnp.float32))
 
 
 def update_moments(moments: RunningMoments, x: jax.Array) -> RunningMoments:

@@ -2,8 +2,9 @@
 
 `RolloutLoop(setup, config, reward, ...)` is a `(state, prompts) -> (state, metrics)` callable
 built once from a `Setup`; the PPO/GRPO stages and `jrlhf bench --step ppo_iteration` all run
-it, so what bench times is what training runs. Its host state (iteration counter, the reward
-normaliser's moments) is saved with every checkpoint through `get_state` / `set_state`.
+it, so what bench times is what training runs. It keeps no state of its own: the iteration
+counter (which its sampling key folds in), β and the reward normaliser's moments are the train
+state's `RLState`, advanced by the update step and checkpointed with the params.
 """
 
 from __future__ import annotations
@@ -35,8 +36,6 @@ class RolloutSpec:
     `rollout(config)`).
 
     group_size: samples per prompt, sharing one prefill (GRPO's K; 1 for PPO).
-    normalize_rewards / reward_clip: running mean/std normalisation of the scores (moments kept
-        across iterations and checkpointed), and clipping of the result (or of the raw scores).
     dynamic_sampling / max_refills: drop groups whose scores are all equal and refill the batch
         from the next prompts, at most `max_refills` rounds.
     with_entropy: the scoring forward computes the policy's per-token entropy.
@@ -44,8 +43,6 @@ class RolloutSpec:
     """
 
     group_size: int = 1
-    normalize_rewards: bool = False
-    reward_clip: float = 0.0
     dynamic_sampling: bool = False
     max_refills: int = 0
     with_entropy: bool = False
@@ -119,10 +116,11 @@ def _timed(fn, *args):
 
 class RolloutLoop:
     """One rollout iteration per call: generate → score → (overlong handling, dynamic
-    sampling) → normalise → update.
+    sampling) → update (which normalises the raw scores where its algorithm does).
 
     Args:
-        setup: a `Setup` whose algorithm samples (its state is the one passed to each call).
+        setup: a `Setup` whose algorithm samples (its state, whose `rl` counts the iterations,
+            is the one passed to each call).
         config: uses `rollout` (sampling, overlong handling) and `run.seed`.
         reward: a `Reward`.
         eos_token_id / pad_token_id: the tokenizer's.
@@ -154,25 +152,6 @@ class RolloutLoop:
             reward_fn=reward.device_fn(), temperature=r.temperature,
             missing_eos_penalty=r.missing_eos_penalty, lora_scale=setup.lora_scale,
             eos_token_id=eos_token_id, with_entropy=spec.with_entropy))
-        clip = spec.reward_clip
-
-        @jax.jit
-        def normalize(moments, scores):
-            moments = rl.update_moments(moments, scores)
-            return moments, rl.normalize_scores(scores, moments, clip)
-
-        self._normalize = normalize
-        self.iteration = 0
-        self.moments = rl.RunningMoments.create()
-
-    def _scores(self, raw):
-        spec = self.spec
-        if spec.normalize_rewards:
-            self.moments, scores = self._normalize(self.moments, raw)
-            return scores
-        if spec.reward_clip:
-            return jnp.clip(raw, -spec.reward_clip, spec.reward_clip)
-        return raw
 
     def _sample_and_score(self, state, prompts, key) -> dict:
         """Generate and score one prompt batch: the rollout `batch` (its `scores` raw, after
@@ -280,14 +259,15 @@ class RolloutLoop:
 
     def __call__(self, state, prompts):
         setup = self.setup
-        key = jax.random.fold_in(self.key, self.iteration)
+        if getattr(state, "rl", None) is None:
+            raise ValueError("a rollout loop's state carries an RLState (state.rl: its "
+                             "iteration counter keys the sampler); make_setup builds one")
+        key = jax.random.fold_in(self.key, int(state.rl.iteration))
         first = self._sample_and_score(state, prompts, key)
         batch, rounds, dynamic = first["batch"], [first], {}
         if self.spec.dynamic_sampling:
             batch, rounds, dynamic = self._refill_groups(state, first, key)
-        batch["scores"] = self._scores(batch["scores"])
         (state, metrics), t_update = _timed(setup.step, state, batch)
-        self.iteration += 1
         raw = np.concatenate([r["raw"] for r in rounds])
         lengths = np.concatenate([r["lengths"] for r in rounds])
         truncated = np.concatenate([r["truncated"] for r in rounds])
@@ -307,14 +287,3 @@ class RolloutLoop:
             **dynamic,
         })
         return state, metrics
-
-    def get_state(self) -> dict:
-        m = self.moments
-        return {"iteration": self.iteration,
-                "moments": [float(m.count), float(m.mean), float(m.var)]}
-
-    def set_state(self, saved: dict) -> None:
-        self.iteration = saved["iteration"]
-        c, mu, var = (jnp.asarray(x, jnp.float32) for x in saved["moments"])
-        self.moments = rl.RunningMoments(count=c, mean=mu, var=var)
-

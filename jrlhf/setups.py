@@ -24,7 +24,7 @@ from jrlhf.config import Config, derive
 from jrlhf.heads import reward_model_init, with_scalar_head, without_scalar_head
 from jrlhf.models.config import ModelConfig
 from jrlhf.rng import stream_key, stream_seed
-from jrlhf.state import TrainState
+from jrlhf.state import RLState, TrainState
 from jrlhf.steps.common import state_shardings
 
 __all__ = ["Setup", "batch_shapes", "default_mesh", "initial_weights", "make_setup",
@@ -148,8 +148,9 @@ def make_setup(algorithm: str | Algorithm, config: Config, model_cfg: ModelConfi
         reference = None
         if record.reference and not use_lora:  # with LoRA the base weights serve
             reference = jax.tree.map(jnp.array, policy)
-        state = TrainState.create(tree, tx, stream_key(config.run.seed, name, "state"),
-                                  record.kl_coef(config), copy=False)
+        rl = None if record.rollout is None else RLState.create(record.kl_coef(config))
+        state = TrainState.create(tree, tx, stream_key(config.run.seed, name, "state"), rl=rl,
+                                  copy=False)
         return state, reference
 
     if _is_abstract(params):

@@ -1,4 +1,5 @@
-"""TrainState: everything a step updates, as one pytree."""
+"""TrainState: everything a step updates, as one pytree (with `RLState`, what an RL run
+carries from one rollout iteration to the next)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,33 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from jrlhf.rl import RunningMoments
+
+
+@struct.dataclass
+class RLState:
+    """What an RL run carries between rollout iterations, as arrays in the train state (so it
+    is sharded, donated and checkpointed like the params, not kept as host side state).
+
+    kl_coef: `()` float32 β of PPO's `r − β·KL` (the adaptive controller updates it here);
+        None for algorithms whose KL weight is a fixed loss coefficient of their config (GRPO).
+    moments: the reward normaliser's running count / mean / variance of raw scores.
+    iteration: `()` int32 rollout iterations done (the sampler's key folds it in).
+    """
+
+    kl_coef: jax.Array | None
+    moments: RunningMoments
+    iteration: jax.Array
+
+    @classmethod
+    def create(cls, kl_coef: float | None = None) -> "RLState":
+        return cls(kl_coef=None if kl_coef is None else jnp.asarray(kl_coef, jnp.float32),
+                   moments=RunningMoments.create(), iteration=jnp.zeros((), jnp.int32))
+
 
 @struct.dataclass
 class TrainState:
-    """params, optimizer state, step counter, base RNG key and (PPO) the KL coefficient.
+    """params, optimizer state, step counter, base RNG key and (RL) the `RLState`.
 
     `tx` is static: it is part of the step's compiled program, not of its data. Per-step
     randomness is `jax.random.fold_in(rng, step)`, so a resumed run draws the same numbers.
@@ -22,24 +46,28 @@ class TrainState:
     opt_state: Any
     step: jax.Array
     rng: jax.Array
-    kl_coef: jax.Array | None = None
+    rl: RLState | None = None
     tx: optax.GradientTransformation = struct.field(pytree_node=False, default=None)
 
     @classmethod
-    def create(cls, params, tx, rng, kl_coef: float | None = None, *,
+    def create(cls, params, tx, rng, kl_coef: float | None = None, *, rl: RLState | None = None,
                copy: bool = True) -> "TrainState":
-        """A fresh state of `params` (step 0, `tx.init` moments). `kl_coef`: PPO's β (the state
-        is where it lives; the adaptive controller updates it there).
+        """A fresh state of `params` (step 0, `tx.init` moments). `kl_coef`: PPO's β, which
+        the state holds in a fresh `RLState` (`rl`: one given whole, e.g. `RLState.create()` for
+        GRPO's iteration counter).
 
         The state owns its arrays (`copy`): every jitted step donates its state, so without a
         copy the caller's `params` (e.g. a reference kept as `ref_params = policy`) would be
         deleted by the first update. `copy=False` for arrays nothing else holds."""
         rng = jax.random.key(rng) if isinstance(rng, int) else rng
+        if kl_coef is not None:
+            if rl is not None:
+                raise ValueError("TrainState.create: give kl_coef or rl, not both")
+            rl = RLState.create(kl_coef)
         if copy:
             params = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
         return cls(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
-                   rng=rng, kl_coef=None if kl_coef is None else jnp.asarray(kl_coef, jnp.float32),
-                   tx=tx)
+                   rng=rng, rl=rl, tx=tx)
 
     def apply_gradients(self, grads) -> "TrainState":
         updates, opt_state = self.tx.update(grads, self.opt_state, self.params)

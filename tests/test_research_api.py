@@ -2,6 +2,8 @@
 researcher hit (#25): the caller's arrays survive the donating steps, β has one home, and a
 batch key no step reads is an error instead of being ignored."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -126,3 +128,98 @@ def test_a_state_of_ones_own_works_with_the_steps_on_a_mesh():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), mine.params,
                  theirs.params)
     assert state_shardings(mine, mesh).seen.is_fully_replicated
+
+
+def _trained(step, state, batch):
+    new, metrics = step(state, batch)
+    return new.params, metrics
+
+
+def test_grpo_takes_a_custom_advantage_function_and_an_extra_loss_term():
+    """`advantage_fn` replaces the estimator: group-centred scores equal Dr. GRPO's unscaled
+    advantages (`scale_advantages=False`). `extra_loss` is added to the loss: β·k3 KL written by
+    the researcher with `kl_coef=0` equals the built-in `kl_coef=β` term."""
+    from jrlhf.rl import kl_penalty
+    from test_mismatch import grpo_batch
+    from test_steps import OPT_EQ, make_state
+
+    params = init_params(CFG, 0)
+    batch = grpo_batch(params)
+    cfg = GRPOConfig(group_size=4, minibatch_size=8, epochs=2, kl_coef=0.0)
+
+    def fresh():
+        return make_state(params, OPT_EQ)[0]
+
+    def centred(scores, rows):
+        groups = scores.reshape(-1, 4)
+        return (groups - groups.mean(axis=1, keepdims=True)).reshape(-1)
+
+    unscaled = dataclasses.replace(cfg, scale_advantages=False)
+    custom, m1 = _trained(make_grpo_step(CFG, cfg, advantage_fn=centred), fresh(), batch)
+    builtin, m2 = _trained(make_grpo_step(CFG, unscaled), fresh(), batch)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), custom, builtin)
+    np.testing.assert_allclose(m1["grpo/advantages_std"], m2["grpo/advantages_std"], rtol=1e-6)
+    with pytest.raises(ValueError, match=r"advantage_fn returned shape \(4, 4\)"):
+        make_grpo_step(CFG, cfg, advantage_fn=lambda s, r: s.reshape(-1, 4))(fresh(), batch)
+
+    beta = 0.5
+
+    def k3(params_, mb, logprobs):
+        real = mb["response_mask"] > 0
+        kl = kl_penalty(jnp.where(real, logprobs, 0.0), jnp.where(real, mb["ref_logprobs"], 0.0),
+                        "k3")
+        term = beta * jnp.sum(kl * real) / jnp.sum(real)  # token-mean, as the built-in
+        return term, {"my_kl": term / beta}
+
+    theirs, metrics = _trained(make_grpo_step(CFG, cfg, extra_loss=k3), fresh(), batch)
+    builtin, reference = _trained(
+        make_grpo_step(CFG, dataclasses.replace(cfg, kl_coef=beta)), fresh(), batch)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), theirs, builtin)
+    np.testing.assert_allclose(metrics["grpo/my_kl"], reference["grpo/kl"], rtol=1e-5)
+    np.testing.assert_allclose(metrics["grpo/loss"], reference["grpo/loss"], rtol=1e-5)
+
+
+def test_ppo_takes_a_custom_advantage_function_and_an_extra_loss_term():
+    """`advantage_fn` replaces GAE: Monte-Carlo returns written by the researcher equal the
+    built-in GAE with γ = λ = 1. `extra_loss` is added to the loss: the clipped value loss
+    computed by the researcher with `vf_coef=0` equals the built-in `vf_coef` term."""
+
+    from jrlhf import losses
+    from jrlhf.steps.rollout import policy_outputs
+    from test_steps import ppo_state
+
+    params = {"policy": init_params(POLICY_CFG, 0)}
+    batch = rollout_batch(params)
+
+    def fresh(cfg):
+        return ppo_state(params, cfg)
+
+    def monte_carlo(rewards, values, mask):
+        returns = jnp.flip(jnp.cumsum(jnp.flip(rewards * mask, 1), 1), 1) * mask
+        return (returns - values) * mask, returns
+
+    plain = dataclasses.replace(PPO_CFG, whiten_advantages=False)
+    mc = dataclasses.replace(plain, gamma=1.0, lam=1.0)
+    custom, _ = _trained(make_ppo_step(POLICY_CFG, plain, temperature=TEMPERATURE,
+                                       advantage_fn=monte_carlo), fresh(plain), batch)
+    builtin, _ = _trained(make_ppo_step(POLICY_CFG, mc, temperature=TEMPERATURE), fresh(mc),
+                          batch)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), custom, builtin)
+
+    no_value = dataclasses.replace(PPO_CFG, vf_coef=0.0)
+
+    def value_loss(p, mb, logprobs):
+        N = mb["response_mask"].shape[1]
+        _, _, values = policy_outputs(p, mb["input_ids"], mb["attention_mask"], N,
+                                      policy_cfg=POLICY_CFG, value_cfg=None,
+                                      temperature=TEMPERATURE)
+        vf, _ = losses.ppo_value_loss(values, mb["values"], mb["returns"], mb["response_mask"],
+                                      PPO_CFG.value_clip_eps)
+        return PPO_CFG.vf_coef * vf, {"my_value_loss": vf}
+
+    theirs, metrics = _trained(make_ppo_step(POLICY_CFG, no_value, temperature=TEMPERATURE,
+                                             extra_loss=value_loss), fresh(no_value), batch)
+    builtin, reference = _trained(make_ppo_step(POLICY_CFG, PPO_CFG, temperature=TEMPERATURE),
+                                  fresh(PPO_CFG), batch)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), theirs, builtin)
+    np.testing.assert_allclose(metrics["ppo/my_value_loss"], reference["value/loss"], rtol=1e-5)

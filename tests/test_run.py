@@ -98,11 +98,52 @@ def test_ppo_resume_equals_uninterrupted(tmp_path):
     run(tmp_path / "b", 2)
     resumed = run(tmp_path / "b", 4, resume=True)
     jax.tree.map(np.testing.assert_array_equal, resumed.state.params, full.state.params)
-    np.testing.assert_array_equal(resumed.state.kl_coef, full.state.kl_coef)
+    jax.tree.map(np.testing.assert_array_equal, resumed.state.rl, full.state.rl)  # β, moments
+    assert int(full.state.rl.iteration) == 4 and float(full.state.rl.moments.count) == 4 * 8
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per"))}
                           for r in rows]
     assert strip(read_metrics(tmp_path / "a" / "metrics.jsonl")) == strip(
         read_metrics(tmp_path / "b" / "metrics.jsonl"))
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_a_run_checkpointed_before_the_rl_state_resumes_into_it(tmp_path, monkeypatch,
+                                                                  algorithm):
+    """Checkpoints written as before `RLState` (β a top-level `kl_coef` array, zeros for GRPO;
+    iteration and moments JSON `loop` metadata) resume into the state's RLState: the finished
+    run equals an uninterrupted one."""
+    from jrlhf import checkpoint
+
+    def run(out, iterations, resume=False):
+        c = apply_overrides(load_config(TINY), [
+            f"run.out_dir={out}", f"{algorithm}.iterations={iterations}", "run.save_every=1",
+            "ppo.adaptive_kl=true", "ppo.normalize_rewards=true", "grpo.prompts_per_iteration=2",
+            f"run.allow_changed={algorithm}.iterations"])
+        return train(make_setup(algorithm, c, CFG, init_params(CFG, 0)), c, prompt_stream(),
+                     reward=Reward(fn=count_token_3), eos_token_id=None, out_dir=out,
+                     resume=resume, log=None)
+
+    full = run(tmp_path / "a", 3)
+    save = Checkpointer.save
+
+    def legacy_save(self, step, state, meta=None, force=True):
+        m = state.rl.moments
+        loop = {"iteration": int(state.rl.iteration),
+                "moments": [float(m.count), float(m.mean), float(m.var)]}
+        save(self, step, state, dict(meta or {}, loop=loop), force)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint, "_arrays", checkpoint._legacy_arrays)
+        patch.setattr(Checkpointer, "save", legacy_save)
+        run(tmp_path / "b", 2)
+    ckpt = Checkpointer(tmp_path / "b" / algorithm / "checkpoints")
+    assert "kl_coef" in ckpt.saved_meta(2)["arrays"] and "loop" in ckpt.saved_meta(2)
+    ckpt.close()
+    resumed = run(tmp_path / "b", 3, resume=True)
+    jax.tree.map(np.testing.assert_array_equal, resumed.state.params, full.state.params)
+    jax.tree.map(np.testing.assert_array_equal, resumed.state.rl, full.state.rl)
+    assert int(resumed.state.rl.iteration) == 3
+    assert (resumed.state.rl.kl_coef is None) == (algorithm == "grpo")
 
 
 def test_export_merges_lora_into_a_transformers_folder(tmp_path):

@@ -302,7 +302,7 @@ def test_ppo_update_is_one_dispatch_and_equals_a_minibatch_loop():
     from jrlhf.steps.ppo import ppo_loss
 
     cfg = PPO_CFG
-    _, _, adv, returns = rollout_advantages(batch, reference_state.kl_coef, cfg)
+    _, _, adv, returns = rollout_advantages(batch, reference_state.rl.kl_coef, cfg)
     data = dict(batch, advantages=adv, returns=returns)
     forward_fn = functools.partial(policy_outputs, policy_cfg=POLICY_CFG, value_cfg=None,
                                    temperature=TEMPERATURE)
@@ -330,13 +330,37 @@ def test_ppo_separate_critic_and_adaptive_kl():
                                  temperature=TEMPERATURE)(state, batch)
     kl = float(metrics["ppo/kl"])
     expected = 0.05 * (1 + np.clip(kl / 0.01 - 1, -0.2, 0.2) * 8 / 100.0)
-    np.testing.assert_allclose(new.kl_coef, expected, rtol=1e-6)
+    np.testing.assert_allclose(new.rl.kl_coef, expected, rtol=1e-6)
+    assert int(new.rl.iteration) == 1
     for part in ("policy", "value"):
         changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), params[part],
                                new.params[part])
         assert any(jax.tree.leaves(changed)), part
     with pytest.raises(ValueError, match="critic"):
         make_ppo_step(CFG, cfg, value_cfg=None, temperature=TEMPERATURE)
+
+
+def test_ppo_normalises_raw_scores_with_the_moments_its_state_carries():
+    """Two updates with `normalize_rewards` and `reward_clip`: the state's RLState holds the
+    running count / mean / population variance of every raw score seen (NumPy), the advantages
+    are computed from the normalised and clipped scores, and the iteration counter advances."""
+    cfg = dataclasses.replace(PPO_CFG, normalize_rewards=True, reward_clip=1.0)
+    params = {"policy": init_params(POLICY_CFG, 0)}
+    step = make_ppo_step(POLICY_CFG, cfg, temperature=TEMPERATURE)
+    state, seen = ppo_state(params, cfg), []
+    for seed in (0, 1):
+        batch = rollout_batch(state.params, cfg=cfg, seed=seed)
+        batch["scores"] = batch["scores"] * 3.0 + 2.0
+        seen.extend(batch["scores"])
+        state, metrics = step(state, batch)
+        scores = np.clip((batch["scores"] - np.mean(seen)) / np.sqrt(np.var(seen) + 1e-8),
+                         -1.0, 1.0)
+        np.testing.assert_allclose(metrics["ppo/mean_score"], scores.mean(), rtol=1e-5,
+                                   atol=1e-6)
+    moments = state.rl.moments
+    np.testing.assert_allclose([moments.count, moments.mean, moments.var],
+                               [len(seen), np.mean(seen), np.var(seen)], rtol=1e-5)
+    assert int(state.rl.iteration) == 2
 
 
 def test_ppo_padding_has_no_effect():

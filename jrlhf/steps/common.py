@@ -93,8 +93,8 @@ def accumulate_gradients(loss_fn, params, batch, num_micro_batches: int):
 
 def apply_gradients(state, grads):
     """One optimizer update of a state that follows the step protocol: a pytree dataclass with
-    `params`, `opt_state`, `step` and a static optax `tx` (plus `rng` for the RL steps and
-    `kl_coef` for PPO), and `replace` (`flax.struct.dataclass`). `TrainState` is one; a
+    `params`, `opt_state`, `step` and a static optax `tx` (plus `rng` for the RL steps and an
+    `rl` `RLState` holding β for PPO), and `replace` (`flax.struct.dataclass`). `TrainState` is one; a
     research state of its own works with every step, `minibatch_epochs` and `jit_step`."""
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     return state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state,

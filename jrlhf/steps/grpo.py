@@ -48,10 +48,11 @@ def sequence_advantages(scores, group_size: int, estimator: str, scale: bool = T
 
 
 def grpo_loss(params, mb, counts, *, cfg: GRPOConfig, model_cfg: ModelConfig, labels=None,
-              lora_scale: float = 0.0, temperature: float = 1.0):
+              lora_scale: float = 0.0, temperature: float = 1.0, extra_loss=None):
     """The GRPO-family loss of one (micro-)batch `mb`, aggregated with `counts`
-    (`losses.aggregation_counts` of the optimizer step's whole minibatch). Returns
-    `(loss, metrics)`."""
+    (`losses.aggregation_counts` of the optimizer step's whole minibatch), plus
+    `extra_loss(params, mb, logprobs) -> (term, metrics)` when given (weighted
+    1/`grad_accum_steps`: each micro-batch's term is its own mean). Returns `(loss, metrics)`."""
     N = mb["response_mask"].shape[1]
     fp = forward_params(params, labels, lora_scale)
     logprobs = tfm.token_outputs(model_cfg, fp, mb["input_ids"], mb["attention_mask"], last=N,
@@ -61,6 +62,10 @@ def grpo_loss(params, mb, counts, *, cfg: GRPOConfig, model_cfg: ModelConfig, la
         cfg.clip_eps, cfg.kl_coef, clip_high=cfg.clip_high or None, dual_clip=cfg.dual_clip,
         ratio_level=cfg.importance_ratio, aggregation=cfg.loss_aggregation, counts=counts,
         token_weights=mb.get("tis_weights"))
+    if extra_loss is not None:
+        term, extra = extra_loss(params, mb, logprobs)
+        loss = loss + term / cfg.grad_accum_steps
+        m = dict(m, **extra, extra_loss=term)
     return loss, dict(m, loss=loss)
 
 
@@ -82,12 +87,19 @@ def minibatch_gradients(loss_fn, params, mb, grad_accum_steps: int):
 
 
 def grpo_step(state, batch, *, cfg: GRPOConfig, model_cfg: ModelConfig, labels=None,
-              lora_scale: float = 0.0, temperature: float = 1.0):
+              lora_scale: float = 0.0, temperature: float = 1.0, advantage_fn=None,
+              extra_loss=None):
     """One GRPO/RLOO/REINFORCE++ update phase (all epochs × minibatches) on a grouped rollout
     batch, with the GRPO family's loss options of `cfg` (clip-higher, dual-clip, GSPO's
     sequence ratio, loss aggregation, unscaled advantages, micro-batches).
 
+    Research hooks: `advantage_fn(scores [B], rows [B] bool) -> advantages [B]` replaces
+    `cfg.estimator`'s (`rows`: the rows with a response token; K consecutive rows per group);
+    `extra_loss(params, minibatch, logprobs [b, N]) -> (scalar, metrics)` is added to each
+    optimizer step's loss (its metrics logged under the estimator's prefix).
+
     `temperature` is the sampler's: the trained log-probs are those of logits / temperature.
+    A state with an `RLState` (`state.rl`) has its iteration counter advanced.
     """
     check_batch(batch, f"{cfg.estimator} step", (RL_BATCH, RL_OPTIONAL + ("values",)))
     mask = batch["response_mask"]
@@ -101,8 +113,15 @@ def grpo_step(state, batch, *, cfg: GRPOConfig, model_cfg: ModelConfig, labels=N
     if size % cfg.grad_accum_steps:
         raise ValueError(f"minibatch of {size} rows is not divisible by "
                          f"grpo.grad_accum_steps={cfg.grad_accum_steps}")
-    advantages = sequence_advantages(batch["scores"], cfg.group_size, cfg.estimator,
-                                     cfg.scale_advantages, rows=jnp.any(mask > 0, axis=1))
+    rows = jnp.any(mask > 0, axis=1)
+    if advantage_fn is None:
+        advantages = sequence_advantages(batch["scores"], cfg.group_size, cfg.estimator,
+                                         cfg.scale_advantages, rows=rows)
+    else:
+        advantages = advantage_fn(batch["scores"], rows)
+        if advantages.shape != (B,):
+            raise ValueError(f"advantage_fn returned shape {advantages.shape}; the GRPO "
+                             f"family's advantages are one per row, ({B},)")
     data = {k: batch[k] for k in ("input_ids", "attention_mask", "response_mask", "logprobs",
                                   "ref_logprobs")}
     data["advantages"] = advantages
@@ -110,7 +129,8 @@ def grpo_step(state, batch, *, cfg: GRPOConfig, model_cfg: ModelConfig, labels=N
     if cfg.tis_cap:
         data["tis_weights"] = mismatch.pop("tis_weights")
     loss_fn = functools.partial(grpo_loss, cfg=cfg, model_cfg=model_cfg, labels=labels,
-                                lora_scale=lora_scale, temperature=temperature)
+                                lora_scale=lora_scale, temperature=temperature,
+                                extra_loss=extra_loss)
 
     def grad_fn(params, mb):
         (loss, m), grads = minibatch_gradients(loss_fn, params, mb, cfg.grad_accum_steps)
@@ -120,6 +140,8 @@ def grpo_step(state, batch, *, cfg: GRPOConfig, model_cfg: ModelConfig, labels=N
         state, data, grad_fn, epochs=cfg.epochs, num_minibatches=B // size,
         key=jax.random.fold_in(state.rng, state.step),
         grad_norm_key=f"{cfg.estimator}/grad_norm")
+    if getattr(state, "rl", None) is not None:  # the rollout iteration this update ends
+        state = state.replace(rl=state.rl.replace(iteration=state.rl.iteration + 1))
     metrics.update({f"{cfg.estimator}/mean_score": jnp.mean(batch["scores"]),
                     f"{cfg.estimator}/advantages_std": jnp.std(advantages), **mismatch})
     if "entropy" in batch:
@@ -128,11 +150,14 @@ def grpo_step(state, batch, *, cfg: GRPOConfig, model_cfg: ModelConfig, labels=N
 
 
 def make_grpo_step(model_cfg: ModelConfig, cfg: GRPOConfig, *, labels=None,
-                   lora_scale: float = 0.0, temperature: float = 1.0, state=None, mesh=None):
-    """Jitted `grpo_step` (RLOO with `cfg.estimator="rloo"`): one dispatch per update phase."""
+                   lora_scale: float = 0.0, temperature: float = 1.0, advantage_fn=None,
+                   extra_loss=None, state=None, mesh=None):
+    """Jitted `grpo_step` (RLOO with `cfg.estimator="rloo"`): one dispatch per update phase.
+    `advantage_fn` / `extra_loss`: `grpo_step`'s research hooks."""
     check_factory_args("make_grpo_step", model_cfg, cfg, GRPOConfig)
     fn = functools.partial(grpo_step, cfg=cfg, model_cfg=model_cfg, labels=labels,
-                           lora_scale=lora_scale, temperature=temperature)
+                           lora_scale=lora_scale, temperature=temperature,
+                           advantage_fn=advantage_fn, extra_loss=extra_loss)
     return jit_step(fn, state, mesh)
 
 

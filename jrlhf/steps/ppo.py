@@ -19,19 +19,39 @@ from jrlhf.steps.common import check_batch, check_factory_args, jit_step, miniba
 from jrlhf.steps.rollout import RL_BATCH, RL_OPTIONAL, policy_outputs, sampler_mismatch
 
 
-def rollout_advantages(batch, kl_coef, cfg: PPOConfig):
-    """Per-token KL, shaped rewards, GAE advantages (whitened if configured) and returns."""
+def rollout_scores(moments: rl.RunningMoments, scores, cfg: PPOConfig):
+    """`(moments, scores [B])`: with `cfg.normalize_rewards` the running moments take in the raw
+    scores and the scores are normalised by them; then clipped to ±`cfg.reward_clip` (> 0)."""
+    if cfg.normalize_rewards:
+        moments = rl.update_moments(moments, scores)
+        return moments, rl.normalize_scores(scores, moments, cfg.reward_clip)
+    if cfg.reward_clip:
+        scores = jnp.clip(scores, -cfg.reward_clip, cfg.reward_clip)
+    return moments, scores
+
+
+def rollout_advantages(batch, kl_coef, cfg: PPOConfig, advantage_fn=None):
+    """Per-token KL, shaped rewards, advantages (whitened if configured) and returns, all
+    `[B, N]`: `advantage_fn(rewards, values, mask) -> (advantages, returns)`, GAE with
+    `cfg.gamma` / `cfg.lam` by default."""
     mask = batch["response_mask"]
     kl = rl.kl_penalty(batch["logprobs"], batch["ref_logprobs"], cfg.kl_estimator) * mask
     rewards = rl.token_rewards(batch["scores"], kl, mask, kl_coef)
-    advantages, returns = rl.gae(rewards, batch["values"], mask, cfg.gamma, cfg.lam)
+    if advantage_fn is None:
+        advantages, returns = rl.gae(rewards, batch["values"], mask, cfg.gamma, cfg.lam)
+    else:
+        advantages, returns = advantage_fn(rewards, batch["values"], mask)
+        if advantages.shape != mask.shape or returns.shape != mask.shape:
+            raise ValueError(f"advantage_fn returned advantages {advantages.shape} and returns "
+                             f"{returns.shape}; PPO's are per token, {mask.shape}")
     if cfg.whiten_advantages:
         advantages = rl.masked_whiten(advantages, mask)
     return kl, rewards, advantages, returns
 
 
-def ppo_loss(params, mb, *, cfg: PPOConfig, forward):
-    """Clipped policy loss + vf_coef · clipped value loss − entropy_coef · entropy."""
+def ppo_loss(params, mb, *, cfg: PPOConfig, forward, extra_loss=None):
+    """Clipped policy loss + vf_coef · clipped value loss − entropy_coef · entropy, plus
+    `extra_loss(params, mb, logprobs) -> (term, metrics)` when given."""
     mask = mb["response_mask"]
     logprobs, entropy, values = forward(params, mb["input_ids"], mb["attention_mask"],
                                         mask.shape[1], with_entropy=True)
@@ -48,30 +68,43 @@ def ppo_loss(params, mb, *, cfg: PPOConfig, forward):
         "ppo/clipfrac_high": pg_metrics["clipfrac_high"], "ppo/approx_kl": pg_metrics["approx_kl"],
         "ppo/entropy": entropy, "value/clipfrac": vf_metrics["clipfrac"],
     }
+    if extra_loss is not None:
+        term, extra = extra_loss(params, mb, logprobs)
+        loss = loss + term
+        metrics.update({**{f"ppo/{k}": v for k, v in extra.items()}, "ppo/extra_loss": term,
+                        "ppo/loss": loss})
     return loss, metrics
 
 
 # A rollout batch (`score_rollout` + the sampler): what PPO and the GRPO family read.
 def ppo_step(state, batch, *, cfg: PPOConfig, policy_cfg: ModelConfig,
              value_cfg: ModelConfig | None = None, labels=None, lora_scale: float = 0.0,
-             temperature: float = 1.0):
+             temperature: float = 1.0, advantage_fn=None, extra_loss=None):
     """A whole PPO update phase on one rollout batch, as one function (jit it once).
 
-    KL penalty → rewards → GAE → whitening, then `cfg.epochs` × (B / `cfg.minibatch_size`)
-    optimizer steps over RNG-drawn permutations (nested `lax.scan`), then the adaptive-KL
-    update. `state.kl_coef` holds β; `temperature` is the sampler's (logits are divided by it).
+    Score normalisation (running moments) → KL penalty → rewards → GAE → whitening, then
+    `cfg.epochs` × (B / `cfg.minibatch_size`) optimizer steps over RNG-drawn permutations
+    (nested `lax.scan`), then the adaptive-KL update. `state.rl` (an `RLState`) holds β, the
+    moments and the iteration counter, which this advances; `batch["scores"]` are raw.
+    `temperature` is the sampler's (logits are divided by it).
+
+    Research hooks: `advantage_fn(rewards, values, mask) -> (advantages, returns)` (all
+    `[B, N]`) replaces GAE; `extra_loss(params, minibatch, logprobs [b, N]) -> (scalar,
+    metrics)` is added to each optimizer step's loss (metrics logged as `ppo/<name>`).
     """
     check_batch(batch, "ppo_step", (RL_BATCH + ("values",), RL_OPTIONAL))
-    if state.kl_coef is None:
-        raise ValueError("ppo_step: the state holds no KL coefficient β (state.kl_coef is "
-                         "None): create it with TrainState.create(params, tx, rng, "
+    if getattr(state, "rl", None) is None or state.rl.kl_coef is None:
+        raise ValueError("ppo_step: the state holds no KL coefficient β (state.rl.kl_coef): "
+                         "create it with TrainState.create(params, tx, rng, "
                          "kl_coef=ppo_cfg.kl_coef); the state is where β lives (the adaptive "
                          "controller updates it there)")
     mask = batch["response_mask"]
     B, N = mask.shape
     num_minibatches = cfg.num_minibatches(B)
-    kl_coef = state.kl_coef
-    kl, rewards, advantages, returns = rollout_advantages(batch, kl_coef, cfg)
+    kl_coef = state.rl.kl_coef
+    moments, scores = rollout_scores(state.rl.moments, batch["scores"], cfg)
+    batch = dict(batch, scores=scores)
+    kl, rewards, advantages, returns = rollout_advantages(batch, kl_coef, cfg, advantage_fn)
     data = dict(batch, advantages=advantages, returns=returns)
     data.pop("scores")
     data.pop("ref_logprobs")
@@ -81,8 +114,8 @@ def ppo_step(state, batch, *, cfg: PPOConfig, policy_cfg: ModelConfig,
         data["tis_weights"] = mismatch.pop("tis_weights")
     forward = functools.partial(policy_outputs, policy_cfg=policy_cfg, value_cfg=value_cfg,
                                 temperature=temperature, labels=labels, lora_scale=lora_scale)
-    grad_fn = jax.value_and_grad(functools.partial(ppo_loss, cfg=cfg, forward=forward),
-                                 has_aux=True)
+    grad_fn = jax.value_and_grad(functools.partial(ppo_loss, cfg=cfg, forward=forward,
+                                                   extra_loss=extra_loss), has_aux=True)
     state, metrics = minibatch_epochs(state, data, grad_fn, epochs=cfg.epochs,
                                       num_minibatches=num_minibatches,
                                       key=jax.random.fold_in(state.rng, state.step),
@@ -90,10 +123,12 @@ def ppo_step(state, batch, *, cfg: PPOConfig, policy_cfg: ModelConfig,
 
     seq_kl = jnp.sum(kl, axis=-1)
     mean_kl = jnp.mean(seq_kl)
+    new_coef = kl_coef
     if cfg.adaptive_kl:
         new_coef = rl.adaptive_kl_coef(kl_coef, mean_kl, target=cfg.target_kl,
                                        horizon=cfg.kl_horizon, n_steps=B)
-        state = state.replace(kl_coef=new_coef)
+    state = state.replace(rl=state.rl.replace(kl_coef=new_coef, moments=moments,
+                                              iteration=state.rl.iteration + 1))
     metrics.update({
         "ppo/mean_score": jnp.mean(batch["scores"]),
         "ppo/kl": mean_kl,
@@ -112,9 +147,11 @@ def ppo_step(state, batch, *, cfg: PPOConfig, policy_cfg: ModelConfig,
 
 def make_ppo_step(policy_cfg: ModelConfig, cfg: PPOConfig, *,
                   value_cfg: ModelConfig | None = None, labels=None, lora_scale: float = 0.0,
-                  temperature: float = 1.0, state=None, mesh=None):
+                  temperature: float = 1.0, advantage_fn=None, extra_loss=None, state=None,
+                  mesh=None):
     """Jitted `ppo_step` with its hyper-parameters bound: one XLA dispatch per update phase.
-    `value_cfg`: a separate critic's config (`ppo.critic="separate"`)."""
+    `value_cfg`: a separate critic's config (`ppo.critic="separate"`); `advantage_fn` /
+    `extra_loss`: `ppo_step`'s research hooks."""
     check_factory_args("make_ppo_step", policy_cfg, cfg, PPOConfig)
     if (cfg.critic == "separate") != (value_cfg is not None):
         raise ValueError(f"ppo.critic={cfg.critic!r} needs value_cfg "
@@ -122,5 +159,6 @@ def make_ppo_step(policy_cfg: ModelConfig, cfg: PPOConfig, *,
     if value_cfg is None and not policy_cfg.scalar_head:
         raise ValueError("ppo.critic='shared' needs a policy config with scalar_head=True")
     fn = functools.partial(ppo_step, cfg=cfg, policy_cfg=policy_cfg, value_cfg=value_cfg,
-                           labels=labels, lora_scale=lora_scale, temperature=temperature)
+                           labels=labels, lora_scale=lora_scale, temperature=temperature,
+                           advantage_fn=advantage_fn, extra_loss=extra_loss)
     return jit_step(fn, state, mesh)
