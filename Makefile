@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install clean
+.PHONY: run test test-fast install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ run: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --durations=15
+
+# The fast tier for the edit-test loop (under 5 minutes on 2 cores): everything but the tests
+# marked slow (end-to-end CLI, subprocess, multi-process and pipeline runs, and the longest
+# model/step comparisons), which `make test` (CI) runs too.
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 -m "not slow" --durations=10
 
 clean:
 	rm -rf $(VENV)

@@ -83,6 +83,7 @@ def small_config(**changes) -> Config:
                              **changes})
 
 
+@pytest.mark.slow
 def test_an_algorithm_of_ones_own_runs_through_setup_bench_plan_and_the_loop(registered,
                                                                             tmp_path):
     config = small_config(**{"optim.freeze": ("embed/.*",), "run.save_every": 1})
@@ -114,6 +115,7 @@ def test_an_algorithm_of_ones_own_runs_through_setup_bench_plan_and_the_loop(reg
     assert p["optimizer_bytes_per_device"] > 0 and p["peak_bytes_per_device"] > 0
 
 
+@pytest.mark.slow
 def test_an_algorithm_of_ones_own_runs_as_a_stage(registered, tmp_path):
     """The stage runner reads its data file, example function and batch size from the record,
     and the loop prints its summary keys."""

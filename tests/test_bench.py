@@ -31,6 +31,7 @@ def small_config(**changes):
                          "ppo.epochs": 2, **changes})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("step", bench.step_kinds())
 def test_bench_reports_consistent_numbers(step):
     work = bench.Workload.from_config(small_config())
@@ -90,6 +91,7 @@ def measured_state_bytes(config, mesh):
     return on_dev0(state.params), on_dev0(state.opt_state)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2)])
 def test_plan_matches_measured_and_analytic(shape):
     with warnings.catch_warnings():
@@ -135,6 +137,7 @@ def test_count_collectives():
     assert count_collectives(text)["all-gather"] == 1
 
 
+@pytest.mark.slow
 def test_jrlhf_plan_needs_no_devices_under_jax_platforms_cpu():
     """`jrlhf plan` adds its fake CPU devices itself, also when JAX_PLATFORMS=cpu is set (it
     was read as "JAX already started"): one process, one real CPU device, an 8-device mesh."""

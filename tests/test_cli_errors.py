@@ -198,6 +198,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_bad_input_is_one_line_and_exit_2(case, tmp_path, capfd):
     argv, expected = CASES[case](tmp_path)

@@ -99,6 +99,7 @@ def test_implementation_choice_and_errors():
                        ids)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg", [CFG, GPT2], ids=["llama", "gpt2"])
 def test_packed_rows_equal_rows_alone(cfg):
     """Three examples packed into one row (positions restart, attention never crosses) give the
@@ -125,6 +126,7 @@ def test_packed_rows_equal_rows_alone(cfg):
                                   [0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 0, 1, 2, 0, 0, 0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk", [0, 7])
 @pytest.mark.parametrize("tied", [False, True])
 def test_chunked_logprobs_entropy_and_gradients_equal_full_logits(chunk, tied):
@@ -325,6 +327,7 @@ def test_packed_reward_step_equals_unpacked():
                  ref_state.params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("orpo", [False, True])
 def test_packed_dpo_and_orpo_steps_equal_unpacked(orpo):
     from jrlhf.config import DPOConfig
@@ -352,6 +355,7 @@ def test_packed_dpo_and_orpo_steps_equal_unpacked(orpo):
                  ref_state.params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", [{}, {"scan_layers": True}, {"remat": "full"}])
 def test_residual_barrier_leaves_loss_and_gradients_unchanged(variant):
     """The XLA:CPU residual-gradient barrier (a conditional on each layer's output cotangent):
@@ -397,6 +401,7 @@ GEMMA_LIKE = dataclasses.replace(
     attn_softcap=5.0, query_scale=0.3, activation="gelu_pytorch_tanh")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg,variant", [
     (CFG, {}), (dataclasses.replace(GPT2, lm_head=False, scalar_head=True), {}),
     (GEMMA_LIKE, {}), (CFG, {"scan_layers": True}), (CFG, {"remat": "full"}),

@@ -17,6 +17,7 @@ from test_models import TOL, left_padded_batch, torch_logits
 LENGTHS = [13, 6, 1, 9]  # left-padded prompts, most longer than the window of 5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_logits_generation_and_export_match_transformers(name, hf_folder, tmp_path):
     torch_model, folder = hf_folder(name)
@@ -58,6 +59,7 @@ def test_logits_generation_and_export_match_transformers(name, hf_folder, tmp_pa
     assert models.load_pretrained(tmp_path / "out")[0] == cfg
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_sequence_classification_checkpoints_load_as_reward_models(name, hf_folder, tmp_path):
     torch_model, folder = hf_folder(name, head="score")

@@ -578,6 +578,7 @@ def file_size_limited(args: list[str], limit: int) -> subprocess.CompletedProces
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
+@pytest.mark.slow
 def test_a_failed_write_is_one_line_at_the_moment_it_happens(tmp_path):
     """No file over 12 MB: the first (background) checkpoint write fails and the run stops with
     one line naming the file; an export (12.9 MB of weights) fails in one

@@ -49,6 +49,7 @@ def test_greedy_chat_answer_says_paris(smollm2):
     assert "Paris" in answer, answer
 
 
+@pytest.mark.slow
 def test_logits_match_transformers_gguf_loading(smollm2):
     """Our float32 logits are about as close to transformers' GGUF model run in float64 as
     transformers' own float32 run is.

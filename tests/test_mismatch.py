@@ -80,6 +80,7 @@ def grpo_batch(params):
     return batch
 
 
+@pytest.mark.slow
 def test_grpo_tis_is_a_no_op_when_the_sampler_agrees_and_otherwise_its_definition():
     from test_preference import CFG
     from test_steps import OPT_EQ, make_state
@@ -123,6 +124,7 @@ def test_grpo_tis_is_a_no_op_when_the_sampler_agrees_and_otherwise_its_definitio
     assert differ(corrected.params, uncorrected.params)
 
 
+@pytest.mark.slow
 def test_ppo_tis_is_a_no_op_when_the_sampler_agrees_and_changes_the_update_otherwise():
     from test_steps import OPT_EQ, POLICY_CFG, PPO_CFG, TEMPERATURE, make_state, rollout_batch
 
@@ -154,6 +156,7 @@ def test_ppo_tis_is_a_no_op_when_the_sampler_agrees_and_changes_the_update_other
                                        {k: v for k, v in batch.items()})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["grpo"])  # PPO runs the same RolloutLoop code
 def test_a_bf16_sampler_shows_a_log_prob_gap_a_float32_one_does_not(algorithm):
     """One rollout iteration of a float32 model whose sampler runs in bf16 (`rollout.dtype`):
@@ -184,6 +187,7 @@ def test_a_bf16_sampler_shows_a_log_prob_gap_a_float32_one_does_not(algorithm):
         assert metrics["response_length_max"] == 8 and metrics["truncated_share"] == 1.0
 
 
+@pytest.mark.slow
 def test_the_update_logs_its_gradient_norm():
     """`ppo/grad_norm` / `grpo/grad_norm`: the global norm of each optimizer step's gradient
     (before clipping), averaged; with one minibatch and one epoch it is the norm of the loss's

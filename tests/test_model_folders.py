@@ -317,6 +317,7 @@ def truncated_gguf(path: Path, size: int) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where, expected", [
     ("/etc", "/etc: no tokenizer files (expected one of tokenizer.json"),
     ("{tmp}/nowhere", "{tmp}/nowhere: not a tokenizer folder"),
@@ -440,6 +441,7 @@ models.save_pretrained(folder, cfg, params, tokenizer=tokenizer)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", ["weights", "config", "tokenizer", "swap"])
 def test_a_killed_export_leaves_the_previous_or_the_new_export(point, exported, tiny_tokenizer,
                                                                tmp_path):

@@ -65,6 +65,7 @@ def test_left_padded_rows_equal_rows_alone(name, hf_folder):
     np.testing.assert_allclose(ours * mask[..., None], ref * mask[..., None], atol=TOL, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gpt2", "llama_gqa", "llama_mqa_tied", *FAMILY_CONFIGS])
 def test_kv_cache_decoding_equals_full_forward(name, hf_folder):
     """Prefill then one cached decode step per token == the full forward; for the sliding-window

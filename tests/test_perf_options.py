@@ -23,6 +23,7 @@ def loss_and_grads(cfg, params, ids, mask):
     return jax.jit(jax.value_and_grad(loss))(params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base", [CFG, GPT2], ids=["llama", "gpt2"])
 @pytest.mark.parametrize("scan,remat", [(True, "none"), (False, "full"), (False, "dots"),
                                         (True, "full"), (True, "dots")])
@@ -52,6 +53,7 @@ def test_scan_compiles_one_layer_body():
     assert matmuls(8, True) == matmuls(2, True)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_loss_parity():
     """bf16 compute with float32 master weights: loss within 1% of float32, grads finite and
     float32 (they update float32 parameters)."""

@@ -102,6 +102,7 @@ def test_advantage_estimators_equal_their_definitions():
                                batch / (scores.std() + 1e-6), rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", losses.AGGREGATIONS)
 def test_micro_batch_gradients_sum_to_the_full_batch_gradient(mode):
     """Each micro-batch normalised with the whole batch's counts: the gradients (w.r.t. the
@@ -123,6 +124,7 @@ def test_micro_batch_gradients_sum_to_the_full_batch_gradient(mode):
     assert np.abs(np.asarray(full)[2]).max() == 0  # the empty row has no gradient
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", losses.AGGREGATIONS)
 def test_grpo_step_with_micro_batches_equals_the_full_minibatch(mode):
     """`grpo.grad_accum_steps` micro-batches give the parameters of one full minibatch, for
@@ -156,6 +158,7 @@ def test_grpo_step_with_micro_batches_equals_the_full_minibatch(mode):
     assert 0 < float(out[1][1]["grpo/clipfrac"]) < 1  # something to compare
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", range(2, 10))
 def test_an_all_equal_group_has_advantage_exactly_zero(size):
     """K = 2…9 equal scores of magnitudes up to 1e4 (float32's mean of them can be a rounding

@@ -80,6 +80,7 @@ def test_large_beta_keeps_policy_near_reference():
     assert tail_mean(history, "ppo/kl") < 0.5
 
 
+@pytest.mark.slow
 def test_lora_separate_critic_on_a_mesh():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -94,6 +95,7 @@ def test_lora_separate_critic_on_a_mesh():
     assert len(result.history) == 3
 
 
+@pytest.mark.slow
 def test_score_rollout_penalty_and_reference():
     params = {"policy": init_params(dataclasses.replace(CFG, scalar_head=True), 0)}
     cfg_v = dataclasses.replace(CFG, scalar_head=True)
@@ -134,6 +136,7 @@ def test_running_moments_match_numpy():
     np.testing.assert_allclose(z, np.clip((allx - allx.mean()) / allx.std(), -1, 1), atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["grpo", "rloo"])
 def test_group_methods_raise_the_score(estimator):
     """GRPO / RLOO with the same token-count reward: the score rises clearly, and a larger

@@ -96,6 +96,7 @@ def pair_batch(P=8, T=10, seed=0):
     return batch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sigmoid", "ipo"])
 def test_dpo_step_learns_the_preference(kind):
     params = init_params(CFG, 0)
@@ -113,6 +114,7 @@ def test_dpo_step_learns_the_preference(kind):
     assert history[-1]["dpo/accuracy"] == 1.0 and history[-1]["dpo/margin"] > 0
 
 
+@pytest.mark.slow
 def test_dpo_with_lora_uses_its_base_as_reference():
     lcfg = LoRAConfig(rank=2, alpha=4.0)
     params = lora.add_lora(init_params(CFG, 0), lcfg, jax.random.key(0))
@@ -160,6 +162,7 @@ def group_rollout(params, G=4, K=4, P=4, N=5, seed=0, temperature=1.0, cfg=CFG):
             "ref_logprobs": logp, "scores": scores}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["grpo", "rloo"])
 def test_group_step_improves_the_objective(estimator):
     params = init_params(CFG, 0)
@@ -181,6 +184,7 @@ def test_group_step_improves_the_objective(estimator):
     assert int(state.step) == 5 * 2 * 2
 
 
+@pytest.mark.slow
 def test_rloo_step_is_grpo_with_leave_one_out():
     params = init_params(CFG, 0)
     batch = group_rollout(params)
@@ -191,6 +195,7 @@ def test_rloo_step_is_grpo_with_leave_one_out():
     jax.tree.map(np.testing.assert_array_equal, a[0].params, b[0].params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(2, 2, 2), (1, 8, 1)], ids=["2x2x2", "1x8x1"])
 @pytest.mark.parametrize("kind", ["dpo", "orpo", "grpo"])
 def test_sharded_equals_unsharded(kind, shape):

@@ -41,6 +41,7 @@ def own_registry(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
 
 
+@pytest.mark.slow
 def test_use_the_steps_in_your_own_code(own_registry, capsys):
     blocks = section_blocks("### Use the steps in your own code")
     assert len(blocks) == 1
@@ -52,6 +53,7 @@ def test_use_the_steps_in_your_own_code(own_registry, capsys):
     assert not any(x.is_deleted() for x in __import__("jax").tree.leaves(namespace["params"]))
 
 
+@pytest.mark.slow
 def test_add_an_algorithm(own_registry, capsys, tmp_path):
     blocks = section_blocks("## Add an algorithm (`jrlhf.algorithms`)")
     assert len(blocks) == 2

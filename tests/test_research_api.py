@@ -90,6 +90,7 @@ def test_every_step_factory_takes_the_model_config_first():
         make_dpo_step(CFG, GRPOConfig())
 
 
+@pytest.mark.slow
 def test_a_state_of_ones_own_works_with_the_steps_on_a_mesh():
     """A research state (no `apply_gradients` method, an extra field of its own) that follows
     the protocol of `steps.apply_gradients` trains through a fused GRPO step on a mesh and

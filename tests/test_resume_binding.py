@@ -62,6 +62,7 @@ def run_copy(trained, tmp_path):
     return out
 
 
+@pytest.mark.slow
 def test_a_shape_change_is_refused_not_set_aside_and_restart_stages_retrains(run_copy, capfd):
     """lora.rank allowed to change on --resume: the checkpoints hold other arrays than the
     config builds. One line names an array on each side; nothing is moved or changed; the
@@ -110,6 +111,7 @@ def test_the_checkpoint_holds_its_config_when_the_files_beside_it_are_gone(run_c
     assert "[sft] resumed from step 4" in ran(sft(run_copy) + ["--resume"], capfd)
 
 
+@pytest.mark.slow
 def test_checkpoints_all_set_aside_are_not_trained_over_unless_asked(run_copy, capfd):
     """Every checkpoint damaged: each is set aside in one line (no third-party traceback), the
     resume stops; the next --resume still refuses (nothing intact left) until

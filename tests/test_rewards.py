@@ -122,6 +122,7 @@ def test_reward_functions_config_and_import():
         import_host_reward("no_such_mod:f", decode)
 
 
+@pytest.mark.slow
 def test_a_failing_reward_function_from_the_config_is_one_line_exit_2(tmp_path, capfd):
     """`--set reward.functions=test_rewards:all_nan`: the GRPO stage imports the function and
     stops at its first NaN in one line naming the reward and prompt (exit 2)."""

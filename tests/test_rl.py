@@ -188,12 +188,27 @@ def test_ppo_value_loss_matches_numpy():
     clipped = old + np.clip(v - old, -0.2, 0.2)
     err = np.maximum((v - ret) ** 2, (clipped - ret) ** 2)
     np.testing.assert_allclose(loss, 0.5 * err[mask > 0].mean(), rtol=1e-5)
-    frac = ((clipped - ret) ** 2 > (v - ret) ** 2)[mask > 0].mean()
+    moved = np.abs(v - old) > 0.2
+    frac = (moved & ((clipped - ret) ** 2 > (v - ret) ** 2))[mask > 0].mean()
     np.testing.assert_allclose(m["clipfrac"], frac, rtol=1e-6)
     # Hand case: v=1, old=0, R=0, eps=0.2 -> max(1, 0.04) / 2 = 0.5.
     loss1, _ = losses.ppo_value_loss(jnp.ones((1, 1)), jnp.zeros((1, 1)), jnp.zeros((1, 1)),
                                      jnp.ones((1, 1)), 0.2)
     np.testing.assert_allclose(loss1, 0.5)
+
+
+def test_values_inside_the_clip_range_are_never_counted_as_clipped():
+    """Every value within V_old ± ε: clipfrac is exactly 0 and the loss is ½·mean (V − R)².
+    (`V_old + (V − V_old)` lands a rounding step off V for some tokens; comparing errors then
+    counted them as clipped, and two processes disagreed on which.)"""
+    rng = np.random.RandomState(0)
+    v = rng.randn(64, 256).astype(np.float32) * 3
+    old = (v + rng.uniform(-0.19, 0.19, v.shape)).astype(np.float32)
+    ret = rng.randn(*v.shape).astype(np.float32)
+    assert (old + (v - old) != v).any()  # the rounding the definition must not see
+    loss, m = losses.ppo_value_loss(v, old, ret, np.ones_like(v), 0.2)
+    assert float(m["clipfrac"]) == 0.0
+    np.testing.assert_allclose(loss, 0.5 * np.mean((v - ret) ** 2), rtol=1e-6)
 
 
 def test_pairwise_loss_hand_derived():

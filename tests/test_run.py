@@ -80,6 +80,7 @@ def count_token_3(_, pi, pm, ri, rm):
     return ((ri == 3) & (rm > 0)).sum(1).astype(np.float32)
 
 
+@pytest.mark.slow
 def test_ppo_resume_equals_uninterrupted(tmp_path):
     """PPO state, adaptive KL, reward-normalisation moments, RNG and prompt stream resume."""
     def config(out, iterations):
@@ -146,6 +147,7 @@ def test_a_run_checkpointed_before_the_rl_state_resumes_into_it(tmp_path, monkey
     assert (resumed.state.rl.kl_coef is None) == (algorithm == "grpo")
 
 
+@pytest.mark.slow
 def test_export_merges_lora_into_a_transformers_folder(tmp_path):
     """`jrlhf sft` with LoRA, then `jrlhf export`: the HF folder holds W + scale·A·B."""
     from jrlhf import lora, models
@@ -176,6 +178,7 @@ def test_export_merges_lora_into_a_transformers_folder(tmp_path):
     assert hf.config.num_hidden_layers == cfg2.num_layers
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["dpo", "orpo"])
 def test_dpo_and_orpo_commands(tmp_path, method):
     """`jrlhf dpo|orpo` on a rankings file: the preference margin grows; the export loads."""
@@ -197,6 +200,7 @@ def test_dpo_and_orpo_commands(tmp_path, method):
     assert transformers.AutoConfig.from_pretrained(out / method / "export").num_hidden_layers == 2
 
 
+@pytest.mark.slow
 def test_grpo_command_with_the_task_annotator(tmp_path):
     from jrlhf.cli import main
 
@@ -242,6 +246,7 @@ def test_non_finite_update_halts_naming_the_parameter_and_saves_nothing(tmp_path
     assert [r["step"] for r in rows] == [1, 2]
 
 
+@pytest.mark.slow
 def test_resume_with_another_config_or_data_is_refused_with_the_diff(tmp_path):
     """`--resume` checks the config and the data file against those the stage's checkpoints were
     made with: a changed learning rate or data file is refused, naming the keys; a listed
@@ -300,6 +305,7 @@ def three_step_sft_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "meta"])
 def test_a_damaged_latest_checkpoint_falls_back_to_the_intact_one(tmp_path, damage,
                                                                  undamaged_sft_run,

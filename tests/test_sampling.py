@@ -61,6 +61,7 @@ def test_returned_logprobs_equal_full_forward(temperature):
     np.testing.assert_allclose(out.logprobs, ref, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature", [0.7, 1.3])
 def test_ppo_ratio_is_one_before_any_update(temperature):
     """The trainer's log-probs of sampled tokens equal the sampler's: ratio 1, approx-KL 0."""
@@ -99,6 +100,7 @@ def test_filter_logits_top_k_and_top_p():
     np.testing.assert_array_equal(kept, [True, False, False, False])  # the top token always
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (5, 1.0), (0, 0.8), (6, 0.9)])
 def test_sampling_matches_filtered_distribution(top_k, top_p):
     """n=8000 draws of the first token; every frequency within 0.02 of the filtered softmax

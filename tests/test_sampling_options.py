@@ -54,6 +54,7 @@ def count_target(_, prompt_ids, prompt_mask, response_ids, response_mask):
     return jnp.sum((response_ids == 5) & (response_mask > 0), axis=1).astype(jnp.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["keep", "mask", "penalty"])
 def test_cut_responses_are_kept_masked_or_penalised(mode):
     rollout = RolloutConfig(max_new_tokens=N, overlong=mode, overlong_buffer=2,

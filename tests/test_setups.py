@@ -63,6 +63,7 @@ CASES = [(a, v) for a in ALGORITHMS for v in VARIANTS
          if v != "separate_critic" or a == "ppo"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm,variant", CASES)
 def test_plan_reports_the_state_training_builds(algorithm, variant):
     """Per-device parameter and optimizer bytes of `jrlhf plan` == those of the state the
@@ -230,6 +231,7 @@ def test_every_config_field_is_read():
     assert not unread, unread
 
 
+@pytest.mark.slow
 def test_bench_and_plan_import_only_what_accelerator_hosts_have():
     """The GPU benchmark hosts have jax, flax, optax, orbax, torch and transformers, not TFDS,
     grain or gguf: importing the tools must not need them."""

@@ -60,6 +60,7 @@ def unsharded():
     return {kind: run(kind) for kind in ("sft", "reward", "ppo")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("kind", ["sft", "reward", "ppo"])
 def test_sharded_step_equals_single_device(kind, shape, unsharded):
@@ -140,6 +141,7 @@ FAMILY_SHAPES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(FAMILY_SHAPES))
 def test_family_steps_on_a_2x2x2_mesh_equal_one_device(family):
     """sft_step, reward_step, ppo_step and grpo_step of a Llama 3.2- and a Qwen3-shaped model

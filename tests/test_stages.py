@@ -127,6 +127,7 @@ def test_a_killed_runs_lock_is_taken_over(tmp_path):
     assert (tmp_path / "run.lock").read_text() == ""
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_locked_folder_in_one_line(tmp_path):
     from jrlhf.runlock import RunLock
 
@@ -176,6 +177,7 @@ def make_state_for_loop():
     return TrainState.create({"w": np.zeros(2, np.float32)}, optax.sgd(0.1), 0)
 
 
+@pytest.mark.slow
 def test_remote_code_folders_are_refused_in_one_line_without_prompting(tmp_path):
     """A model folder whose config.json has an auto_map is refused, naming the folder and the
     entry, also with "y" on standard input; its Python never runs."""
@@ -200,6 +202,7 @@ def test_remote_code_folders_are_refused_in_one_line_without_prompting(tmp_path)
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_sft_stage_trains_on_packed_rows(tmp_path):
     """`data.pack=true` reaches the SFT stage's loader: rows carry several examples (segment
     ids), the loss is finite and there are fewer rows than examples per step."""
@@ -215,6 +218,7 @@ def test_sft_stage_trains_on_packed_rows(tmp_path):
     assert len(rows) == 2 and all(np.isfinite(r["sft/loss"]) for r in rows)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["reward", "dpo"])
 def test_reward_and_dpo_stages_train_on_packed_rows(tmp_path, algorithm):
     """With `data.pack`, each ranking group / pair is one row of segments; the stages train."""

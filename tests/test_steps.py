@@ -101,6 +101,7 @@ def test_sft_step_reduces_loss():
     assert int(state.step) == 8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family_cfg", [CFG, GPT2], ids=["llama", "gpt2"])
 def test_grad_accumulation_equals_full_batch(family_cfg):
     params = init_params(family_cfg, 1)
@@ -189,6 +190,7 @@ def test_reward_step_reduces_loss_and_reports_accuracy():
     assert history[0]["reward/num_pairs"] == 8 * 3 - 1 - 2
 
 
+@pytest.mark.slow
 def test_reward_step_pairs_and_accumulation():
     rm_cfg = dataclasses.replace(CFG, lm_head=False, scalar_head=True)
     params = init_params(rm_cfg, 0)
