@@ -107,6 +107,7 @@ def test_ppo_resume_equals_uninterrupted(tmp_path):
         read_metrics(tmp_path / "b" / "metrics.jsonl"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
 def test_a_run_checkpointed_before_the_rl_state_resumes_into_it(tmp_path, monkeypatch,
                                                                   algorithm):
