@@ -262,7 +262,8 @@ def _rollout_batch(rows: int, config: Config, *, values: bool) -> dict:
     log-probs): prompts of `data.max_prompt_length` + `rollout.max_new_tokens` new tokens."""
     P, N = config.data.max_prompt_length, config.rollout.max_new_tokens
     shapes = {"input_ids": ((rows, P + N), I32), "attention_mask": ((rows, P + N), I32),
-              "response_mask": ((rows, N), I32), "logprobs": ((rows, N), F32),
+              "response_mask": ((rows, N), I32), "temperature": ((rows,), F32),
+              "logprobs": ((rows, N), F32),
               "ref_logprobs": ((rows, N), F32), "scores": ((rows,), F32),
               "sampler_logprobs": ((rows, N), F32)}
     return shapes | ({"values": ((rows, N), F32)} if values else {})
@@ -405,8 +406,8 @@ PPO = register(Algorithm(
     name="ppo", help="PPO of model.source against reward.model_path",
     schedule=_ppo_schedule,
     make_step=lambda s, c: make_ppo_step(
-        s.model_cfg, c.ppo, value_cfg=s.value_cfg, lora_scale=s.lora_scale,
-        temperature=c.rollout.temperature, labels=s.labels, state=s.state, mesh=s.mesh),
+        s.model_cfg, c.ppo, value_cfg=s.value_cfg, lora_scale=s.lora_scale, labels=s.labels,
+        state=s.state, mesh=s.mesh),
     batch=lambda s, c: _rollout_batch(c.ppo.prompts_per_iteration, c, values=True),
     cost=lambda s, c: _rollout_cost(s, c, c.ppo.prompts_per_iteration, c.ppo.epochs,
                                     c.ppo.minibatch_size),
@@ -437,8 +438,8 @@ def _group_relative(name: str, help: str, settings=()) -> Algorithm:
     return Algorithm(
         name=name, help=help, schedule=_grpo_schedule,
         make_step=lambda s, c: make_grpo_step(
-            s.model_cfg, c.grpo, lora_scale=s.lora_scale, temperature=c.rollout.temperature,
-            labels=s.labels, state=s.state, mesh=s.mesh),
+            s.model_cfg, c.grpo, lora_scale=s.lora_scale, labels=s.labels, state=s.state,
+            mesh=s.mesh),
         batch=lambda s, c: _rollout_batch(_grpo_rows(c), c, values=False),
         cost=lambda s, c: _rollout_cost(s, c, _grpo_rows(c), c.grpo.epochs,
                                         c.grpo.minibatch_size, c.grpo.grad_accum_steps),

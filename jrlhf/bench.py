@@ -76,7 +76,7 @@ def random_ids(rng, shape, vocab, avoid: tuple[int, ...]):
 
 def random_batch(shapes: dict, cfg: ModelConfig, rng) -> dict:
     """A batch for `shapes` (`setups.batch_shapes`): random token ids that avoid EOS/pad, all
-    masks 1, ranks 1 > 2, log-probs ≤ 0, other floats standard normal."""
+    masks 1, ranks 1 > 2, log-probs ≤ 0, temperatures 1, other floats standard normal."""
     avoid = tuple(i for i in (cfg.eos_token_id, cfg.pad_token_id) if i is not None)
     batch = {}
     for key, spec in shapes.items():
@@ -94,6 +94,8 @@ def random_batch(shapes: dict, cfg: ModelConfig, rng) -> dict:
             x = np.ones(spec.shape, np.int32)
         elif key == "ranks":
             x = np.tile(np.arange(1, spec.shape[1] + 1, dtype=np.int32), (spec.shape[0], 1))
+        elif key == "temperature":  # the rows' sampling temperature
+            x = np.ones(spec.shape, np.float32)
         elif "logp" in key:
             x = -np.abs(rng.randn(*spec.shape)).astype(np.float32)
         else:

@@ -149,9 +149,9 @@ class RolloutLoop:
                                    num_samples=self.group, mesh=setup.mesh)
         self.score = jax.jit(functools.partial(
             score_rollout, policy_cfg=setup.model_cfg, value_cfg=setup.value_cfg,
-            reward_fn=reward.device_fn(), temperature=r.temperature,
-            missing_eos_penalty=r.missing_eos_penalty, lora_scale=setup.lora_scale,
-            eos_token_id=eos_token_id, with_entropy=spec.with_entropy))
+            reward_fn=reward.device_fn(), missing_eos_penalty=r.missing_eos_penalty,
+            lora_scale=setup.lora_scale, eos_token_id=eos_token_id,
+            with_entropy=spec.with_entropy))
 
     def _sample_and_score(self, state, prompts, key) -> dict:
         """Generate and score one prompt batch: the rollout `batch` (its `scores` raw, after
@@ -176,7 +176,7 @@ class RolloutLoop:
         started = time.perf_counter()
         # Dispatched, not awaited: host reward functions run while the device scores.
         batch, raw = self.score(tree, setup.ref_params, self.reward.device_params(), ids, mask,
-                                gen.tokens, gen.mask)
+                                gen)
         prompts, host = None, 0.0
         if self.reward.on_host:  # each process scores the rows its devices hold
             (local_ids, (lo, _)), local_mask, local_tokens, local_tmask = (
@@ -190,7 +190,6 @@ class RolloutLoop:
         raw = sharding.to_host(raw) + host
         check_finite(self.reward, raw, prompts if prompts and len(prompts) == len(raw) else None)
         raw = jnp.asarray(raw)
-        batch["sampler_logprobs"] = gen.logprobs  # mismatch/* metrics; truncated IS
         lengths = sharding.to_host(gen.mask).sum(1)
         N = gen.tokens.shape[1]
         # Cut at max_new_tokens: all N slots used and the last one is not EOS.

@@ -30,6 +30,9 @@ class Generation(NamedTuple):
     mask: jax.Array  # [B, N] 1 on generated tokens up to and including EOS, 0 after
     logprobs: jax.Array  # [B, N] log-prob of each token under logits/temperature (0 where mask 0)
     steps: jax.Array  # () decoding iterations run (< N when every row stopped early)
+    # [B] what each row's logits were divided by (1 when greedy): the trainer's log-probs of
+    # these tokens are taken at the same temperature because it travels with the rows.
+    temperature: jax.Array
 
 
 def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
@@ -55,11 +58,12 @@ def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.
 
 def _sample(rng, logits, temperature, top_k, top_p):
     """(token [B], logprob [B]) from last-position logits [B, V]."""
-    if temperature == 0.0:
+    if temperature == 0.0:  # greedy: the log-prob of the argmax under the plain logits
+        scaled = logits.astype(jnp.float32)
         token = jnp.argmax(logits, axis=-1)
-        return token, jnp.zeros(token.shape, jnp.float32)
-    scaled = logits / temperature
-    token = jax.random.categorical(rng, filter_logits(scaled, top_k, top_p), axis=-1)
+    else:
+        scaled = logits / temperature
+        token = jax.random.categorical(rng, filter_logits(scaled, top_k, top_p), axis=-1)
     logprob = jnp.take_along_axis(jax.nn.log_softmax(scaled, -1), token[:, None], -1)[:, 0]
     return token, logprob
 
@@ -91,7 +95,8 @@ def generate(cfg: ModelConfig, params, prompt_ids, prompt_mask, rng, *, max_new_
         prompt_mask: `[B, P]`, 1 on prompt tokens, 0 on left padding.
         rng: PRNG key; the token at step t uses `fold_in(rng, t)`.
         max_new_tokens: N, the response length bound (static).
-        temperature: 0.0 means greedy; otherwise logits are divided by it.
+        temperature: 0.0 means greedy (log-probs then under the plain logits, temperature 1);
+            otherwise logits are divided by it. The output records it per row.
         top_k, top_p: optional truncation of the sampling set (0 / 1.0 = off).
         eos_token_id: a row stops after emitting it (None: never stops early).
         pad_token_id: written after a row's EOS.
@@ -103,7 +108,8 @@ def generate(cfg: ModelConfig, params, prompt_ids, prompt_mask, rng, *, max_new_
             decode state and outputs are kept split that way rather than left to propagation.
 
     Returns:
-        `Generation(tokens [B·K, N], mask [B·K, N], logprobs [B·K, N], steps)`.
+        `Generation(tokens [B·K, N], mask [B·K, N], logprobs [B·K, N], steps,
+        temperature [B·K])`.
     """
     P = prompt_ids.shape[1]
     N = max_new_tokens
@@ -149,4 +155,5 @@ def generate(cfg: ModelConfig, params, prompt_ids, prompt_mask, rng, *, max_new_
                           jnp.zeros((B,), bool))),
     )
     steps, _, _, tokens, mask, logprobs, _ = jax.lax.while_loop(cond, body, init)
-    return Generation(tokens, mask, logprobs, steps)
+    return Generation(tokens, mask, logprobs, steps,
+                      rows_split(jnp.full((B,), temperature or 1.0, jnp.float32)))

@@ -59,7 +59,6 @@ class Setup:
     value_cfg: ModelConfig | None = None  # PPO's separate critic
     ref_params: Any = None  # frozen reference; None: no reference, or LoRA's own base weights
     lora_scale: float = 0.0
-    temperature: float = 1.0  # the sampler's, for ppo / grpo
 
     def policy_params(self, params):
         """The policy's weights for sampling: LoRA merged, critic parts left out."""
@@ -161,7 +160,7 @@ def make_setup(algorithm: str | Algorithm, config: Config, model_cfg: ModelConfi
     state, reference = _place(state, reference, mesh)
     setup = Setup(record, name, state, labels, None, record.schedule(config).loop_steps,
                   configs["model"], mesh, configs["value"], reference,
-                  config.lora.scale if use_lora else 0.0, config.rollout.temperature)
+                  config.lora.scale if use_lora else 0.0)
     return dataclasses.replace(setup, step=record.make_step(setup, config))
 
 

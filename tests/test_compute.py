@@ -129,16 +129,20 @@ def test_packed_rows_equal_rows_alone(cfg):
 @pytest.mark.slow
 @pytest.mark.parametrize("chunk", [0, 7])
 @pytest.mark.parametrize("tied", [False, True])
-def test_chunked_logprobs_entropy_and_gradients_equal_full_logits(chunk, tied):
+@pytest.mark.parametrize("per_row", [False, True])
+def test_chunked_logprobs_entropy_and_gradients_equal_full_logits(chunk, tied, per_row):
+    """Also with one temperature per row (a rollout batch's): chunks of 7 positions cut across
+    the rows of 8, so each position must keep its own row's temperature."""
     cfg = dataclasses.replace(CFG, tie_word_embeddings=tied, logits_chunk_size=chunk)
     params = init_params(cfg, 0)
     ids, mask = left_padded_batch(cfg.vocab_size, [9, 5, 7], seed=4)
     ids, mask = jnp.asarray(ids), jnp.asarray(mask)
     weights = jnp.asarray(np.random.RandomState(5).rand(3, 8).astype(np.float32)) * mask[:, 1:]
-    temperature = 0.7
+    temperature = jnp.asarray([0.7, 1.3, 0.5])[:, None, None] if per_row else 0.7
 
     def chunked(p):
-        out = models.token_outputs(cfg, p, ids, mask, temperature=temperature, with_entropy=True)
+        out = models.token_outputs(cfg, p, ids, mask, with_entropy=True,
+                                   temperature=temperature[:, 0, 0] if per_row else temperature)
         return jnp.sum(weights * (out.logprobs + 0.3 * out.entropy)), out
 
     def reference(p):

@@ -63,8 +63,9 @@ def test_ppo_loss_applies_the_weights():
     adv_t = np.broadcast_to(adv[:, None], (B, T)).copy()
     zeros = np.zeros((B, T), np.float32)
     mb = {"input_ids": None, "attention_mask": None, "response_mask": mask, "logprobs": old,
-          "advantages": adv_t, "values": zeros, "returns": zeros, "tis_weights": weights}
-    forward = lambda params, ids, attn, n, with_entropy: (new, zeros, zeros)  # noqa: E731
+          "temperature": np.ones(B, np.float32), "advantages": adv_t, "values": zeros,
+          "returns": zeros, "tis_weights": weights}
+    forward = lambda params, ids, attn, n, temperature, with_entropy: (new, zeros, zeros)  # noqa: E731
     _, metrics = ppo_loss(None, mb, cfg=PPOConfig(), forward=forward)
     r = np.exp(new - old)
     want = np_aggregate(weights * np.maximum(-adv_t * r, -adv_t * np.clip(r, 0.8, 1.2)), mask,
@@ -111,8 +112,8 @@ def test_grpo_tis_is_a_no_op_when_the_sampler_agrees_and_otherwise_its_definitio
     # By its definition: one optimizer step on the policy loss with every token's term times
     # min(exp(logprobs − sampler_logprobs), 2), the weights computed here in NumPy.
     weights = np.where(mask > 0, np.minimum(np.exp(batch["logprobs"] - sampler), 2.0), 1.0)
-    mb = {k: batch[k] for k in ("input_ids", "attention_mask", "response_mask", "logprobs",
-                                "ref_logprobs")}
+    mb = {k: batch[k] for k in ("input_ids", "attention_mask", "response_mask", "temperature",
+                                "logprobs", "ref_logprobs")}
     mb["advantages"] = sequence_advantages(batch["scores"], 4, "grpo")
     mb["tis_weights"] = weights.astype(np.float32)
     counts = losses.aggregation_counts(mask)
@@ -126,7 +127,7 @@ def test_grpo_tis_is_a_no_op_when_the_sampler_agrees_and_otherwise_its_definitio
 
 @pytest.mark.slow
 def test_ppo_tis_is_a_no_op_when_the_sampler_agrees_and_changes_the_update_otherwise():
-    from test_steps import OPT_EQ, POLICY_CFG, PPO_CFG, TEMPERATURE, make_state, rollout_batch
+    from test_steps import OPT_EQ, POLICY_CFG, PPO_CFG, make_state, rollout_batch
 
     from jrlhf.models import init_params
     from jrlhf.steps import make_ppo_step
@@ -137,7 +138,7 @@ def test_ppo_tis_is_a_no_op_when_the_sampler_agrees_and_changes_the_update_other
 
     def run(cfg, sampler):
         state = make_state(params, OPT_EQ, kl_coef=cfg.kl_coef)[0]
-        step = make_ppo_step(POLICY_CFG, cfg, temperature=TEMPERATURE)
+        step = make_ppo_step(POLICY_CFG, cfg)
         return step(state, dict(batch, sampler_logprobs=sampler))
 
     plain, _ = run(PPO_CFG, batch["logprobs"])
@@ -204,8 +205,8 @@ def test_the_update_logs_its_gradient_norm():
     batch = grpo_batch(params)
     cfg = GRPOConfig(group_size=4, epochs=1)
     _, metrics = make_grpo_step(CFG, cfg)(make_state(params, OPT_EQ)[0], batch)
-    mb = {k: batch[k] for k in ("input_ids", "attention_mask", "response_mask", "logprobs",
-                                "ref_logprobs")}
+    mb = {k: batch[k] for k in ("input_ids", "attention_mask", "response_mask", "temperature",
+                                "logprobs", "ref_logprobs")}
     mb["advantages"] = sequence_advantages(batch["scores"], 4, "grpo")
     counts = losses.aggregation_counts(batch["response_mask"])
     grads = jax.grad(lambda p: grpo_loss(p, mb, counts, cfg=cfg, model_cfg=CFG)[0])(params)

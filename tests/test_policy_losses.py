@@ -233,8 +233,9 @@ def test_ppo_loss_uses_its_aggregation(mode):
     adv_t = np.broadcast_to(adv[:, None], (B, T)).copy() * np.linspace(0.5, 1.5, T)
     zeros = np.zeros((B, T), np.float32)
     mb = {"input_ids": None, "attention_mask": None, "response_mask": mask, "logprobs": old,
-          "advantages": adv_t, "values": zeros, "returns": zeros}
-    forward = lambda params, ids, attn, n, with_entropy: (new, zeros, zeros)  # noqa: E731
+          "temperature": np.ones(B, np.float32), "advantages": adv_t, "values": zeros,
+          "returns": zeros}
+    forward = lambda params, ids, attn, n, temperature, with_entropy: (new, zeros, zeros)  # noqa: E731
     _, metrics = ppo_loss(None, mb, cfg=PPOConfig(loss_aggregation=mode), forward=forward)
     want = np_aggregate(np.maximum(-adv_t * np.exp(new - old),
                                    -adv_t * np.clip(np.exp(new - old), 0.8, 1.2)), mask, mode)

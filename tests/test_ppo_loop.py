@@ -15,6 +15,7 @@ from jrlhf.config import (Config, LoRAConfig, MeshConfig, OptimConfig, PPOConfig
 from jrlhf.loops import train
 from jrlhf.models import ModelConfig, forward, init_params
 from jrlhf.rollouts import Reward
+from jrlhf.sampling import Generation
 from jrlhf.setups import make_setup
 from jrlhf.steps.rollout import score_rollout
 
@@ -103,9 +104,12 @@ def test_score_rollout_penalty_and_reference():
     pmask = jnp.array([[1, 1], [0, 1]])
     resp = jnp.array([[9, 2, 0], [9, 9, 9]])  # row 0 ends with EOS=2, row 1 never does
     rmask = jnp.array([[1, 1, 0], [1, 1, 1]])
-    batch, scores = score_rollout(params, params["policy"], None, prompt, pmask, resp, rmask,
-                                  temperature=0.9, missing_eos_penalty=1.5, policy_cfg=cfg_v,
+    # Responses sampled at temperature 0.9 (the sampler's own log-probs are not read here).
+    sampled = Generation(resp, rmask, jnp.zeros(resp.shape), jnp.int32(3), jnp.full(2, 0.9))
+    batch, scores = score_rollout(params, params["policy"], None, prompt, pmask, sampled,
+                                  missing_eos_penalty=1.5, policy_cfg=cfg_v,
                                   value_cfg=None, reward_fn=count_target, eos_token_id=2)
+    np.testing.assert_array_equal(batch["temperature"], np.full(2, 0.9, np.float32))
     np.testing.assert_allclose(scores, [0.0, -1.5])
     # Reference == policy here: identical log-probs, so KL 0.
     np.testing.assert_allclose(batch["logprobs"], batch["ref_logprobs"], atol=1e-6)
@@ -113,9 +117,9 @@ def test_score_rollout_penalty_and_reference():
     assert "entropy" not in batch
     # with_entropy (GRPO's metric): the tempered distribution's entropy at each response
     # position, from full logits, zero on padding.
-    batch, _ = score_rollout(params, params["policy"], None, prompt, pmask, resp, rmask,
-                             temperature=0.9, policy_cfg=cfg_v, value_cfg=None,
-                             reward_fn=count_target, with_entropy=True)
+    batch, _ = score_rollout(params, params["policy"], None, prompt, pmask, sampled,
+                             policy_cfg=cfg_v, value_cfg=None, reward_fn=count_target,
+                             with_entropy=True)
     full = jnp.concatenate([prompt, resp], 1)
     logits = forward(cfg_v, params["policy"], full, jnp.concatenate([pmask, rmask], 1))
     want = rl.entropy_from_logits(logits[:, 1:-1] / 0.9) * rmask

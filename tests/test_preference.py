@@ -158,7 +158,8 @@ def group_rollout(params, G=4, K=4, P=4, N=5, seed=0, temperature=1.0, cfg=CFG):
     logits = forward(cfg, params, ids, attn)[:, -N - 1:-1] / temperature
     logp = np.asarray(rl.logprobs_from_logits(logits, ids[:, -N:])) * resp
     scores = ((ids[:, -N:] == 7) * resp).sum(1).astype(np.float32) + rng.rand(G * K) * 0.1
-    return {"input_ids": ids, "attention_mask": attn, "response_mask": resp, "logprobs": logp,
+    return {"input_ids": ids, "attention_mask": attn, "response_mask": resp,
+            "temperature": np.full(G * K, temperature, np.float32), "logprobs": logp,
             "ref_logprobs": logp, "scores": scores}
 
 

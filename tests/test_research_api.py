@@ -15,7 +15,7 @@ from jrlhf.models import init_params
 from jrlhf.sharding import make_mesh
 from jrlhf.state import TrainState
 from jrlhf.steps import make_grpo_step, make_ppo_step, make_sft_step, place_state
-from test_steps import CFG, POLICY_CFG, PPO_CFG, TEMPERATURE, rollout_batch, sft_batch
+from test_steps import CFG, POLICY_CFG, PPO_CFG, rollout_batch, sft_batch
 
 
 def leaves_alive(tree) -> bool:
@@ -29,7 +29,7 @@ def test_a_reference_that_is_the_policy_survives_the_updates():
     policy = jax.tree.map(jnp.asarray, {"policy": init_params(POLICY_CFG, 0)})
     ref_params = policy["policy"]
     state = TrainState.create(policy, optax.adam(1e-3), 0, kl_coef=PPO_CFG.kl_coef)
-    step = make_ppo_step(POLICY_CFG, PPO_CFG, temperature=TEMPERATURE)
+    step = make_ppo_step(POLICY_CFG, PPO_CFG)
     before = jax.tree.map(np.asarray, ref_params)
     for _ in range(2):
         state, _ = step(state, rollout_batch({"policy": ref_params}))
@@ -50,7 +50,7 @@ def test_place_state_leaves_the_callers_state_usable():
 def test_beta_lives_in_the_state_and_its_absence_is_named():
     params = {"policy": init_params(POLICY_CFG, 0)}
     state = TrainState.create(params, optax.adam(1e-3), 0)  # no kl_coef
-    step = make_ppo_step(POLICY_CFG, PPO_CFG, temperature=TEMPERATURE)
+    step = make_ppo_step(POLICY_CFG, PPO_CFG)
     with pytest.raises(ValueError, match=r"ppo_step: the state holds no KL coefficient β.*"
                                          r"kl_coef=ppo_cfg\.kl_coef"):
         step(state, rollout_batch(params))
@@ -201,10 +201,9 @@ def test_ppo_takes_a_custom_advantage_function_and_an_extra_loss_term():
 
     plain = dataclasses.replace(PPO_CFG, whiten_advantages=False)
     mc = dataclasses.replace(plain, gamma=1.0, lam=1.0)
-    custom, _ = _trained(make_ppo_step(POLICY_CFG, plain, temperature=TEMPERATURE,
-                                       advantage_fn=monte_carlo), fresh(plain), batch)
-    builtin, _ = _trained(make_ppo_step(POLICY_CFG, mc, temperature=TEMPERATURE), fresh(mc),
-                          batch)
+    custom, _ = _trained(make_ppo_step(POLICY_CFG, plain, advantage_fn=monte_carlo),
+                         fresh(plain), batch)
+    builtin, _ = _trained(make_ppo_step(POLICY_CFG, mc), fresh(mc), batch)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), custom, builtin)
 
     no_value = dataclasses.replace(PPO_CFG, vf_coef=0.0)
@@ -213,14 +212,13 @@ def test_ppo_takes_a_custom_advantage_function_and_an_extra_loss_term():
         N = mb["response_mask"].shape[1]
         _, _, values = policy_outputs(p, mb["input_ids"], mb["attention_mask"], N,
                                       policy_cfg=POLICY_CFG, value_cfg=None,
-                                      temperature=TEMPERATURE)
+                                      temperature=mb["temperature"])
         vf, _ = losses.ppo_value_loss(values, mb["values"], mb["returns"], mb["response_mask"],
                                       PPO_CFG.value_clip_eps)
         return PPO_CFG.vf_coef * vf, {"my_value_loss": vf}
 
-    theirs, metrics = _trained(make_ppo_step(POLICY_CFG, no_value, temperature=TEMPERATURE,
-                                             extra_loss=value_loss), fresh(no_value), batch)
-    builtin, reference = _trained(make_ppo_step(POLICY_CFG, PPO_CFG, temperature=TEMPERATURE),
-                                  fresh(PPO_CFG), batch)
+    theirs, metrics = _trained(make_ppo_step(POLICY_CFG, no_value, extra_loss=value_loss),
+                               fresh(no_value), batch)
+    builtin, reference = _trained(make_ppo_step(POLICY_CFG, PPO_CFG), fresh(PPO_CFG), batch)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), theirs, builtin)
     np.testing.assert_allclose(metrics["ppo/my_value_loss"], reference["value/loss"], rtol=1e-5)

@@ -101,8 +101,9 @@ def test_ppo_resume_equals_uninterrupted(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, resumed.state.params, full.state.params)
     jax.tree.map(np.testing.assert_array_equal, resumed.state.rl, full.state.rl)  # β, moments
     assert int(full.state.rl.iteration) == 4 and float(full.state.rl.moments.count) == 4 * 8
-    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per"))}
-                          for r in rows]
+    def strip(rows):
+        return [{k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per"))}
+                for r in rows]
     assert strip(read_metrics(tmp_path / "a" / "metrics.jsonl")) == strip(
         read_metrics(tmp_path / "b" / "metrics.jsonl"))
 

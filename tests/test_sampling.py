@@ -14,7 +14,7 @@ from jrlhf.config import MeshConfig, PPOConfig
 from jrlhf.models import ModelConfig, init_params
 from jrlhf.sampling import filter_logits, generate
 from jrlhf.steps import make_ppo_step
-from jrlhf.steps.rollout import policy_outputs
+from jrlhf.steps.rollout import policy_outputs, score_rollout
 from test_models import left_padded_batch
 from test_steps import OPT_EQ, make_state
 
@@ -64,26 +64,40 @@ def test_returned_logprobs_equal_full_forward(temperature):
 @pytest.mark.slow
 @pytest.mark.parametrize("temperature", [0.7, 1.3])
 def test_ppo_ratio_is_one_before_any_update(temperature):
-    """The trainer's log-probs of sampled tokens equal the sampler's: ratio 1, approx-KL 0."""
+    """The trainer's log-probs of sampled tokens equal the sampler's: ratio 1, approx-KL 0.
+    The temperature is given once, to the sampler: the scored batch and the step read it from
+    the rows (`Generation.temperature`), so no second place can disagree with it."""
     params = {"policy": init_params(CFG, 0)}
     ids, mask = prompts()
     out = generate(CFG, params["policy"], ids, mask, jax.random.key(2), max_new_tokens=6,
                    temperature=temperature, eos_token_id=5, pad_token_id=0)
+    np.testing.assert_array_equal(out.temperature, np.full(8, temperature, np.float32))
     full_ids = jnp.concatenate([ids, out.tokens], 1)
     full_mask = jnp.concatenate([mask, out.mask], 1)
-    logprobs, _, values = policy_outputs(params, full_ids, full_mask, 6, policy_cfg=CFG,
-                                         value_cfg=None, temperature=temperature)
-    trainer_logprobs = logprobs * out.mask
-    log_ratio = np.asarray(trainer_logprobs - out.logprobs)
+    logprobs, _, _ = policy_outputs(params, full_ids, full_mask, 6, policy_cfg=CFG,
+                                    value_cfg=None, temperature=temperature)
+    log_ratio = np.asarray(logprobs * out.mask - out.logprobs)
     assert np.abs(log_ratio).max() < 1e-5
-    cfg = PPOConfig(epochs=1)
-    batch = {"input_ids": full_ids, "attention_mask": full_mask, "response_mask": out.mask,
-             "logprobs": out.logprobs, "ref_logprobs": out.logprobs, "values": values * out.mask,
-             "scores": jnp.ones(8)}
+    batch, scores = score_rollout(params, params["policy"], None, ids, mask, out,
+                                  policy_cfg=CFG, value_cfg=None,
+                                  reward_fn=lambda *a: jnp.ones(8))
+    np.testing.assert_allclose(batch["logprobs"], batch["sampler_logprobs"], atol=1e-5)
     state = make_state(params, OPT_EQ, kl_coef=0.05)[0]
-    _, metrics = make_ppo_step(CFG, cfg, temperature=temperature)(state, batch)
+    _, metrics = make_ppo_step(CFG, PPOConfig(epochs=1))(state, dict(batch, scores=scores))
     assert float(metrics["ppo/approx_kl"]) < 1e-10
     assert float(metrics["ppo/clipfrac"]) == 0.0
+    assert float(metrics["mismatch/gap_max"]) < 1e-5
+
+
+def test_greedy_rows_record_temperature_one_and_their_logprobs_under_the_plain_logits():
+    params = init_params(CFG, 0)
+    ids, mask = prompts()
+    out = generate(CFG, params, ids, mask, jax.random.key(0), max_new_tokens=4,
+                   temperature=0.0, eos_token_id=5, pad_token_id=0)
+    np.testing.assert_array_equal(out.temperature, np.ones(8, np.float32))
+    ref = sampled_logprobs_by_forward(CFG, params, ids, mask, out, 1.0)
+    np.testing.assert_allclose(out.logprobs, ref, atol=1e-5)
+    assert float(jnp.min(jnp.where(out.mask > 0, out.logprobs, -1.0))) < 0  # not zeros
 
 
 def test_filter_logits_top_k_and_top_p():

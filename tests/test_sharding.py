@@ -13,7 +13,7 @@ from jrlhf.config import GRPOConfig, MeshConfig
 from jrlhf.models import init_params
 from jrlhf.steps import (make_grpo_step, make_ppo_step, make_reward_step, make_sft_step,
                          place_state)
-from test_steps import (CFG, OPT_EQ, PPO_CFG, TEMPERATURE, make_state, reward_batch,
+from test_steps import (CFG, OPT_EQ, PPO_CFG, make_state, reward_batch,
                         rollout_batch, sft_batch)
 
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 1, 1)]
@@ -38,8 +38,7 @@ def run(kind, mesh=None, cfg=CFG):
         params = {"policy": init_params(policy_cfg, 0)}
         state = make_state(params, OPT_EQ, kl_coef=PPO_CFG.kl_coef)[0]
         batch = rollout_batch(params, policy_cfg=policy_cfg)
-        factory = functools.partial(make_ppo_step, policy_cfg, PPO_CFG,
-                                    temperature=TEMPERATURE)
+        factory = functools.partial(make_ppo_step, policy_cfg, PPO_CFG)
     else:
         from test_preference import group_rollout
 

@@ -127,7 +127,7 @@ def test_frozen_params_bit_identical_and_without_moments():
         state, _ = step(state, sft_batch())
     flat_before, flat_after = paths.flatten(before), paths.flatten(state.params)
     flat_labels = paths.flatten(labels)
-    frozen = [p for p, l in flat_labels.items() if l == optim.FROZEN]
+    frozen = [p for p, label in flat_labels.items() if label == optim.FROZEN]
     assert frozen and all(p.startswith(("embed/", "layers/0/")) for p in frozen)
     for p in flat_before:
         same = np.array_equal(flat_before[p], np.asarray(flat_after[p]))
@@ -216,7 +216,7 @@ def test_reward_step_pairs_and_accumulation():
 
 PPO_CFG = PPOConfig(epochs=2, minibatch_size=4, kl_coef=0.05, vf_coef=0.1,
                     entropy_coef=0.01)
-TEMPERATURE = 0.7  # the sampler's, bound to the PPO step
+TEMPERATURE = 0.7  # the sampler's: the rollout batch carries it per row
 POLICY_CFG = dataclasses.replace(CFG, scalar_head=True)
 
 
@@ -238,6 +238,7 @@ def rollout_batch(params, policy_cfg=POLICY_CFG, value_cfg=None, cfg=PPO_CFG, B=
     logprobs = logprobs * resp_mask
     ref = logprobs + 0.1 * rng.randn(B, N).astype(np.float32) * resp_mask
     return {"input_ids": ids, "attention_mask": attn, "response_mask": resp_mask,
+            "temperature": np.full(B, TEMPERATURE, np.float32),
             "logprobs": np.asarray(logprobs), "ref_logprobs": np.asarray(ref),
             "values": np.asarray(values) * resp_mask,
             "scores": rng.randn(B).astype(np.float32)}
@@ -250,7 +251,7 @@ def ppo_state(params, cfg=PPO_CFG, optim_cfg=OPT):
 def test_ppo_step_improves_its_objective():
     params = {"policy": init_params(POLICY_CFG, 0)}
     batch = rollout_batch(params)
-    step = make_ppo_step(POLICY_CFG, PPO_CFG, temperature=TEMPERATURE)
+    step = make_ppo_step(POLICY_CFG, PPO_CFG)
     state = ppo_state(params)
     state, first = step(state, batch)
     for _ in range(4):
@@ -265,7 +266,7 @@ def test_ppo_first_minibatch_has_ratio_one():
     """Before any update the policy is the sampling policy: approx-KL and clipfrac are 0."""
     cfg = dataclasses.replace(PPO_CFG, epochs=1, minibatch_size=0)
     params = {"policy": init_params(POLICY_CFG, 0)}
-    step = make_ppo_step(POLICY_CFG, cfg, temperature=TEMPERATURE)
+    step = make_ppo_step(POLICY_CFG, cfg)
     _, metrics = step(ppo_state(params, cfg), rollout_batch(params))
     assert float(metrics["ppo/approx_kl"]) < 1e-12
     assert float(metrics["ppo/clipfrac"]) == 0.0
@@ -274,7 +275,7 @@ def test_ppo_first_minibatch_has_ratio_one():
 def test_ppo_metrics_match_the_math():
     params = {"policy": init_params(POLICY_CFG, 0)}
     batch = rollout_batch(params)
-    step = make_ppo_step(POLICY_CFG, PPO_CFG, temperature=TEMPERATURE)
+    step = make_ppo_step(POLICY_CFG, PPO_CFG)
     _, metrics = step(ppo_state(params), batch)
     m = batch["response_mask"]
     kl = (batch["logprobs"] - batch["ref_logprobs"]) * m
@@ -291,7 +292,7 @@ def test_ppo_update_is_one_dispatch_and_equals_a_minibatch_loop():
     params = {"policy": init_params(POLICY_CFG, 0)}
     batch = jax.device_put(rollout_batch(params))
     state = jax.device_put(ppo_state(params, optim_cfg=OPT_EQ))
-    step = make_ppo_step(POLICY_CFG, PPO_CFG, temperature=TEMPERATURE)
+    step = make_ppo_step(POLICY_CFG, PPO_CFG)
     compiled = step.lower(state, batch).compile()
     reference_state = jax.tree.map(jnp.copy, state)
     with jax.transfer_guard("disallow"):
@@ -306,8 +307,7 @@ def test_ppo_update_is_one_dispatch_and_equals_a_minibatch_loop():
     cfg = PPO_CFG
     _, _, adv, returns = rollout_advantages(batch, reference_state.rl.kl_coef, cfg)
     data = dict(batch, advantages=adv, returns=returns)
-    forward_fn = functools.partial(policy_outputs, policy_cfg=POLICY_CFG, value_cfg=None,
-                                   temperature=TEMPERATURE)
+    forward_fn = functools.partial(policy_outputs, policy_cfg=POLICY_CFG, value_cfg=None)
     grad_fn = jax.jit(jax.grad(lambda p, mb: ppo_loss(p, mb, cfg=cfg, forward=forward_fn)[0]))
     s = reference_state
     keys = jax.random.split(jax.random.fold_in(s.rng, s.step), cfg.epochs)
@@ -328,8 +328,7 @@ def test_ppo_separate_critic_and_adaptive_kl():
     params = {"policy": init_params(CFG, 0), "value": init_params(value_cfg, 1)}
     batch = rollout_batch(params, policy_cfg=CFG, value_cfg=value_cfg, cfg=cfg)
     state = ppo_state(params, cfg)
-    new, metrics = make_ppo_step(CFG, cfg, value_cfg=value_cfg,
-                                 temperature=TEMPERATURE)(state, batch)
+    new, metrics = make_ppo_step(CFG, cfg, value_cfg=value_cfg)(state, batch)
     kl = float(metrics["ppo/kl"])
     expected = 0.05 * (1 + np.clip(kl / 0.01 - 1, -0.2, 0.2) * 8 / 100.0)
     np.testing.assert_allclose(new.rl.kl_coef, expected, rtol=1e-6)
@@ -339,7 +338,7 @@ def test_ppo_separate_critic_and_adaptive_kl():
                                new.params[part])
         assert any(jax.tree.leaves(changed)), part
     with pytest.raises(ValueError, match="critic"):
-        make_ppo_step(CFG, cfg, value_cfg=None, temperature=TEMPERATURE)
+        make_ppo_step(CFG, cfg, value_cfg=None)
 
 
 def test_ppo_normalises_raw_scores_with_the_moments_its_state_carries():
@@ -348,7 +347,7 @@ def test_ppo_normalises_raw_scores_with_the_moments_its_state_carries():
     are computed from the normalised and clipped scores, and the iteration counter advances."""
     cfg = dataclasses.replace(PPO_CFG, normalize_rewards=True, reward_clip=1.0)
     params = {"policy": init_params(POLICY_CFG, 0)}
-    step = make_ppo_step(POLICY_CFG, cfg, temperature=TEMPERATURE)
+    step = make_ppo_step(POLICY_CFG, cfg)
     state, seen = ppo_state(params, cfg), []
     for seed in (0, 1):
         batch = rollout_batch(state.params, cfg=cfg, seed=seed)
@@ -374,7 +373,7 @@ def test_ppo_padding_has_no_effect():
         noisy[key] = np.where(m > 0, batch[key], 123.0).astype(np.float32)
     pad = batch["attention_mask"] == 0
     noisy["input_ids"] = np.where(pad, 17, batch["input_ids"])
-    step = make_ppo_step(POLICY_CFG, PPO_CFG, temperature=TEMPERATURE)
+    step = make_ppo_step(POLICY_CFG, PPO_CFG)
     a, ma = step(ppo_state(params, optim_cfg=OPT_EQ), batch)
     b, mb = step(ppo_state(params, optim_cfg=OPT_EQ), noisy)
     jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-6, rtol=0),
@@ -386,7 +385,6 @@ def test_ppo_padding_has_no_effect():
 def test_ppo_step_is_a_plain_pure_function():
     """`ppo_step` itself is importable and jittable by research code with partial()."""
     params = {"policy": init_params(POLICY_CFG, 0)}
-    fn = jax.jit(functools.partial(ppo_step, cfg=PPO_CFG, policy_cfg=POLICY_CFG,
-                                   temperature=TEMPERATURE))
+    fn = jax.jit(functools.partial(ppo_step, cfg=PPO_CFG, policy_cfg=POLICY_CFG))
     _, metrics = fn(ppo_state(params), rollout_batch(params))
     assert np.isfinite(float(metrics["ppo/loss"]))

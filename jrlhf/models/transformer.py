@@ -443,10 +443,11 @@ def head_logits(hidden: jax.Array, weight: jax.Array, transposed: bool, dtype,
 
 
 def chunked_token_logprobs(hidden, weight, transposed: bool, targets, *, dtype,
-                           temperature: float = 1.0, chunk_size: int = 0,
+                           temperature=1.0, chunk_size: int = 0,
                            with_entropy: bool = False, softcap: float | None = None):
     """Log-probs `[B, T]` of `targets [B, T]` under `softmax(head(hidden [B, T, D]) / temperature)`
     and, with `with_entropy`, the entropy `[B, T]` of that distribution (else None).
+    `temperature`: one number, or one per row `[B]` (a rollout batch's, as it was sampled).
 
     The `[B·T, V]` float32 logits are never materialised: positions are processed
     `chunk_size` at a time in a `lax.map` whose body is rematerialised, so the backward pass
@@ -456,9 +457,12 @@ def chunked_token_logprobs(hidden, weight, transposed: bool, targets, *, dtype,
     B, T, D = hidden.shape
     n = B * T
     flat_hidden, flat_targets = hidden.reshape(n, D), targets.reshape(n).astype(jnp.int32)
+    # Per position [n, 1]: the rows' temperatures travel with the positions through the chunks.
+    flat_temperature = jnp.broadcast_to(
+        jnp.asarray(temperature, jnp.float32).reshape(-1, 1), (B, T)).reshape(n, 1)
 
-    def block(h, t):
-        logits = head_logits(h, weight, transposed, dtype, softcap) / temperature
+    def block(h, t, temp):
+        logits = head_logits(h, weight, transposed, dtype, softcap) / temp
         lse = jax.nn.logsumexp(logits, axis=-1)
         logp = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0] - lse
         if not with_entropy:
@@ -467,13 +471,15 @@ def chunked_token_logprobs(hidden, weight, transposed: bool, targets, *, dtype,
         return logp, lse - jnp.sum(probs * logits, axis=-1)
 
     if not chunk_size or n <= chunk_size:
-        logp, entropy = block(flat_hidden, flat_targets)
+        logp, entropy = block(flat_hidden, flat_targets, flat_temperature)
     else:
         chunks = -(-n // chunk_size)
         pad = chunks * chunk_size - n
         h = jnp.pad(flat_hidden, ((0, pad), (0, 0))).reshape(chunks, chunk_size, D)
         t = jnp.pad(flat_targets, (0, pad)).reshape(chunks, chunk_size)
-        logp, entropy = jax.lax.map(jax.checkpoint(lambda xs: block(*xs)), (h, t))
+        temp = jnp.pad(flat_temperature, ((0, pad), (0, 0)), constant_values=1.0).reshape(
+            chunks, chunk_size, 1)
+        logp, entropy = jax.lax.map(jax.checkpoint(lambda xs: block(*xs)), (h, t, temp))
         logp = logp.reshape(-1)[:n]
         entropy = None if entropy is None else entropy.reshape(-1)[:n]
     return logp.reshape(B, T), None if entropy is None else entropy.reshape(B, T)
@@ -489,15 +495,15 @@ class TokenOutputs(NamedTuple):
 
 
 def token_outputs(cfg: ModelConfig, params: Params, input_ids, attention_mask, *,
-                  last: int | None = None, temperature: float = 1.0,
+                  last: int | None = None, temperature=1.0,
                   with_entropy: bool = False, with_values: bool = False, positions=None,
                   segment_ids=None) -> TokenOutputs:
     """What every loss needs from the LM head, without `[B, T, V]` logits.
 
     `input_ids, attention_mask [B, T]`. The predicted tokens are `input_ids[:, -n:]` with
     n = `last` (the response of a prompt + response row), or n = T − 1 (every next token) when
-    `last` is None. Logits are divided by `temperature`; the LM head runs
-    `cfg.logits_chunk_size` positions at a time (`chunked_token_logprobs`).
+    `last` is None. Logits are divided by `temperature` (a number, or `[B]`: one per row); the
+    LM head runs `cfg.logits_chunk_size` positions at a time (`chunked_token_logprobs`).
     `positions` / `segment_ids` as in `Transformer.__call__` (packed rows).
     """
     model = bind(cfg, params)

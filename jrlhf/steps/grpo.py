@@ -1,7 +1,8 @@
 """GRPO and RLOO: critic-free policy updates with group baselines, one compiled update.
 
 Rollout batch: B = G·K rows, the K samples of each prompt consecutive. `input_ids,
-attention_mask [B, P+N]`, `response_mask, logprobs, ref_logprobs [B, N]`, `scores [B]`;
+attention_mask [B, P+N]`, `response_mask, logprobs, ref_logprobs [B, N]`, `temperature,
+scores [B]`;
 optional `sampler_logprobs [B, N]` as in `jrlhf.steps.rollout` (mismatch/* metrics, `tis_cap`) and
 `entropy [B, N]` (the sampling policy's, from `score_rollout(with_entropy=True)`: the `entropy`
 metric, kept out of the update's forwards, which need none).
@@ -48,7 +49,7 @@ def sequence_advantages(scores, group_size: int, estimator: str, scale: bool = T
 
 
 def grpo_loss(params, mb, counts, *, cfg: GRPOConfig, model_cfg: ModelConfig, labels=None,
-              lora_scale: float = 0.0, temperature: float = 1.0, extra_loss=None):
+              lora_scale: float = 0.0, extra_loss=None):
     """The GRPO-family loss of one (micro-)batch `mb`, aggregated with `counts`
     (`losses.aggregation_counts` of the optimizer step's whole minibatch), plus
     `extra_loss(params, mb, logprobs) -> (term, metrics)` when given (weighted
@@ -56,7 +57,7 @@ def grpo_loss(params, mb, counts, *, cfg: GRPOConfig, model_cfg: ModelConfig, la
     N = mb["response_mask"].shape[1]
     fp = forward_params(params, labels, lora_scale)
     logprobs = tfm.token_outputs(model_cfg, fp, mb["input_ids"], mb["attention_mask"], last=N,
-                                 temperature=temperature).logprobs
+                                 temperature=mb["temperature"]).logprobs
     loss, m = losses.clipped_kl_regularised_loss(
         logprobs, mb["logprobs"], mb["ref_logprobs"], mb["advantages"], mb["response_mask"],
         cfg.clip_eps, cfg.kl_coef, clip_high=cfg.clip_high or None, dual_clip=cfg.dual_clip,
@@ -87,8 +88,7 @@ def minibatch_gradients(loss_fn, params, mb, grad_accum_steps: int):
 
 
 def grpo_step(state, batch, *, cfg: GRPOConfig, model_cfg: ModelConfig, labels=None,
-              lora_scale: float = 0.0, temperature: float = 1.0, advantage_fn=None,
-              extra_loss=None):
+              lora_scale: float = 0.0, advantage_fn=None, extra_loss=None):
     """One GRPO/RLOO/REINFORCE++ update phase (all epochs × minibatches) on a grouped rollout
     batch, with the GRPO family's loss options of `cfg` (clip-higher, dual-clip, GSPO's
     sequence ratio, loss aggregation, unscaled advantages, micro-batches).
@@ -98,7 +98,8 @@ def grpo_step(state, batch, *, cfg: GRPOConfig, model_cfg: ModelConfig, labels=N
     `extra_loss(params, minibatch, logprobs [b, N]) -> (scalar, metrics)` is added to each
     optimizer step's loss (its metrics logged under the estimator's prefix).
 
-    `temperature` is the sampler's: the trained log-probs are those of logits / temperature.
+    The trained log-probs are those of logits / the rows' sampling temperature
+    (`batch["temperature"]`).
     A state with an `RLState` (`state.rl`) has its iteration counter advanced.
     """
     check_batch(batch, f"{cfg.estimator} step", (RL_BATCH, RL_OPTIONAL + ("values",)))
@@ -122,15 +123,14 @@ def grpo_step(state, batch, *, cfg: GRPOConfig, model_cfg: ModelConfig, labels=N
         if advantages.shape != (B,):
             raise ValueError(f"advantage_fn returned shape {advantages.shape}; the GRPO "
                              f"family's advantages are one per row, ({B},)")
-    data = {k: batch[k] for k in ("input_ids", "attention_mask", "response_mask", "logprobs",
-                                  "ref_logprobs")}
+    data = {k: batch[k] for k in ("input_ids", "attention_mask", "response_mask",
+                                  "temperature", "logprobs", "ref_logprobs")}
     data["advantages"] = advantages
     mismatch = sampler_mismatch(batch, cfg.tis_cap, "grpo")
     if cfg.tis_cap:
         data["tis_weights"] = mismatch.pop("tis_weights")
     loss_fn = functools.partial(grpo_loss, cfg=cfg, model_cfg=model_cfg, labels=labels,
-                                lora_scale=lora_scale, temperature=temperature,
-                                extra_loss=extra_loss)
+                                lora_scale=lora_scale, extra_loss=extra_loss)
 
     def grad_fn(params, mb):
         (loss, m), grads = minibatch_gradients(loss_fn, params, mb, cfg.grad_accum_steps)
@@ -150,20 +150,19 @@ def grpo_step(state, batch, *, cfg: GRPOConfig, model_cfg: ModelConfig, labels=N
 
 
 def make_grpo_step(model_cfg: ModelConfig, cfg: GRPOConfig, *, labels=None,
-                   lora_scale: float = 0.0, temperature: float = 1.0, advantage_fn=None,
-                   extra_loss=None, state=None, mesh=None):
+                   lora_scale: float = 0.0, advantage_fn=None, extra_loss=None, state=None,
+                   mesh=None):
     """Jitted `grpo_step` (RLOO with `cfg.estimator="rloo"`): one dispatch per update phase.
     `advantage_fn` / `extra_loss`: `grpo_step`'s research hooks."""
     check_factory_args("make_grpo_step", model_cfg, cfg, GRPOConfig)
     fn = functools.partial(grpo_step, cfg=cfg, model_cfg=model_cfg, labels=labels,
-                           lora_scale=lora_scale, temperature=temperature,
-                           advantage_fn=advantage_fn, extra_loss=extra_loss)
+                           lora_scale=lora_scale, advantage_fn=advantage_fn,
+                           extra_loss=extra_loss)
     return jit_step(fn, state, mesh)
 
 
 def rloo_step(state, batch, *, cfg: GRPOConfig, model_cfg: ModelConfig, labels=None,
-              lora_scale: float = 0.0, temperature: float = 1.0):
+              lora_scale: float = 0.0):
     """RLOO: `grpo_step` with leave-one-out baselines instead of group normalisation."""
     return grpo_step(state, batch, cfg=dataclasses.replace(cfg, estimator="rloo"),
-                     model_cfg=model_cfg, labels=labels, lora_scale=lora_scale,
-                     temperature=temperature)
+                     model_cfg=model_cfg, labels=labels, lora_scale=lora_scale)

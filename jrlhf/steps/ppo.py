@@ -54,7 +54,8 @@ def ppo_loss(params, mb, *, cfg: PPOConfig, forward, extra_loss=None):
     `extra_loss(params, mb, logprobs) -> (term, metrics)` when given."""
     mask = mb["response_mask"]
     logprobs, entropy, values = forward(params, mb["input_ids"], mb["attention_mask"],
-                                        mask.shape[1], with_entropy=True)
+                                        mask.shape[1], temperature=mb["temperature"],
+                                        with_entropy=True)
     pg_loss, pg_metrics = losses.ppo_policy_loss(logprobs, mb["logprobs"], mb["advantages"], mask,
                                                  cfg.clip_eps, cfg.loss_aggregation,
                                                  token_weights=mb.get("tis_weights"))
@@ -79,14 +80,14 @@ def ppo_loss(params, mb, *, cfg: PPOConfig, forward, extra_loss=None):
 # A rollout batch (`score_rollout` + the sampler): what PPO and the GRPO family read.
 def ppo_step(state, batch, *, cfg: PPOConfig, policy_cfg: ModelConfig,
              value_cfg: ModelConfig | None = None, labels=None, lora_scale: float = 0.0,
-             temperature: float = 1.0, advantage_fn=None, extra_loss=None):
+             advantage_fn=None, extra_loss=None):
     """A whole PPO update phase on one rollout batch, as one function (jit it once).
 
     Score normalisation (running moments) → KL penalty → rewards → GAE → whitening, then
     `cfg.epochs` × (B / `cfg.minibatch_size`) optimizer steps over RNG-drawn permutations
     (nested `lax.scan`), then the adaptive-KL update. `state.rl` (an `RLState`) holds β, the
     moments and the iteration counter, which this advances; `batch["scores"]` are raw.
-    `temperature` is the sampler's (logits are divided by it).
+    Logits are divided by the rows' sampling temperature (`batch["temperature"]`).
 
     Research hooks: `advantage_fn(rewards, values, mask) -> (advantages, returns)` (all
     `[B, N]`) replaces GAE; `extra_loss(params, minibatch, logprobs [b, N]) -> (scalar,
@@ -113,7 +114,7 @@ def ppo_step(state, batch, *, cfg: PPOConfig, policy_cfg: ModelConfig,
     if cfg.tis_cap:
         data["tis_weights"] = mismatch.pop("tis_weights")
     forward = functools.partial(policy_outputs, policy_cfg=policy_cfg, value_cfg=value_cfg,
-                                temperature=temperature, labels=labels, lora_scale=lora_scale)
+                                labels=labels, lora_scale=lora_scale)
     grad_fn = jax.value_and_grad(functools.partial(ppo_loss, cfg=cfg, forward=forward,
                                                    extra_loss=extra_loss), has_aux=True)
     state, metrics = minibatch_epochs(state, data, grad_fn, epochs=cfg.epochs,
@@ -147,8 +148,7 @@ def ppo_step(state, batch, *, cfg: PPOConfig, policy_cfg: ModelConfig,
 
 def make_ppo_step(policy_cfg: ModelConfig, cfg: PPOConfig, *,
                   value_cfg: ModelConfig | None = None, labels=None, lora_scale: float = 0.0,
-                  temperature: float = 1.0, advantage_fn=None, extra_loss=None, state=None,
-                  mesh=None):
+                  advantage_fn=None, extra_loss=None, state=None, mesh=None):
     """Jitted `ppo_step` with its hyper-parameters bound: one XLA dispatch per update phase.
     `value_cfg`: a separate critic's config (`ppo.critic="separate"`); `advantage_fn` /
     `extra_loss`: `ppo_step`'s research hooks."""
@@ -159,6 +159,6 @@ def make_ppo_step(policy_cfg: ModelConfig, cfg: PPOConfig, *,
     if value_cfg is None and not policy_cfg.scalar_head:
         raise ValueError("ppo.critic='shared' needs a policy config with scalar_head=True")
     fn = functools.partial(ppo_step, cfg=cfg, policy_cfg=policy_cfg, value_cfg=value_cfg,
-                           labels=labels, lora_scale=lora_scale, temperature=temperature,
-                           advantage_fn=advantage_fn, extra_loss=extra_loss)
+                           labels=labels, lora_scale=lora_scale, advantage_fn=advantage_fn,
+                           extra_loss=extra_loss)
     return jit_step(fn, state, mesh)

@@ -5,14 +5,17 @@ Rollout batch (B rows, P prompt columns, N response columns; `input_ids` is prom
   input_ids       [B, P+N]  left-padded prompt then right-padded response
   attention_mask  [B, P+N]  1 on real prompt tokens and on response tokens up to EOS
   response_mask   [B, N]    1 on response tokens up to and including EOS
-  logprobs        [B, N]    log-probs under the sampling policy (logits / temperature, the
-                            sampler's temperature, bound to the step at construction)
-  ref_logprobs    [B, N]    log-probs under the frozen reference policy (same temperature)
+  temperature     [B]       what the sampler divided each row's logits by (`Generation`'s):
+                            every log-prob below and the update's own are of logits / it, so
+                            the temperature is set once, where the rows are sampled
+  logprobs        [B, N]    log-probs under the sampling policy (trainer's forward)
+  ref_logprobs    [B, N]    log-probs under the frozen reference policy
   values          [B, N]    critic values at the rollout (PPO)
   scores          [B]       reward-model score of each full response
-  sampler_logprobs [B, N]   optional: the sampler's own log-probs of the sampled tokens (its
-                            numerics may differ from the trainer's: `rollout.dtype`); with it
-                            the step logs mismatch/* and can apply truncated IS (`tis_cap`)
+  sampler_logprobs [B, N]   optional (`score_rollout` sets it): the sampler's own log-probs of
+                            the sampled tokens (its numerics may differ from the trainer's:
+                            `rollout.dtype`); with it the step logs mismatch/* and can apply
+                            truncated IS (`tis_cap`)
 The logits / value predicting response token t sit at column P - 1 + t.
 """
 
@@ -24,18 +27,20 @@ from jrlhf import lora, losses, rl
 from jrlhf.heads import without_scalar_head
 from jrlhf.models import transformer as tfm
 from jrlhf.models.config import ModelConfig
+from jrlhf.sampling import Generation
 from jrlhf.steps.common import forward_params
 
-RL_BATCH = ("input_ids", "attention_mask", "response_mask", "logprobs", "ref_logprobs",
-            "scores")
+RL_BATCH = ("input_ids", "attention_mask", "response_mask", "temperature", "logprobs",
+            "ref_logprobs", "scores")
 RL_OPTIONAL = ("sampler_logprobs", "entropy")
 
 
 def policy_outputs(params, input_ids, attention_mask, num_response: int, *,
-                   policy_cfg: ModelConfig, value_cfg: ModelConfig | None, temperature: float,
+                   policy_cfg: ModelConfig, value_cfg: ModelConfig | None, temperature,
                    labels=None, lora_scale: float = 0.0, with_entropy: bool = False):
     """`(logprobs [B, N], entropy [B, N] | None, values [B, N])` of the response (the last N
-    tokens of `input_ids`) under logits / temperature, without materialising the logits.
+    tokens of `input_ids`) under logits / temperature (a number or `[B]`), without
+    materialising the logits.
 
     `params` is `{"policy": ...}` (value head on the policy's backbone, or no critic at all when
     `policy_cfg.scalar_head` is False: values are then zeros) or `{"policy": ..., "value": ...}`
@@ -87,21 +92,23 @@ def reward_model_fn(rm_cfg: ModelConfig):
     return reward_fn
 
 
-def score_rollout(params, ref_params, reward_params, prompt_ids, prompt_mask, response_ids,
-                  response_mask, *, policy_cfg: ModelConfig, value_cfg: ModelConfig | None,
-                  reward_fn, temperature: float = 1.0, missing_eos_penalty: float = 0.0,
+def score_rollout(params, ref_params, reward_params, prompt_ids, prompt_mask,
+                  response: Generation, *, policy_cfg: ModelConfig,
+                  value_cfg: ModelConfig | None, reward_fn, missing_eos_penalty: float = 0.0,
                   lora_scale: float = 0.0, eos_token_id: int | None = None,
                   with_entropy: bool = False):
     """The experience phase: one function giving `ppo_step`'s (or `grpo_step`'s) rollout batch.
 
-    `params` is the trained tree `{"policy": ..., ["value": ...]}`. Policy log-probs and values
-    (zeros without a critic), reference log-probs (`ref_params`: the frozen initial policy,
-    with or without a value head; None with LoRA, where the reference is the trained tree's
-    frozen base without adapters),
-    and `reward_fn(reward_params, prompt_ids, prompt_mask, response_ids, response_mask) -> [B]`
-    scores, minus `missing_eos_penalty` for responses that never emitted EOS. Log-probs are
-    recomputed with the trainer's own full forward at `temperature` (equal to the sampler's
-    within float32 rounding).
+    `prompt_ids, prompt_mask [B, P]` (left-padded) and `response`, the `sampling.Generation`
+    sampled from them (its tokens, mask, log-probs and per-row temperature). `params` is the
+    trained tree `{"policy": ..., ["value": ...]}`. Policy log-probs and values (zeros without
+    a critic), reference log-probs (`ref_params`: the frozen initial policy, with or without a
+    value head; None with LoRA, where the reference is the trained tree's frozen base without
+    adapters), and `reward_fn(reward_params, prompt_ids, prompt_mask, response_ids,
+    response_mask) -> [B]` scores, minus `missing_eos_penalty` for responses that never
+    emitted EOS. Log-probs are recomputed with the trainer's own full forward at the
+    temperature the rows were sampled at (equal to the sampler's within float32 rounding; the
+    sampler's own are kept as `sampler_logprobs`).
 
     `with_entropy`: the batch also holds `entropy [B, N]`, the sampling policy's per-token
     entropy (a metric computed once here, in the forward the log-probs need anyway, instead of
@@ -110,6 +117,8 @@ def score_rollout(params, ref_params, reward_params, prompt_ids, prompt_mask, re
     Returns `(batch, scores)`; `batch["scores"]` is filled by the caller (after optional
     normalisation), the raw `scores [B]` are returned for metrics.
     """
+    response_ids, response_mask, temperature = (response.tokens, response.mask,
+                                                response.temperature)
     N = response_ids.shape[1]
     ids = jnp.concatenate([prompt_ids, response_ids], axis=1)
     mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
@@ -129,7 +138,9 @@ def score_rollout(params, ref_params, reward_params, prompt_ids, prompt_mask, re
         scores = jnp.where(has_eos, scores, scores - missing_eos_penalty)
     m = response_mask.astype(jnp.float32)
     batch = {"input_ids": ids, "attention_mask": mask, "response_mask": response_mask,
-             "logprobs": logprobs * m, "ref_logprobs": ref_logprobs * m, "values": values * m}
+             "temperature": temperature, "logprobs": logprobs * m,
+             "ref_logprobs": ref_logprobs * m, "values": values * m,
+             "sampler_logprobs": response.logprobs * m}
     if with_entropy:
         batch["entropy"] = entropy * m
     return batch, scores
