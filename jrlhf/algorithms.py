@@ -25,7 +25,7 @@ from jrlhf.config import Config
 from jrlhf.heads import reward_model_init, with_scalar_head, without_scalar_head
 from jrlhf.models.config import ModelConfig
 from jrlhf.rollouts import RolloutLoop, RolloutSpec
-from jrlhf.steps.grpo import make_grpo_step
+from jrlhf.steps.grpo import make_grpo_step, single_pass
 from jrlhf.steps.ppo import make_ppo_step
 from jrlhf.steps.preference import make_dpo_step, reference_logps
 from jrlhf.steps.reward import make_reward_step
@@ -257,16 +257,17 @@ def pair_example(enc, source, config: Config):
     return enc.preference_pair
 
 
-def _rollout_batch(rows: int, config: Config, *, values: bool) -> dict:
-    """A scored rollout batch of `rows` rows (`steps.rollout.score_rollout` + the sampler's
-    log-probs): prompts of `data.max_prompt_length` + `rollout.max_new_tokens` new tokens."""
+def _rollout_batch(rows: int, config: Config, *, values: bool, logprobs: bool = True) -> dict:
+    """A scored rollout batch of `rows` rows (`steps.rollout.score_rollout`, with the
+    sampler's log-probs): prompts of `data.max_prompt_length` + `rollout.max_new_tokens` new
+    tokens; `logprobs=False`: a single-pass update's, without the policy's log-probs."""
     P, N = config.data.max_prompt_length, config.rollout.max_new_tokens
     shapes = {"input_ids": ((rows, P + N), I32), "attention_mask": ((rows, P + N), I32),
               "response_mask": ((rows, N), I32), "temperature": ((rows,), F32),
-              "logprobs": ((rows, N), F32),
               "ref_logprobs": ((rows, N), F32), "scores": ((rows,), F32),
               "sampler_logprobs": ((rows, N), F32)}
-    return shapes | ({"values": ((rows, N), F32)} if values else {})
+    return (shapes | ({"logprobs": ((rows, N), F32)} if logprobs else {})
+            | ({"values": ((rows, N), F32)} if values else {}))
 
 
 def _rollout_cost(setup, config: Config, rows: int, epochs: int, minibatch: int,
@@ -440,7 +441,8 @@ def _group_relative(name: str, help: str, settings=()) -> Algorithm:
         make_step=lambda s, c: make_grpo_step(
             s.model_cfg, c.grpo, lora_scale=s.lora_scale, labels=s.labels, state=s.state,
             mesh=s.mesh),
-        batch=lambda s, c: _rollout_batch(_grpo_rows(c), c, values=False),
+        batch=lambda s, c: _rollout_batch(_grpo_rows(c), c, values=False,
+                                          logprobs=not single_pass(c.grpo, _grpo_rows(c))),
         cost=lambda s, c: _rollout_cost(s, c, _grpo_rows(c), c.grpo.epochs,
                                         c.grpo.minibatch_size, c.grpo.grad_accum_steps),
         data="prompts", example=lambda enc, src, c: enc.prompt_example,
@@ -448,10 +450,12 @@ def _group_relative(name: str, help: str, settings=()) -> Algorithm:
         summary_keys=("score/mean", *(f"{e}/{k}" for e in ("grpo", "rloo", "reinforce++")
                                       for k in ("mean_score", "kl", "clipfrac"))),
         driver=rollout_driver, reward_source=ANNOTATOR_OR_MODEL,
-        rollout=lambda c: RolloutSpec(group_size=c.grpo.group_size, with_entropy=True,
-                                      dynamic_sampling=c.grpo.dynamic_sampling,
-                                      max_refills=c.grpo.max_refills,
-                                      update_epochs=c.grpo.epochs),
+        rollout=lambda c: RolloutSpec(
+            group_size=c.grpo.group_size, dynamic_sampling=c.grpo.dynamic_sampling,
+            max_refills=c.grpo.max_refills, update_epochs=c.grpo.epochs,
+            # A single-pass update's own forward gives the log-probs and the entropy metric.
+            score_policy=not single_pass(c.grpo, _grpo_rows(c)),
+            with_entropy=not single_pass(c.grpo, _grpo_rows(c))),
         reference=True, settings=settings)
 
 

@@ -269,8 +269,10 @@ def _bench_iteration(work, setup, result, steps, warmup, rng):
     cfg = setup.model_cfg
     flops = {"generate": model_flops(cfg, B * P, P, False, lm_tokens=B)  # one shared prefill
              + model_flops(cfg, rows * N, P + N, False),
-             # policy and reference with LM heads on response positions, then backbones
-             "score": 2 * model_flops(cfg, rows * T, T, False, lm_tokens=rows * N)
+             # policy (unless the update's own forward gives its log-probs) and reference
+             # with LM heads on response positions, then backbones
+             "score": (1 + loop.spec.score_policy)
+             * model_flops(cfg, rows * T, T, False, lm_tokens=rows * N)
              + model_flops(backbone, rows * T, T, False, read_tokens=rows)  # the reward model
              + (setup.value_cfg is not None) * model_flops(backbone, rows * T, T, False),
              "update": update_flops(setup, c)[0]}

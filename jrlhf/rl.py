@@ -101,11 +101,12 @@ def token_rewards(scores: jax.Array, kl: jax.Array, mask: jax.Array, kl_coef) ->
     return rewards + bonus
 
 
-def overlong_penalty(lengths, truncated, max_new_tokens: int, buffer: int, penalty: float):
+def overlong_penalty(lengths, truncated, max_new_tokens, buffer: int, penalty: float):
     """DAPO's soft overlong punishment `[B]` to add to the scores: 0 up to
     `max_new_tokens − buffer` tokens, then falling linearly to −`penalty` at `max_new_tokens`;
     −`penalty` for a response cut at `max_new_tokens` (`truncated`, no EOS). `lengths [B]`
-    count the response tokens up to and including EOS."""
+    count the response tokens up to and including EOS; `max_new_tokens` is one number or each
+    row's budget `[B]`."""
     start = max_new_tokens - buffer
     over = jnp.clip(lengths.astype(jnp.float32) - start, 0.0, None) / max(buffer, 1)
     return jnp.where(truncated, -penalty, -penalty * jnp.minimum(over, 1.0))

@@ -40,6 +40,9 @@ class RolloutSpec:
         from the next prompts, at most `max_refills` rounds.
     with_entropy: the scoring forward computes the policy's per-token entropy.
     update_epochs: passes of the update over the batch (for its tokens/s).
+    score_policy: the scoring forward computes the policy's log-probs (and values); False when
+        the update is a single pass that takes them from its own forward (then only the
+        reference and the reward are scored).
     """
 
     group_size: int = 1
@@ -47,6 +50,7 @@ class RolloutSpec:
     max_refills: int = 0
     with_entropy: bool = False
     update_epochs: int = 1
+    score_policy: bool = True
 
 
 def decode_texts(tokenizer, tokens, mask) -> list[str]:
@@ -151,16 +155,23 @@ class RolloutLoop:
             score_rollout, policy_cfg=setup.model_cfg, value_cfg=setup.value_cfg,
             reward_fn=reward.device_fn(), missing_eos_penalty=r.missing_eos_penalty,
             lora_scale=setup.lora_scale, eos_token_id=eos_token_id,
-            with_entropy=spec.with_entropy))
+            with_entropy=spec.with_entropy, with_policy=spec.score_policy))
 
     def _sample_and_score(self, state, prompts, key) -> dict:
         """Generate and score one prompt batch: the rollout `batch` (its `scores` raw, after
         overlong handling), the reward model's `raw` scores, response `lengths`, `truncated`
-        rows, phase seconds and sequence tokens."""
+        rows, phase seconds and sequence tokens. A prompt batch may carry `max_new_tokens [G]`,
+        each prompt's own length budget (capped at `rollout.max_new_tokens`; 0: that)."""
         setup = self.setup
+        N = self.rollout.max_new_tokens
         # The whole prompt batch on every process (a host loads only its rows of it).
         prompt_ids, prompt_mask = (sharding.to_host(prompts[k])
                                    for k in ("input_ids", "attention_mask"))
+        budgets = np.full(len(prompt_ids), N, np.int32)
+        if "max_new_tokens" in prompts:
+            own = sharding.to_host(prompts["max_new_tokens"]).astype(np.int32)
+            budgets = np.where(own > 0, np.minimum(own, N), N).astype(np.int32)
+        row_budgets = np.repeat(budgets, self.group)
         # The group's K samples share one prefill of their prompt (generate's num_samples).
         ids, mask = (np.repeat(x, self.group, axis=0) for x in (prompt_ids, prompt_mask))
         if setup.mesh is not None:
@@ -168,9 +179,11 @@ class RolloutLoop:
             ids, mask = sharding.put((ids, mask), batch_sh)
             split = len(prompt_ids) % sharding.batch_devices(setup.mesh) == 0
             prompt_sh = batch_sh if split else sharding.replicated(setup.mesh)
-            prompt_ids, prompt_mask = sharding.put((prompt_ids, prompt_mask), prompt_sh)
+            prompt_ids, prompt_mask, budgets = sharding.put((prompt_ids, prompt_mask, budgets),
+                                                            prompt_sh)
         ids, mask = jnp.asarray(ids), jnp.asarray(mask)
-        gen, t_gen = _timed(self.sample, setup.policy_params(state.params),
+        sample = functools.partial(self.sample, budgets=jnp.asarray(budgets))
+        gen, t_gen = _timed(sample, setup.policy_params(state.params),
                             jnp.asarray(prompt_ids), jnp.asarray(prompt_mask), key)
         tree = state.params if self.keyed_tree else {"policy": state.params}
         started = time.perf_counter()
@@ -189,27 +202,35 @@ class RolloutLoop:
         t_score = time.perf_counter() - started
         raw = sharding.to_host(raw) + host
         check_finite(self.reward, raw, prompts if prompts and len(prompts) == len(raw) else None)
-        raw = jnp.asarray(raw)
-        lengths = sharding.to_host(gen.mask).sum(1)
-        N = gen.tokens.shape[1]
-        # Cut at max_new_tokens: all N slots used and the last one is not EOS.
-        truncated = lengths == N
-        if self.eos_token_id is not None:
-            truncated &= sharding.to_host(gen.tokens)[:, -1] != self.eos_token_id
-        r = self.rollout
-        scores = raw
-        if r.overlong == "penalty":
-            scores = raw + rl.overlong_penalty(jnp.asarray(lengths), jnp.asarray(truncated), N,
-                                               r.overlong_buffer, r.overlong_penalty)
-        elif r.overlong == "mask":  # the row stays in its group's baseline, out of the loss
-            keep = np.asarray(~truncated, np.int32)[:, None]
-            if setup.mesh is not None:
-                keep = sharding.put(keep, sharding.batch_sharding(setup.mesh))
-            batch["response_mask"] = batch["response_mask"] * keep
-        batch["scores"] = scores
+        batch, lengths, truncated = self._handle_overlong(batch, jnp.asarray(raw), gen,
+                                                          row_budgets)
         return {"batch": batch, "raw": np.asarray(raw), "lengths": lengths,
                 "truncated": truncated, "t_gen": t_gen, "t_score": t_score,
                 "seq_tokens": ids.shape[0] * (ids.shape[1] + N)}
+
+    def _handle_overlong(self, batch, raw, gen, row_budgets):
+        """`(batch with its scores, lengths, truncated)`: a row that used its whole budget
+        (`row_budgets [B]`) without ending in EOS is cut; `rollout.overlong` keeps it,
+        penalises it (DAPO, against its budget) or masks it out of the loss."""
+        lengths = sharding.to_host(gen.mask).sum(1)
+        truncated = lengths == row_budgets
+        if self.eos_token_id is not None:
+            last = sharding.to_host(gen.tokens)[np.arange(len(lengths)),
+                                                np.maximum(lengths - 1, 0)]
+            truncated &= last != self.eos_token_id
+        r = self.rollout
+        scores = raw
+        if r.overlong == "penalty":
+            scores = raw + rl.overlong_penalty(jnp.asarray(lengths), jnp.asarray(truncated),
+                                               jnp.asarray(row_budgets), r.overlong_buffer,
+                                               r.overlong_penalty)
+        elif r.overlong == "mask":  # the row stays in its group's baseline, out of the loss
+            keep = np.asarray(~truncated, np.int32)[:, None]
+            if self.setup.mesh is not None:
+                keep = sharding.put(keep, sharding.batch_sharding(self.setup.mesh))
+            batch["response_mask"] = batch["response_mask"] * keep
+        batch["scores"] = scores
+        return batch, lengths, truncated
 
     def _refill_groups(self, state, first: dict, key) -> tuple[dict, list[dict], dict]:
         """Dynamic sampling: keep the groups of `first` whose scores are not all equal and

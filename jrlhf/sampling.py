@@ -84,7 +84,8 @@ def compute_dtype_params(params, dtype):
 def generate(cfg: ModelConfig, params, prompt_ids, prompt_mask, rng, *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              eos_token_id: int | None = None, pad_token_id: int = 0, num_samples: int = 1,
-             cache_dtype: str | None = None, batch_sharding=None) -> Generation:
+             cache_dtype: str | None = None, batch_sharding=None,
+             budgets=None) -> Generation:
     """Sample `max_new_tokens` continuations of left-padded prompts.
 
     Args:
@@ -106,6 +107,9 @@ def generate(cfg: ModelConfig, params, prompt_ids, prompt_mask, rng, *, max_new_
             of a float32 model).
         batch_sharding: on a mesh, the rows' sharding (`jrlhf.sharding.batch_sharding`): the
             decode state and outputs are kept split that way rather than left to propagation.
+        budgets: optional `[B]` int, each prompt's own bound on new tokens (≤ N; its K samples
+            share it): a row stops after that many, as it would at EOS. N stays the buffer
+            width and the loop ends when every row is done.
 
     Returns:
         `Generation(tokens [B·K, N], mask [B·K, N], logprobs [B·K, N], steps,
@@ -123,6 +127,12 @@ def generate(cfg: ModelConfig, params, prompt_ids, prompt_mask, rng, *, max_new_
         cache, logits, lengths = jax.tree.map(repeat, (cache, logits, lengths))
     B = lengths.shape[0]
     first_slot = P - lengths
+    if budgets is None:
+        budgets = jnp.full((B,), N, jnp.int32)
+    else:
+        budgets = jnp.minimum(jnp.asarray(budgets, jnp.int32), N)
+        if num_samples > 1:
+            budgets = jnp.repeat(budgets, num_samples, axis=0)
 
     def rows_split(x):
         return x if batch_sharding is None else jax.lax.with_sharding_constraint(x, batch_sharding)
@@ -143,6 +153,7 @@ def generate(cfg: ModelConfig, params, prompt_ids, prompt_mask, rng, *, max_new_
         logprobs = logprobs.at[:, t].set(jnp.where(alive, logprob, 0.0))
         if eos_token_id is not None:
             done = done | (token == eos_token_id)
+        done = done | (t + 1 >= budgets)
         hidden, cache = model.decode(token[:, None], (lengths + t)[:, None], cache, first_slot,
                                      P + t)
         return (t + 1, cache, rows_split(model.logits(hidden[:, 0])), tokens, mask, logprobs,
@@ -152,7 +163,7 @@ def generate(cfg: ModelConfig, params, prompt_ids, prompt_mask, rng, *, max_new_
         jnp.int32(0), cache, logits,
         *map(rows_split, (jnp.full((B, N), pad_token_id, prompt_ids.dtype),
                           jnp.zeros((B, N), jnp.int32), jnp.zeros((B, N), jnp.float32),
-                          jnp.zeros((B,), bool))),
+                          budgets <= 0)),
     )
     steps, _, _, tokens, mask, logprobs, _ = jax.lax.while_loop(cond, body, init)
     return Generation(tokens, mask, logprobs, steps,

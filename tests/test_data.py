@@ -85,6 +85,26 @@ def test_prompts_builder_and_rebuild_on_change(tmp_path):
     assert len(source) == 3
 
 
+def test_a_prompt_row_may_carry_its_own_length_budget(tmp_path, tiny_tokenizer):
+    """`max_new_tokens` on a prompts row: kept through the TFDS build into the encoded example
+    (0 where the row has none); anything but a positive integer is a bad row naming it."""
+    from jrlhf.data.pipeline import Encoder
+
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "one", "max_new_tokens": 5},
+                                              {"prompt": "two"}])
+    source, _ = build_dataset("prompts", path, tmp_path / "tfds", log=None)
+    rows = sorted((r["prompt"], int(r["max_new_tokens"])) for r in source)
+    assert rows == [(b"one", 5), (b"two", 0)]
+    encoder = Encoder(tiny_tokenizer, max_prompt_length=8, max_response_length=8)
+    assert [int(encoder.prompt_example(source[i])["max_new_tokens"]) for i in range(2)] == [
+        dict(rows)[source[i]["prompt"]] for i in range(2)]
+    for bad in (0, -3, 2.5, "7", True):
+        single = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "max_new_tokens": bad}])
+        with pytest.raises(BadRow, match=r"bad.jsonl:1: field 'max_new_tokens': expected a "
+                                         r"positive integer"):
+            load_rows(single, "prompts")
+
+
 BAD_ROWS = [
     (b'{"prompt": "ok", "responses": ["a", "b"], "ranks": [1, 2]}', None),
     (b'{"responses": ["a", "b"], "ranks": [1, 2]}', "'prompt': missing"),

@@ -80,6 +80,32 @@ def test_cut_responses_are_kept_masked_or_penalised(mode):
                                                             if mode == "penalty" else 0))
 
 
+@pytest.mark.slow
+def test_each_prompt_samples_up_to_its_own_budget_and_is_cut_against_it():
+    """A prompt batch with `max_new_tokens [G]`: each group's rows stop at their prompt's
+    budget; a row that used it without EOS is cut (truncated share, overlong penalty against
+    that budget, not the buffer's width)."""
+    rollout = RolloutConfig(max_new_tokens=N, overlong="penalty", overlong_buffer=2,
+                            overlong_penalty=0.5)
+    loop, setup, seen = loop_for("grpo", rollout, reward_fn=count_target)
+    prompts = dict(next(prompt_stream(4)), max_new_tokens=np.array([3, 8, 5, 12]))
+    _, metrics = loop(setup.state, prompts)
+    batch = seen[0]
+    budgets = np.repeat([3, 8, 5, 8], 4)
+    lengths = batch["sampler_logprobs"].astype(bool).sum(1)
+    assert (lengths <= budgets).all() and (lengths[:4] <= 3).all()
+    assert (batch["sampler_logprobs"][:4, 3:] == 0).all()
+    last = batch["input_ids"][np.arange(16), batch["input_ids"].shape[1] - N + lengths - 1]
+    cut = (lengths == budgets) & (last != TARGET)
+    assert cut[:4].any() and not cut.all()
+    np.testing.assert_allclose(metrics["truncated_share"], cut.mean())
+    raw = np.asarray(count_target(None, None, None, batch["input_ids"][:, -N:],
+                                  batch["sampler_logprobs"] != 0))
+    penalty = rl.overlong_penalty(jnp.asarray(lengths), jnp.asarray(cut),
+                                  jnp.asarray(budgets), 2, 0.5)
+    np.testing.assert_allclose(batch["scores"], raw + np.asarray(penalty), rtol=1e-6)
+
+
 def prompt_parity(_, prompt_ids, prompt_mask, response_ids, response_mask):
     """Rewards only for prompts whose last token is odd: the even ones' groups are all 0."""
     odd = (prompt_ids[:, -1] % 2 == 1).astype(jnp.float32)

@@ -25,7 +25,8 @@ FEATURES = {
     "rankings": {"prompt": _TEXT, "messages": _TEXT,
                  "responses": tfds.features.Sequence(tfds.features.Text()),
                  "ranks": tfds.features.Sequence(tfds.features.Scalar(dtype=np.int32))},
-    "prompts": {"prompt": _TEXT, "messages": _TEXT},
+    "prompts": {"prompt": _TEXT, "messages": _TEXT,
+                "max_new_tokens": tfds.features.Scalar(dtype=np.int32)},
 }
 
 
@@ -75,6 +76,7 @@ class RankingsFile(_LocalFile):
 
 class PromptsFile(_LocalFile):
     KIND = "prompts"
+    VERSION = tfds.core.Version("1.1.0")  # 1.1: each row's max_new_tokens
 
 
 BUILDERS = {"sft": SftFile, "rankings": RankingsFile, "prompts": PromptsFile}

@@ -206,7 +206,9 @@ class Encoder:
         ids[P - len(p):] = p
         attn[P - len(p):] = 1
         self.stats["examples"] += 1
-        return {"input_ids": ids, "attention_mask": attn}
+        # The prompt's own bound on new tokens; 0: the rollout's (`rollouts.RolloutLoop`).
+        return {"input_ids": ids, "attention_mask": attn,
+                "max_new_tokens": np.int32(row.get("max_new_tokens", 0))}
 
     def report(self) -> str:
         s = self.stats

@@ -4,7 +4,8 @@ Sources: JSONL (`.jsonl`, `.json`, optionally `.gz`) and Parquet. Every row beco
 
 - sft:      {"prompt": str, "response": str, "messages": str (JSON of the prompt turns or "")}
 - rankings: {"prompt": str, "messages": str, "responses": [str, ...], "ranks": [int, ...]}
-- prompts:  {"prompt": str, "messages": str}
+- prompts:  {"prompt": str, "messages": str, "max_new_tokens": int (the prompt's own bound on
+            new tokens; 0 when the row gives none: the rollout's `max_new_tokens`)}
 
 (pairwise preferences are rankings with two responses ranked [1, 2]). A bad row raises
 `BadRow` naming the file, the line (1-based; the row index for Parquet) and the field.
@@ -225,7 +226,12 @@ def normalise_rankings(row: Row) -> dict:
 
 
 def normalise_prompts(row: Row) -> dict:
-    return _prompt(row)
+    budget = row.data.get("max_new_tokens", 0)
+    if "max_new_tokens" in row.data and not (
+            isinstance(budget, int) and not isinstance(budget, bool) and 1 <= budget < 2**31):
+        row.fail("max_new_tokens", f"expected a positive integer (this prompt's own bound on "
+                                   f"new tokens), got {budget!r}")
+    return {**_prompt(row), "max_new_tokens": budget}
 
 
 NORMALISERS = {"sft": normalise_sft, "rankings": normalise_rankings, "prompts": normalise_prompts}

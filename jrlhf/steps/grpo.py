@@ -9,6 +9,12 @@ metric, kept out of the update's forwards, which need none).
 Inside one function: advantages from the scores within each group (GRPO: normalised by the
 group's mean and std; RLOO: minus the mean of the other K−1), then epochs × minibatches of the
 clipped surrogate with `kl_coef`·k3 KL to the reference as a loss term.
+
+A single-pass update (`single_pass`: one epoch, one minibatch, no micro-batches; GRPO's
+default) sees each row once, with the weights that sampled it: its own forward's log-probs
+(stop-gradient) are the pre-update ones, so its batch may leave `logprobs` out and the rollout
+skips the policy's scoring forward (`score_rollout(with_policy=False)`); the mismatch metrics,
+truncated IS weights and entropy then come from that same forward.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from jrlhf.models.config import ModelConfig
 from jrlhf.rl import masked_mean
 from jrlhf.steps.common import (accumulate_gradients, check_batch, check_factory_args,
                                 forward_params, jit_step, minibatch_epochs)
-from jrlhf.steps.rollout import RL_BATCH, RL_OPTIONAL, sampler_mismatch
+from jrlhf.steps.rollout import RL_BATCH, RL_OPTIONAL, RL_SINGLE_PASS, sampler_mismatch
 
 
 def sequence_advantages(scores, group_size: int, estimator: str, scale: bool = True,
@@ -48,21 +54,46 @@ def sequence_advantages(scores, group_size: int, estimator: str, scale: bool = T
     return adv.reshape(-1)
 
 
+def single_pass(cfg: GRPOConfig, rows: int) -> bool:
+    """Whether the update over `rows` rollout rows is one forward of each row with the
+    pre-update weights (one epoch, one minibatch, no micro-batches): then its own log-probs
+    are the rollout's and the scoring forward of the policy can be skipped."""
+    return (cfg.epochs == 1 and (cfg.minibatch_size or rows) == rows
+            and cfg.grad_accum_steps == 1)
+
+
 def grpo_loss(params, mb, counts, *, cfg: GRPOConfig, model_cfg: ModelConfig, labels=None,
               lora_scale: float = 0.0, extra_loss=None):
     """The GRPO-family loss of one (micro-)batch `mb`, aggregated with `counts`
     (`losses.aggregation_counts` of the optimizer step's whole minibatch), plus
     `extra_loss(params, mb, logprobs) -> (term, metrics)` when given (weighted
-    1/`grad_accum_steps`: each micro-batch's term is its own mean). Returns `(loss, metrics)`."""
+    1/`grad_accum_steps`: each micro-batch's term is its own mean). Returns `(loss, metrics)`.
+
+    Without `mb["logprobs"]` (a single pass) the pre-update log-probs are this forward's own,
+    stop-gradient, and the mismatch metrics / TIS weights (against `mb["sampler_logprobs"]`)
+    and the policy's entropy are computed from it."""
     N = mb["response_mask"].shape[1]
     fp = forward_params(params, labels, lora_scale)
-    logprobs = tfm.token_outputs(model_cfg, fp, mb["input_ids"], mb["attention_mask"], last=N,
-                                 temperature=mb["temperature"]).logprobs
+    own = "logprobs" not in mb
+    out = tfm.token_outputs(model_cfg, fp, mb["input_ids"], mb["attention_mask"], last=N,
+                            temperature=mb["temperature"], with_entropy=own)
+    logprobs, weights, measured = out.logprobs, mb.get("tis_weights"), {}
+    if own:
+        old = jax.lax.stop_gradient(logprobs)
+        measured = sampler_mismatch(
+            {"logprobs": old, "response_mask": mb["response_mask"],
+             **{k: mb[k] for k in ("sampler_logprobs",) if k in mb}}, cfg.tis_cap, "grpo")
+        weights = measured.pop("tis_weights", None)
+        measured["entropy"] = masked_mean(jax.lax.stop_gradient(out.entropy),
+                                          mb["response_mask"])
+    else:
+        old = mb["logprobs"]
     loss, m = losses.clipped_kl_regularised_loss(
-        logprobs, mb["logprobs"], mb["ref_logprobs"], mb["advantages"], mb["response_mask"],
+        logprobs, old, mb["ref_logprobs"], mb["advantages"], mb["response_mask"],
         cfg.clip_eps, cfg.kl_coef, clip_high=cfg.clip_high or None, dual_clip=cfg.dual_clip,
         ratio_level=cfg.importance_ratio, aggregation=cfg.loss_aggregation, counts=counts,
-        token_weights=mb.get("tis_weights"))
+        token_weights=weights)
+    m = dict(m, **measured)
     if extra_loss is not None:
         term, extra = extra_loss(params, mb, logprobs)
         loss = loss + term / cfg.grad_accum_steps
@@ -99,10 +130,12 @@ def grpo_step(state, batch, *, cfg: GRPOConfig, model_cfg: ModelConfig, labels=N
     optimizer step's loss (its metrics logged under the estimator's prefix).
 
     The trained log-probs are those of logits / the rows' sampling temperature
-    (`batch["temperature"]`).
+    (`batch["temperature"]`). A single-pass update (`single_pass`) takes a batch without
+    `logprobs` and uses its own forward's (see the module docstring); any other refuses it.
     A state with an `RLState` (`state.rl`) has its iteration counter advanced.
     """
-    check_batch(batch, f"{cfg.estimator} step", (RL_BATCH, RL_OPTIONAL + ("values",)))
+    check_batch(batch, f"{cfg.estimator} step", (RL_BATCH, RL_OPTIONAL + ("values",)),
+                (RL_SINGLE_PASS, RL_OPTIONAL + ("values",)))
     mask = batch["response_mask"]
     B = mask.shape[0]
     if B % cfg.group_size:
@@ -114,6 +147,15 @@ def grpo_step(state, batch, *, cfg: GRPOConfig, model_cfg: ModelConfig, labels=N
     if size % cfg.grad_accum_steps:
         raise ValueError(f"minibatch of {size} rows is not divisible by "
                          f"grpo.grad_accum_steps={cfg.grad_accum_steps}")
+    own = "logprobs" not in batch
+    if own and not single_pass(cfg, B):
+        raise ValueError(
+            f"{cfg.estimator} step: the batch has no pre-update logprobs, which only a "
+            f"single-pass update takes from its own forward (grpo.epochs=1, one minibatch, "
+            f"grpo.grad_accum_steps=1); this one has epochs={cfg.epochs}, "
+            f"minibatch_size={cfg.minibatch_size} of {B} rows, "
+            f"grad_accum_steps={cfg.grad_accum_steps}: score the policy too "
+            f"(score_rollout(with_policy=True))")
     rows = jnp.any(mask > 0, axis=1)
     if advantage_fn is None:
         advantages = sequence_advantages(batch["scores"], cfg.group_size, cfg.estimator,
@@ -124,17 +166,25 @@ def grpo_step(state, batch, *, cfg: GRPOConfig, model_cfg: ModelConfig, labels=N
             raise ValueError(f"advantage_fn returned shape {advantages.shape}; the GRPO "
                              f"family's advantages are one per row, ({B},)")
     data = {k: batch[k] for k in ("input_ids", "attention_mask", "response_mask",
-                                  "temperature", "logprobs", "ref_logprobs")}
+                                  "temperature", "logprobs", "ref_logprobs") if k in batch}
     data["advantages"] = advantages
-    mismatch = sampler_mismatch(batch, cfg.tis_cap, "grpo")
-    if cfg.tis_cap:
+    if own:  # measured in the update's forward (grpo_loss)
+        mismatch = {}
+        if "sampler_logprobs" in batch:
+            data["sampler_logprobs"] = batch["sampler_logprobs"]
+        elif cfg.tis_cap:
+            raise ValueError("grpo.tis_cap needs the rollout batch's sampler_logprobs")
+    else:
+        mismatch = sampler_mismatch(batch, cfg.tis_cap, "grpo")
+    if cfg.tis_cap and not own:
         data["tis_weights"] = mismatch.pop("tis_weights")
     loss_fn = functools.partial(grpo_loss, cfg=cfg, model_cfg=model_cfg, labels=labels,
                                 lora_scale=lora_scale, extra_loss=extra_loss)
 
     def grad_fn(params, mb):
         (loss, m), grads = minibatch_gradients(loss_fn, params, mb, cfg.grad_accum_steps)
-        return (loss, {f"{cfg.estimator}/{k}": v for k, v in m.items()}), grads
+        return (loss, {k if k.startswith("mismatch/") else f"{cfg.estimator}/{k}": v
+                       for k, v in m.items()}), grads
 
     state, metrics = minibatch_epochs(
         state, data, grad_fn, epochs=cfg.epochs, num_minibatches=B // size,

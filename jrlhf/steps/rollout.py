@@ -33,6 +33,8 @@ from jrlhf.steps.common import forward_params
 RL_BATCH = ("input_ids", "attention_mask", "response_mask", "temperature", "logprobs",
             "ref_logprobs", "scores")
 RL_OPTIONAL = ("sampler_logprobs", "entropy")
+# A single-pass update's batch: no policy log-probs, the update's own forward gives them.
+RL_SINGLE_PASS = tuple(k for k in RL_BATCH if k != "logprobs")
 
 
 def policy_outputs(params, input_ids, attention_mask, num_response: int, *,
@@ -96,7 +98,7 @@ def score_rollout(params, ref_params, reward_params, prompt_ids, prompt_mask,
                   response: Generation, *, policy_cfg: ModelConfig,
                   value_cfg: ModelConfig | None, reward_fn, missing_eos_penalty: float = 0.0,
                   lora_scale: float = 0.0, eos_token_id: int | None = None,
-                  with_entropy: bool = False):
+                  with_entropy: bool = False, with_policy: bool = True):
     """The experience phase: one function giving `ppo_step`'s (or `grpo_step`'s) rollout batch.
 
     `prompt_ids, prompt_mask [B, P]` (left-padded) and `response`, the `sampling.Generation`
@@ -113,6 +115,9 @@ def score_rollout(params, ref_params, reward_params, prompt_ids, prompt_mask,
     `with_entropy`: the batch also holds `entropy [B, N]`, the sampling policy's per-token
     entropy (a metric computed once here, in the forward the log-probs need anyway, instead of
     in every forward of the update).
+    `with_policy=False`: no policy forward at all (no `logprobs`, `values` or `entropy`): for
+    an update that makes a single pass with the pre-update weights and takes them from its own
+    forward (`steps.grpo.single_pass`), so the rollout's tokens go through the policy once.
 
     Returns `(batch, scores)`; `batch["scores"]` is filled by the caller (after optional
     normalisation), the raw `scores [B]` are returned for metrics.
@@ -122,9 +127,10 @@ def score_rollout(params, ref_params, reward_params, prompt_ids, prompt_mask,
     N = response_ids.shape[1]
     ids = jnp.concatenate([prompt_ids, response_ids], axis=1)
     mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
-    logprobs, entropy, values = policy_outputs(params, ids, mask, N, policy_cfg=policy_cfg,
-                                               value_cfg=value_cfg, temperature=temperature,
-                                               lora_scale=lora_scale, with_entropy=with_entropy)
+    if with_policy:
+        logprobs, entropy, values = policy_outputs(
+            params, ids, mask, N, policy_cfg=policy_cfg, value_cfg=value_cfg,
+            temperature=temperature, lora_scale=lora_scale, with_entropy=with_entropy)
     if ref_params is None:
         ref_params = lora.base_params(params["policy"])
     # The reference's LM head alone is read: with or without a (shared) value head.
@@ -138,9 +144,10 @@ def score_rollout(params, ref_params, reward_params, prompt_ids, prompt_mask,
         scores = jnp.where(has_eos, scores, scores - missing_eos_penalty)
     m = response_mask.astype(jnp.float32)
     batch = {"input_ids": ids, "attention_mask": mask, "response_mask": response_mask,
-             "temperature": temperature, "logprobs": logprobs * m,
-             "ref_logprobs": ref_logprobs * m, "values": values * m,
+             "temperature": temperature, "ref_logprobs": ref_logprobs * m,
              "sampler_logprobs": response.logprobs * m}
-    if with_entropy:
+    if with_policy:
+        batch.update(logprobs=logprobs * m, values=values * m)
+    if with_policy and with_entropy:
         batch["entropy"] = entropy * m
     return batch, scores
