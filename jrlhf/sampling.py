@@ -107,9 +107,9 @@ def generate(cfg: ModelConfig, params, prompt_ids, prompt_mask, rng, *, max_new_
             of a float32 model).
         batch_sharding: on a mesh, the rows' sharding (`jrlhf.sharding.batch_sharding`): the
             decode state and outputs are kept split that way rather than left to propagation.
-        budgets: optional `[B]` int, each prompt's own bound on new tokens (≤ N; its K samples
-            share it): a row stops after that many, as it would at EOS. N stays the buffer
-            width and the loop ends when every row is done.
+        budgets: optional int bounds on new tokens (≤ N), `[B]` one per prompt (its K samples
+            share it) or `[B·K]` one per output row: a row stops after its budget as it would
+            at EOS. N stays the buffer width and the loop ends when every row is done.
 
     Returns:
         `Generation(tokens [B·K, N], mask [B·K, N], logprobs [B·K, N], steps,
@@ -131,7 +131,10 @@ def generate(cfg: ModelConfig, params, prompt_ids, prompt_mask, rng, *, max_new_
         budgets = jnp.full((B,), N, jnp.int32)
     else:
         budgets = jnp.minimum(jnp.asarray(budgets, jnp.int32), N)
-        if num_samples > 1:
+        if budgets.shape not in ((B,), (B // num_samples,)):
+            raise ValueError(f"budgets of shape {budgets.shape}: expected one per prompt "
+                             f"({B // num_samples},) or one per output row ({B},)")
+        if budgets.shape[0] != B:  # one per prompt: its K samples share it
             budgets = jnp.repeat(budgets, num_samples, axis=0)
 
     def rows_split(x):

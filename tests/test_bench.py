@@ -166,3 +166,22 @@ def test_every_command_option_has_help():
     assert not missing, missing
     assert "implementation" not in (parser.description or "") and "jrlhf <command> -h" in (
         parser.description or "")
+
+
+def test_the_long_tail_workload_is_the_one_benchmark_md_describes():
+    """benchmarks/long_tail.py draws BENCHMARK.md's budgets (28 of 224 tokens, 10,778 in all,
+    static utilisation ≈ 19%) and its slot simulation gives the quoted makespans (64 slots:
+    308 steps, 32: 486); a queue shorter than the slots takes its longest budget."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "long_tail.py"
+    spec = importlib.util.spec_from_file_location("long_tail", path)
+    long_tail = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(long_tail)
+    prompt_ids, budgets = long_tail.workload()
+    assert prompt_ids.shape == (64, 32) and budgets.shape == (256,)
+    assert int(budgets.sum()) == 10_778 and int((budgets == 224).sum()) == 28
+    assert round(10_778 / (256 * 224), 2) == 0.19
+    assert long_tail.simulate_slots(budgets, 64) == 308
+    assert long_tail.simulate_slots(budgets, 32) == 486
+    assert long_tail.simulate_slots([5, 9, 2], 8) == 9

@@ -153,18 +153,21 @@ def test_eos_stops_rows_and_pads_after():
     assert got[0, 3] == eos and m[0, 3] == 1
 
 
-@pytest.mark.parametrize("num_samples", [1, 2])
-def test_per_row_budgets_stop_each_row_after_its_own_count(num_samples):
+@pytest.mark.parametrize("num_samples,per_sample", [(1, False), (2, False), (2, True)])
+def test_per_row_budgets_stop_each_row_after_its_own_count(num_samples, per_sample):
     """A row with budget b keeps exactly the first b tokens (and log-probs) it samples without
-    one, then pads; its K samples share the prompt's budget; the loop ends at the largest."""
+    one, then pads; budgets are one per prompt (its K samples share it) or one per output row;
+    the loop ends at the largest."""
     params = init_params(CFG, 0)
     ids, mask = prompts()
     budgets = np.array([3, 10, 1, 0, 7, 2, 5, 4])
+    if per_sample:
+        budgets = np.concatenate([budgets, budgets[::-1]])
     kwargs = dict(max_new_tokens=8, temperature=1.0, pad_token_id=31, num_samples=num_samples)
     free = generate(CFG, params, ids, mask, jax.random.key(5), **kwargs)
     out = generate(CFG, params, ids, mask, jax.random.key(5), budgets=jnp.asarray(budgets),
                    **kwargs)
-    per_row = np.minimum(np.repeat(budgets, num_samples), 8)
+    per_row = np.minimum(budgets if per_sample else np.repeat(budgets, num_samples), 8)
     keep = np.arange(8)[None, :] < per_row[:, None]
     np.testing.assert_array_equal(np.asarray(out.mask), keep.astype(np.int32))
     np.testing.assert_array_equal(np.asarray(out.tokens), np.where(keep, free.tokens, 31))
@@ -173,6 +176,8 @@ def test_per_row_budgets_stop_each_row_after_its_own_count(num_samples):
     short = generate(CFG, params, ids, mask, jax.random.key(5), budgets=jnp.full(8, 3),
                      **kwargs)
     assert int(short.steps) == 3  # every row done: the loop stops early
+    with pytest.raises(ValueError, match=r"budgets of shape \(5,\): expected one per prompt"):
+        generate(CFG, params, ids, mask, jax.random.key(5), budgets=jnp.full(5, 3), **kwargs)
 
 
 def test_loop_ends_when_every_row_is_done():

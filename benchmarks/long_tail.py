@@ -1,0 +1,122 @@
+"""The long-tail rollout workload of shared/BENCHMARK.md: 256 sequences (64 prompts x 4
+samples) of a random-weight GPT-2 shape, each with its own length budget and no EOS stop — 28 of
+224 tokens, the rest 8-32.
+
+    PYTHONPATH=. python benchmarks/long_tail.py [--repeats 3] [--json out.json]
+
+Measures static batching as `sampling.generate` does it today — (a) all 256 rows in one call,
+(b) four calls of 64 rows (the KV memory of 64 slots) — each call decoding until its longest
+budget: wall time to produce all 256 sequences (median of `--repeats` after one warm-up), decode
+steps, slot utilisation (useful tokens / (rows x decode steps)) and KV-cache bytes. Beside them,
+what slot refill would do on the same budgets: a first-in-first-out simulation of S decode
+slots (steps and utilisation only; no engine runs it yet), the figure the rollout engine is
+measured against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jrlhf.config import load_config  # noqa: E402
+from jrlhf.models import init_params  # noqa: E402
+from jrlhf.sampling import generate  # noqa: E402
+
+PROMPTS, SAMPLES, PROMPT_LENGTH, LONG, VOCAB_TOP = 64, 4, 32, 224, 50256
+
+
+def workload():
+    """`(prompt_ids [64, 32], budgets [256])`: sequence i samples prompt i // 4."""
+    prompt_ids = np.random.default_rng(0).integers(0, VOCAB_TOP, (PROMPTS, PROMPT_LENGTH))
+    rng = np.random.default_rng(0)
+    long = rng.random(PROMPTS * SAMPLES) < 0.1
+    budgets = np.where(long, LONG, rng.integers(8, 33, PROMPTS * SAMPLES))
+    return prompt_ids.astype(np.int32), budgets.astype(np.int32)
+
+
+def kv_bytes(cfg, rows: int, positions: int) -> int:
+    itemsize = jnp.dtype(cfg.dtype).itemsize
+    return rows * positions * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * itemsize
+
+
+def simulate_slots(budgets, slots: int) -> int:
+    """Decode steps for `slots` slots over the queue of `budgets` in order: a freed slot takes
+    the next sequence at once (first in, first out)."""
+    free_at = [0] * slots  # the step at which each slot is free again
+    for b in budgets:
+        heapq.heappush(free_at, heapq.heappop(free_at) + int(b))
+    return max(free_at)
+
+
+def static(cfg, params, prompt_ids, budgets, prompts_per_call: int, repeats: int) -> dict:
+    """All sequences by calls of `prompts_per_call` prompts x 4 samples, one after another."""
+    calls = []
+    for start in range(0, PROMPTS, prompts_per_call):
+        ids = jnp.asarray(prompt_ids[start:start + prompts_per_call])
+        rows = slice(start * SAMPLES, (start + prompts_per_call) * SAMPLES)
+        calls.append((ids, jnp.ones_like(ids), jnp.asarray(budgets[rows]),
+                      jax.random.key(start)))
+
+    def run():
+        outs = [generate(cfg, params, ids, mask, key, max_new_tokens=LONG, temperature=1.0,
+                         num_samples=SAMPLES, budgets=b, pad_token_id=0)
+                for ids, mask, b, key in calls]
+        return jax.block_until_ready(outs)
+
+    outs = run()  # warm-up (compilation)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        outs = run()
+        times.append(time.perf_counter() - started)
+    useful = sum(int(o.mask.sum()) for o in outs)
+    steps = sum(int(o.steps) for o in outs)
+    rows = prompts_per_call * SAMPLES
+    return {"mode": f"static, {len(calls)} call(s) of {rows} rows", "seconds": float(
+        np.median(times)), "decode_steps": steps, "useful_tokens": useful,
+        "slot_utilisation": useful / (rows * steps),
+        "kv_bytes": kv_bytes(cfg, rows, PROMPT_LENGTH + LONG)}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
+    cfg = load_config(ROOT / "configs" / "bench_gpt2.py").model.arch
+    params = init_params(cfg, 0)
+    prompt_ids, budgets = workload()
+    total = int(budgets.sum())
+    print(f"long-tail workload: {len(budgets)} sequences, {int((budgets == LONG).sum())} of "
+          f"{LONG} tokens, {total:,} tokens in all; {jax.devices()[0].platform}")
+    results = [static(cfg, params, prompt_ids, budgets, PROMPTS, args.repeats),
+               static(cfg, params, prompt_ids, budgets, 16, args.repeats)]
+    for slots in (64, 32):
+        steps = simulate_slots(budgets, slots)
+        results.append({"mode": f"slot refill, {slots} slots (simulated)", "seconds": None,
+                        "decode_steps": steps, "useful_tokens": total,
+                        "slot_utilisation": total / (slots * steps),
+                        "kv_bytes": kv_bytes(cfg, slots, PROMPT_LENGTH + LONG)})
+    print("| mode | wall time (s) | decode steps | slot utilisation | KV cache |")
+    print("|---|---|---|---|---|")
+    for r in results:
+        seconds = "—" if r["seconds"] is None else f"{r['seconds']:.2f}"
+        print(f"| {r['mode']} | {seconds} | {r['decode_steps']} | "
+              f"{r['slot_utilisation']:.1%} | {r['kv_bytes'] / 2**20:.0f} MiB |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
