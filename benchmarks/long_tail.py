@@ -29,6 +29,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from jrlhf.bench import long_tail_budgets  # noqa: E402
 from jrlhf.config import load_config  # noqa: E402
 from jrlhf.models import init_params  # noqa: E402
 from jrlhf.sampling import generate  # noqa: E402
@@ -39,10 +40,7 @@ PROMPTS, SAMPLES, PROMPT_LENGTH, LONG, VOCAB_TOP = 64, 4, 32, 224, 50256
 def workload():
     """`(prompt_ids [64, 32], budgets [256])`: sequence i samples prompt i // 4."""
     prompt_ids = np.random.default_rng(0).integers(0, VOCAB_TOP, (PROMPTS, PROMPT_LENGTH))
-    rng = np.random.default_rng(0)
-    long = rng.random(PROMPTS * SAMPLES) < 0.1
-    budgets = np.where(long, LONG, rng.integers(8, 33, PROMPTS * SAMPLES))
-    return prompt_ids.astype(np.int32), budgets.astype(np.int32)
+    return prompt_ids.astype(np.int32), long_tail_budgets(PROMPTS * SAMPLES, LONG, seed=0)
 
 
 def kv_bytes(cfg, rows: int, positions: int) -> int:

@@ -10,6 +10,7 @@ token ids are never the pad/EOS id, so every sequence has its full length.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 
@@ -166,8 +167,10 @@ def update_flops(setup: Setup, config: Config) -> tuple[float, int, int]:
     return flops, first.rows * first.length, cost.samples
 
 
-def bench_step(work: Workload, kind: str, *, steps: int = 5, warmup: int = 1) -> dict:
-    """Benchmark one step kind (`step_kinds()`); returns a dict of measurements."""
+def bench_step(work: Workload, kind: str, *, steps: int = 5, warmup: int = 1,
+               long_tail: bool = False) -> dict:
+    """Benchmark one step kind (`step_kinds()`); returns a dict of measurements.
+    `long_tail`: generate gives each row its own length budget (`long_tail_budgets`)."""
     known = step_kinds()
     if kind not in known:
         raise ValueError(f"unknown step {kind!r}; choose from {', '.join(known)}")
@@ -181,7 +184,7 @@ def bench_step(work: Workload, kind: str, *, steps: int = 5, warmup: int = 1) ->
               "model_params": work.policy_cfg.num_params, "dispatches_per_step": 1}
     rng = np.random.RandomState(0)
     if kind == GENERATE:
-        return _bench_generate(work, setup, result, steps, warmup, rng)
+        return _bench_generate(work, setup, result, steps, warmup, rng, long_tail)
     if iteration:
         return _bench_iteration(work, setup, result, steps, warmup, rng)
     batch = random_batch(batch_shapes(setup, c), setup.model_cfg, rng)
@@ -215,22 +218,41 @@ def decode_bytes_per_step(cfg: ModelConfig, rows: int, cached_tokens: float,
     return weights + kv
 
 
-def _bench_generate(work, setup, result, steps, warmup, rng):
+def long_tail_budgets(rows: int, max_new_tokens: int, seed: int = 0) -> np.ndarray:
+    """`[rows]` length budgets as the long-tail workload of shared/BENCHMARK.md draws them: a
+    tenth of the rows (at random) get `max_new_tokens`, the rest between N/28 and N/7 (8–32
+    for N = 224)."""
+    N = max_new_tokens
+    rng = np.random.default_rng(seed)
+    long = rng.random(rows) < 0.1
+    return np.where(long, N, rng.integers(max(1, N // 28), N // 7 + 1, rows)).astype(np.int32)
+
+
+def _bench_generate(work, setup, result, steps, warmup, rng, long_tail=False):
     """The sampler on the PPO prompts; the decode step time is the difference between a run of
-    N new tokens and a prefill-only run (1 token), over N − 1 steps."""
+    N new tokens and a prefill-only run (1 token), over N − 1 steps. Slot utilisation: useful
+    tokens ÷ (rows × decode steps), what rows that stop early leave unused; `long_tail` gives
+    each row its own budget (`long_tail_budgets`) and no EOS."""
     c = work.config
     prompts = _prompts(work, rng, c.ppo.prompts_per_iteration)
     ids, mask = jnp.asarray(prompts["input_ids"]), jnp.asarray(prompts["attention_mask"])
-    sample = jax.jit(make_sampler(setup.model_cfg, c.rollout, None, 0))
+    B, P = ids.shape
+    N = c.rollout.max_new_tokens
+    budgets = jnp.asarray(long_tail_budgets(B, N) if long_tail else np.full(B, N, np.int32))
+    sample = jax.jit(functools.partial(make_sampler(setup.model_cfg, c.rollout, None, 0),
+                                       budgets=budgets))
     policy = setup.policy_params(setup.state.params)
     key = jax.random.key(0)
     compiled, result["compile_s"] = _compile(sample, policy, ids, mask, key)
     times = _time(sample, lambda: (policy, ids, mask, key), steps, warmup)
-    B, P = ids.shape
-    N = c.rollout.max_new_tokens
+    out = sample(policy, ids, mask, key)
+    useful, decode_steps = int(out.mask.sum()), int(out.steps)
+    result.update({"useful_tokens": useful, "decode_steps": decode_steps,
+                   "slot_utilisation": useful / (B * decode_steps), "long_tail": long_tail})
     if N > 1:
         one = dataclasses.replace(c.rollout, max_new_tokens=1)
-        prefill = jax.jit(make_sampler(setup.model_cfg, one, None, 0))
+        prefill = jax.jit(functools.partial(make_sampler(setup.model_cfg, one, None, 0),
+                                            budgets=jnp.ones(B, jnp.int32)))
         prefill_s = float(np.median(_time(prefill, lambda: (policy, ids, mask, key), steps,
                                           warmup)))
         step_s = (float(np.median(times)) - prefill_s) / (N - 1)
@@ -243,7 +265,8 @@ def _bench_generate(work, setup, result, steps, warmup, rng):
                        "hbm_bandwidth": bandwidth,
                        "decode_roofline": (nbytes / step_s / bandwidth
                                            if bandwidth and step_s > 0 else None)})
-    return _finish(result, compiled, times, _generation_flops(setup.model_cfg, B, P, N), B * N, B)
+    return _finish(result, compiled, times, _generation_flops(setup.model_cfg, B, P, N), useful,
+                   B)
 
 
 def _bench_iteration(work, setup, result, steps, warmup, rng):
@@ -332,6 +355,11 @@ def format_result(r: dict) -> str:
         rows.append(("decode step", f"{r['decode_step_s'] * 1e3:.2f} ms (prefill "
                                     f"{r['prefill_s'] * 1e3:.1f} ms), "
                                     f"{r['decode_bytes_per_step'] / 1e9:.3f} GB read{roofline}"))
+    if "slot_utilisation" in r:
+        tail = ", long-tail budgets" if r["long_tail"] else ""
+        rows.append(("slot utilisation", f"{100 * r['slot_utilisation']:.1f}% "
+                                         f"({r['useful_tokens']:,} useful tokens ÷ rows × "
+                                         f"{r['decode_steps']} decode steps{tail})"))
     for name, p in (r.get("phases") or {}).items():
         rows.append((f"  {name}", f"{p['median_s'] * 1e3:.1f} ms, {p['tokens_per_s']:,.0f} tok/s"))
     width = max(len(k) for k, _ in rows)

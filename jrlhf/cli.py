@@ -83,8 +83,8 @@ def _bench(args) -> int:
 
     config = _config(args)
     work = bench.Workload.from_config(config)
-    results = [bench.bench_step(work, step, steps=args.steps, warmup=args.warmup)
-               for step in args.step]
+    results = [bench.bench_step(work, step, steps=args.steps, warmup=args.warmup,
+                                long_tail=args.long_tail) for step in args.step]
     if args.json:
         print(bench.to_json(results))
     else:
@@ -177,6 +177,10 @@ def _add_tool_commands(sub, with_config, algorithm_names: tuple[str, ...]) -> No
     p.add_argument("--steps", type=int, default=5, help="timed steps (after warm-up)")
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed steps first (compilation)")
+    p.add_argument("--long-tail", action="store_true",
+                   help="generate: each row its own length budget as BENCHMARK.md's long-tail "
+                        "workload draws them (a tenth at rollout.max_new_tokens, the rest 1/28 "
+                        "to 1/7 of it), for the slot utilisation static batching leaves")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_bench)
 

@@ -54,6 +54,21 @@ def test_bench_reports_consistent_numbers(step):
     assert "tokens / s" in bench.format_result(r)
 
 
+@pytest.mark.parametrize("long_tail", [False, True])
+def test_generate_reports_its_slot_utilisation(long_tail):
+    """Useful tokens ÷ (rows × decode steps): all of them without budgets (no EOS); with the
+    long-tail budgets exactly their sum over rows × the longest budget."""
+    config = small_config(**{"ppo.prompts_per_iteration": 32, "rollout.max_new_tokens": 28})
+    r = bench.bench_step(bench.Workload.from_config(config), "generate", steps=1, warmup=0,
+                         long_tail=long_tail)
+    budgets = bench.long_tail_budgets(32, 28) if long_tail else np.full(32, 28)
+    assert r["useful_tokens"] == r["tokens_per_step"] == int(budgets.sum())
+    assert r["decode_steps"] == int(budgets.max())
+    np.testing.assert_allclose(r["slot_utilisation"], budgets.sum() / (32 * budgets.max()))
+    assert (r["slot_utilisation"] < 0.5) == long_tail
+    assert "slot utilisation" in bench.format_result(r)
+
+
 def test_model_flops_hand_count():
     cfg = SMALL
     per_layer = 4 * 128 * 128 + 4 * 128 + 2 * 128 * 512 + 512 + 128 + 4 * 128
