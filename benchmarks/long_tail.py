@@ -4,13 +4,13 @@ samples) of a random-weight GPT-2 shape, each with its own length budget and no 
 
     PYTHONPATH=. python benchmarks/long_tail.py [--repeats 3] [--json out.json]
 
-Measures static batching as `sampling.generate` does it today — (a) all 256 rows in one call,
-(b) four calls of 64 rows (the KV memory of 64 slots) — each call decoding until its longest
-budget: wall time to produce all 256 sequences (median of `--repeats` after one warm-up), decode
-steps, slot utilisation (useful tokens / (rows x decode steps)) and KV-cache bytes. Beside them,
-what slot refill would do on the same budgets: a first-in-first-out simulation of S decode
-slots (steps and utilisation only; no engine runs it yet), the figure the rollout engine is
-measured against.
+Measures, in one run: static batching (`sampling.generate`) — (a) all 256 rows in one call,
+(b) four calls of 64 rows (the KV memory of 64 slots), each call decoding until its longest
+budget — and continuous batching (`continuous.generate_continuous`) with 64 and 32 slots
+refilled as rows end: wall time to produce all 256 sequences (median of `--repeats` after one
+warm-up), decode steps, slot utilisation (useful tokens / (rows or slots x decode steps)) and
+KV-cache bytes (continuous: the slots plus the prompt store, every prompt's prefill once).
+Beside them, a first-in-first-out simulation of the slots: the steps an ideal refill takes.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 
 from jrlhf.bench import long_tail_budgets  # noqa: E402
 from jrlhf.config import load_config  # noqa: E402
+from jrlhf.continuous import generate_continuous  # noqa: E402
 from jrlhf.models import init_params  # noqa: E402
 from jrlhf.sampling import generate  # noqa: E402
 
@@ -87,6 +88,25 @@ def static(cfg, params, prompt_ids, budgets, prompts_per_call: int, repeats: int
         "kv_bytes": kv_bytes(cfg, rows, PROMPT_LENGTH + LONG)}
 
 
+def continuous(cfg, params, prompt_ids, budgets, slots: int, repeats: int) -> dict:
+    ids = jnp.asarray(prompt_ids)
+    args = (cfg, params, ids, jnp.ones_like(ids), jax.random.key(0))
+    kwargs = dict(max_new_tokens=LONG, slots=slots, temperature=1.0, num_samples=SAMPLES,
+                  budgets=jnp.asarray(budgets), pad_token_id=0)
+    out = jax.block_until_ready(generate_continuous(*args, **kwargs))  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        out = jax.block_until_ready(generate_continuous(*args, **kwargs))
+        times.append(time.perf_counter() - started)
+    useful, steps = int(out.mask.sum()), int(out.steps)
+    return {"mode": f"continuous, {slots} slots", "seconds": float(np.median(times)),
+            "decode_steps": steps, "useful_tokens": useful,
+            "slot_utilisation": useful / (slots * steps),
+            "kv_bytes": kv_bytes(cfg, slots, PROMPT_LENGTH + LONG)
+            + kv_bytes(cfg, PROMPTS, PROMPT_LENGTH)}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -99,7 +119,9 @@ def main(argv=None):
     print(f"long-tail workload: {len(budgets)} sequences, {int((budgets == LONG).sum())} of "
           f"{LONG} tokens, {total:,} tokens in all; {jax.devices()[0].platform}")
     results = [static(cfg, params, prompt_ids, budgets, PROMPTS, args.repeats),
-               static(cfg, params, prompt_ids, budgets, 16, args.repeats)]
+               static(cfg, params, prompt_ids, budgets, 16, args.repeats),
+               continuous(cfg, params, prompt_ids, budgets, 64, args.repeats),
+               continuous(cfg, params, prompt_ids, budgets, 32, args.repeats)]
     for slots in (64, 32):
         steps = simulate_slots(budgets, slots)
         results.append({"mode": f"slot refill, {slots} slots (simulated)", "seconds": None,

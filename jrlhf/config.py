@@ -219,6 +219,10 @@ class RolloutConfig:
     overlong: str = "keep"
     overlong_buffer: int = bounded(0, ge=0)
     overlong_penalty: float = bounded(1.0, ge=0)
+    # Continuous batching (`jrlhf.continuous`): decode slots refilled as rows end; 0 = static
+    # batching (every row of a call decodes until its longest ends). At most the rows sampled
+    # per call (an iteration's prompts × group size).
+    slots: int = bounded(0, ge=0)
 
     def __post_init__(self):
         _check_ranges("rollout", self)

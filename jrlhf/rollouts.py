@@ -20,6 +20,7 @@ import numpy as np
 
 from jrlhf import rl, sharding
 from jrlhf.config import Config, RolloutConfig
+from jrlhf.continuous import generate_continuous
 from jrlhf.models.config import ModelConfig
 from jrlhf.rewards import Reward, check_finite
 from jrlhf.rng import stream_key
@@ -61,11 +62,28 @@ def decode_texts(tokenizer, tokens, mask) -> list[str]:
 
 def make_sampler(cfg: ModelConfig, rollout: RolloutConfig, eos_token_id, pad_token_id, *,
                  num_samples: int = 1, mesh=None):
-    """`sample(params, prompt_ids, prompt_mask, key) -> Generation` with the rollout settings
-    (computing in `rollout.dtype` when set): `num_samples` responses per prompt from one shared
-    prefill, rows kept split over the mesh's batch axes when `mesh` is given."""
+    """`sample(params, prompt_ids, prompt_mask, key, budgets=None) -> Generation` with the
+    rollout settings (computing in `rollout.dtype` when set): `num_samples` responses per prompt
+    from one shared prefill, rows kept split over the mesh's batch axes when `mesh` is given;
+    with `rollout.slots`, continuous batching over that many slots (fewer when a call has
+    fewer rows: the evaluation's last chunk)."""
     if rollout.dtype:
         cfg = dataclasses.replace(cfg, dtype=rollout.dtype)
+    if rollout.slots:
+        continuous = functools.partial(
+            generate_continuous, cfg, max_new_tokens=rollout.max_new_tokens,
+            temperature=rollout.temperature, top_k=rollout.top_k, top_p=rollout.top_p,
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id, num_samples=num_samples,
+            cache_dtype=rollout.kv_cache_dtype or None)
+
+        def sample(params, prompt_ids, prompt_mask, key, budgets=None):
+            slots = min(rollout.slots, prompt_ids.shape[0] * num_samples)
+            split = mesh is not None and slots % sharding.batch_devices(mesh) == 0
+            return continuous(params, prompt_ids, prompt_mask, key, budgets=budgets,
+                              slots=slots,
+                              batch_sharding=sharding.batch_sharding(mesh) if split else None)
+
+        return sample
     return functools.partial(
         generate, cfg, max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
         top_k=rollout.top_k, top_p=rollout.top_p, eos_token_id=eos_token_id,
@@ -148,6 +166,10 @@ class RolloutLoop:
         self.keyed_tree = record.policy_key is not None  # `{"policy", "value"?}` as scored
         self.key = stream_key(config.run.seed, setup.name, "sample")
         self.rollout = r = config.rollout
+        rows = record.batch_size(config) * self.group
+        if r.slots > rows:
+            raise ValueError(f"rollout.slots={r.slots} is more than the {rows} rows {record.name} "
+                             f"samples per iteration: at most {rows}")
         self.more_prompts = more_prompts
         self.sample = make_sampler(setup.model_cfg, r, eos_token_id, pad_token_id,
                                    num_samples=self.group, mesh=setup.mesh)

@@ -150,11 +150,11 @@ def attention_at(q, k, v, query_index, *, segment_ids=None, window: int | None =
 
 def cached_attention(q, keys, values, first_slot, slot, *, window: int | None = None,
                      scale: float | None = None, softcap: float | None = None):
-    """One decode query per row (`q [B, 1, H, Dh]`, sitting at cache slot `slot`) against the
-    cache `keys / values [B, S, K, Dh]`, whose row b is real from `first_slot[b]` to `slot`.
-    Returns `[B, 1, H, Dh]`."""
+    """One decode query per row (`q [B, 1, H, Dh]`, sitting at cache slot `slot`: one number,
+    or `[B]`, each row's own) against the cache `keys / values [B, S, K, Dh]`, whose row b is
+    real from `first_slot[b]` to its slot. Returns `[B, 1, H, Dh]`."""
     slots = jnp.arange(keys.shape[1])[None, :]
-    visible = (slots >= first_slot[:, None]) & causal_visible(jnp.reshape(slot, (1,)),
+    visible = (slots >= first_slot[:, None]) & causal_visible(jnp.reshape(slot, (-1,)),
                                                              keys.shape[1], window)
     if softcap is not None:
         return _softcapped_attention(q, keys, values, visible[:, None, None, :], scale, softcap)

@@ -179,7 +179,8 @@ class Attention(nnx.Module):
         `jrlhf.models.attention`); returns the output and this call's `(k, v)` (for a prefill).
         With `query_index [B, R]`: queries (and the output) only at those columns, keys and
         values at all T (`attn.attention_at`).
-        With `cache = (keys, values)`: x is one token per row, written at cache slot `slot`;
+        With `cache = (keys, values)`: x is one token per row, written at cache slot `slot`
+        (one for all rows, or `[B]`: each row its own, as continuous batching's slots are);
         returns the output and the updated cache."""
         cfg = self.cfg
         B, T, _ = x.shape
@@ -208,9 +209,14 @@ class Attention(nnx.Module):
             new = (k, v)
         else:
             keys, values = cache
-            start = (0, slot, 0, 0)
-            keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), start)
-            values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), start)
+            if jnp.ndim(slot) == 0:
+                start = (0, slot, 0, 0)
+                keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), start)
+                values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), start)
+            else:  # each row writes its own slot
+                rows = jnp.arange(B)
+                keys = keys.at[rows, slot].set(k[:, 0].astype(keys.dtype))
+                values = values.at[rows, slot].set(v[:, 0].astype(values.dtype))
             out = attn.cached_attention(q, keys, values, first_slot, slot, **options)
             new = (keys, values)
         return self.o_proj(out.reshape(B, R, cfg.num_heads * cfg.head_dim)), new
@@ -378,8 +384,9 @@ class Transformer(nnx.Module):
         return attn.roll_rows(self.final_norm(x), -shift), tuple(cache)
 
     def decode(self, tokens, positions, cache: KVCache, first_slot, slot):
-        """One token per row (`tokens, positions [B, 1]`) written at cache slot `slot`; row b
-        attends to slots `first_slot[b] .. slot`. Returns `(hidden [B, 1, D], cache)`."""
+        """One token per row (`tokens, positions [B, 1]`) written at cache slot `slot` (a number,
+        or `[B]`: one per row); row b attends to slots `first_slot[b] .. slot[b]`. Returns
+        `(hidden [B, 1, D], cache)`."""
         x = self._embed(tokens, positions)
         new_cache = []
         for layer, layer_cache in zip(self.layers, cache):

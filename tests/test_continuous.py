@@ -1,0 +1,132 @@
+"""Continuous batching (`jrlhf.continuous`): S slots refilled on device give the static
+sampler's greedy tokens for every prompt, sampled log-probs the trainer agrees with, and a
+sequence's samples independent of the slot count."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jrlhf import rl
+from jrlhf.continuous import generate_continuous
+from jrlhf.models import ModelConfig, forward, init_params
+from jrlhf.sampling import generate
+from test_models import left_padded_batch
+
+LLAMA = ModelConfig(family="llama", vocab_size=32, hidden_size=32, num_layers=2, num_heads=4,
+                    num_kv_heads=2, head_dim=8, intermediate_size=64)
+GPT2 = ModelConfig(family="gpt2", vocab_size=32, hidden_size=32, num_layers=2, num_heads=4,
+                   num_kv_heads=4, head_dim=8, intermediate_size=64, max_position_embeddings=64,
+                   activation="gelu_new", tie_word_embeddings=True, attention_bias=True,
+                   output_bias=True, mlp_bias=True)
+WINDOWED = dataclasses.replace(LLAMA, sliding_window=4)
+CONFIGS = {"llama": LLAMA, "gpt2": GPT2, "sliding_window": WINDOWED}
+
+
+def prompts(G=6, seed=0):
+    ids, mask = left_padded_batch(32, [3 + (g * 5) % 7 for g in range(G)], seed=seed)
+    return jnp.asarray(ids), jnp.asarray(mask)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("slots", [1, 3, 12])
+def test_greedy_continuous_equals_static_for_every_prompt(name, slots):
+    cfg = CONFIGS[name]
+    params = init_params(cfg, 0)
+    ids, mask = prompts()
+    budgets = jnp.asarray([7, 2, 9, 0, 4, 9, 1, 5, 9, 3, 6, 8])  # one per output row (K = 2)
+    kwargs = dict(max_new_tokens=9, temperature=0.0, eos_token_id=7, pad_token_id=0,
+                  num_samples=2, budgets=budgets)
+    static = generate(cfg, params, ids, mask, jax.random.key(0), **kwargs)
+    cont = generate_continuous(cfg, params, ids, mask, jax.random.key(0), slots=slots,
+                               **kwargs)
+    np.testing.assert_array_equal(cont.mask, static.mask)
+    np.testing.assert_array_equal(cont.tokens, static.tokens)
+    np.testing.assert_allclose(cont.logprobs, static.logprobs, atol=1e-5)
+    assert int(np.asarray(static.mask).sum()) > 20
+    # Every slot-step but the queue's tail is used: at least one token per step overall.
+    assert int(cont.steps) <= int(np.asarray(cont.mask).sum()) + int(budgets.max())
+
+
+def test_sampled_logprobs_equal_the_trainers_forward_and_do_not_depend_on_the_slots():
+    params = init_params(LLAMA, 1)
+    ids, mask = prompts(G=4, seed=2)
+    kwargs = dict(max_new_tokens=8, temperature=0.8, pad_token_id=0, num_samples=3,
+                  eos_token_id=5)
+    outs = [generate_continuous(LLAMA, params, ids, mask, jax.random.key(3), slots=s, **kwargs)
+            for s in (2, 5, 12)]
+    for out in outs[1:]:
+        np.testing.assert_array_equal(out.tokens, outs[0].tokens)
+        np.testing.assert_allclose(out.logprobs, outs[0].logprobs, atol=1e-5)
+    out = outs[1]
+    full_ids = jnp.concatenate([jnp.repeat(ids, 3, 0), out.tokens], 1)
+    full_mask = jnp.concatenate([jnp.repeat(mask, 3, 0), out.mask], 1)
+    logits = forward(LLAMA, params, full_ids, full_mask)[:, -9:-1] / 0.8
+    trainer = rl.logprobs_from_logits(logits, out.tokens) * out.mask
+    np.testing.assert_allclose(out.logprobs, trainer, atol=1e-5)
+    np.testing.assert_array_equal(out.temperature, np.full(12, 0.8, np.float32))
+    # Samples differ between the K samples of a prompt (keyed per sequence).
+    assert not np.array_equal(out.tokens[0], out.tokens[1])
+
+
+def test_slot_counts_outside_the_queue_are_refused():
+    params = init_params(LLAMA, 0)
+    ids, mask = prompts(G=2)
+    for slots in (0, 5):
+        with pytest.raises(ValueError, match=rf"slots={slots}: expected 1 to the 4 sequences"):
+            generate_continuous(LLAMA, params, ids, mask, jax.random.key(0), slots=slots,
+                                max_new_tokens=4, num_samples=2)
+
+
+@pytest.mark.slow
+def test_a_grpo_iteration_samples_through_the_slots_and_trains_on_what_they_sampled():
+    """`rollout.slots`: the rollout loop's sampler is the continuous one; the trainer's
+    log-probs of its tokens equal the sampler's (gap at float32 rounding), and a slot count
+    above the iteration's rows is one line naming the setting."""
+    from test_ppo_loop import CFG, count_target, prompt_stream
+
+    from jrlhf.config import Config, GRPOConfig, RolloutConfig, RunConfig
+    from jrlhf.rollouts import Reward, RolloutLoop
+    from jrlhf.setups import make_setup
+
+    def loop_with(slots):
+        config = Config(grpo=GRPOConfig(group_size=4, prompts_per_iteration=4),
+                        rollout=RolloutConfig(max_new_tokens=8, slots=slots),
+                        run=RunConfig(progress=False))
+        setup = make_setup("grpo", config, CFG, init_params(CFG, 0))
+        return RolloutLoop(setup, config, Reward(fn=count_target), eos_token_id=3), setup
+
+    loop, setup = loop_with(5)
+    prompts = next(prompt_stream(4))
+    budgets = np.array([2, 8, 5, 3])
+    state, metrics = loop(setup.state, dict(prompts, max_new_tokens=budgets))
+    assert metrics["mismatch/gap_max"] < 1e-5
+    assert metrics["response_length_max"] <= 8 and metrics["response_length"] <= 4.5
+    assert int(state.step) == 1
+    with pytest.raises(ValueError, match=r"rollout.slots=17 is more than the 16 rows grpo "
+                                         r"samples per iteration"):
+        loop_with(17)
+
+
+def test_slots_split_over_a_2x2x2_mesh_give_the_unsharded_tokens():
+    import warnings
+
+    from jrlhf import sharding
+    from jrlhf.config import MeshConfig
+
+    params = init_params(LLAMA, 0)
+    ids, mask = prompts(G=4)
+    kwargs = dict(max_new_tokens=6, slots=4, temperature=1.0, eos_token_id=5, num_samples=2)
+    ref = generate_continuous(LLAMA, params, ids, mask, jax.random.key(6), **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mesh = sharding.make_mesh(MeshConfig(2, 2, 2))
+    sharded = jax.device_put(params, sharding.param_shardings(params, mesh))
+    batch_sh = sharding.batch_sharding(mesh)
+    out = generate_continuous(LLAMA, sharded, jax.device_put(ids, batch_sh),
+                              jax.device_put(mask, batch_sh), jax.random.key(6),
+                              batch_sharding=batch_sh, **kwargs)
+    np.testing.assert_array_equal(out.tokens, ref.tokens)
+    np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
