@@ -111,22 +111,14 @@ def test_a_grpo_iteration_samples_through_the_slots_and_trains_on_what_they_samp
 
 
 def test_slots_split_over_a_2x2x2_mesh_give_the_unsharded_tokens():
-    import warnings
-
-    from jrlhf import sharding
-    from jrlhf.config import MeshConfig
+    from test_sampling import on_a_2x2x2_mesh
 
     params = init_params(LLAMA, 0)
     ids, mask = prompts(G=4)
     kwargs = dict(max_new_tokens=6, slots=4, temperature=1.0, eos_token_id=5, num_samples=2)
     ref = generate_continuous(LLAMA, params, ids, mask, jax.random.key(6), **kwargs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        mesh = sharding.make_mesh(MeshConfig(2, 2, 2))
-    sharded = jax.device_put(params, sharding.param_shardings(params, mesh))
-    batch_sh = sharding.batch_sharding(mesh)
-    out = generate_continuous(LLAMA, sharded, jax.device_put(ids, batch_sh),
-                              jax.device_put(mask, batch_sh), jax.random.key(6),
+    sharded, ids, mask, batch_sh = on_a_2x2x2_mesh(params, ids, mask)
+    out = generate_continuous(LLAMA, sharded, ids, mask, jax.random.key(6),
                               batch_sharding=batch_sh, **kwargs)
     np.testing.assert_array_equal(out.tokens, ref.tokens)
     np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)

@@ -198,18 +198,24 @@ def test_loop_ends_when_every_row_is_done():
     assert int(out.mask.sum()) == stop
 
 
+def on_a_2x2x2_mesh(params, ids, mask):
+    """`(params, ids, mask, batch_sharding)` placed on a (data 2, fsdp 2, tensor 2) mesh of the
+    fake CPU devices: weights by `param_shardings`, rows over the batch axes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mesh = sharding.make_mesh(MeshConfig(2, 2, 2))
+    batch_sh = sharding.batch_sharding(mesh)
+    return (jax.device_put(params, sharding.param_shardings(params, mesh)),
+            jax.device_put(ids, batch_sh), jax.device_put(mask, batch_sh), batch_sh)
+
+
 def test_sharded_generate_equals_unsharded():
     params = init_params(CFG, 0)
     ids, mask = prompts()
     ref = generate(CFG, params, ids, mask, jax.random.key(6), max_new_tokens=6, temperature=1.0,
                    eos_token_id=5)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        mesh = sharding.make_mesh(MeshConfig(2, 2, 2))
-    sharded_params = jax.device_put(params, sharding.param_shardings(params, mesh))
-    batch_sh = sharding.batch_sharding(mesh)
-    out = generate(CFG, sharded_params, jax.device_put(ids, batch_sh),
-                   jax.device_put(mask, batch_sh), jax.random.key(6), max_new_tokens=6,
+    sharded_params, ids, mask, batch_sh = on_a_2x2x2_mesh(params, ids, mask)
+    out = generate(CFG, sharded_params, ids, mask, jax.random.key(6), max_new_tokens=6,
                    temperature=1.0, eos_token_id=5, batch_sharding=batch_sh)
     np.testing.assert_array_equal(out.tokens, ref.tokens)
     np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
