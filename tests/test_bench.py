@@ -124,6 +124,7 @@ def test_plan_matches_measured_and_analytic(shape):
         assert r["collectives"]["all-reduce"] > 0
 
 
+@pytest.mark.slow
 def test_fsdp8_cuts_state_bytes_about_8x():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -134,6 +135,7 @@ def test_fsdp8_cuts_state_bytes_about_8x():
     assert fsdp["collectives"]["all-gather"] > 0
 
 
+@pytest.mark.slow
 def test_plan_reports_too_big():
     config = dataclasses.replace(small_config(), mesh=MeshConfig(1, 1, 1))
     huge = derive(config, {"model.arch": dataclasses.replace(SMALL, hidden_size=4096,

@@ -50,6 +50,7 @@ def test_greedy_continuous_equals_static_for_every_prompt(name, slots):
     assert int(cont.steps) <= int(np.asarray(cont.mask).sum()) + int(budgets.max())
 
 
+@pytest.mark.slow
 def test_sampled_logprobs_equal_the_trainers_forward_and_do_not_depend_on_the_slots():
     params = init_params(LLAMA, 1)
     ids, mask = prompts(G=4, seed=2)
@@ -110,6 +111,7 @@ def test_a_grpo_iteration_samples_through_the_slots_and_trains_on_what_they_samp
         loop_with(17)
 
 
+@pytest.mark.slow
 def test_slots_split_over_a_2x2x2_mesh_give_the_unsharded_tokens():
     from test_sampling import on_a_2x2x2_mesh
 

@@ -136,6 +136,7 @@ def _trained(step, state, batch):
     return new.params, metrics
 
 
+@pytest.mark.slow
 def test_grpo_takes_a_custom_advantage_function_and_an_extra_loss_term():
     """`advantage_fn` replaces the estimator: group-centred scores equal Dr. GRPO's unscaled
     advantages (`scale_advantages=False`). `extra_loss` is added to the loss: β·k3 KL written by
@@ -180,6 +181,7 @@ def test_grpo_takes_a_custom_advantage_function_and_an_extra_loss_term():
     np.testing.assert_allclose(metrics["grpo/loss"], reference["grpo/loss"], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_ppo_takes_a_custom_advantage_function_and_an_extra_loss_term():
     """`advantage_fn` replaces GAE: Monte-Carlo returns written by the researcher equal the
     built-in GAE with γ = λ = 1. `extra_loss` is added to the loss: the clipped value loss

@@ -286,6 +286,7 @@ def test_ppo_metrics_match_the_math():
     np.testing.assert_allclose(metrics["ppo/response_length"], m.sum(1).mean())
 
 
+@pytest.mark.slow
 def test_ppo_update_is_one_dispatch_and_equals_a_minibatch_loop():
     """The whole update (2 epochs x 2 minibatches) runs as one compiled call with no host
     transfer, and gives the same params as a Python loop of single-minibatch updates."""
