@@ -433,6 +433,11 @@ def _grpo_rows(c: Config) -> int:
     return c.grpo.prompts_per_iteration * c.grpo.group_size
 
 
+def _grpo_single_pass(c: Config) -> bool:
+    """The update takes its pre-update log-probs from its own forward (`single_pass`)."""
+    return single_pass(c.grpo, _grpo_rows(c))
+
+
 def _group_relative(name: str, help: str, settings=()) -> Algorithm:
     """GRPO and its estimators (`grpo.estimator`: grpo | rloo | reinforce++): K samples per
     prompt, advantages relative to the group, no critic."""
@@ -442,7 +447,7 @@ def _group_relative(name: str, help: str, settings=()) -> Algorithm:
             s.model_cfg, c.grpo, lora_scale=s.lora_scale, labels=s.labels, state=s.state,
             mesh=s.mesh),
         batch=lambda s, c: _rollout_batch(_grpo_rows(c), c, values=False,
-                                          logprobs=not single_pass(c.grpo, _grpo_rows(c))),
+                                          logprobs=not _grpo_single_pass(c)),
         cost=lambda s, c: _rollout_cost(s, c, _grpo_rows(c), c.grpo.epochs,
                                         c.grpo.minibatch_size, c.grpo.grad_accum_steps),
         data="prompts", example=lambda enc, src, c: enc.prompt_example,
@@ -454,8 +459,7 @@ def _group_relative(name: str, help: str, settings=()) -> Algorithm:
             group_size=c.grpo.group_size, dynamic_sampling=c.grpo.dynamic_sampling,
             max_refills=c.grpo.max_refills, update_epochs=c.grpo.epochs,
             # A single-pass update's own forward gives the log-probs and the entropy metric.
-            score_policy=not single_pass(c.grpo, _grpo_rows(c)),
-            with_entropy=not single_pass(c.grpo, _grpo_rows(c))),
+            score_policy=not _grpo_single_pass(c), with_entropy=not _grpo_single_pass(c)),
         reference=True, settings=settings)
 
 

@@ -251,8 +251,7 @@ def _bench_generate(work, setup, result, steps, warmup, rng, long_tail=False):
                    "slot_utilisation": useful / (B * decode_steps), "long_tail": long_tail})
     if N > 1:
         one = dataclasses.replace(c.rollout, max_new_tokens=1)
-        prefill = jax.jit(functools.partial(make_sampler(setup.model_cfg, one, None, 0),
-                                            budgets=jnp.ones(B, jnp.int32)))
+        prefill = jax.jit(make_sampler(setup.model_cfg, one, None, 0))
         prefill_s = float(np.median(_time(prefill, lambda: (policy, ids, mask, key), steps,
                                           warmup)))
         step_s = (float(np.median(times)) - prefill_s) / (N - 1)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jrlhf.heads import without_scalar_head
 from jrlhf.models import transformer as tfm
 from jrlhf.models.config import ModelConfig
-from jrlhf.sampling import Generation, _sample, compute_dtype_params
+from jrlhf.sampling import Generation, _sample, compute_dtype_params, row_budgets
 
 
 @functools.partial(
@@ -65,14 +65,7 @@ def generate_continuous(cfg: ModelConfig, params, prompt_ids, prompt_mask, rng, 
     hidden, store = model.prefill(prompt_ids, prompt_mask, P, cache_dtype)
     first_logits = model.logits(hidden[:, -1])
     lengths = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)
-    if budgets is None:
-        budgets = jnp.full((Q,), N, jnp.int32)
-    budgets = jnp.minimum(jnp.asarray(budgets, jnp.int32), N)
-    if budgets.shape not in ((Q,), (G,)):
-        raise ValueError(f"budgets of shape {budgets.shape}: expected one per prompt ({G},) "
-                         f"or one per output row ({Q},)")
-    if budgets.shape[0] != Q:
-        budgets = jnp.repeat(budgets, K)
+    budgets = row_budgets(budgets, Q, K, N)
     dtype = store[0][0].dtype
 
     def slots_split(tree):
@@ -112,7 +105,8 @@ def generate_continuous(cfg: ModelConfig, params, prompt_ids, prompt_mask, rng, 
         needed = jnp.any(~active) & (head < Q)
         cache, logits, seq, t, active, head = jax.lax.cond(
             needed, refill, lambda c: c, (cache, logits, seq, t, active, head))
-        budget = budgets[jnp.minimum(seq, Q - 1)]
+        queued = jnp.minimum(seq, Q - 1)  # an idle slot's seq is Q: any real one will do
+        budget = budgets[queued]
         live = active & (t < budget)  # a sequence with budget 0 ends without a token
         keys = jax.vmap(lambda q, s: jax.random.fold_in(jax.random.fold_in(rng, q), s))(seq, t)
         token, logprob = jax.vmap(
@@ -127,7 +121,7 @@ def generate_continuous(cfg: ModelConfig, params, prompt_ids, prompt_mask, rng, 
         ended = ~live | (t + 1 >= budget)
         if eos_token_id is not None:
             ended = ended | (token == eos_token_id)
-        prompt = jnp.minimum(seq, Q - 1) // K
+        prompt = queued // K
         hidden, cache = model.decode(token[:, None], (lengths[prompt] + col)[:, None], cache,
                                      P - lengths[prompt], P + col)
         slot_state = (slots_split(cache), slots_split(model.logits(hidden[:, 0])), seq, t + live,

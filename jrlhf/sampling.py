@@ -68,6 +68,21 @@ def _sample(rng, logits, temperature, top_k, top_p):
     return token, logprob
 
 
+def row_budgets(budgets, rows: int, num_samples: int, max_new_tokens: int) -> jax.Array:
+    """Each output row's bound on new tokens `[rows]` (int32, ≤ `max_new_tokens`) from
+    `budgets`: None (every row `max_new_tokens`), one per prompt `[rows / num_samples]` (its K
+    samples share it) or one per output row `[rows]`."""
+    if budgets is None:
+        return jnp.full((rows,), max_new_tokens, jnp.int32)
+    budgets = jnp.minimum(jnp.asarray(budgets, jnp.int32), max_new_tokens)
+    if budgets.shape not in ((rows,), (rows // num_samples,)):
+        raise ValueError(f"budgets of shape {budgets.shape}: expected one per prompt "
+                         f"({rows // num_samples},) or one per output row ({rows},)")
+    if budgets.shape[0] != rows:  # one per prompt: its K samples share it
+        budgets = jnp.repeat(budgets, num_samples, axis=0)
+    return budgets
+
+
 def compute_dtype_params(params, dtype):
     """Floating-point leaves of `params` in the compute `dtype` (the sampler reads bf16 weights
     from HBM once per step instead of float32 weights converted at every step)."""
@@ -127,15 +142,7 @@ def generate(cfg: ModelConfig, params, prompt_ids, prompt_mask, rng, *, max_new_
         cache, logits, lengths = jax.tree.map(repeat, (cache, logits, lengths))
     B = lengths.shape[0]
     first_slot = P - lengths
-    if budgets is None:
-        budgets = jnp.full((B,), N, jnp.int32)
-    else:
-        budgets = jnp.minimum(jnp.asarray(budgets, jnp.int32), N)
-        if budgets.shape not in ((B,), (B // num_samples,)):
-            raise ValueError(f"budgets of shape {budgets.shape}: expected one per prompt "
-                             f"({B // num_samples},) or one per output row ({B},)")
-        if budgets.shape[0] != B:  # one per prompt: its K samples share it
-            budgets = jnp.repeat(budgets, num_samples, axis=0)
+    budgets = row_budgets(budgets, B, num_samples, N)
 
     def rows_split(x):
         return x if batch_sharding is None else jax.lax.with_sharding_constraint(x, batch_sharding)

@@ -80,9 +80,7 @@ def grpo_loss(params, mb, counts, *, cfg: GRPOConfig, model_cfg: ModelConfig, la
     logprobs, weights, measured = out.logprobs, mb.get("tis_weights"), {}
     if own:
         old = jax.lax.stop_gradient(logprobs)
-        measured = sampler_mismatch(
-            {"logprobs": old, "response_mask": mb["response_mask"],
-             **{k: mb[k] for k in ("sampler_logprobs",) if k in mb}}, cfg.tis_cap, "grpo")
+        measured = sampler_mismatch(dict(mb, logprobs=old), cfg.tis_cap, "grpo")
         weights = measured.pop("tis_weights", None)
         measured["entropy"] = masked_mean(jax.lax.stop_gradient(out.entropy),
                                           mb["response_mask"])
@@ -168,16 +166,14 @@ def grpo_step(state, batch, *, cfg: GRPOConfig, model_cfg: ModelConfig, labels=N
     data = {k: batch[k] for k in ("input_ids", "attention_mask", "response_mask",
                                   "temperature", "logprobs", "ref_logprobs") if k in batch}
     data["advantages"] = advantages
-    if own:  # measured in the update's forward (grpo_loss)
+    if own:  # measured in the update's forward (grpo_loss's sampler_mismatch)
         mismatch = {}
         if "sampler_logprobs" in batch:
             data["sampler_logprobs"] = batch["sampler_logprobs"]
-        elif cfg.tis_cap:
-            raise ValueError("grpo.tis_cap needs the rollout batch's sampler_logprobs")
     else:
         mismatch = sampler_mismatch(batch, cfg.tis_cap, "grpo")
-    if cfg.tis_cap and not own:
-        data["tis_weights"] = mismatch.pop("tis_weights")
+        if cfg.tis_cap:
+            data["tis_weights"] = mismatch.pop("tis_weights")
     loss_fn = functools.partial(grpo_loss, cfg=cfg, model_cfg=model_cfg, labels=labels,
                                 lora_scale=lora_scale, extra_loss=extra_loss)
 
