@@ -24,6 +24,7 @@ static sampler's tokens (tested token for token).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,12 +35,21 @@ from jrlhf.models.config import ModelConfig
 from jrlhf.sampling import Generation, _sample, compute_dtype_params, row_budgets
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("cfg", "max_new_tokens", "slots", "temperature", "top_k", "top_p",
-                     "eos_token_id", "pad_token_id", "num_samples", "cache_dtype",
-                     "batch_sharding"),
-)
+class Resumption(NamedTuple):
+    """Where the sequences of a partial rollout stand when a `generate_partial` call starts: what
+    earlier calls (under earlier policy versions) generated of each. Rows as in `generate`."""
+
+    tokens: jax.Array  # [Q, N] tokens generated so far, pad_token_id after
+    logprobs: jax.Array  # [Q, N] their sampler log-probs (0 after)
+    lengths: jax.Array  # [Q] int32: tokens generated so far
+    finished: jax.Array  # [Q] bool: ended (EOS or budget) in an earlier call, not decoded again
+
+
+_STATIC = ("cfg", "max_new_tokens", "slots", "temperature", "top_k", "top_p", "eos_token_id",
+           "pad_token_id", "num_samples", "cache_dtype", "batch_sharding")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def generate_continuous(cfg: ModelConfig, params, prompt_ids, prompt_mask, rng, *,
                         max_new_tokens: int, slots: int, temperature: float = 1.0,
                         top_k: int = 0, top_p: float = 1.0, eos_token_id: int | None = None,
@@ -54,6 +64,49 @@ def generate_continuous(cfg: ModelConfig, params, prompt_ids, prompt_mask, rng, 
     utilisation is `mask.sum() / (slots · steps)`. `batch_sharding`: on a mesh, the slots are
     split that way (`jrlhf.sharding.batch_sharding`; S a multiple of the batch devices).
     """
+    generation, _ = _decode_slots(
+        cfg, params, prompt_ids, prompt_mask, rng, max_new_tokens=max_new_tokens, slots=slots,
+        temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id, num_samples=num_samples, cache_dtype=cache_dtype,
+        budgets=budgets, batch_sharding=batch_sharding)
+    return generation
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def generate_partial(cfg: ModelConfig, params, prompt_ids, prompt_mask, rng,
+                     resumed: Resumption, group_real, target_groups, *, max_new_tokens: int,
+                     slots: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                     eos_token_id: int | None = None, pad_token_id: int = 0,
+                     num_samples: int = 1, cache_dtype: str | None = None, budgets=None,
+                     batch_sharding=None) -> tuple[Generation, jax.Array]:
+    """One call of a partial rollout: `generate_continuous` over the sequences `resumed` has not
+    finished, stopping as soon as `target_groups` real groups (all K rows of a prompt, `group_real
+    [G]` true) have ended — counting groups that ended in earlier calls.
+
+    A sequence an earlier call left mid-response (`resumed.lengths > 0`, not finished) starts
+    in a slot of its own: its prompt and the tokens it has are prefilled with these `params`
+    (the KV cache is recomputed under the current weights; nothing of an earlier version's
+    cache is kept), and it goes on from there; such sequences must number at most `slots` (a
+    call stops with at most `slots` of them). Then sequences not started, in row order.
+    Budgets count every token of a row, earlier calls' included.
+
+    Returns `(generation, finished [Q] bool)`: every row's tokens so far (earlier calls' as
+    given, `logprobs` the sampler's of whichever call drew them) and which rows have ended.
+    `generation.steps` counts this call's decode steps only.
+    """
+    return _decode_slots(
+        cfg, params, prompt_ids, prompt_mask, rng, max_new_tokens=max_new_tokens, slots=slots,
+        temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id, num_samples=num_samples, cache_dtype=cache_dtype,
+        budgets=budgets, batch_sharding=batch_sharding, resumed=resumed,
+        group_real=group_real, target_groups=target_groups)
+
+
+def _decode_slots(cfg, params, prompt_ids, prompt_mask, rng, *, max_new_tokens, slots,
+                  temperature, top_k, top_p, eos_token_id, pad_token_id, num_samples,
+                  cache_dtype, budgets, batch_sharding, resumed=None, group_real=None,
+                  target_groups=None):
+    """The slots' `lax.while_loop` behind `generate_continuous` and `generate_partial`."""
     G, P = prompt_ids.shape
     N, S, K = max_new_tokens, slots, num_samples
     Q = G * K  # sequences in the queue; sequence q samples prompt q // K
@@ -73,8 +126,55 @@ def generate_continuous(cfg: ModelConfig, params, prompt_ids, prompt_mask, rng, 
             return tree
         return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, batch_sharding), tree)
 
-    cache = slots_split(tuple(tuple(jnp.zeros((S, P + N) + k.shape[2:], dtype) for k in layer)
-                              for layer in store))
+    def empty_slots():
+        cache = tuple(tuple(jnp.zeros((S, P + N) + k.shape[2:], dtype) for k in layer)
+                      for layer in store)
+        return cache, jnp.zeros((S, first_logits.shape[-1]), first_logits.dtype)
+
+    if resumed is None:
+        order, queue_len, started = jnp.arange(Q), Q, jnp.int32(0)
+        cache, logits = empty_slots()
+        seq, t = jnp.full((S,), Q, jnp.int32), jnp.zeros((S,), jnp.int32)
+        outputs = (jnp.full((Q + 1, N), pad_token_id, prompt_ids.dtype),
+                   jnp.zeros((Q + 1, N), jnp.int32), jnp.zeros((Q + 1, N), jnp.float32))
+        finished = jnp.zeros((Q + 1,), bool)
+        group_real, target_groups = jnp.ones((G,), bool), G
+    else:
+        in_progress = (resumed.lengths > 0) & ~resumed.finished
+        # Queue: mid-response sequences first (straight into the first slots), then the ones
+        # not started, in row order; finished ones are not queued.
+        category = jnp.where(resumed.finished, 2, jnp.where(in_progress, 0, 1))
+        order = jnp.argsort(category * Q + jnp.arange(Q)).astype(jnp.int32)
+        queue_len = jnp.sum(category < 2).astype(jnp.int32)
+        started = jnp.minimum(jnp.sum(in_progress), S).astype(jnp.int32)
+        slot_seq = order[:S]
+        resuming = jnp.arange(S) < started
+        prefix = resumed.lengths[slot_seq]
+
+        def prefill_resumed():
+            """Each resuming slot's prompt and generated tokens, prefilled in the slot layout
+            (prompt in 0..P−1, response from P), and the logits after its last token."""
+            ids = jnp.concatenate([prompt_ids[slot_seq // K],
+                                   resumed.tokens[slot_seq].astype(prompt_ids.dtype)], axis=1)
+            generated = (jnp.arange(N)[None] < prefix[:, None]) & resuming[:, None]
+            mask = jnp.concatenate([prompt_mask[slot_seq // K],
+                                    generated.astype(prompt_mask.dtype)], axis=1)
+            h, cache = model.prefill(ids, mask, P + N, cache_dtype)
+            last = h[jnp.arange(S), P + jnp.maximum(prefix, 1) - 1]
+            return tuple(tuple(x.astype(dtype) for x in layer) for layer in cache), \
+                model.logits(last).astype(first_logits.dtype)
+
+        cache, logits = jax.lax.cond(started > 0, prefill_resumed, empty_slots)
+        seq = jnp.where(resuming, slot_seq, Q).astype(jnp.int32)
+        t = jnp.where(resuming, prefix, 0).astype(jnp.int32)
+        generated = (jnp.arange(N)[None] < resumed.lengths[:, None]).astype(jnp.int32)
+        outputs = tuple(jnp.concatenate([x.astype(dt), jnp.full((1, N), fill, dt)])
+                        for x, dt, fill in ((resumed.tokens, prompt_ids.dtype, pad_token_id),
+                                            (generated, jnp.int32, 0),
+                                            (resumed.logprobs, jnp.float32, 0)))
+        finished = jnp.concatenate([resumed.finished, jnp.zeros((1,), bool)])
+    group_left = jnp.concatenate([K - jnp.sum(finished[:Q].reshape(G, K), axis=1),
+                                  jnp.zeros((1,), jnp.int32)]).astype(jnp.int32)
     prompt_positions = (jnp.arange(P + N) < P)[None, :, None, None]
 
     def refill(carry):
@@ -83,8 +183,8 @@ def generate_continuous(cfg: ModelConfig, params, prompt_ids, prompt_mask, rng, 
         cache, logits, seq, t, active, head = carry
         free = ~active
         candidate = head + jnp.cumsum(free) - 1
-        take = free & (candidate < Q)
-        seq = jnp.where(take, candidate, seq)
+        take = free & (candidate < queue_len)
+        seq = jnp.where(take, order[jnp.minimum(candidate, Q - 1)], seq)
         prompt = seq // K
         where = take[:, None, None, None] & prompt_positions
         cache = tuple(tuple(jnp.where(where, jnp.pad(s[prompt], ((0, 0), (0, N), (0, 0),
@@ -96,13 +196,14 @@ def generate_continuous(cfg: ModelConfig, params, prompt_ids, prompt_mask, rng, 
                 active | take, head + jnp.sum(take))
 
     def cond(carry):
-        (_, _, _, _, active, head), _, _ = carry
-        return (head < Q) | jnp.any(active)
+        (_, _, _, _, active, head), _, _, group_left, _ = carry
+        completed = jnp.sum((group_left[:G] == 0) & group_real)
+        return ((head < queue_len) | jnp.any(active)) & (completed < target_groups)
 
     def body(carry):
-        slot_state, outputs, steps = carry
+        slot_state, outputs, finished, group_left, steps = carry
         cache, logits, seq, t, active, head = slot_state
-        needed = jnp.any(~active) & (head < Q)
+        needed = jnp.any(~active) & (head < queue_len)
         cache, logits, seq, t, active, head = jax.lax.cond(
             needed, refill, lambda c: c, (cache, logits, seq, t, active, head))
         queued = jnp.minimum(seq, Q - 1)  # an idle slot's seq is Q: any real one will do
@@ -121,19 +222,18 @@ def generate_continuous(cfg: ModelConfig, params, prompt_ids, prompt_mask, rng, 
         ended = ~live | (t + 1 >= budget)
         if eos_token_id is not None:
             ended = ended | (token == eos_token_id)
+        ending = active & ended
+        finished = finished.at[jnp.where(ending, seq, Q)].set(True)
+        group_left = group_left.at[jnp.where(ending, seq // K, G)].add(-1)
         prompt = queued // K
         hidden, cache = model.decode(token[:, None], (lengths[prompt] + col)[:, None], cache,
                                      P - lengths[prompt], P + col)
         slot_state = (slots_split(cache), slots_split(model.logits(hidden[:, 0])), seq, t + live,
                       active & ~ended, head)
-        return slot_state, (tokens, mask, logprobs), steps + 1
+        return slot_state, (tokens, mask, logprobs), finished, group_left, steps + 1
 
-    slot_state = (cache, jnp.zeros((S, first_logits.shape[-1]), first_logits.dtype),
-                  jnp.full((S,), Q, jnp.int32), jnp.zeros((S,), jnp.int32),
-                  jnp.zeros((S,), bool), jnp.int32(0))
-    outputs = (jnp.full((Q + 1, N), pad_token_id, prompt_ids.dtype),
-               jnp.zeros((Q + 1, N), jnp.int32), jnp.zeros((Q + 1, N), jnp.float32))
-    _, (tokens, mask, logprobs), steps = jax.lax.while_loop(
-        cond, body, (slot_state, outputs, jnp.int32(0)))
-    return Generation(tokens[:Q], mask[:Q], logprobs[:Q], steps,
-                      jnp.full((Q,), temperature or 1.0, jnp.float32))
+    slot_state = (slots_split(cache), slots_split(logits), seq, t, seq < Q, started)
+    _, (tokens, mask, logprobs), finished, _, steps = jax.lax.while_loop(
+        cond, body, (slot_state, outputs, finished, group_left, jnp.int32(0)))
+    return (Generation(tokens[:Q], mask[:Q], logprobs[:Q], steps,
+                       jnp.full((Q,), temperature or 1.0, jnp.float32)), finished[:Q])
