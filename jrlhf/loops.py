@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from jrlhf import distributed
+from jrlhf import distributed, wandb_log
 from jrlhf import resume as resume_binding
 from jrlhf.checkpoint import Checkpointer
 from jrlhf.config import Config, config_json, to_dict
@@ -71,8 +71,9 @@ class StageResult(NamedTuple):
 
 def _open_stage(name: str, config: Config, out_dir: Path, resume: bool, train: bool,
                 inputs: dict[str, str]):
-    """The stage's checkpointer (checked by `resume.open_checkpoints`) and metrics writer;
-    process 0 records the config and data digests beside them."""
+    """The stage's checkpointer (checked by `resume.open_checkpoints`) and metrics writer (W&B
+    too when `run.wandb_project` is set); process 0 records the config and data digests
+    beside them."""
     ckpt = resume_binding.open_checkpoints(name, config, out_dir, resume, train, inputs)
     distributed.barrier("stage_checked")  # every process compared before process 0 writes
     if not distributed.is_writer():
@@ -80,7 +81,7 @@ def _open_stage(name: str, config: Config, out_dir: Path, resume: bool, train: b
     write_atomically(out_dir / name / "config.json", config_json(config))
     write_atomically(out_dir / name / "inputs.json",
                      json.dumps(inputs, indent=2, sort_keys=True) + "\n")
-    return ckpt, MetricsWriter(out_dir, name)
+    return ckpt, MetricsWriter(out_dir, name, wandb_log.open_session(config, out_dir, resume))
 
 
 def _save(ckpt: Checkpointer, name: str, step: int, state, batches, config: Config,

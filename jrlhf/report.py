@@ -106,13 +106,15 @@ def one_line(stage: str, step: int, metrics: dict[str, float],
 
 
 class MetricsWriter:
-    """Appends `{"stage", "step", ...metrics}` rows to metrics.jsonl and TensorBoard."""
+    """Appends `{"stage", "step", ...metrics}` rows to metrics.jsonl and TensorBoard, and to
+    W&B when given the run folder's `jrlhf.wandb_log.Session`."""
 
-    def __init__(self, out_dir: str | os.PathLike, stage: str):
+    def __init__(self, out_dir: str | os.PathLike, stage: str, wandb=None):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.out_dir / "metrics.jsonl"
         self.stage = stage
+        self.wandb = wandb
         from tensorboardX import SummaryWriter
 
         self.tb = SummaryWriter(str(self.out_dir / "tensorboard" / stage))
@@ -134,6 +136,8 @@ class MetricsWriter:
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and math.isfinite(value):
                 self.tb.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log_metrics(self.stage, step, metrics)
 
     def close(self) -> None:
         self.tb.flush()

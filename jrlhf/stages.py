@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -22,12 +23,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jrlhf import algorithms, distributed, elo, judging, loops, models, sharding
+from jrlhf import algorithms, distributed, elo, judging, loops, models, sharding, wandb_log
 from jrlhf.algorithms import ANNOTATOR, ANNOTATOR_OR_MODEL, REWARD_MODEL_PATH
 from jrlhf.config import Config, config_json, derive, parse_reward_functions
 from jrlhf.data import Encoder, build_dataset, make_loader
 from jrlhf.models.config import ModelConfig
-from jrlhf.models.sources import load_policy
+from jrlhf.models.sources import load_policy, resolve_source
 from jrlhf.report import (file_digest, remove_temp_files, sync_folder, write_atomically,
                           write_report)
 from jrlhf.rewards import Reward, import_host_reward
@@ -104,9 +105,10 @@ class Run:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
+        self.close(failed=exc[0] is not None)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        wandb_log.close_session(self.out, failed)
         if self.preemption is not None:
             self.preemption.__exit__()
             self.preemption = None
@@ -120,6 +122,7 @@ class Run:
             if not path:
                 raise ValueError(f"the {stage.name} stage needs --set reward.model_path=DIR (a "
                                  "reward model folder written by `jrlhf reward`)")
+            path = resolve_source(path, "reward.model_path")  # a folder or a cached hub id
             cfg, params = models.load_pretrained(path, lm_head=False, scalar_head=True)
             params = jax.tree.map(jnp.asarray, params)
             if jax.process_count() > 1:  # beside the policy, on every process's devices
@@ -170,6 +173,7 @@ def open_run(config: Config, *, resume: bool = False, train: bool = True, log=pr
         distributed.check_shared_folder(out)
         return _open_locked(config, out, lock, resume=resume, train=train, log=log)
     except BaseException:
+        wandb_log.close_session(out, failed=True)
         if lock is not None:
             lock.__exit__()
         raise
@@ -189,6 +193,8 @@ def _open_locked(config: Config, out: Path, lock, *, resume, train, log) -> Run:
             # A resume's config is recorded once every stage accepted it (`run_stages`): a
             # refused one must not replace the record of what the run was made with.
             write_atomically(out / "config.json", config_json(config))
+    # W&B on process 0 (a missing package is found here); its run starts with the first row.
+    wandb_log.open_session(config, out, resume)
     policy_cfg, params, tokenizer = load_policy(config.model, config.run.seed)
     log(f"[model] {config.model.source}: {policy_cfg.family}, {policy_cfg.num_layers} layers, "
         f"{policy_cfg.num_params / 1e6:.1f}M parameters")
@@ -286,6 +292,17 @@ def stage_reward(run: Run, stage: Stage, config: Config) -> Reward:
     return Reward.weighted(parts)
 
 
+def data_digest(path: Path) -> str:
+    """What a resumed stage checks its data against: `file_digest` of a data file; of a
+    `datasets` save_to_disk folder, SHA-256 over its files' names and digests."""
+    if not path.is_dir():
+        return file_digest(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(path).as_posix()}\0{file_digest(file)}\n".encode())
+    return digest.hexdigest()
+
+
 def run_train(run: Run, stage: Stage, config: Config) -> bool:
     model_cfg, params = initial_weights(stage.algorithm, config, *run.weights(stage.start, stage))
     setup = make_setup(stage.algorithm, config, model_cfg, params, name=stage.name)
@@ -294,7 +311,7 @@ def run_train(run: Run, stage: Stage, config: Config) -> bool:
     if setup.algorithm.rollout is not None:
         rollout = dict(reward=stage_reward(run, stage, config), eos_token_id=run.encoder.eos_id,
                        pad_token_id=run.encoder.pad_id)
-    inputs = {stage.data: file_digest(run.file(stage.data, stage))}
+    inputs = {stage.data: data_digest(run.file(stage.data, stage))}
     result = loops.train(setup, config, batches, out_dir=run.out, resume=run.resume,
                          log=run.log, train=run.train, inputs=inputs, **rollout)
     if result.preempted:
@@ -415,6 +432,7 @@ def _pipeline_summary(run: Run, started: float) -> dict:
         write_report(out / "metrics.jsonl", png, title="jrlhf pipeline", notes=[
             f"held-out annotator score: SFT {scores['sft']:.2f} -> PPO {scores['ppo']:.2f}",
             f"KL(PPO || SFT) {kls['ppo']:.2f} nats/response"])
+        wandb_log.log_image(out, "report", png)
     summary = {
         "score_sft": scores["sft"], "score_ppo": scores["ppo"], "kl_ppo_to_sft": kls["ppo"],
         "leaderboard": [{k: r[k] for k in ("name", "rating", "ci", "wins", "losses", "ties")}

@@ -31,15 +31,19 @@ FEATURES = {
 
 
 def source_fingerprint(path: str | os.PathLike, on_bad_row: str) -> str:
-    """Changes whenever the file's path, size or modification time (or the bad-row policy) does."""
+    """Changes whenever the file's path, size or modification time (or the bad-row policy) does;
+    for a `datasets` folder, whenever any file in it is added, removed or changed."""
     path = Path(path).resolve()
-    st = path.stat()
-    key = f"{path}|{st.st_size}|{st.st_mtime_ns}|{on_bad_row}"
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    key = "|".join([str(path), on_bad_row] + [
+        f"{f.relative_to(path) if f != path else ''}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
+        for f in files])
     return hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
 class _LocalFile(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """A local JSONL(.gz) / Parquet file of one kind as a one-split (`train`) TFDS dataset."""
+    """A local JSONL(.gz) / Parquet file (or a `datasets` save_to_disk folder) of one kind as a
+    one-split (`train`) TFDS dataset."""
 
     VERSION = tfds.core.Version("1.0.0")
     KIND = ""

@@ -1,6 +1,11 @@
 """Reading local data files and validating their rows into four normalised layouts.
 
-Sources: JSONL (`.jsonl`, `.json`, optionally `.gz`) and Parquet. Every row becomes one of:
+Sources: JSONL (`.jsonl`, `.json`, optionally `.gz`), Parquet, and a folder written by
+`datasets`' `save_to_disk` (a `Dataset`, or a `DatasetDict` of one split; needs the optional
+`datasets` package: `jrlhf[datasets]`). Rows may use TRL's layouts: `prompt`/`completion`,
+`messages`, `prompt`/`chosen`/`rejected` and `chosen`/`rejected` alone (implicit prompt), each
+as strings or as conversations (lists of `{"role", "content"}` messages). Every row becomes one
+of:
 
 - sft:      {"prompt": str, "response": str, "messages": str (JSON of the prompt turns or "")}
 - rankings: {"prompt": str, "messages": str, "responses": [str, ...], "ranks": [int, ...]}
@@ -8,7 +13,8 @@ Sources: JSONL (`.jsonl`, `.json`, optionally `.gz`) and Parquet. Every row beco
             new tokens; 0 when the row gives none: the rollout's `max_new_tokens`)}
 
 (pairwise preferences are rankings with two responses ranked [1, 2]). A bad row raises
-`BadRow` naming the file, the line (1-based; the row index for Parquet) and the field.
+`BadRow` naming the file, the line (1-based; the row index for Parquet and `datasets` folders)
+and the field.
 """
 
 from __future__ import annotations
@@ -31,22 +37,46 @@ class BadRow(ValueError):
         super().__init__(f"{path}:{line}: field {field!r}: {why}")
 
 
+class MissingExtra(ModuleNotFoundError, ValueError):
+    """An optional package a feature needs is not installed; the message names the extra.
+
+    Also a `ValueError`, so the CLI reports it as its one error line."""
+
+
+def _without_nones(value):
+    """A row without its None (JSON null) fields: a null field is an absent one. Columnar
+    files (Parquet, `datasets`, and JSONL written from them) store a key that some rows lack
+    (`name` in one message, `messages` beside `prompt` rows) as None in the others."""
+    if isinstance(value, dict):
+        return {k: _without_nones(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nones(v) for v in value]
+    return value
+
+
 def read_rows(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
-    """`(line number, decoded row)` for each row of a JSONL(.gz) or Parquet file.
+    """`(line number, decoded row)` for each row of a JSONL(.gz) or Parquet file, or of a
+    `datasets` `save_to_disk` folder (`saved_dataset`).
 
     Undecodable rows are yielded as `BadRow` instances, so callers decide whether to raise.
     """
     path = Path(path)
+    if path.is_dir():
+        rows = saved_dataset(path)
+        yield from ((i, _without_nones(row)) for i, row in enumerate(rows, start=1))
+        return
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} not found")
     name = path.name.lower()
     if name.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        yield from enumerate(pq.read_table(path).to_pylist(), start=1)
+        rows = pq.read_table(path).to_pylist()
+        yield from ((i, _without_nones(row)) for i, row in enumerate(rows, start=1))
         return
     if not name.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
-        raise ValueError(f"{path}: unsupported data file (use .jsonl, .jsonl.gz or .parquet)")
+        raise ValueError(f"{path}: unsupported data file (use .jsonl, .jsonl.gz, .parquet or a "
+                         "folder written by datasets' save_to_disk)")
     opener = gzip.open if name.endswith(".gz") else open
     try:
         yield from _json_lines(path, opener)
@@ -54,6 +84,42 @@ def read_rows(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
         # A damaged file is an error whatever `on_bad_row` says: no row of it can be trusted.
         kind = "gzip-compressed JSONL" if opener is gzip.open else "JSONL"
         raise ValueError(f"{path}: cannot be read as {kind} ({type(err).__name__}: {err})")\
+            from None
+
+
+def saved_dataset(path: Path):
+    """The `datasets.Dataset` saved in folder `path` by `save_to_disk` (a `DatasetDict`'s
+    folder: its only split; with several, the error names the split folders to choose from).
+
+    Raises:
+        ValueError: a folder that `save_to_disk` did not write, or a DatasetDict of several
+            splits. MissingExtra: `datasets` is not installed.
+    """
+    if (path / "dataset_dict.json").is_file():
+        try:
+            splits = list(json.loads((path / "dataset_dict.json").read_text())["splits"])
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{path / 'dataset_dict.json'}: not a DatasetDict index "
+                             f"({type(err).__name__}: {err})") from None
+        if len(splits) != 1:
+            raise ValueError(f"{path}: a DatasetDict of splits {', '.join(splits)}; name one "
+                             f"split's folder, e.g. {path / splits[0]}")
+        path = path / splits[0]
+    if not (path / "state.json").is_file():
+        raise ValueError(f"{path}: a folder, but not one written by datasets' save_to_disk (no "
+                         "state.json or dataset_dict.json); data files are .jsonl, .jsonl.gz or "
+                         ".parquet")
+    try:
+        import datasets
+    except ModuleNotFoundError:
+        raise MissingExtra(f"{path}: reading a folder written by datasets' save_to_disk needs "
+                           "the datasets package: pip install 'jrlhf[datasets]'",
+                           name="datasets") from None
+    try:
+        return datasets.load_from_disk(str(path))
+    except Exception as err:  # noqa: BLE001 - datasets and pyarrow raise many types here
+        text = " ".join(str(err).split())
+        raise ValueError(f"{path}: datasets cannot load it ({type(err).__name__}: {text})")\
             from None
 
 
@@ -69,7 +135,7 @@ def _json_lines(path: Path, opener) -> Iterator[tuple[int, Any]]:
                                                   f"{err.start})")
                 continue
             try:
-                yield i, json.loads(text)
+                yield i, _without_nones(json.loads(text))
             except json.JSONDecodeError as err:
                 yield i, BadRow(path, i, "<row>", f"not valid JSON ({err.msg})")
 
@@ -109,16 +175,41 @@ def _messages(row: Row, field: str = "messages") -> list[dict]:
     return msgs
 
 
+def _conversation_prompt(row: Row, msgs: list[dict], field: str) -> dict:
+    """`prompt` (the last turn's text) and `messages` (JSON) of prompt turns `msgs` that a
+    response answers: they must not end with the assistant's own turn."""
+    if msgs[-1]["role"] == "assistant":
+        row.fail(f"{field}[{len(msgs) - 1}].role", "the prompt ends with an assistant turn; it "
+                                                   "must end with the turn the response answers")
+    return {"prompt": msgs[-1]["content"], "messages": json.dumps(msgs)}
+
+
 def _prompt(row: Row) -> dict:
-    """`prompt` text and `messages` (JSON) from either a `prompt` string or chat `messages`."""
+    """`prompt` text and `messages` (JSON) from a `prompt` string, chat `messages`, or TRL's
+    conversational `prompt` (a list of messages)."""
+    if isinstance(row.data.get("prompt"), list):
+        return _conversation_prompt(row, _messages(row, "prompt"), "prompt")
     if "messages" in row.data and "prompt" not in row.data:
         msgs = _messages(row)
         return {"prompt": msgs[-1]["content"], "messages": json.dumps(msgs)}
     return {"prompt": row.text("prompt"), "messages": ""}
 
 
+def _reply(row: Row, field: str) -> str:
+    """The text of response `field`: a string, or TRL's conversational form, a list of one
+    assistant message."""
+    if not isinstance(row.data.get(field), list):
+        return row.text(field)
+    msgs = _messages(row, field)
+    if len(msgs) != 1 or msgs[0]["role"] != "assistant":
+        row.fail(field, f"expected one assistant message, got roles "
+                        f"{[m['role'] for m in msgs]}")
+    return msgs[0]["content"]
+
+
 def normalise_sft(row: Row) -> dict:
-    if "messages" in row.data and "response" not in row.data:
+    data = row.data
+    if "messages" in data and "response" not in data and "completion" not in data:
         msgs = _messages(row)
         if msgs[-1]["role"] != "assistant" or len(msgs) < 2:
             row.fail("messages", "the last message must be the assistant's reply to a prompt")
@@ -126,7 +217,9 @@ def normalise_sft(row: Row) -> dict:
             row.fail("messages[-1].content", "empty")
         return {"prompt": msgs[-2]["content"], "response": msgs[-1]["content"],
                 "messages": json.dumps(msgs[:-1])}
-    return {**_prompt(row), "response": row.text("response")}
+    # TRL's prompt-completion layout, or ours (prompt, response)
+    field = "completion" if "completion" in data and "response" not in data else "response"
+    return {**_prompt(row), "response": _reply(row, field)}
 
 
 def split_shared_prefix(chosen: str, rejected: str, marker: str = "\n\nAssistant:"):
@@ -139,6 +232,32 @@ def split_shared_prefix(chosen: str, rejected: str, marker: str = "\n\nAssistant
         return None
     end = cut + len(marker)
     return chosen[:end], chosen[end:], rejected[end:]
+
+
+def split_shared_turns(row: Row) -> tuple[dict, str, str]:
+    """TRL's implicit prompt for conversations: `chosen` and `rejected` share their leading
+    messages (the prompt); after them each holds one assistant message (the reply).
+
+    Returns `(prompt, chosen_reply, rejected_reply)`, the prompt as `_prompt` gives it.
+    """
+    chosen, rejected = _messages(row, "chosen"), _messages(row, "rejected")
+    if chosen == rejected:
+        row.fail("rejected", "identical to 'chosen': the pair gives no preference")
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0:
+        row.fail("chosen[0]", "no 'prompt' field and no leading messages shared with "
+                              "'rejected' (the implicit prompt)")
+    replies = []
+    for field, msgs in (("chosen", chosen), ("rejected", rejected)):
+        rest = msgs[n:]
+        if len(rest) != 1 or rest[0]["role"] != "assistant":
+            row.fail(f"{field}[{n}:]", f"after the {n} messages shared by 'chosen' and "
+                                       f"'rejected' (the prompt) expected one assistant "
+                                       f"message, got roles {[m['role'] for m in rest]}")
+        replies.append(rest[0]["content"])
+    return _conversation_prompt(row, chosen[:n], "chosen"), replies[0], replies[1]
 
 
 def ranks_from_scores(scores: list[float]) -> list[int]:
@@ -204,10 +323,13 @@ def normalise_rankings(row: Row) -> dict:
         _check_ranked_apart(row, responses, ranks, "completions[{}].response")
         return {**prompt, "responses": responses, "ranks": ranks}
     if "chosen" in data and "rejected" in data:
-        chosen, rejected = row.text("chosen"), row.text("rejected")
         if "prompt" in data or "messages" in data:
             prompt = _prompt(row)
+            chosen, rejected = _reply(row, "chosen"), _reply(row, "rejected")
+        elif isinstance(data["chosen"], list) or isinstance(data["rejected"], list):
+            prompt, chosen, rejected = split_shared_turns(row)
         else:
+            chosen, rejected = row.text("chosen"), row.text("rejected")
             split = split_shared_prefix(chosen, rejected)
             if split is None:
                 row.fail("chosen", "no 'prompt' field and no shared dialogue prefix ending in "
@@ -221,7 +343,7 @@ def normalise_rankings(row: Row) -> dict:
         if chosen.strip() == rejected.strip():
             row.fail("rejected", "identical to 'chosen': the pair gives no preference")
         return {**prompt, "responses": [chosen, rejected], "ranks": [1, 2]}
-    row.fail("responses", "missing: expected {prompt, responses, ranks}, {prompt, chosen, "
+    row.fail("responses", "missing: expected {prompt, responses, ranks}, {[prompt,] chosen, "
                           "rejected} or {instruction, completions}")
 
 
