@@ -417,7 +417,8 @@ PPO = register(Algorithm(
     summary_keys=("score/mean", "ppo/kl", "ppo/kl_coef", "ppo/entropy", "ppo/response_length",
                   "ppo/clipfrac", "value/error"),
     driver=rollout_driver, reward_source=REWARD_MODEL_PATH,
-    rollout=lambda c: RolloutSpec(update_epochs=c.ppo.epochs),
+    rollout=lambda c: RolloutSpec(update_epochs=c.ppo.epochs, tis_cap=c.ppo.tis_cap,
+                                  tis_cap_key="ppo.tis_cap"),
     trained_tree=_ppo_tree, policy_key="policy", reference=True,
     kl_coef=lambda c: c.ppo.kl_coef,
     exported=lambda cfg, params: without_scalar_head(cfg, params)))
@@ -459,7 +460,8 @@ def _group_relative(name: str, help: str, settings=()) -> Algorithm:
             group_size=c.grpo.group_size, dynamic_sampling=c.grpo.dynamic_sampling,
             max_refills=c.grpo.max_refills, update_epochs=c.grpo.epochs,
             # A single-pass update's own forward gives the log-probs and the entropy metric.
-            score_policy=not _grpo_single_pass(c), with_entropy=not _grpo_single_pass(c)),
+            score_policy=not _grpo_single_pass(c), with_entropy=not _grpo_single_pass(c),
+            tis_cap=c.grpo.tis_cap, tis_cap_key="grpo.tis_cap"),
         reference=True, settings=settings)
 
 

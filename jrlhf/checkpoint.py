@@ -27,6 +27,7 @@ counter and moments as JSON `loop` metadata) are restored into one (`_legacy_arr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -54,6 +55,9 @@ def _rl_arrays(rl: RLState) -> dict:
                           "var": rl.moments.var}, "iteration": rl.iteration}
     if rl.kl_coef is not None:
         arrays["kl_coef"] = rl.kl_coef
+    if rl.pool is not None:  # partial rollouts: the groups carried to the next iteration
+        arrays["pool"] = {f.name: getattr(rl.pool, f.name)
+                          for f in dataclasses.fields(rl.pool)}
     return arrays
 
 
@@ -90,9 +94,10 @@ def _restored_rl(template: RLState | None, arrays: dict, meta: dict, legacy: boo
         return None
     if not legacy:
         held = arrays["rl"]
+        pool = None if template.pool is None else template.pool.replace(**held["pool"])
         return template.replace(kl_coef=held.get("kl_coef"),
                                 moments=template.moments.replace(**held["moments"]),
-                                iteration=held["iteration"])
+                                iteration=held["iteration"], pool=pool)
     loop = meta.get("loop", {})
     count, mean, var = loop.get("moments", (0.0, 0.0, 1.0))
     values = template.replace(

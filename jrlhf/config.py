@@ -223,9 +223,17 @@ class RolloutConfig:
     # batching (every row of a call decodes until its longest ends). At most the rows sampled
     # per call (an iteration's prompts × group size).
     slots: int = bounded(0, ge=0)
+    # Partial rollouts (needs slots): an iteration trains on the first groups to end; the rest
+    # carry on into the next iteration under the new weights, each token tagged with the policy
+    # version that drew it and its behaviour log-prob (corrected by ppo/grpo.tis_cap). A group
+    # holding a token more than max_staleness versions old is dropped. 0 = synchronous.
+    max_staleness: int = bounded(0, ge=0)
 
     def __post_init__(self):
         _check_ranges("rollout", self)
+        if self.max_staleness and not self.slots:
+            raise ValueError(f"rollout.max_staleness={self.max_staleness} needs continuous "
+                             "batching: set rollout.slots (e.g. the rows an iteration samples)")
         if self.overlong not in ("keep", "mask", "penalty"):
             raise ValueError(f"rollout.overlong must be keep|mask|penalty, got {self.overlong!r}")
         if self.overlong_buffer >= self.max_new_tokens:
@@ -454,6 +462,12 @@ class RunConfig:
     # the CPU only (XLA:CPU maps each step's temp buffer afresh otherwise), "keep" always,
     # "system" never. Applied by the CLI before JAX starts.
     host_memory: str = "auto"
+    # Weights & Biases beside TensorBoard (`jrlhf.wandb_log`; `pip install 'jrlhf[wandb]'`):
+    # on when a project is named; entity "" = your default; name "" = the run folder's name.
+    # WANDB_MODE=offline keeps it on disk (`wandb sync` uploads it later).
+    wandb_project: str = ""
+    wandb_entity: str = ""
+    wandb_name: str = ""
 
     def __post_init__(self):
         _check_ranges("run", self)
@@ -667,8 +681,8 @@ def apply_overrides(config, assignments: list[str]):
 RESUME_SAFE = ("run.out_dir", "run.log_every", "run.progress", "run.save_every",
                "run.keep_checkpoints", "run.coordinator_address", "run.num_processes",
                "run.process_id", "run.allow_changed", "run.restart_stages", "run.host_memory",
-               "run.peer_timeout_s", "run.startup_timeout_s", "mesh.data",
-               "mesh.fsdp", "mesh.tensor")
+               "run.peer_timeout_s", "run.startup_timeout_s", "run.wandb_project",
+               "run.wandb_entity", "run.wandb_name", "mesh.data", "mesh.fsdp", "mesh.tensor")
 
 
 def flatten_dict(data: dict) -> dict[str, Any]:

@@ -11,20 +11,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jrlhf import rl, sharding
+from jrlhf import partial, rl, sharding
 from jrlhf.config import Config, RolloutConfig
-from jrlhf.continuous import generate_continuous
+from jrlhf.continuous import generate_continuous, generate_partial
 from jrlhf.models.config import ModelConfig
 from jrlhf.rewards import Reward, check_finite
 from jrlhf.rng import stream_key
-from jrlhf.sampling import generate
+from jrlhf.sampling import Generation, generate
 from jrlhf.steps.rollout import score_rollout
 
 __all__ = ["Reward", "RolloutLoop", "RolloutSpec", "decode_texts", "make_sampler",
@@ -44,6 +46,9 @@ class RolloutSpec:
     score_policy: the scoring forward computes the policy's log-probs (and values); False when
         the update is a single pass that takes them from its own forward (then only the
         reference and the reward are scored).
+    tis_cap / tis_cap_key: the update's truncated-importance-sampling cap and its config key:
+        partial rollouts (`rollout.max_staleness`) need it on, the correction for tokens drawn
+        by older policy versions.
     """
 
     group_size: int = 1
@@ -52,6 +57,8 @@ class RolloutSpec:
     with_entropy: bool = False
     update_epochs: int = 1
     score_policy: bool = True
+    tis_cap: float = 0.0
+    tis_cap_key: str = ""
 
 
 def decode_texts(tokenizer, tokens, mask) -> list[str]:
@@ -173,40 +180,80 @@ class RolloutLoop:
         self.more_prompts = more_prompts
         self.sample = make_sampler(setup.model_cfg, r, eos_token_id, pad_token_id,
                                    num_samples=self.group, mesh=setup.mesh)
+        self.sample_partial = None  # partial rollouts' sampler
+        if r.max_staleness:
+            self.sample_partial = self._partial_sampler(r, spec, eos_token_id, pad_token_id)
         self.score = jax.jit(functools.partial(
             score_rollout, policy_cfg=setup.model_cfg, value_cfg=setup.value_cfg,
             reward_fn=reward.device_fn(), missing_eos_penalty=r.missing_eos_penalty,
             lora_scale=setup.lora_scale, eos_token_id=eos_token_id,
             with_entropy=spec.with_entropy, with_policy=spec.score_policy))
 
-    def _sample_and_score(self, state, prompts, key) -> dict:
-        """Generate and score one prompt batch: the rollout `batch` (its `scores` raw, after
-        overlong handling), the reward model's `raw` scores, response `lengths`, `truncated`
-        rows, phase seconds and sequence tokens. A prompt batch may carry `max_new_tokens [G]`,
-        each prompt's own length budget (capped at `rollout.max_new_tokens`; 0: that)."""
+    def _partial_sampler(self, r: RolloutConfig, spec: RolloutSpec, eos_token_id,
+                         pad_token_id):
+        """`generate_partial` with the rollout settings, after refusing what partial rollouts
+        cannot do (one line each)."""
         setup = self.setup
+        if spec.dynamic_sampling:
+            raise ValueError(f"rollout.max_staleness={r.max_staleness} with dynamic sampling: "
+                             "the two do not combine (yet); turn one off")
+        if not spec.tis_cap:
+            raise ValueError(
+                f"rollout.max_staleness={r.max_staleness}: carried tokens are drawn by older "
+                f"policy versions, which the update must correct for with their behaviour "
+                f"log-probs: set {spec.tis_cap_key or 'the update’s tis_cap'} (e.g. 2)")
+        cfg = setup.model_cfg
+        if r.dtype:
+            cfg = dataclasses.replace(cfg, dtype=r.dtype)
+        split = setup.mesh is not None and r.slots % sharding.batch_devices(setup.mesh) == 0
+        return functools.partial(
+            generate_partial, cfg, max_new_tokens=r.max_new_tokens, slots=r.slots,
+            temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id, num_samples=self.group,
+            cache_dtype=r.kv_cache_dtype or None,
+            batch_sharding=sharding.batch_sharding(setup.mesh) if split else None)
+
+    def _prompt_budgets(self, prompts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`(prompt_ids, prompt_mask [G, P], budgets [G])` of a prompt batch, whole on every
+        process (a host loads only its rows of it). A prompt batch may carry `max_new_tokens
+        [G]`, each prompt's own length budget (capped at `rollout.max_new_tokens`; 0: that)."""
         N = self.rollout.max_new_tokens
-        # The whole prompt batch on every process (a host loads only its rows of it).
         prompt_ids, prompt_mask = (sharding.to_host(prompts[k])
                                    for k in ("input_ids", "attention_mask"))
         budgets = np.full(len(prompt_ids), N, np.int32)
         if "max_new_tokens" in prompts:
             own = sharding.to_host(prompts["max_new_tokens"]).astype(np.int32)
             budgets = np.where(own > 0, np.minimum(own, N), N).astype(np.int32)
+        return prompt_ids, prompt_mask, budgets
+
+    def _sample_and_score(self, state, prompts, key) -> dict:
+        """Generate and score one prompt batch: the rollout `batch` (its `scores` raw, after
+        overlong handling), the reward model's `raw` scores, response `lengths`, `truncated`
+        rows, phase seconds and sequence tokens."""
+        setup = self.setup
+        prompt_ids, prompt_mask, budgets = self._prompt_budgets(prompts)
         row_budgets = np.repeat(budgets, self.group)
         # The group's K samples share one prefill of their prompt (generate's num_samples).
         ids, mask = (np.repeat(x, self.group, axis=0) for x in (prompt_ids, prompt_mask))
         if setup.mesh is not None:
-            batch_sh = sharding.batch_sharding(setup.mesh)
-            ids, mask = sharding.put((ids, mask), batch_sh)
             split = len(prompt_ids) % sharding.batch_devices(setup.mesh) == 0
-            prompt_sh = batch_sh if split else sharding.replicated(setup.mesh)
+            prompt_sh = (sharding.batch_sharding(setup.mesh) if split
+                         else sharding.replicated(setup.mesh))
             prompt_ids, prompt_mask, budgets = sharding.put((prompt_ids, prompt_mask, budgets),
                                                             prompt_sh)
-        ids, mask = jnp.asarray(ids), jnp.asarray(mask)
         sample = functools.partial(self.sample, budgets=jnp.asarray(budgets))
         gen, t_gen = _timed(sample, setup.policy_params(state.params),
                             jnp.asarray(prompt_ids), jnp.asarray(prompt_mask), key)
+        return self._score(state, ids, mask, gen, row_budgets, t_gen)
+
+    def _score(self, state, ids, mask, gen: Generation, row_budgets, t_gen: float) -> dict:
+        """Score generated rows (`ids, mask [B, P]`: each row's prompt, NumPy) — see
+        `_sample_and_score`."""
+        setup = self.setup
+        N = self.rollout.max_new_tokens
+        if setup.mesh is not None:
+            ids, mask = sharding.put((ids, mask), sharding.batch_sharding(setup.mesh))
+        ids, mask = jnp.asarray(ids), jnp.asarray(mask)
         tree = state.params if self.keyed_tree else {"policy": state.params}
         started = time.perf_counter()
         # Dispatched, not awaited: host reward functions run while the device scores.
@@ -228,7 +275,64 @@ class RolloutLoop:
                                                           row_budgets)
         return {"batch": batch, "raw": np.asarray(raw), "lengths": lengths,
                 "truncated": truncated, "t_gen": t_gen, "t_score": t_score,
+                "generated_tokens": int(lengths.sum()),
                 "seq_tokens": ids.shape[0] * (ids.shape[1] + N)}
+
+    def _partial_rollout(self, state, prompts, key) -> tuple[dict, Any, dict]:
+        """Partial rollouts (`jrlhf.partial`): one `generate_partial` call over the carried
+        groups and new prompts, stopping once G (a prompt batch's groups) have ended; trains
+        on those, oldest first, and carries the rest in the pool (2G entries). The queue holds
+        at least 2G groups: this batch's prompts, and the next batch of the stage's prompts too
+        (`more_prompts`) while the pool holds fewer than G. Returns `(scored, pool, metrics)`,
+        `scored` as `_sample_and_score`'s, `pool` the next iteration's (placed like the
+        state's)."""
+        setup, r, K = self.setup, self.rollout, self.group
+        it = int(state.rl.iteration)
+        pool = jax.tree.map(sharding.to_host, state.rl.pool)
+        C, width = pool.prompt_ids.shape
+        stale = partial.stale_groups(pool, it, r.max_staleness)
+        occupied = pool.occupied & ~stale
+        batches = [prompts]
+        if occupied.sum() < C // 2 and self.more_prompts is not None:
+            batches += list(itertools.islice(self.more_prompts, 1))
+        new = [self._prompt_budgets(b) for b in batches]
+        for ids, _, _ in new:
+            if ids.shape[0] != C // 2 or ids.shape[1] > width:
+                raise ValueError(f"partial rollouts: a prompt batch of {ids.shape} where the "
+                                 f"carried pool holds prompt batches of ({C // 2}, {width}) "
+                                 f"(prompts per iteration x data.max_prompt_length)")
+        queue = partial.build_queue(pool, occupied, new, it)
+        args = (queue.prompt_ids, queue.prompt_mask, key, queue.resumed, queue.real,
+                np.int32(C // 2))
+        if setup.mesh is not None:
+            args = sharding.put(args, sharding.replicated(setup.mesh))
+        sample = functools.partial(self.sample_partial, budgets=jnp.asarray(queue.budgets))
+        (gen, finished), t_gen = _timed(sample, setup.policy_params(state.params), *args)
+        tokens, mask, logprobs, finished = (sharding.to_host(x) for x in (
+            gen.tokens, gen.mask, gen.logprobs, finished))
+        settled = partial.settle(queue, mask, finished, it, C // 2)
+        rows = partial.group_rows(settled.chosen, K)
+        scored = self._score(
+            state, np.repeat(queue.prompt_ids[settled.chosen], K, 0),
+            np.repeat(queue.prompt_mask[settled.chosen], K, 0),
+            Generation(tokens[rows], mask[rows], logprobs[rows], gen.steps,
+                       sharding.to_host(gen.temperature)[rows]), queue.budgets[rows], t_gen)
+        scored["generated_tokens"] = int(settled.drawn_now.sum())
+        lengths = mask.sum(1).astype(np.int32)
+        lag = (it - settled.versions[rows])[mask[rows] > 0]
+        in_flight = (lengths > 0) & ~finished
+        metrics = {"partial/version_lag_mean": float(lag.mean()),
+                   "partial/version_lag_max": float(lag.max()),
+                   "partial/dropped_groups": float(stale.sum()),
+                   "partial/carried_groups": float(len(settled.carried)),
+                   "partial/carried_in_progress": float(
+                       in_flight[partial.group_rows(settled.carried, K)].sum()),
+                   "partial/slot_utilisation": scored["generated_tokens"] / max(
+                       1, self.sample_partial.keywords["slots"] * int(gen.steps))}
+        fields = partial.next_pool(C, queue, settled, tokens, logprobs, lengths, finished)
+        placed = jax.tree.map(lambda x, old: sharding.put(x.astype(old.dtype), old.sharding),
+                              state.rl.pool.replace(**fields), state.rl.pool)
+        return scored, placed, metrics
 
     def _handle_overlong(self, batch, raw, gen, row_budgets):
         """`(batch with its scores, lengths, truncated)`: a row that used its whole budget
@@ -305,7 +409,12 @@ class RolloutLoop:
             raise ValueError("a rollout loop's state carries an RLState (state.rl: its "
                              "iteration counter keys the sampler); make_setup builds one")
         key = jax.random.fold_in(self.key, int(state.rl.iteration))
-        first = self._sample_and_score(state, prompts, key)
+        carried = {}  # partial rollouts' metrics
+        if self.sample_partial is not None:
+            first, pool, carried = self._partial_rollout(state, prompts, key)
+            state = state.replace(rl=state.rl.replace(pool=pool))
+        else:
+            first = self._sample_and_score(state, prompts, key)
         batch, rounds, dynamic = first["batch"], [first], {}
         if self.spec.dynamic_sampling:
             batch, rounds, dynamic = self._refill_groups(state, first, key)
@@ -323,9 +432,9 @@ class RolloutLoop:
             "response_length_max": float(lengths.max()),
             "truncated_share": float(np.mean(truncated)),
             "time/generate": t_gen, "time/score": t_score, "time/update": t_update,
-            "tokens_per_s/generate": float(lengths.sum()) / t_gen,
+            "tokens_per_s/generate": sum(r["generated_tokens"] for r in rounds) / t_gen,
             "tokens_per_s/score": seq_tokens / t_score,
             "tokens_per_s/update": first["seq_tokens"] * epochs / t_update,
-            **dynamic,
+            **dynamic, **carried,
         })
         return state, metrics

@@ -24,7 +24,7 @@ from jrlhf.config import Config, derive
 from jrlhf.heads import reward_model_init, with_scalar_head, without_scalar_head
 from jrlhf.models.config import ModelConfig
 from jrlhf.rng import stream_key, stream_seed
-from jrlhf.state import RLState, TrainState
+from jrlhf.state import RLState, RolloutPool, TrainState
 from jrlhf.steps.common import state_shardings
 
 __all__ = ["Setup", "batch_shapes", "default_mesh", "initial_weights", "make_setup",
@@ -147,7 +147,8 @@ def make_setup(algorithm: str | Algorithm, config: Config, model_cfg: ModelConfi
         reference = None
         if record.reference and not use_lora:  # with LoRA the base weights serve
             reference = jax.tree.map(jnp.array, policy)
-        rl = None if record.rollout is None else RLState.create(record.kl_coef(config))
+        rl = None if record.rollout is None else RLState.create(
+            record.kl_coef(config), rollout_pool(record, config))
         state = TrainState.create(tree, tx, stream_key(config.run.seed, name, "state"), rl=rl,
                                   copy=False)
         return state, reference
@@ -162,6 +163,16 @@ def make_setup(algorithm: str | Algorithm, config: Config, model_cfg: ModelConfi
                   configs["model"], mesh, configs["value"], reference,
                   config.lora.scale if use_lora else 0.0)
     return dataclasses.replace(setup, step=record.make_step(setup, config))
+
+
+def rollout_pool(record, config: Config) -> RolloutPool | None:
+    """The empty pool partial rollouts carry groups in (`rollout.max_staleness > 0`): two
+    entries per prompt of an iteration (`RolloutLoop` keeps 2 to 3 batches of groups in
+    flight)."""
+    if not config.rollout.max_staleness:
+        return None
+    return RolloutPool.empty(2 * record.batch_size(config), record.rollout(config).group_size,
+                             config.data.max_prompt_length, config.rollout.max_new_tokens)
 
 
 def _place(state, reference, mesh):

@@ -3,6 +3,7 @@ carries from one rollout iteration to the next)."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -14,6 +15,47 @@ from jrlhf.rl import RunningMoments
 
 
 @struct.dataclass
+class RolloutPool:
+    """Partial rollouts (`rollout.max_staleness > 0`): the groups an iteration sampled but did not
+    train on, carried into the next — rows mid-response or ended, never-started rows too —
+    with, per token, the policy version that drew it and its behaviour log-prob. C groups of K
+    rows (C = the prompts per iteration); rows of group c are cK .. cK+K−1.
+
+    prompt_ids, prompt_mask: `[C, P]` the groups' prompts (left-padded).
+    budgets: `[C·K]` int32 each row's length budget.
+    tokens, logprobs, versions: `[C·K, N]` generated tokens, their sampler log-probs and the
+        rollout iteration (= policy version) that sampled each (0 past a row's length).
+    lengths: `[C·K]` int32 tokens generated so far; finished: `[C·K]` bool ended (EOS/budget).
+    occupied: `[C]` bool the entry holds a group; born: `[C]` int32 the iteration its prompt
+        was taken in (older groups train first).
+    """
+
+    prompt_ids: jax.Array
+    prompt_mask: jax.Array
+    budgets: jax.Array
+    tokens: jax.Array
+    logprobs: jax.Array
+    versions: jax.Array
+    lengths: jax.Array
+    finished: jax.Array
+    occupied: jax.Array
+    born: jax.Array
+
+    @classmethod
+    def empty(cls, groups: int, group_size: int, prompt_length: int,
+              max_new_tokens: int) -> "RolloutPool":
+        rows = groups * group_size
+        i32 = functools.partial(jnp.zeros, dtype=jnp.int32)
+        return cls(prompt_ids=i32((groups, prompt_length)),
+                   prompt_mask=i32((groups, prompt_length)), budgets=i32((rows,)),
+                   tokens=i32((rows, max_new_tokens)),
+                   logprobs=jnp.zeros((rows, max_new_tokens), jnp.float32),
+                   versions=i32((rows, max_new_tokens)), lengths=i32((rows,)),
+                   finished=jnp.zeros((rows,), bool), occupied=jnp.zeros((groups,), bool),
+                   born=i32((groups,)))
+
+
+@struct.dataclass
 class RLState:
     """What an RL run carries between rollout iterations, as arrays in the train state (so it
     is sharded, donated and checkpointed like the params, not kept as host side state).
@@ -22,16 +64,19 @@ class RLState:
         None for algorithms whose KL weight is a fixed loss coefficient of their config (GRPO).
     moments: the reward normaliser's running count / mean / variance of raw scores.
     iteration: `()` int32 rollout iterations done (the sampler's key folds it in).
+    pool: the groups partial rollouts carry between iterations (None: synchronous rollouts).
     """
 
     kl_coef: jax.Array | None
     moments: RunningMoments
     iteration: jax.Array
+    pool: RolloutPool | None = None
 
     @classmethod
-    def create(cls, kl_coef: float | None = None) -> "RLState":
+    def create(cls, kl_coef: float | None = None, pool: RolloutPool | None = None) -> "RLState":
         return cls(kl_coef=None if kl_coef is None else jnp.asarray(kl_coef, jnp.float32),
-                   moments=RunningMoments.create(), iteration=jnp.zeros((), jnp.int32))
+                   moments=RunningMoments.create(), iteration=jnp.zeros((), jnp.int32),
+                   pool=pool)
 
 
 @struct.dataclass

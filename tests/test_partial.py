@@ -3,6 +3,8 @@ have ended, the next call resumes the rows left mid-response (prefilled under th
 given) — chained to the end they give the uninterrupted run's tokens; a resumed row's sampler
 log-probs are those of the weights that drew each token."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,3 +108,116 @@ def test_groups_that_are_not_real_never_count_and_finished_rows_are_not_decoded(
     assert np.asarray(finished).all()
     mask_out = np.asarray(gen.mask)
     assert mask_out[[0, 1, 6, 7]].sum() == 0 and mask_out[2:6].sum(1).tolist() == [N] * 4
+
+
+# ---------------------------------------------------------------------------------------------
+# The rollout loop with partial rollouts (`rollout.max_staleness`).
+
+BUDGETS_PER_PROMPT = np.array([8, 2, 6, 3])
+
+
+class PromptStream:
+    """Prompt batches of 4 with per-prompt budgets, resumable (`get_state` / `set_state`)."""
+
+    def __init__(self, budgets=BUDGETS_PER_PROMPT):
+        self.i, self.budgets = 0, np.asarray(budgets)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        rng = np.random.RandomState(self.i)
+        self.i += 1
+        ids = rng.randint(4, 16, (4, 4)).astype(np.int32)
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                "max_new_tokens": np.roll(self.budgets, self.i)}
+
+    def get_state(self):
+        return {"i": self.i}
+
+    def set_state(self, state):
+        self.i = state["i"]
+
+
+def partial_config(iterations=4, out_dir="runs/partial", **rollout):
+    from jrlhf.config import Config, DataConfig, GRPOConfig, RolloutConfig, RunConfig
+
+    rollout = dict(dict(max_new_tokens=8, slots=8, max_staleness=2), **rollout)
+    return Config(grpo=GRPOConfig(group_size=4, prompts_per_iteration=4, iterations=iterations,
+                                  tis_cap=2.0, learning_rate=1e-2),
+                  rollout=RolloutConfig(**rollout), data=DataConfig(max_prompt_length=4),
+                  run=RunConfig(progress=False, out_dir=out_dir, save_every=1,
+                                allow_changed=("grpo.iterations",)))
+
+
+def train_partial(config, out_dir=None, resume=False, budgets=BUDGETS_PER_PROMPT, eos=5):
+    from test_ppo_loop import CFG, count_target
+
+    from jrlhf.loops import train
+    from jrlhf.rollouts import Reward
+    from jrlhf.setups import make_setup
+
+    setup = make_setup("grpo", config, CFG, init_params(CFG, 0))
+    return train(setup, config, PromptStream(budgets), reward=Reward(fn=count_target),
+                 eos_token_id=eos, out_dir=out_dir, resume=resume, log=None)
+
+
+def test_partial_rollouts_carry_groups_and_train_on_tokens_of_older_versions():
+    result = train_partial(partial_config(iterations=5))
+    history = result.history
+    lags = [m["partial/version_lag_max"] for m in history]
+    assert max(m["partial/carried_in_progress"] for m in history) > 0
+    assert 0 < max(lags) <= 2  # trained on tokens of earlier versions, never staler than 2
+    assert all(m["partial/carried_groups"] <= 4 for m in history)
+    # The behaviour log-probs differ from the updated policy's once tokens are stale.
+    assert max(m["mismatch/gap_max"] for m in history if m["partial/version_lag_max"] > 0) > 1e-3
+    # Slots stay busy: each call stops as soon as 4 groups end, with the queue not drained.
+    assert np.mean([m["partial/slot_utilisation"] for m in history[1:]]) > 0.85
+    pool = result.state.rl.pool
+    assert int(np.asarray(pool.occupied).sum()) == history[-1]["partial/carried_groups"]
+    assert int(result.state.rl.iteration) == 5
+
+
+def test_stale_groups_are_dropped_and_counted():
+    """One prompt of each batch needs 32 tokens, the others 1 (no EOS): an iteration ends
+    within a few steps, so a long group started at iteration i still runs at i + 2 and, with
+    max_staleness 1, is dropped then; nothing trained is staler than 1."""
+    config = partial_config(iterations=6, max_staleness=1, max_new_tokens=32, slots=16)
+    history = train_partial(config, budgets=[32, 1, 1, 1], eos=None).history
+    assert sum(m["partial/dropped_groups"] for m in history) >= 2
+    assert max(m["partial/version_lag_max"] for m in history) == 1
+
+
+@pytest.mark.slow
+def test_a_partial_rollout_run_preempted_and_resumed_equals_an_uninterrupted_one(tmp_path):
+    """The carried groups (mid-response rows, versions, behaviour log-probs) are in the
+    checkpoint: a run stopped after 2 iterations and resumed to 4 is byte-identical."""
+    full = train_partial(partial_config(4, str(tmp_path / "a")), tmp_path / "a")
+    train_partial(partial_config(2, str(tmp_path / "b")), tmp_path / "b")
+    resumed = train_partial(partial_config(4, str(tmp_path / "b")), tmp_path / "b", resume=True)
+    assert len(resumed.history) == 2
+    assert full.history[1]["partial/carried_in_progress"] > 0  # the checkpoint held some
+    jax.tree.map(np.testing.assert_array_equal, resumed.state.params, full.state.params)
+    jax.tree.map(np.testing.assert_array_equal, resumed.state.rl, full.state.rl)
+    def untimed(history):
+        return [{k: v for k, v in m.items() if not k.startswith(("time/", "tokens_per_s/"))}
+                for m in history]
+
+    assert untimed(resumed.history) == untimed(full.history[2:])
+
+
+def test_partial_rollouts_refuse_what_they_cannot_do():
+    from jrlhf.config import RolloutConfig
+
+    with pytest.raises(ValueError, match=r"rollout.max_staleness=2 needs continuous batching"):
+        RolloutConfig(max_staleness=2)
+    with pytest.raises(ValueError, match=r"rollout.max_staleness=-1 is out of range"):
+        RolloutConfig(max_staleness=-1, slots=2)
+    config = partial_config()
+    no_tis = dataclasses.replace(config, grpo=dataclasses.replace(config.grpo, tis_cap=0.0))
+    with pytest.raises(ValueError, match=r"older policy versions.*set grpo.tis_cap"):
+        train_partial(no_tis)
+    dynamic = dataclasses.replace(config, grpo=dataclasses.replace(config.grpo,
+                                                                   dynamic_sampling=True))
+    with pytest.raises(ValueError, match=r"with dynamic sampling: the two do not combine"):
+        train_partial(dynamic)

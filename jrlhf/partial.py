@@ -1,0 +1,121 @@
+"""Partial rollouts' host bookkeeping (`rollout.max_staleness > 0`), as pure NumPy functions.
+
+An iteration's queue is the carried pool's C = 2G groups followed by 2G entries for new prompt
+batches (one or two batches of G; the rest empty), the same shape every iteration so the
+sampler (`continuous.generate_partial`) compiles once. The sampler stops once G real groups have
+ended; `settle` picks those to train on (oldest first) and the rest stay in flight
+(`next_pool`). Each generated token carries the iteration (policy version) that drew it.
+
+Shapes: K rows per group, N = `rollout.max_new_tokens`, P the prompt width; a group's rows
+are consecutive (group g: rows gK .. gK+K−1), as everywhere in the rollout code.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from jrlhf.continuous import Resumption
+from jrlhf.state import RolloutPool
+
+
+class Queue(NamedTuple):
+    """One iteration's groups: the pool's, then the new prompts' (`Q = 4G` groups)."""
+
+    prompt_ids: np.ndarray  # [Q, P]
+    prompt_mask: np.ndarray  # [Q, P] (an empty entry has one real token: finite prefill)
+    budgets: np.ndarray  # [Q·K] int32
+    real: np.ndarray  # [Q] bool: the entry holds a group
+    born: np.ndarray  # [Q] int32: the iteration its prompt was taken in
+    versions: np.ndarray  # [Q·K, N] int32: the version that drew each token so far
+    resumed: Resumption  # what the rows have so far
+
+
+def stale_groups(pool: RolloutPool, iteration: int, max_staleness: int) -> np.ndarray:
+    """`[C]` bool: pool groups holding a token drawn more than `max_staleness` versions before
+    `iteration` (trained now or later, it would be staler than allowed)."""
+    C = len(pool.occupied)
+    N = pool.tokens.shape[1]
+    generated = np.arange(N)[None] < pool.lengths[:, None]
+    oldest = np.where(generated, pool.versions, iteration).min(1).reshape(C, -1).min(1)
+    return pool.occupied & (oldest < iteration - max_staleness)
+
+
+def build_queue(pool: RolloutPool, occupied: np.ndarray, new: list, iteration: int) -> Queue:
+    """The queue of the pool's `occupied [C]` groups and `new`, a list of one or two prompt
+    batches `(ids [G, P'], mask [G, P'], budgets [G])` (P' ≤ P: left-padded to P)."""
+    C, P = pool.prompt_ids.shape
+    K, N = len(pool.budgets) // C, pool.tokens.shape[1]
+    G = C // 2
+    empty = np.zeros((G * (2 - len(new)), P), np.int32)
+    ids, mask = (np.concatenate([np.pad(b[i], ((0, 0), (P - b[i].shape[1], 0))) for b in new]
+                                + [empty]) for i in (0, 1))
+    budgets = np.concatenate([b[2] for b in new] + [empty[:, 0]])
+    real = np.concatenate([occupied, np.arange(2 * G) < G * len(new)])
+    prompt_mask = np.concatenate([pool.prompt_mask, mask]).astype(np.int32)
+    prompt_mask[~real, -1] = 1
+    rows_real = np.repeat(real, K)
+    zeros = np.zeros((2 * G * K, N))
+    resumed = Resumption(
+        np.concatenate([pool.tokens, zeros]).astype(np.int32),
+        np.concatenate([pool.logprobs, zeros]).astype(np.float32),
+        np.where(rows_real, np.concatenate([pool.lengths, zeros[:, 0]]), 0).astype(np.int32),
+        ~rows_real | np.concatenate([pool.finished, np.zeros(2 * G * K, bool)]))
+    return Queue(np.concatenate([pool.prompt_ids, ids]).astype(np.int32), prompt_mask,
+                 np.concatenate([pool.budgets, np.repeat(budgets, K)]).astype(np.int32), real,
+                 np.concatenate([pool.born, np.full(2 * G, iteration, np.int32)]),
+                 np.concatenate([pool.versions, zeros]).astype(np.int32), resumed)
+
+
+class Settled(NamedTuple):
+    chosen: np.ndarray  # [G] queue groups to train on, oldest first
+    carried: np.ndarray  # the other real groups, in queue order
+    versions: np.ndarray  # [Q·K, N] with this call's tokens tagged
+    drawn_now: np.ndarray  # [Q·K, N] bool: tokens this call drew
+
+
+def settle(queue: Queue, mask: np.ndarray, finished: np.ndarray, iteration: int,
+           groups: int) -> Settled:
+    """After the sampler: tag the tokens it drew (`mask [Q·K, N]` past each row's resumed
+    length) with `iteration`, and pick the first `groups` ended real groups by age (born, then
+    queue order) to train on."""
+    K = len(finished) // len(queue.real)
+    N = mask.shape[1]
+    drawn_now = (mask > 0) & ~(np.arange(N)[None] < queue.resumed.lengths[:, None])
+    versions = np.where(drawn_now, iteration, queue.versions).astype(np.int32)
+    ended = finished.reshape(-1, K).all(1) & queue.real
+    by_age = sorted(np.flatnonzero(ended), key=lambda g: (queue.born[g], g))
+    chosen = np.asarray(by_age[:groups], int)
+    return Settled(chosen, np.setdiff1d(np.flatnonzero(queue.real), chosen), versions,
+                   drawn_now)
+
+
+def group_rows(groups: np.ndarray, K: int) -> np.ndarray:
+    """The rows of `groups`, group by group."""
+    return (np.asarray(groups, int)[:, None] * K + np.arange(K)).ravel()
+
+
+def next_pool(capacity: int, queue: Queue, settled: Settled, tokens, logprobs, lengths,
+              finished) -> dict[str, np.ndarray]:
+    """The next pool's fields (`RolloutPool`'s, NumPy) from the sampler's `tokens, logprobs
+    [Q·K, N]`, `lengths, finished [Q·K]`: the carried groups in queue order, then empty entries
+    up to `capacity`."""
+    K = len(finished) // len(queue.real)
+    carried = settled.carried
+    rows = group_rows(carried, K)
+
+    def filled(values, entries, per_group: bool):
+        out = np.zeros((capacity * (1 if per_group else K),) + values.shape[1:], values.dtype)
+        out[:len(entries)] = values[entries]
+        return out
+
+    return dict(prompt_ids=filled(queue.prompt_ids, carried, True),
+                prompt_mask=filled(queue.prompt_mask, carried, True),
+                budgets=filled(queue.budgets, rows, False), tokens=filled(tokens, rows, False),
+                logprobs=filled(logprobs, rows, False),
+                versions=filled(settled.versions, rows, False),
+                lengths=filled(lengths, rows, False),
+                finished=filled(finished, rows, False),
+                occupied=np.arange(capacity) < len(carried),
+                born=filled(queue.born, carried, True))
