@@ -44,14 +44,14 @@ def stale_groups(pool: RolloutPool, iteration: int, max_staleness: int) -> np.nd
 
 def build_queue(pool: RolloutPool, occupied: np.ndarray, new: list, iteration: int) -> Queue:
     """The queue of the pool's `occupied [C]` groups and `new`, a list of one or two prompt
-    batches `(ids [G, P'], mask [G, P'], budgets [G])` (P' ≤ P: left-padded to P)."""
+    batches `(ids [G, P'], mask [G, P'], row budgets [G·K])` (P' ≤ P: left-padded to P)."""
     C, P = pool.prompt_ids.shape
     K, N = len(pool.budgets) // C, pool.tokens.shape[1]
     G = C // 2
     empty = np.zeros((G * (2 - len(new)), P), np.int32)
     ids, mask = (np.concatenate([np.pad(b[i], ((0, 0), (P - b[i].shape[1], 0))) for b in new]
                                 + [empty]) for i in (0, 1))
-    budgets = np.concatenate([b[2] for b in new] + [empty[:, 0]])
+    budgets = np.concatenate([b[2] for b in new] + [np.zeros(len(empty) * K, np.int32)])
     real = np.concatenate([occupied, np.arange(2 * G) < G * len(new)])
     prompt_mask = np.concatenate([pool.prompt_mask, mask]).astype(np.int32)
     prompt_mask[~real, -1] = 1
@@ -63,7 +63,7 @@ def build_queue(pool: RolloutPool, occupied: np.ndarray, new: list, iteration: i
         np.where(rows_real, np.concatenate([pool.lengths, zeros[:, 0]]), 0).astype(np.int32),
         ~rows_real | np.concatenate([pool.finished, np.zeros(2 * G * K, bool)]))
     return Queue(np.concatenate([pool.prompt_ids, ids]).astype(np.int32), prompt_mask,
-                 np.concatenate([pool.budgets, np.repeat(budgets, K)]).astype(np.int32), real,
+                 np.concatenate([pool.budgets, budgets]).astype(np.int32), real,
                  np.concatenate([pool.born, np.full(2 * G, iteration, np.int32)]),
                  np.concatenate([pool.versions, zeros]).astype(np.int32), resumed)
 

@@ -214,33 +214,39 @@ class RolloutLoop:
             batch_sharding=sharding.batch_sharding(setup.mesh) if split else None)
 
     def _prompt_budgets(self, prompts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """`(prompt_ids, prompt_mask [G, P], budgets [G])` of a prompt batch, whole on every
-        process (a host loads only its rows of it). A prompt batch may carry `max_new_tokens
-        [G]`, each prompt's own length budget (capped at `rollout.max_new_tokens`; 0: that)."""
-        N = self.rollout.max_new_tokens
+        """`(prompt_ids, prompt_mask [G, P], budgets [G·K])` of a prompt batch, whole on every
+        process (a host loads only its rows of it). A prompt batch may carry `max_new_tokens`,
+        each prompt's own length budget (`[G]`) or each sampled row's (`[G·K]`), capped at
+        `rollout.max_new_tokens` (0: that)."""
+        N, K = self.rollout.max_new_tokens, self.group
         prompt_ids, prompt_mask = (sharding.to_host(prompts[k])
                                    for k in ("input_ids", "attention_mask"))
-        budgets = np.full(len(prompt_ids), N, np.int32)
-        if "max_new_tokens" in prompts:
-            own = sharding.to_host(prompts["max_new_tokens"]).astype(np.int32)
-            budgets = np.where(own > 0, np.minimum(own, N), N).astype(np.int32)
-        return prompt_ids, prompt_mask, budgets
+        G = len(prompt_ids)
+        if "max_new_tokens" not in prompts:
+            return prompt_ids, prompt_mask, np.full(G * K, N, np.int32)
+        own = sharding.to_host(prompts["max_new_tokens"]).astype(np.int32).reshape(-1)
+        if len(own) not in (G, G * K):
+            raise ValueError(f"a prompt batch's max_new_tokens has {len(own)} entries: "
+                             f"expected one per prompt ({G}) or per sampled row ({G * K})")
+        own = np.repeat(own, K) if len(own) == G else own
+        return prompt_ids, prompt_mask, np.where(own > 0, np.minimum(own, N), N).astype(np.int32)
 
     def _sample_and_score(self, state, prompts, key) -> dict:
         """Generate and score one prompt batch: the rollout `batch` (its `scores` raw, after
         overlong handling), the reward model's `raw` scores, response `lengths`, `truncated`
         rows, phase seconds and sequence tokens."""
         setup = self.setup
-        prompt_ids, prompt_mask, budgets = self._prompt_budgets(prompts)
-        row_budgets = np.repeat(budgets, self.group)
+        prompt_ids, prompt_mask, row_budgets = self._prompt_budgets(prompts)
         # The group's K samples share one prefill of their prompt (generate's num_samples).
         ids, mask = (np.repeat(x, self.group, axis=0) for x in (prompt_ids, prompt_mask))
         if setup.mesh is not None:
             split = len(prompt_ids) % sharding.batch_devices(setup.mesh) == 0
             prompt_sh = (sharding.batch_sharding(setup.mesh) if split
                          else sharding.replicated(setup.mesh))
-            prompt_ids, prompt_mask, budgets = sharding.put((prompt_ids, prompt_mask, budgets),
-                                                            prompt_sh)
+            prompt_ids, prompt_mask, budgets = sharding.put(
+                (prompt_ids, prompt_mask, row_budgets), prompt_sh)
+        else:
+            budgets = row_budgets
         sample = functools.partial(self.sample, budgets=jnp.asarray(budgets))
         gen, t_gen = _timed(sample, setup.policy_params(state.params),
                             jnp.asarray(prompt_ids), jnp.asarray(prompt_mask), key)

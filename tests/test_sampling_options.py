@@ -4,6 +4,7 @@ next prompts, bounded, counted)."""
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -104,6 +105,23 @@ def test_each_prompt_samples_up_to_its_own_budget_and_is_cut_against_it():
     penalty = rl.overlong_penalty(jnp.asarray(lengths), jnp.asarray(cut),
                                   jnp.asarray(budgets), 2, 0.5)
     np.testing.assert_allclose(batch["scores"], raw + np.asarray(penalty), rtol=1e-6)
+
+
+def test_row_budgets_equal_their_prompts_budgets_repeated_and_a_wrong_count_is_one_line():
+    """`max_new_tokens [G·K]` (one per sampled row; the long-tail benchmark's) samples what
+    the same budgets given per prompt do; rows of one group may differ."""
+    loop, setup, seen = loop_for("grpo", RolloutConfig(max_new_tokens=N), reward_fn=count_target)
+    prompts, states = next(prompt_stream(4)), [jax.tree.map(jnp.copy, setup.state)
+                                               for _ in range(3)]  # each update donates one
+    loop(states[0], dict(prompts, max_new_tokens=np.array([3, 8, 5, 2])))
+    loop(states[1], dict(prompts, max_new_tokens=np.repeat([3, 8, 5, 2], 4)))
+    jax.tree.map(np.testing.assert_array_equal, seen[0], seen[1])
+    loop(states[2], dict(prompts, max_new_tokens=np.array([1, 2, 3, 4] * 4)))
+    lengths = seen[2]["sampler_logprobs"].astype(bool).sum(1)
+    assert (lengths <= np.array([1, 2, 3, 4] * 4)).all() and lengths[3] > lengths[0]
+    with pytest.raises(ValueError, match=r"max_new_tokens has 5 entries: expected one per "
+                                         r"prompt \(4\) or per sampled row \(16\)"):
+        loop(setup.state, dict(prompts, max_new_tokens=np.arange(5)))  # refused before use
 
 
 def prompt_parity(_, prompt_ids, prompt_mask, response_ids, response_mask):
