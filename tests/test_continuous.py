@@ -124,3 +124,36 @@ def test_slots_split_over_a_2x2x2_mesh_give_the_unsharded_tokens():
                               batch_sharding=batch_sh, **kwargs)
     np.testing.assert_array_equal(out.tokens, ref.tokens)
     np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_lora_through_the_slots_samples_what_the_trainer_scores_in_float32_and_bf16():
+    """The sampler merges the adapters as the trainer's forward does (W + s·A·B in float32,
+    then the compute dtype): through the slots with trained adapters the float32 gap is
+    rounding, and a bf16 sampler's gap with LoRA is that of the same model without it."""
+    from test_ppo_loop import CFG, count_target, prompt_stream
+
+    from jrlhf.config import Config, GRPOConfig, LoRAConfig, RolloutConfig, RunConfig
+    from jrlhf.rollouts import Reward, RolloutLoop
+    from jrlhf.setups import make_setup
+
+    def second_iteration_gap(rank, dtype):
+        config = Config(grpo=GRPOConfig(group_size=4, prompts_per_iteration=4,
+                                        learning_rate=3e-2),
+                        rollout=RolloutConfig(max_new_tokens=8, slots=6, dtype=dtype),
+                        lora=LoRAConfig(rank=rank, targets=(".*(q_proj|v_proj|up_proj)/kernel",)),
+                        run=RunConfig(progress=False))
+        setup = make_setup("grpo", config, CFG, init_params(CFG, 0))
+        loop = RolloutLoop(setup, config, Reward(fn=count_target), eos_token_id=3)
+        stream = prompt_stream(4)
+        state, _ = loop(setup.state, next(stream))  # adapters move off zero
+        if rank:
+            b = state.params["layers"][0]["attn"]["q_proj"]["lora_b"]
+            assert float(jnp.abs(b).max()) > 1e-3
+        _, metrics = loop(state, next(stream))
+        return metrics["mismatch/gap_max"]
+
+    assert second_iteration_gap(4, "") < 1e-5
+    with_lora, without = second_iteration_gap(4, "bfloat16"), second_iteration_gap(0, "bfloat16")
+    print(f"bf16 sampler, mismatch/gap_max: LoRA {with_lora:.4f}, no LoRA {without:.4f}")
+    assert 1e-3 < with_lora < 2 * without
