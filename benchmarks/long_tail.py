@@ -2,7 +2,7 @@
 samples) of a random-weight GPT-2 shape, each with its own length budget and no EOS stop — 28 of
 224 tokens, the rest 8-32.
 
-    PYTHONPATH=. python benchmarks/long_tail.py [--repeats 3] [--json out.json]
+    PYTHONPATH=. python benchmarks/long_tail.py [--repeats 3] [--json out.json] [--grpo]
 
 Measures, in one run: static batching (`sampling.generate`) — (a) all 256 rows in one call,
 (b) four calls of 64 rows (the KV memory of 64 slots), each call decoding until its longest
@@ -11,6 +11,13 @@ refilled as rows end: wall time to produce all 256 sequences (median of `--repea
 warm-up), decode steps, slot utilisation (useful tokens / (rows or slots x decode steps)) and
 KV-cache bytes (continuous: the slots plus the prompt store, every prompt's prefill once).
 Beside them, a first-in-first-out simulation of the slots: the steps an ideal refill takes.
+
+`--grpo`: the GRPO variant instead — the same prompts and budgets as GRPO iterations of 16
+prompts x 4 samples (the 64 prompts in turn, each sampled row with its workload budget; reward:
+how often a response says token 3, on device), one warm-up iteration then 5 measured, static
+batching (today's loop) beside partial rollouts (64 slots, `rollout.max_staleness`): generated
+tokens per second of the generate phase, iteration wall time (generate + score + update), slot
+utilisation.
 """
 
 from __future__ import annotations
@@ -107,14 +114,95 @@ def continuous(cfg, params, prompt_ids, budgets, slots: int, repeats: int) -> di
             + kv_bytes(cfg, PROMPTS, PROMPT_LENGTH)}
 
 
+class PromptBatches:
+    """GRPO prompt batches of `per_batch` workload prompts in turn, with their rows' budgets."""
+
+    def __init__(self, prompt_ids, budgets, per_batch: int):
+        self.prompt_ids, self.budgets, self.per_batch, self.i = prompt_ids, budgets, per_batch, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        start = self.i * self.per_batch % PROMPTS
+        self.i += 1
+        rows = slice(start * SAMPLES, (start + self.per_batch) * SAMPLES)
+        ids = self.prompt_ids[start:start + self.per_batch]
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                "max_new_tokens": self.budgets[rows]}
+
+
+def says_token_3(_, prompt_ids, prompt_mask, response_ids, response_mask):
+    return jnp.sum((response_ids == 3) & (response_mask > 0), axis=1).astype(jnp.float32)
+
+
+def grpo(cfg, params, prompt_ids, budgets, *, slots: int, max_staleness: int,
+         iterations: int = 5, per_batch: int = 16) -> dict:
+    """`iterations` GRPO iterations (after one warm-up) through the rollout loop."""
+    from jrlhf.config import Config, DataConfig, GRPOConfig, RolloutConfig, RunConfig
+    from jrlhf.rollouts import Reward, RolloutLoop
+    from jrlhf.setups import make_setup
+
+    config = Config(
+        data=DataConfig(max_prompt_length=PROMPT_LENGTH),
+        grpo=GRPOConfig(group_size=SAMPLES, prompts_per_iteration=per_batch,
+                        iterations=iterations + 1, tis_cap=2.0),
+        rollout=RolloutConfig(max_new_tokens=LONG, slots=slots, max_staleness=max_staleness),
+        run=RunConfig(progress=False, out_dir="runs/long_tail"))
+    setup = make_setup("grpo", config, cfg, params)
+    batches = PromptBatches(prompt_ids, budgets, per_batch)
+    loop = RolloutLoop(setup, config, Reward(fn=says_token_3), eos_token_id=None,
+                       more_prompts=batches)
+    state, rows = setup.state, per_batch * SAMPLES
+    state, _ = loop(state, next(batches))  # warm-up: compiles, and fills the pool
+    tokens = generate_s = wall = slot_steps = 0.0
+    for _ in range(iterations):
+        prompts = next(batches)
+        started = time.perf_counter()
+        state, m = jax.block_until_ready(loop(state, prompts))
+        wall += time.perf_counter() - started
+        generated = m["tokens_per_s/generate"] * m["time/generate"]
+        tokens += generated
+        generate_s += m["time/generate"]
+        slot_steps += (generated / m["partial/slot_utilisation"] if max_staleness
+                       else rows * int(prompts["max_new_tokens"].max()))  # no EOS: exact
+    mode = (f"GRPO, partial rollouts, {slots} slots, max_staleness {max_staleness}"
+            if max_staleness else "GRPO, static batching (today)")
+    return {"mode": mode, "iterations": iterations, "generated_tokens": int(round(tokens)),
+            "generate_seconds": generate_s, "tokens_per_s": tokens / generate_s,
+            "iteration_seconds": wall / iterations, "slot_utilisation": tokens / slot_steps}
+
+
+def main_grpo(cfg, params, prompt_ids, budgets, args) -> None:
+    results = [grpo(cfg, params, prompt_ids, budgets, slots=0, max_staleness=0),
+               grpo(cfg, params, prompt_ids, budgets, slots=64,
+                    max_staleness=args.max_staleness)]
+    print("| mode | generated tokens | generate (s) | tokens/s | iteration (s) | "
+          "slot utilisation |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['mode']} | {r['generated_tokens']:,} | {r['generate_seconds']:.1f} | "
+              f"{r['tokens_per_s']:.0f} | {r['iteration_seconds']:.1f} | "
+              f"{r['slot_utilisation']:.1%} |")
+    print(f"tokens/s ratio (partial / static): "
+          f"{results[1]['tokens_per_s'] / results[0]['tokens_per_s']:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--grpo", action="store_true",
+                        help="the GRPO variant: 5 iterations, static beside partial rollouts")
+    parser.add_argument("--max-staleness", type=int, default=4)
     args = parser.parse_args(argv)
     cfg = load_config(ROOT / "configs" / "bench_gpt2.py").model.arch
     params = init_params(cfg, 0)
     prompt_ids, budgets = workload()
+    if args.grpo:
+        return main_grpo(cfg, params, prompt_ids, budgets, args)
     total = int(budgets.sum())
     print(f"long-tail workload: {len(budgets)} sequences, {int((budgets == LONG).sum())} of "
           f"{LONG} tokens, {total:,} tokens in all; {jax.devices()[0].platform}")

@@ -230,12 +230,23 @@ class RolloutConfig:
     # version that drew it and its behaviour log-prob (corrected by ppo/grpo.tis_cap). A group
     # holding a token more than max_staleness versions old is dropped. 0 = synchronous.
     max_staleness: int = bounded(0, ge=0)
+    # Host-local decode (needs slots): each device samples its own rows of a rollout batch with
+    # a whole copy of the policy (all-gathered once per iteration): no collective inside the
+    # decode loop, none across hosts. For a policy that fits one device.
+    host_local: bool = False
 
     def __post_init__(self):
         _check_ranges("rollout", self)
         if self.max_staleness and not self.slots:
             raise ValueError(f"rollout.max_staleness={self.max_staleness} needs continuous "
                              "batching: set rollout.slots (e.g. the rows an iteration samples)")
+        if self.host_local and not self.slots:
+            raise ValueError("rollout.host_local needs continuous batching (its sampling is "
+                             "keyed per sequence, so a host's rows do not depend on the split): "
+                             "set rollout.slots")
+        if self.host_local and self.max_staleness:
+            raise ValueError("rollout.host_local and rollout.max_staleness do not combine "
+                             "(yet): partial rollouts keep one queue for the whole batch")
         if self.overlong not in ("keep", "mask", "penalty"):
             raise ValueError(f"rollout.overlong must be keep|mask|penalty, got {self.overlong!r}")
         if self.overlong_buffer >= self.max_new_tokens:

@@ -55,7 +55,7 @@ def generate_continuous(cfg: ModelConfig, params, prompt_ids, prompt_mask, rng, 
                         top_k: int = 0, top_p: float = 1.0, eos_token_id: int | None = None,
                         pad_token_id: int = 0, num_samples: int = 1,
                         cache_dtype: str | None = None, budgets=None,
-                        batch_sharding=None) -> Generation:
+                        batch_sharding=None, first_sequence=0) -> Generation:
     """`sampling.generate`'s output (same fields, rows in prompt order: the K samples of prompt
     b at rows bK .. bK+K−1) from `slots` decode slots refilled as rows end.
 
@@ -63,12 +63,14 @@ def generate_continuous(cfg: ModelConfig, params, prompt_ids, prompt_mask, rng, 
     `[G·K]`, ≤ N = `max_new_tokens`). `Generation.steps` counts the decode steps run: slot
     utilisation is `mask.sum() / (slots · steps)`. `batch_sharding`: on a mesh, the slots are
     split that way (`jrlhf.sharding.batch_sharding`; S a multiple of the batch devices).
+    `first_sequence`: the global index of row 0 (sequence q is keyed `first_sequence + q`), so
+    a host sampling rows lo.. of a larger batch draws what the whole batch's call draws there.
     """
     generation, _ = _decode_slots(
         cfg, params, prompt_ids, prompt_mask, rng, max_new_tokens=max_new_tokens, slots=slots,
         temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
         pad_token_id=pad_token_id, num_samples=num_samples, cache_dtype=cache_dtype,
-        budgets=budgets, batch_sharding=batch_sharding)
+        budgets=budgets, batch_sharding=batch_sharding, first_sequence=first_sequence)
     return generation
 
 
@@ -105,7 +107,7 @@ def generate_partial(cfg: ModelConfig, params, prompt_ids, prompt_mask, rng,
 def _decode_slots(cfg, params, prompt_ids, prompt_mask, rng, *, max_new_tokens, slots,
                   temperature, top_k, top_p, eos_token_id, pad_token_id, num_samples,
                   cache_dtype, budgets, batch_sharding, resumed=None, group_real=None,
-                  target_groups=None):
+                  target_groups=None, first_sequence=0):
     """The slots' `lax.while_loop` behind `generate_continuous` and `generate_partial`."""
     G, P = prompt_ids.shape
     N, S, K = max_new_tokens, slots, num_samples
@@ -209,7 +211,8 @@ def _decode_slots(cfg, params, prompt_ids, prompt_mask, rng, *, max_new_tokens, 
         queued = jnp.minimum(seq, Q - 1)  # an idle slot's seq is Q: any real one will do
         budget = budgets[queued]
         live = active & (t < budget)  # a sequence with budget 0 ends without a token
-        keys = jax.vmap(lambda q, s: jax.random.fold_in(jax.random.fold_in(rng, q), s))(seq, t)
+        keys = jax.vmap(lambda q, s: jax.random.fold_in(jax.random.fold_in(rng, q), s))(
+            first_sequence + seq, t)
         token, logprob = jax.vmap(
             lambda key, row: _sample(key, row[None], temperature, top_k, top_p))(keys, logits)
         token = jnp.where(live, token[:, 0], pad_token_id).astype(prompt_ids.dtype)

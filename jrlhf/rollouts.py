@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from jrlhf import partial, rl, sharding
 from jrlhf.config import Config, RolloutConfig
@@ -178,8 +179,12 @@ class RolloutLoop:
             raise ValueError(f"rollout.slots={r.slots} is more than the {rows} rows {record.name} "
                              f"samples per iteration: at most {rows}")
         self.more_prompts = more_prompts
-        self.sample = make_sampler(setup.model_cfg, r, eos_token_id, pad_token_id,
-                                   num_samples=self.group, mesh=setup.mesh)
+        self.host_local = r.host_local and setup.mesh is not None
+        if self.host_local:
+            self.sample = self._host_local_sampler(r, eos_token_id, pad_token_id)
+        else:
+            self.sample = make_sampler(setup.model_cfg, r, eos_token_id, pad_token_id,
+                                       num_samples=self.group, mesh=setup.mesh)
         self.sample_partial = None  # partial rollouts' sampler
         if r.max_staleness:
             self.sample_partial = self._partial_sampler(r, spec, eos_token_id, pad_token_id)
@@ -188,6 +193,51 @@ class RolloutLoop:
             reward_fn=reward.device_fn(), missing_eos_penalty=r.missing_eos_penalty,
             lora_scale=setup.lora_scale, eos_token_id=eos_token_id,
             with_entropy=spec.with_entropy, with_policy=spec.score_policy))
+
+    def _host_local_sampler(self, r: RolloutConfig, eos_token_id, pad_token_id):
+        """`sample(params, prompt_ids, prompt_mask, key, budgets)` of host-local decode
+        (`rollout.host_local`): the policy is copied whole onto every device (one all-gather
+        per call, before decoding) and each device decodes its own rows of the batch with its
+        share of the slots, in a `shard_map` with no collective inside — none crosses hosts,
+        none even crosses devices. Sequence-keyed sampling makes the tokens those of one call
+        over the whole batch. Needs whole groups per device (prompts a multiple of the batch
+        devices) and slots a multiple of the batch devices."""
+        setup, K, mesh = self.setup, self.group, self.setup.mesh
+        devices = sharding.batch_devices(mesh)
+        if r.slots % devices:
+            raise ValueError(f"rollout.host_local: rollout.slots={r.slots} is not a multiple "
+                             f"of the {devices} devices the rows are split over")
+        cfg = dataclasses.replace(setup.model_cfg, dtype=r.dtype) if r.dtype else setup.model_cfg
+        rows = sharding.batch_sharding(mesh)
+        split = P(sharding.BATCH_AXES)
+        decode = functools.partial(
+            generate_continuous, cfg, max_new_tokens=r.max_new_tokens, slots=r.slots // devices,
+            temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id, num_samples=K,
+            cache_dtype=r.kv_cache_dtype or None)
+
+        def per_device(params, ids, mask, key, budgets):
+            first = jax.lax.axis_index(sharding.BATCH_AXES) * ids.shape[0] * K
+            gen = decode(params, ids, mask, key, budgets=budgets, first_sequence=first)
+            return gen.tokens, gen.mask, gen.logprobs, gen.temperature, gen.steps[None]
+
+        decode_rows = jax.jit(jax.shard_map(
+            per_device, mesh=mesh, in_specs=(P(), split, split, P(), split),
+            out_specs=(split,) * 5, check_vma=False))
+
+        def sample(params, prompt_ids, prompt_mask, key, budgets):
+            if prompt_ids.shape[0] % devices:
+                raise ValueError(f"rollout.host_local: {prompt_ids.shape[0]} prompts per "
+                                 f"iteration do not split over the {devices} batch devices "
+                                 f"(each device samples whole groups)")
+            whole = sharding.put(params, sharding.replicated(mesh))
+            tokens, mask, logprobs, temperature, steps = decode_rows(
+                whole, *sharding.put((prompt_ids, prompt_mask), rows), key,
+                sharding.put(budgets, rows))
+            return Generation(tokens, mask, logprobs, jnp.max(steps), temperature)
+
+        self.decode_rows = decode_rows  # for inspection (tests count its collectives)
+        return sample
 
     def _partial_sampler(self, r: RolloutConfig, spec: RolloutSpec, eos_token_id,
                          pad_token_id):
@@ -239,7 +289,7 @@ class RolloutLoop:
         prompt_ids, prompt_mask, row_budgets = self._prompt_budgets(prompts)
         # The group's K samples share one prefill of their prompt (generate's num_samples).
         ids, mask = (np.repeat(x, self.group, axis=0) for x in (prompt_ids, prompt_mask))
-        if setup.mesh is not None:
+        if setup.mesh is not None and not self.host_local:
             split = len(prompt_ids) % sharding.batch_devices(setup.mesh) == 0
             prompt_sh = (sharding.batch_sharding(setup.mesh) if split
                          else sharding.replicated(setup.mesh))

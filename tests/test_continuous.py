@@ -157,3 +157,68 @@ def test_lora_through_the_slots_samples_what_the_trainer_scores_in_float32_and_b
     with_lora, without = second_iteration_gap(4, "bfloat16"), second_iteration_gap(0, "bfloat16")
     print(f"bf16 sampler, mismatch/gap_max: LoRA {with_lora:.4f}, no LoRA {without:.4f}")
     assert 1e-3 < with_lora < 2 * without
+
+
+def collectives(hlo_text: str) -> dict[str, int]:
+    """How many of each cross-device operation a compiled program's text holds."""
+    import re
+
+    ops = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+    return {op: len(re.findall(rf"\b{op}(-start)?\(", hlo_text)) for op in ops}
+
+
+def test_host_local_decode_has_no_collective_and_samples_what_one_device_samples():
+    """`rollout.host_local` on a (data 2, fsdp 2, tensor 2) mesh: every device decodes its own
+    rows with a whole copy of the policy — the compiled decode program holds no collective at
+    all (the mesh's own slot-split decode holds dozens) — and the rows are token for token
+    those of one call over the whole batch on one device."""
+    from test_ppo_loop import CFG, count_target, prompt_stream
+
+    from jrlhf import sharding
+    from jrlhf.config import Config, GRPOConfig, MeshConfig, RolloutConfig, RunConfig
+    from jrlhf.rollouts import Reward, RolloutLoop
+    from jrlhf.setups import make_setup
+
+    def loop_with(host_local, mesh):
+        config = Config(grpo=GRPOConfig(group_size=4, prompts_per_iteration=4),
+                        rollout=RolloutConfig(max_new_tokens=8, slots=8, host_local=host_local),
+                        run=RunConfig(progress=False))
+        setup = make_setup("grpo", config, CFG, init_params(CFG, 0), mesh=mesh)
+        seen, update = [], setup.step
+
+        def step(state, batch):
+            seen.append({k: sharding.to_host(v) for k, v in batch.items()})
+            return update(state, batch)
+
+        loop = RolloutLoop(dataclasses.replace(setup, step=step), config,
+                           Reward(fn=count_target), eos_token_id=3)
+        loop(setup.state, next(prompt_stream(4)))
+        return loop, seen[0]
+
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    local, batch = loop_with(True, mesh)
+    _, reference = loop_with(False, None)
+    for key in ("input_ids", "response_mask", "sampler_logprobs"):
+        np.testing.assert_allclose(batch[key], reference[key], atol=1e-5, err_msg=key)
+    assert batch["response_mask"].sum() > 40
+    setup_params = sharding.put(init_params(CFG, 0), sharding.replicated(mesh))
+    ids = jnp.zeros((4, 4), jnp.int32)
+    text = local.decode_rows.lower(setup_params, ids, jnp.ones_like(ids), jax.random.key(0),
+                                   jnp.full((16,), 8, jnp.int32)).compile().as_text()
+    assert collectives(text) == dict.fromkeys(collectives(""), 0), collectives(text)
+    # The mesh's own decode (slots split, parameters sharded) communicates at every step.
+    sharded = sharding.put(init_params(CFG, 0), sharding.param_shardings(init_params(CFG, 0),
+                                                                          mesh))
+    text = generate_continuous.lower(
+        CFG, sharded, ids, jnp.ones_like(ids), jax.random.key(0), max_new_tokens=8, slots=8,
+        num_samples=4, batch_sharding=sharding.batch_sharding(mesh)).compile().as_text()
+    assert sum(collectives(text).values()) > 10
+
+
+def test_host_local_refusals_are_one_line():
+    from jrlhf.config import RolloutConfig
+
+    with pytest.raises(ValueError, match=r"rollout.host_local needs continuous batching"):
+        RolloutConfig(host_local=True)
+    with pytest.raises(ValueError, match=r"host_local and rollout.max_staleness do not combine"):
+        RolloutConfig(host_local=True, slots=4, max_staleness=1)

@@ -343,3 +343,18 @@ def test_start_up_refusals_are_one_line(tmp_path):
     errors = lonely.errors(0)
     assert len(errors) == 1 and errors[0].startswith(
         "jrlhf sft: error: could not join the coordinator 127.0.0.1:"), errors
+
+
+@pytest.mark.slow
+def test_host_local_decode_on_two_processes_equals_one(tmp_path):
+    """`rollout.host_local`: each device samples its own rows with a whole copy of the policy
+    (no collective in the decode loop, `tests/test_continuous.py`); on 2 processes x 2 devices
+    the rows, and so the trained weights and every metric, are those of 1 process x 4."""
+    args = ["grpo", "--config", str(ROOT / "configs" / "grpo_tiny.py"),
+            "--set", "grpo.prompts_per_iteration=4", "--set", "grpo.iterations=2",
+            "--set", "rollout.slots=8", "--set", "rollout.host_local=true"]
+    two = jrlhf(2, args, tmp_path / "two")
+    jrlhf(1, args + ["--set", "mesh.data=4"], tmp_path / "one")
+    assert_same_weights(tmp_path / "one" / "grpo" / "export", tmp_path / "two" / "grpo" / "export")
+    assert_same_metrics(tmp_path / "one", tmp_path / "two")
+    assert not any("error" in line for i in range(2) for line in two.errors(i))
