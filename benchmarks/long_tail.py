@@ -154,8 +154,11 @@ def grpo(cfg, params, prompt_ids, budgets, *, slots: int, max_staleness: int,
     loop = RolloutLoop(setup, config, Reward(fn=says_token_3), eos_token_id=None,
                        more_prompts=batches)
     state, rows = setup.state, per_batch * SAMPLES
+    mode = (f"GRPO, partial rollouts, {slots} slots, max_staleness {max_staleness}"
+            if max_staleness else "GRPO, static batching (today)")
     state, _ = loop(state, next(batches))  # warm-up: compiles, and fills the pool
-    tokens = generate_s = wall = slot_steps = 0.0
+    tokens = generate_s = wall = slot_steps = trained = dropped = 0.0
+    seconds = []
     for _ in range(iterations):
         prompts = next(batches)
         started = time.perf_counter()
@@ -166,9 +169,12 @@ def grpo(cfg, params, prompt_ids, budgets, *, slots: int, max_staleness: int,
         generate_s += m["time/generate"]
         slot_steps += (generated / m["partial/slot_utilisation"] if max_staleness
                        else rows * int(prompts["max_new_tokens"].max()))  # no EOS: exact
-    mode = (f"GRPO, partial rollouts, {slots} slots, max_staleness {max_staleness}"
-            if max_staleness else "GRPO, static batching (today)")
-    return {"mode": mode, "iterations": iterations, "generated_tokens": int(round(tokens)),
+        trained += float(np.sum(m["response_length"])) * rows
+        dropped += m.get("partial/dropped_groups", 0.0)
+        print(f"  {mode}: iteration {len(seconds) + 1}: generate {m['time/generate']:.1f} s, "
+              f"score {m['time/score']:.1f} s, update {m['time/update']:.1f} s", flush=True)
+        seconds.append(m["time/generate"])
+    return {"mode": mode, "trained_tokens": int(round(trained)), "dropped_groups": dropped, "iterations": iterations, "generated_tokens": int(round(tokens)),
             "generate_seconds": generate_s, "tokens_per_s": tokens / generate_s,
             "iteration_seconds": wall / iterations, "slot_utilisation": tokens / slot_steps}
 
@@ -177,11 +183,12 @@ def main_grpo(cfg, params, prompt_ids, budgets, args) -> None:
     results = [grpo(cfg, params, prompt_ids, budgets, slots=0, max_staleness=0),
                grpo(cfg, params, prompt_ids, budgets, slots=64,
                     max_staleness=args.max_staleness)]
-    print("| mode | generated tokens | generate (s) | tokens/s | iteration (s) | "
-          "slot utilisation |")
-    print("|---|---|---|---|---|---|")
+    print("| mode | generated tokens | trained tokens | dropped groups | generate (s) | "
+          "tokens/s | iteration (s) | slot utilisation |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['mode']} | {r['generated_tokens']:,} | {r['generate_seconds']:.1f} | "
+        print(f"| {r['mode']} | {r['generated_tokens']:,} | {r['trained_tokens']:,} | "
+              f"{r['dropped_groups']:.0f} | {r['generate_seconds']:.1f} | "
               f"{r['tokens_per_s']:.0f} | {r['iteration_seconds']:.1f} | "
               f"{r['slot_utilisation']:.1%} |")
     print(f"tokens/s ratio (partial / static): "
@@ -196,7 +203,7 @@ def main(argv=None):
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--grpo", action="store_true",
                         help="the GRPO variant: 5 iterations, static beside partial rollouts")
-    parser.add_argument("--max-staleness", type=int, default=4)
+    parser.add_argument("--max-staleness", type=int, default=8)
     args = parser.parse_args(argv)
     cfg = load_config(ROOT / "configs" / "bench_gpt2.py").model.arch
     params = init_params(cfg, 0)

@@ -1,7 +1,9 @@
 """Partial rollouts' host bookkeeping (`rollout.max_staleness > 0`), as pure NumPy functions.
 
-An iteration's queue is the carried pool's C = 2G groups followed by 2G entries for new prompt
-batches (one or two batches of G; the rest empty), the same shape every iteration so the
+The pool carries up to C groups between iterations (C = `pool_groups(...)`: enough groups in
+flight that the slots still have rows to start when an iteration's G groups end). An
+iteration's queue is the pool's C entries followed by C entries for new prompt batches (as many
+batches as keep C groups in flight; the rest empty), the same shape every iteration so the
 sampler (`continuous.generate_partial`) compiles once. The sampler stops once G real groups have
 ended; `settle` picks those to train on (oldest first) and the rest stay in flight
 (`next_pool`). Each generated token carries the iteration (policy version) that drew it.
@@ -20,8 +22,23 @@ from jrlhf.continuous import Resumption
 from jrlhf.state import RolloutPool
 
 
+def pool_groups(groups: int, group_size: int, slots: int) -> int:
+    """The pool's capacity C for G = `groups` prompts of `group_size` samples per iteration and
+    `slots` decode slots: (k + 1)·G with k = 1 + ⌈2·slots / rows per batch⌉, so after an
+    iteration trains its G groups k·G stay in flight — at least 2·slots rows more than a batch
+    holds — and the next iteration ends while unstarted rows still wait for slots."""
+    rows = groups * group_size
+    return (2 + -(-2 * slots // rows)) * groups
+
+
+def batches_to_draw(occupied: int, capacity: int, groups: int) -> int:
+    """New prompt batches of `groups` for an iteration whose pool holds `occupied` groups: at
+    least one (the iteration's own), then as many as keep at most `capacity` in flight."""
+    return max(1, (capacity - occupied) // groups)
+
+
 class Queue(NamedTuple):
-    """One iteration's groups: the pool's, then the new prompts' (`Q = 4G` groups)."""
+    """One iteration's groups: the pool's C, then C entries for new prompts (`Q = 2C`)."""
 
     prompt_ids: np.ndarray  # [Q, P]
     prompt_mask: np.ndarray  # [Q, P] (an empty entry has one real token: finite prefill)
@@ -43,28 +60,29 @@ def stale_groups(pool: RolloutPool, iteration: int, max_staleness: int) -> np.nd
 
 
 def build_queue(pool: RolloutPool, occupied: np.ndarray, new: list, iteration: int) -> Queue:
-    """The queue of the pool's `occupied [C]` groups and `new`, a list of one or two prompt
-    batches `(ids [G, P'], mask [G, P'], row budgets [G·K])` (P' ≤ P: left-padded to P)."""
+    """The queue of the pool's `occupied [C]` groups and `new`, a list of prompt batches
+    `(ids [G, P'], mask [G, P'], row budgets [G·K])` (P' ≤ P: left-padded to P; at most C
+    groups in all)."""
     C, P = pool.prompt_ids.shape
     K, N = len(pool.budgets) // C, pool.tokens.shape[1]
-    G = C // 2
-    empty = np.zeros((G * (2 - len(new)), P), np.int32)
+    drawn = sum(len(b[0]) for b in new)
+    empty = np.zeros((C - drawn, P), np.int32)
     ids, mask = (np.concatenate([np.pad(b[i], ((0, 0), (P - b[i].shape[1], 0))) for b in new]
                                 + [empty]) for i in (0, 1))
     budgets = np.concatenate([b[2] for b in new] + [np.zeros(len(empty) * K, np.int32)])
-    real = np.concatenate([occupied, np.arange(2 * G) < G * len(new)])
+    real = np.concatenate([occupied, np.arange(C) < drawn])
     prompt_mask = np.concatenate([pool.prompt_mask, mask]).astype(np.int32)
     prompt_mask[~real, -1] = 1
     rows_real = np.repeat(real, K)
-    zeros = np.zeros((2 * G * K, N))
+    zeros = np.zeros((C * K, N))
     resumed = Resumption(
         np.concatenate([pool.tokens, zeros]).astype(np.int32),
         np.concatenate([pool.logprobs, zeros]).astype(np.float32),
         np.where(rows_real, np.concatenate([pool.lengths, zeros[:, 0]]), 0).astype(np.int32),
-        ~rows_real | np.concatenate([pool.finished, np.zeros(2 * G * K, bool)]))
+        ~rows_real | np.concatenate([pool.finished, np.zeros(C * K, bool)]))
     return Queue(np.concatenate([pool.prompt_ids, ids]).astype(np.int32), prompt_mask,
                  np.concatenate([pool.budgets, budgets]).astype(np.int32), real,
-                 np.concatenate([pool.born, np.full(2 * G, iteration, np.int32)]),
+                 np.concatenate([pool.born, np.full(C, iteration, np.int32)]),
                  np.concatenate([pool.versions, zeros]).astype(np.int32), resumed)
 
 

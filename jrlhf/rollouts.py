@@ -174,7 +174,8 @@ class RolloutLoop:
         self.keyed_tree = record.policy_key is not None  # `{"policy", "value"?}` as scored
         self.key = stream_key(config.run.seed, setup.name, "sample")
         self.rollout = r = config.rollout
-        rows = record.batch_size(config) * self.group
+        self.prompts_per_iteration = record.batch_size(config)
+        rows = self.prompts_per_iteration * self.group
         if r.slots > rows:
             raise ValueError(f"rollout.slots={r.slots} is more than the {rows} rows {record.name} "
                              f"samples per iteration: at most {rows}")
@@ -336,37 +337,37 @@ class RolloutLoop:
 
     def _partial_rollout(self, state, prompts, key) -> tuple[dict, Any, dict]:
         """Partial rollouts (`jrlhf.partial`): one `generate_partial` call over the carried
-        groups and new prompts, stopping once G (a prompt batch's groups) have ended; trains
-        on those, oldest first, and carries the rest in the pool (2G entries). The queue holds
-        at least 2G groups: this batch's prompts, and the next batch of the stage's prompts too
-        (`more_prompts`) while the pool holds fewer than G. Returns `(scored, pool, metrics)`,
+        groups and new prompts (this batch, and more of the stage's batches, `more_prompts`,
+        while the pool has room), stopping once G (a prompt batch's groups) have ended; trains
+        on those, oldest first, and carries the rest. Returns `(scored, pool, metrics)`,
         `scored` as `_sample_and_score`'s, `pool` the next iteration's (placed like the
         state's)."""
-        setup, r, K = self.setup, self.rollout, self.group
+        setup, r, K, G = self.setup, self.rollout, self.group, self.prompts_per_iteration
         it = int(state.rl.iteration)
         pool = jax.tree.map(sharding.to_host, state.rl.pool)
         C, width = pool.prompt_ids.shape
         stale = partial.stale_groups(pool, it, r.max_staleness)
         occupied = pool.occupied & ~stale
         batches = [prompts]
-        if occupied.sum() < C // 2 and self.more_prompts is not None:
-            batches += list(itertools.islice(self.more_prompts, 1))
+        if self.more_prompts is not None:
+            more = partial.batches_to_draw(int(occupied.sum()), C, G) - 1
+            batches += list(itertools.islice(self.more_prompts, more))
         new = [self._prompt_budgets(b) for b in batches]
         for ids, _, _ in new:
-            if ids.shape[0] != C // 2 or ids.shape[1] > width:
+            if ids.shape[0] != G or ids.shape[1] > width:
                 raise ValueError(f"partial rollouts: a prompt batch of {ids.shape} where the "
-                                 f"carried pool holds prompt batches of ({C // 2}, {width}) "
+                                 f"carried pool holds prompt batches of ({G}, {width}) "
                                  f"(prompts per iteration x data.max_prompt_length)")
         queue = partial.build_queue(pool, occupied, new, it)
         args = (queue.prompt_ids, queue.prompt_mask, key, queue.resumed, queue.real,
-                np.int32(C // 2))
+                np.int32(G))
         if setup.mesh is not None:
             args = sharding.put(args, sharding.replicated(setup.mesh))
         sample = functools.partial(self.sample_partial, budgets=jnp.asarray(queue.budgets))
         (gen, finished), t_gen = _timed(sample, setup.policy_params(state.params), *args)
         tokens, mask, logprobs, finished = (sharding.to_host(x) for x in (
             gen.tokens, gen.mask, gen.logprobs, finished))
-        settled = partial.settle(queue, mask, finished, it, C // 2)
+        settled = partial.settle(queue, mask, finished, it, G)
         rows = partial.group_rows(settled.chosen, K)
         scored = self._score(
             state, np.repeat(queue.prompt_ids[settled.chosen], K, 0),

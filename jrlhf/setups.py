@@ -23,6 +23,7 @@ from jrlhf.algorithms import Algorithm
 from jrlhf.config import Config, derive
 from jrlhf.heads import reward_model_init, with_scalar_head, without_scalar_head
 from jrlhf.models.config import ModelConfig
+from jrlhf.partial import pool_groups
 from jrlhf.rng import stream_key, stream_seed
 from jrlhf.state import RLState, RolloutPool, TrainState
 from jrlhf.steps.common import state_shardings
@@ -166,12 +167,12 @@ def make_setup(algorithm: str | Algorithm, config: Config, model_cfg: ModelConfi
 
 
 def rollout_pool(record, config: Config) -> RolloutPool | None:
-    """The empty pool partial rollouts carry groups in (`rollout.max_staleness > 0`): two
-    entries per prompt of an iteration (`RolloutLoop` keeps 2 to 3 batches of groups in
-    flight)."""
+    """The empty pool partial rollouts carry groups in (`rollout.max_staleness > 0`), of
+    `partial.pool_groups` entries."""
     if not config.rollout.max_staleness:
         return None
-    return RolloutPool.empty(2 * record.batch_size(config), record.rollout(config).group_size,
+    groups, group_size = record.batch_size(config), record.rollout(config).group_size
+    return RolloutPool.empty(pool_groups(groups, group_size, config.rollout.slots), group_size,
                              config.data.max_prompt_length, config.rollout.max_new_tokens)
 
 

@@ -168,7 +168,7 @@ def test_partial_rollouts_carry_groups_and_train_on_tokens_of_older_versions():
     lags = [m["partial/version_lag_max"] for m in history]
     assert max(m["partial/carried_in_progress"] for m in history) > 0
     assert 0 < max(lags) <= 2  # trained on tokens of earlier versions, never staler than 2
-    assert all(m["partial/carried_groups"] <= 4 for m in history)
+    assert all(m["partial/carried_groups"] <= 12 for m in history)  # the pool: (k + 1)·G
     # The behaviour log-probs differ from the updated policy's once tokens are stale.
     assert max(m["mismatch/gap_max"] for m in history if m["partial/version_lag_max"] > 0) > 1e-3
     # Slots stay busy: each call stops as soon as 4 groups end, with the queue not drained.
@@ -204,6 +204,21 @@ def test_a_partial_rollout_run_preempted_and_resumed_equals_an_uninterrupted_one
                 for m in history]
 
     assert untimed(resumed.history) == untimed(full.history[2:])
+
+
+def test_the_pool_keeps_rows_waiting_for_the_slots_and_never_overflows():
+    from jrlhf.partial import batches_to_draw, pool_groups
+
+    assert pool_groups(16, 4, 64) == 64  # rows per batch 64: k = 1 + 2 → (k + 1)·16
+    assert pool_groups(4, 4, 8) == 12 and pool_groups(4, 8, 1) == 12
+    assert pool_groups(4, 4, 40) == 28  # ⌈80 / 16⌉ = 5
+    assert [batches_to_draw(n, 64, 16) for n in (0, 15, 16, 30, 48)] == [4, 3, 3, 2, 1]
+    occupied = 0  # drawing, training G, dropping some and carrying the rest stays within C
+    for dropped in (0, 3, 16, 0, 7, 0):
+        real = occupied + batches_to_draw(occupied, 64, 16) * 16
+        assert 16 <= real <= 64
+        occupied = max(real - 16 - dropped, 0)
+    assert occupied == 38  # 48, 45, 29, 45, 38, 38 by hand
 
 
 def test_partial_rollouts_refuse_what_they_cannot_do():
