@@ -236,3 +236,38 @@ def test_partial_rollouts_refuse_what_they_cannot_do():
                                                                    dynamic_sampling=True))
     with pytest.raises(ValueError, match=r"with dynamic sampling: the two do not combine"):
         train_partial(dynamic)
+
+
+@pytest.mark.slow
+def test_partial_rollouts_on_a_2x2x2_mesh_train_on_the_one_device_rows():
+    """The partial sampler's slots split over a (data 2, fsdp 2, tensor 2) mesh: two
+    iterations (the second resuming carried rows) train on the rows one device samples."""
+    from test_ppo_loop import CFG, count_target
+
+    from jrlhf import sharding
+    from jrlhf.config import MeshConfig
+    from jrlhf.rollouts import Reward, RolloutLoop
+    from jrlhf.setups import make_setup
+
+    def batches(mesh):
+        config = partial_config(iterations=2)
+        setup = make_setup("grpo", config, CFG, init_params(CFG, 0), mesh=mesh)
+        seen, update = [], setup.step
+
+        def step(state, batch):
+            seen.append({k: sharding.to_host(v) for k, v in batch.items()})
+            return update(state, batch)
+
+        stream = PromptStream()
+        loop = RolloutLoop(dataclasses.replace(setup, step=step), config,
+                           Reward(fn=count_target), eos_token_id=5, more_prompts=stream)
+        state, first = loop(setup.state, next(stream))
+        _, second = loop(state, next(stream))
+        assert second["partial/version_lag_max"] == 1  # carried rows were resumed
+        return seen
+
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    for sharded, single in zip(batches(mesh), batches(None)):
+        np.testing.assert_array_equal(sharded["input_ids"], single["input_ids"])
+        np.testing.assert_allclose(sharded["sampler_logprobs"], single["sampler_logprobs"],
+                                   atol=1e-5)
