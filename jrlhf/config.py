@@ -141,9 +141,15 @@ class ModelSection:
     # Materialise each layer's residual-stream gradient (a conditional in the backward pass):
     # auto (on XLA:CPU, where it makes the backward ~10% faster) | on | off.
     residual_barrier: str = "auto"
+    # Store the policy's frozen base quantized (QLoRA-style; needs LoRA and `jrlhf[quant]`):
+    # none | int8 | int4 | nf4 (see jrlhf.quant).
+    quantize: str = "none"
 
     def __post_init__(self):
         _check_ranges("model", self)
+        if self.quantize not in ("none", "int8", "int4", "nf4"):
+            raise ValueError(f"model.quantize must be none, int8, int4 or nf4, got "
+                             f"{self.quantize!r}")
         if self.attention not in ("auto", "xla", "cudnn"):
             raise ValueError(f"model.attention must be auto, xla or cudnn, got {self.attention!r}")
         if self.residual_barrier not in ("auto", "on", "off"):

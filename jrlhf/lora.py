@@ -3,7 +3,9 @@
 A targeted kernel `W [in, out]` at path `.../q_proj/kernel` gets siblings `lora_a [in, r]`
 (random) and `lora_b [r, out]` (zeros, so training starts at the base model). The forward pass
 uses `W + scale · A·B` (`merge_lora`); the base model is the same tree without the adapters
-(`base_params`) — no second copy of the weights is kept for the PPO reference.
+(`base_params`) — no second copy of the weights is kept for the PPO reference. A kernel stored
+quantized (`jrlhf.quant`, `model.quantize`) is not merged: its adapters run beside it
+(`quant.AdaptedKernel`, `x·W + scale · (x·A)·B`), so the forward still reads the quantized base.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jrlhf import paths
+from jrlhf import paths, quant
 from jrlhf.config import LoRAConfig
 
 ADAPTER_KEYS = ("lora_a", "lora_b")
@@ -44,11 +46,16 @@ def _is_adapted(node) -> bool:
 
 def merge_lora(params, scale: float):
     """Params without adapters where each adapted kernel is `W + scale · A·B` (for forward
-    passes and export)."""
+    passes and export), or for a quantized kernel `quant.AdaptedKernel` (applied unmerged;
+    `quant.dequantize_params` merges it for export)."""
     if not isinstance(params, dict):
         return params
     if _is_adapted(params):
         merged = {k: v for k, v in params.items() if k not in ADAPTER_KEYS}
+        if quant.is_quantized(params["kernel"]):
+            merged["kernel"] = quant.AdaptedKernel(params["kernel"], params["lora_a"],
+                                                   params["lora_b"], scale)
+            return merged
         delta = params["lora_a"] @ params["lora_b"]
         merged["kernel"] = params["kernel"] + (scale * delta).astype(params["kernel"].dtype)
         return merged

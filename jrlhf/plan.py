@@ -163,7 +163,7 @@ def plan(config: Config, step: str = "sft", device: str = "h100", *,
     args = mem.argument_size_in_bytes if mem else params_bytes + opt_bytes
     result = {
         "step": step, "mesh": dict(zip(sharding.AXES, config.mesh.shape)),
-        "model_params": policy_cfg.num_params,
+        "model_params": policy_cfg.num_params, "quantize": config.model.quantize,
         "params_bytes_per_device": params_bytes, "optimizer_bytes_per_device": opt_bytes,
         "reference_bytes_per_device": ref_bytes, "argument_bytes_per_device": args,
         "output_bytes_per_device": mem.output_size_in_bytes if mem else 0,
@@ -198,7 +198,8 @@ def format_plan(r: dict) -> str:
     lines = [
         f"jrlhf plan: {r['step']} step, {r['model_params'] / 1e6:.1f}M parameters, mesh {mesh}",
         f"  memory basis             {r['memory_basis'] if not estimate else 'analytic estimate (compiled on CPU stand-ins)'}",
-        f"  parameters / device      {gib(r['params_bytes_per_device'])}",
+        f"  parameters / device      {gib(r['params_bytes_per_device'])}"
+        + (f"  (frozen base {r['quantize']})" if r.get("quantize", "none") != "none" else ""),
         f"  optimizer state / device {gib(r['optimizer_bytes_per_device'])}",
     ]
     if r["reference_bytes_per_device"]:

@@ -1,12 +1,12 @@
 """One setup per algorithm: the config and the initial weights become what its step needs.
 
 `make_setup(algorithm, config, model_cfg, params)` builds, once, the train state (scalar heads
-grafted or dropped, LoRA adapters added, freeze labels, the optimizer with the stage's learning
-rate and schedule length), the frozen reference weights and the jitted, sharded update step,
-all as the algorithm's record (`jrlhf.algorithms`) says. The training stages, `jrlhf bench` and
-`jrlhf plan` all call it: the stages and bench with arrays, plan with `jax.ShapeDtypeStruct`s
-(the same construction under `jax.eval_shape`, so nothing is allocated). What plan sizes and
-bench times is the state training builds.
+grafted or dropped, LoRA adapters added, the frozen base quantized with `model.quantize`, freeze
+labels, the optimizer with the stage's learning rate and schedule length), the frozen reference
+weights and the jitted, sharded update step, all as the algorithm's record (`jrlhf.algorithms`)
+says. The training stages, `jrlhf bench` and `jrlhf plan` all call it: the stages and bench with
+arrays, plan with `jax.ShapeDtypeStruct`s (the same construction under `jax.eval_shape`, so
+nothing is allocated). What plan sizes and bench times is the state training builds.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jrlhf import algorithms, lora, optim, sharding
+from jrlhf import algorithms, lora, optim, quant, sharding
 from jrlhf.algorithms import Algorithm
 from jrlhf.config import Config, derive
 from jrlhf.heads import reward_model_init, with_scalar_head, without_scalar_head
@@ -62,14 +62,17 @@ class Setup:
     lora_scale: float = 0.0
 
     def policy_params(self, params):
-        """The policy's weights for sampling: LoRA merged, critic parts left out."""
+        """The policy's weights for sampling: LoRA merged (beside a quantized base kernel,
+        which stays quantized), critic parts left out."""
         key = self.algorithm.policy_key
         return lora.merge_lora(params[key] if key else params, self.lora_scale)
 
     def exported(self, params) -> tuple[ModelConfig, Any]:
-        """`(cfg, params)` of the trained model as it is exported: LoRA merged (and, for PPO,
-        the value head and separate critic dropped)."""
-        return self.algorithm.exported(self.model_cfg, self.policy_params(params))
+        """`(cfg, params)` of the trained model as it is exported: LoRA merged, a quantized
+        base dequantized to float32 (and, for PPO, the value head and separate critic
+        dropped)."""
+        policy = quant.dequantize_params(self.policy_params(params))
+        return self.algorithm.exported(self.model_cfg, policy)
 
 
 def _is_abstract(tree) -> bool:
@@ -104,6 +107,22 @@ def default_mesh(config: Config):
     return sharding.make_mesh(config.mesh)
 
 
+def _quantization(config: Config, use_lora: bool) -> str:
+    """How the policy's frozen base is stored: `model.quantize`, or "none" where LoRA does not
+    apply (the algorithm's `lora=False`). Refused without LoRA: quantized weights cannot train."""
+    if config.model.quantize != "none" and not config.lora.enabled:
+        raise ValueError(f"model.quantize={config.model.quantize} stores the base weights "
+                         "frozen, so only LoRA adapters can train: set lora.rank > 0")
+    return config.model.quantize if use_lora else "none"
+
+
+def _adapted(policy, config: Config, name: str, quantize: str):
+    """The policy with LoRA adapters (float32), its base then quantized unless `quantize` is
+    "none" (`jrlhf.quant`)."""
+    adapted = lora.add_lora(policy, config.lora, stream_key(config.run.seed, name, "lora"))
+    return adapted if quantize == "none" else quant.quantize_params(adapted, quantize)
+
+
 def make_setup(algorithm: str | Algorithm, config: Config, model_cfg: ModelConfig, params, *,
                name: str | None = None, mesh=None) -> Setup:
     """Build the state, reference and jitted step of `algorithm` from its initial weights.
@@ -123,6 +142,7 @@ def make_setup(algorithm: str | Algorithm, config: Config, model_cfg: ModelConfi
     name = name or record.name
     mesh = default_mesh(config) if mesh is None else mesh
     use_lora = config.lora.enabled and record.lora
+    quantize = _quantization(config, use_lora)
     key = record.policy_key
     configs = {}
 
@@ -132,8 +152,7 @@ def make_setup(algorithm: str | Algorithm, config: Config, model_cfg: ModelConfi
         configs.update(model=cfg, value=value_cfg)  # static facts, the same on every trace
         policy = tree[key] if key else tree
         if use_lora:
-            adapted = lora.add_lora(policy, config.lora, stream_key(config.run.seed, name,
-                                                                     "lora"))
+            adapted = _adapted(policy, config, name, quantize)
             tree = dict(tree, **{key: adapted}) if key else adapted
         return tree, policy
 

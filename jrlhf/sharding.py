@@ -23,17 +23,22 @@ from jrlhf.config import MeshConfig
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
+# A quantized matrix (`jrlhf.quant.QuantizedArray`) is two arrays of its rank under its path,
+# `.../kernel/values` and `.../kernel/scale`: both follow the matrix's rule (a dimension the
+# mesh axis does not divide, such as a scale's 1, stays whole).
+_Q = r"(/values|/scale)?"
+
 # First match wins. Kernels are [in, out]; embeddings [vocab, hidden].
 PARAM_RULES: tuple[tuple[str, P], ...] = (
-    (r"(.*/)?embed/embedding", P("tensor", "fsdp")),
-    (r"(.*/)?pos_embed/embedding", P(None, "fsdp")),
-    (r".*attn/(q_proj|k_proj|v_proj)/kernel", P("fsdp", "tensor")),
+    (rf"(.*/)?embed/embedding{_Q}", P("tensor", "fsdp")),
+    (rf"(.*/)?pos_embed/embedding{_Q}", P(None, "fsdp")),
+    (rf".*attn/(q_proj|k_proj|v_proj)/kernel{_Q}", P("fsdp", "tensor")),
     (r".*attn/(q_proj|k_proj|v_proj)/bias", P("tensor")),
-    (r".*attn/o_proj/kernel", P("tensor", "fsdp")),
-    (r".*mlp/(gate_proj|up_proj|fc_in)/kernel", P("fsdp", "tensor")),
+    (rf".*attn/o_proj/kernel{_Q}", P("tensor", "fsdp")),
+    (rf".*mlp/(gate_proj|up_proj|fc_in)/kernel{_Q}", P("fsdp", "tensor")),
     (r".*mlp/fc_in/bias", P("tensor")),
-    (r".*mlp/(down_proj|fc_out)/kernel", P("tensor", "fsdp")),
-    (r"(.*/)?lm_head/kernel", P("fsdp", "tensor")),
+    (rf".*mlp/(down_proj|fc_out)/kernel{_Q}", P("tensor", "fsdp")),
+    (rf"(.*/)?lm_head/kernel{_Q}", P("fsdp", "tensor")),
     (r"(.*/)?score/kernel", P("fsdp", None)),
     (r".*/lora_a", P("fsdp", None)),
     (r".*/lora_b", P(None, "tensor")),

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jrlhf import quant
 from jrlhf.models import attention as attn
 from jrlhf.models.config import ModelConfig, rope_frequencies
 
@@ -99,9 +100,33 @@ def uses_residual_barrier(cfg: ModelConfig) -> bool:
     return cfg.residual_barrier == "on"
 
 
-def _linear(cfg: ModelConfig, d_in: int, d_out: int, bias: bool, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(d_in, d_out, use_bias=bias, kernel_init=_INIT, dtype=jnp.dtype(cfg.dtype),
-                      param_dtype=jnp.float32, rngs=rngs)
+class Linear(nnx.Linear):
+    """`nnx.Linear` whose kernel may be stored quantized (`jrlhf.quant`): dequantized to the
+    compute dtype where it is used, LoRA adapters beside it applied unmerged."""
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        kernel = self.kernel.get_value()
+        if not quant.is_quantized(kernel):
+            return super().__call__(inputs)
+        y = quant.matmul(inputs, kernel, jnp.dtype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return y
+
+
+class Embed(nnx.Embed):
+    """`nnx.Embed` whose table may be stored quantized: only the looked-up rows dequantized."""
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        table = self.embedding.get_value()
+        if not quant.is_quantized(table):
+            return super().__call__(inputs)
+        return quant.take(table, inputs, jnp.dtype(self.dtype))
+
+
+def _linear(cfg: ModelConfig, d_in: int, d_out: int, bias: bool, rngs: nnx.Rngs) -> Linear:
+    return Linear(d_in, d_out, use_bias=bias, kernel_init=_INIT, dtype=jnp.dtype(cfg.dtype),
+                  param_dtype=jnp.float32, rngs=rngs)
 
 
 class RMSNorm(nnx.Module):
@@ -278,12 +303,12 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         dtype = jnp.dtype(cfg.dtype)
-        self.embed = nnx.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=_INIT,
-                               dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        self.embed = Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=_INIT,
+                           dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
         if cfg.family == "gpt2":
-            self.pos_embed = nnx.Embed(cfg.max_position_embeddings, cfg.hidden_size,
-                                       embedding_init=_INIT, dtype=dtype,
-                                       param_dtype=jnp.float32, rngs=rngs)
+            self.pos_embed = Embed(cfg.max_position_embeddings, cfg.hidden_size,
+                                   embedding_init=_INIT, dtype=dtype,
+                                   param_dtype=jnp.float32, rngs=rngs)
         self.layers = nnx.List([Block(cfg, rngs, i) for i in range(cfg.num_layers)])
         self.final_norm = make_norm(cfg)
         if cfg.lm_head and not cfg.tie_word_embeddings:
@@ -395,10 +420,11 @@ class Transformer(nnx.Module):
         return self.final_norm(x), tuple(new_cache)
 
     def lm_head_weight(self) -> tuple[jax.Array, bool]:
-        """The LM head's matrix and whether it is `[V, D]` (tied embedding) rather than `[D, V]`."""
+        """The LM head's matrix (possibly a `jrlhf.quant.QuantizedArray`) and whether it is
+        `[V, D]` (tied embedding) rather than `[D, V]`."""
         if self.cfg.tie_word_embeddings:
-            return self.embed.embedding[...], True
-        return self.lm_head.kernel[...], False
+            return self.embed.embedding.get_value(), True
+        return self.lm_head.kernel.get_value(), False
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """LM logits `[..., V]` in float32 (every position: see `token_logprobs` for the
@@ -442,9 +468,10 @@ def head_logits(hidden: jax.Array, weight: jax.Array, transposed: bool, dtype,
                 softcap: float | None = None) -> jax.Array:
     """`hidden [..., D]` times the LM head (`weight [V, D]` if `transposed` else `[D, V]`) in the
     compute `dtype`, returned in float32 `[..., V]`; with `softcap` (Gemma 2's final-logit
-    soft-capping) mapped through `softcap · tanh(logits / softcap)`."""
+    soft-capping) mapped through `softcap · tanh(logits / softcap)`. A quantized `weight`
+    (`jrlhf.quant`) is dequantized here."""
     dtype = jnp.dtype(dtype)
-    w = weight.astype(dtype)
+    w = quant.dense(weight, dtype)
     out = jnp.dot(hidden.astype(dtype), w.T if transposed else w).astype(jnp.float32)
     return out if softcap is None else softcap * jnp.tanh(out / softcap)
 

@@ -67,17 +67,56 @@ def split_micro_batches(batch, n: int):
     return jax.tree.map(split, batch)
 
 
+def float_leaves(params):
+    """`(floats, with_floats, full_gradient)`: the floating-point leaves of `params` (a list),
+    `with_floats(floats)` the params rebuilt around them, and `full_gradient(grads of floats)`
+    a gradient tree of the params' structure, zeros of their own dtype at the other leaves.
+
+    Integer leaves (a quantized frozen base, `jrlhf.quant`) cannot be differentiated; the
+    steps differentiate the float leaves alone and the optimizer's frozen group zeroes the
+    rest."""
+    leaves, treedef = jax.tree.flatten(params)
+    where = [i for i, x in enumerate(leaves) if jnp.issubdtype(x.dtype, jnp.inexact)]
+
+    def with_floats(floats):
+        full = list(leaves)
+        for i, x in zip(where, floats):
+            full[i] = x
+        return treedef.unflatten(full)
+
+    def full_gradient(grads):
+        given = dict(zip(where, grads))
+        return treedef.unflatten([given[i] if i in given else jnp.zeros_like(x)
+                                  for i, x in enumerate(leaves)])
+
+    return [leaves[i] for i in where], with_floats, full_gradient
+
+
+def value_and_grad(fn, has_aux: bool = False):
+    """`jax.value_and_grad(fn, has_aux)` with respect to the float leaves of its first argument
+    (`float_leaves`): integer leaves get zero gradients."""
+    def wrapped(params, *args):
+        floats, with_floats, full_gradient = float_leaves(params)
+        out, grads = jax.value_and_grad(lambda xs: fn(with_floats(xs), *args),
+                                        has_aux=has_aux)(floats)
+        return out, full_gradient(grads)
+
+    return wrapped
+
+
 def accumulate_gradients(loss_fn, params, batch, num_micro_batches: int):
     """Sum `grad(loss_fn)` and its aux sums over micro-batches with one `lax.scan`.
 
     `loss_fn(params, micro_batch) -> (loss, aux)` must return *already normalised* contributions
     (e.g. token-weighted by the whole batch's token count), so that the sum over micro-batches
-    equals the loss of the full batch; `aux` holds sums as well.
+    equals the loss of the full batch; `aux` holds sums as well. Only the float leaves of
+    `params` are differentiated (`float_leaves`; integer ones get zero gradients).
     """
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    params, with_floats, full_gradient = float_leaves(params)
+    grad_fn = jax.value_and_grad(lambda xs, micro: loss_fn(with_floats(xs), micro), has_aux=True)
     if num_micro_batches == 1:
         (loss, aux), grads = grad_fn(params, batch)
-        return loss, aux, grads
+        return loss, aux, full_gradient(grads)
 
     def body(carry, micro):
         (loss, aux), grads = grad_fn(params, micro)
@@ -88,7 +127,7 @@ def accumulate_gradients(loss_fn, params, batch, num_micro_batches: int):
     zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, first))
     (loss, aux), grads = zeros
     (loss, aux, grads), _ = jax.lax.scan(body, (loss, aux, grads), micro)
-    return loss, aux, grads
+    return loss, aux, full_gradient(grads)
 
 
 def apply_gradients(state, grads):

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from jrlhf import losses, rl
 from jrlhf.config import PPOConfig
 from jrlhf.models.config import ModelConfig
-from jrlhf.steps.common import check_batch, check_factory_args, jit_step, minibatch_epochs
+from jrlhf.steps.common import (check_batch, check_factory_args, jit_step, minibatch_epochs,
+                                value_and_grad)
 from jrlhf.steps.rollout import RL_BATCH, RL_OPTIONAL, policy_outputs, sampler_mismatch
 
 
@@ -115,8 +116,8 @@ def ppo_step(state, batch, *, cfg: PPOConfig, policy_cfg: ModelConfig,
         data["tis_weights"] = mismatch.pop("tis_weights")
     forward = functools.partial(policy_outputs, policy_cfg=policy_cfg, value_cfg=value_cfg,
                                 labels=labels, lora_scale=lora_scale)
-    grad_fn = jax.value_and_grad(functools.partial(ppo_loss, cfg=cfg, forward=forward,
-                                                   extra_loss=extra_loss), has_aux=True)
+    grad_fn = value_and_grad(functools.partial(ppo_loss, cfg=cfg, forward=forward,
+                                               extra_loss=extra_loss), has_aux=True)
     state, metrics = minibatch_epochs(state, data, grad_fn, epochs=cfg.epochs,
                                       num_minibatches=num_minibatches,
                                       key=jax.random.fold_in(state.rng, state.step),
