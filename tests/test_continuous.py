@@ -167,6 +167,7 @@ def collectives(hlo_text: str) -> dict[str, int]:
     return {op: len(re.findall(rf"\b{op}(-start)?\(", hlo_text)) for op in ops}
 
 
+@pytest.mark.slow
 def test_host_local_decode_has_no_collective_and_samples_what_one_device_samples():
     """`rollout.host_local` on a (data 2, fsdp 2, tensor 2) mesh: every device decodes its own
     rows with a whole copy of the policy — the compiled decode program holds no collective at

@@ -34,7 +34,8 @@ def groups_done(finished):
     return np.asarray(finished).reshape(-1, K).all(1)
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", [n if n == "llama" else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in CONFIGS])
 def test_greedy_calls_chained_to_the_end_equal_one_uninterrupted_call(name):
     cfg = CONFIGS[name]
     params = init_params(cfg, 0)
@@ -65,6 +66,7 @@ def test_greedy_calls_chained_to_the_end_equal_one_uninterrupted_call(name):
     np.testing.assert_allclose(state.logprobs, np.asarray(whole.logprobs), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_resumed_row_keeps_each_tokens_sampler_logprob_under_the_weights_that_drew_it():
     """Tokens drawn under weights A keep A's log-probs; the rest are B's, and B's cache of the
     whole prefix is recomputed (its log-probs equal B's forward over the full sequence)."""
@@ -162,6 +164,7 @@ def train_partial(config, out_dir=None, resume=False, budgets=BUDGETS_PER_PROMPT
                  eos_token_id=eos, out_dir=out_dir, resume=resume, log=None)
 
 
+@pytest.mark.slow
 def test_partial_rollouts_carry_groups_and_train_on_tokens_of_older_versions():
     result = train_partial(partial_config(iterations=5))
     history = result.history
@@ -178,6 +181,7 @@ def test_partial_rollouts_carry_groups_and_train_on_tokens_of_older_versions():
     assert int(result.state.rl.iteration) == 5
 
 
+@pytest.mark.slow
 def test_stale_groups_are_dropped_and_counted():
     """One prompt of each batch needs 32 tokens, the others 1 (no EOS): an iteration ends
     within a few steps, so a long group started at iteration i still runs at i + 2 and, with

@@ -200,6 +200,7 @@ def make(algorithm, config):
                           *initial_weights(algorithm, config, CFG, init_params(CFG, 0)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["sft", "grpo"])
 def test_steps_train_only_the_adapters(algorithm):
     """Two steps on an int8 base + LoRA: both adapters move, every base array (quantized
@@ -224,6 +225,7 @@ def test_steps_train_only_the_adapters(algorithm):
     assert base / optim.tree_bytes(lora.base_params(float_setup.state.params)) < 0.27
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_one_device():
     """The quantized arrays follow their matrix's sharding rule: an SFT step on a
     data=1, fsdp=2, tensor=2 mesh gives the single device's adapters."""
@@ -254,6 +256,7 @@ def trained_setup(qtype="int8"):
     return setup, params
 
 
+@pytest.mark.slow
 def test_sampler_reads_the_quantized_weights():
     """`generate` on the policy as the rollout loop hands it over (base quantized, adapters
     unmerged beside it) samples what it samples on the de-quantized, merged weights."""
@@ -269,6 +272,7 @@ def test_sampler_reads_the_quantized_weights():
     np.testing.assert_allclose(ours.logprobs, dense.logprobs, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_export_reloads_in_transformers(tmp_path):
     """The export merges the adapters into de-quantized float32 weights; transformers loads
     the folder with the logits of our model on the quantized base + adapters."""
@@ -289,6 +293,7 @@ def test_export_reloads_in_transformers(tmp_path):
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_plan_counts_the_quantized_bytes():
     """`jrlhf plan` sizes the quantized state: its parameter bytes per device equal those of
     the state training builds, and the int8 / 4-bit bases are smaller than float32's."""
