@@ -188,6 +188,17 @@ def cluster(w, actor, *, critic=None, lr: float, epochs: int, iterations: int):
                                     tokenizer=IdTokenizer(), cluster_config=config)
 
 
+def timed_training(learner, w, settings: dict, actor) -> dict:
+    """Train `learner` on the warm-up + measured iterations' prompt batches, timed per
+    iteration."""
+    timer = IterationTimer(learner)
+    n = w["warmup"] + w["steps"]
+    data = prompt_batches(w, settings["prompts"], n, seed=settings["seed"])
+    start = time.perf_counter()
+    learner.train(data)
+    return {**timer.result(start, w["warmup"]), "model_params": num_params(actor)}
+
+
 def run_grpo(w) -> dict:
     g = w["grpo"]
     n = w["warmup"] + w["steps"]
@@ -197,11 +208,7 @@ def run_grpo(w) -> dict:
         num_generations=g["group_size"], num_iterations=g["epochs"], beta=g["kl_coef"],
         epsilon=g["clip_eps"], kl_loss_mode="low_var_kl", loss_agg_mode="token-mean")
     learner = grpo_learner.GRPOLearner(rl_cluster=rl, algo_config=config, reward_fns=reward_fn)
-    timer = IterationTimer(learner)
-    data = prompt_batches(w, g["prompts"], n, seed=g["seed"])
-    start = time.perf_counter()
-    learner.train(data)
-    return {**timer.result(start, w["warmup"]), "model_params": num_params(actor)}
+    return timed_training(learner, w, g, actor)
 
 
 def run_ppo(w) -> dict:
@@ -215,11 +222,7 @@ def run_ppo(w) -> dict:
         num_iterations=p["epochs"], gamma=p["gamma"], gae_lambda=p["lam"], beta=p["kl_coef"],
         epsilon=p["clip_eps"], clip_range_value=p["value_clip_eps"], kl_method="kl")
     learner = ppo_learner.PPOLearner(rl_cluster=rl, ppo_config=config, reward_fns=reward_fn)
-    timer = IterationTimer(learner)
-    data = prompt_batches(w, p["prompts"], n, seed=p["seed"])
-    start = time.perf_counter()
-    learner.train(data)
-    return {**timer.result(start, w["warmup"]), "model_params": num_params(actor)}
+    return timed_training(learner, w, p, actor)
 
 
 def main():
