@@ -68,6 +68,20 @@ def decode_texts(tokenizer, tokens, mask) -> list[str]:
     return [tokenizer.decode(t[m > 0], skip_special_tokens=True) for t, m in zip(tokens, mask)]
 
 
+def with_rollout_settings(sampler, cfg: ModelConfig, rollout: RolloutConfig, eos_token_id,
+                          pad_token_id, num_samples: int):
+    """`sampler` (`generate`, `generate_continuous` or `generate_partial`) bound to the model
+    (computing in `rollout.dtype` when set) and the rollout's sampling settings: the one place
+    every sampler of the rollout code reads them from."""
+    if rollout.dtype:
+        cfg = dataclasses.replace(cfg, dtype=rollout.dtype)
+    return functools.partial(
+        sampler, cfg, max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
+        top_k=rollout.top_k, top_p=rollout.top_p, eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id, num_samples=num_samples,
+        cache_dtype=rollout.kv_cache_dtype or None)
+
+
 def make_sampler(cfg: ModelConfig, rollout: RolloutConfig, eos_token_id, pad_token_id, *,
                  num_samples: int = 1, mesh=None):
     """`sample(params, prompt_ids, prompt_mask, key, budgets=None) -> Generation` with the
@@ -75,14 +89,9 @@ def make_sampler(cfg: ModelConfig, rollout: RolloutConfig, eos_token_id, pad_tok
     from one shared prefill, rows kept split over the mesh's batch axes when `mesh` is given;
     with `rollout.slots`, continuous batching over that many slots (fewer when a call has
     fewer rows: the evaluation's last chunk)."""
-    if rollout.dtype:
-        cfg = dataclasses.replace(cfg, dtype=rollout.dtype)
     if rollout.slots:
-        continuous = functools.partial(
-            generate_continuous, cfg, max_new_tokens=rollout.max_new_tokens,
-            temperature=rollout.temperature, top_k=rollout.top_k, top_p=rollout.top_p,
-            eos_token_id=eos_token_id, pad_token_id=pad_token_id, num_samples=num_samples,
-            cache_dtype=rollout.kv_cache_dtype or None)
+        continuous = with_rollout_settings(generate_continuous, cfg, rollout, eos_token_id,
+                                           pad_token_id, num_samples)
 
         def sample(params, prompt_ids, prompt_mask, key, budgets=None):
             slots = min(rollout.slots, prompt_ids.shape[0] * num_samples)
@@ -93,10 +102,7 @@ def make_sampler(cfg: ModelConfig, rollout: RolloutConfig, eos_token_id, pad_tok
 
         return sample
     return functools.partial(
-        generate, cfg, max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
-        top_k=rollout.top_k, top_p=rollout.top_p, eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id, num_samples=num_samples,
-        cache_dtype=rollout.kv_cache_dtype or None,
+        with_rollout_settings(generate, cfg, rollout, eos_token_id, pad_token_id, num_samples),
         batch_sharding=None if mesh is None else sharding.batch_sharding(mesh))
 
 
@@ -208,14 +214,11 @@ class RolloutLoop:
         if r.slots % devices:
             raise ValueError(f"rollout.host_local: rollout.slots={r.slots} is not a multiple "
                              f"of the {devices} devices the rows are split over")
-        cfg = dataclasses.replace(setup.model_cfg, dtype=r.dtype) if r.dtype else setup.model_cfg
         rows = sharding.batch_sharding(mesh)
         split = P(sharding.BATCH_AXES)
         decode = functools.partial(
-            generate_continuous, cfg, max_new_tokens=r.max_new_tokens, slots=r.slots // devices,
-            temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-            eos_token_id=eos_token_id, pad_token_id=pad_token_id, num_samples=K,
-            cache_dtype=r.kv_cache_dtype or None)
+            with_rollout_settings(generate_continuous, setup.model_cfg, r, eos_token_id,
+                                  pad_token_id, K), slots=r.slots // devices)
 
         def per_device(params, ids, mask, key, budgets):
             first = jax.lax.axis_index(sharding.BATCH_AXES) * ids.shape[0] * K
@@ -253,15 +256,10 @@ class RolloutLoop:
                 f"rollout.max_staleness={r.max_staleness}: carried tokens are drawn by older "
                 f"policy versions, which the update must correct for with their behaviour "
                 f"log-probs: set {spec.tis_cap_key or 'the update’s tis_cap'} (e.g. 2)")
-        cfg = setup.model_cfg
-        if r.dtype:
-            cfg = dataclasses.replace(cfg, dtype=r.dtype)
         split = setup.mesh is not None and r.slots % sharding.batch_devices(setup.mesh) == 0
         return functools.partial(
-            generate_partial, cfg, max_new_tokens=r.max_new_tokens, slots=r.slots,
-            temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-            eos_token_id=eos_token_id, pad_token_id=pad_token_id, num_samples=self.group,
-            cache_dtype=r.kv_cache_dtype or None,
+            with_rollout_settings(generate_partial, setup.model_cfg, r, eos_token_id,
+                                  pad_token_id, self.group), slots=r.slots,
             batch_sharding=sharding.batch_sharding(setup.mesh) if split else None)
 
     def _prompt_budgets(self, prompts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -385,7 +383,7 @@ class RolloutLoop:
                    "partial/carried_in_progress": float(
                        in_flight[partial.group_rows(settled.carried, K)].sum()),
                    "partial/slot_utilisation": scored["generated_tokens"] / max(
-                       1, self.sample_partial.keywords["slots"] * int(gen.steps))}
+                       1, r.slots * int(gen.steps))}
         fields = partial.next_pool(C, queue, settled, tokens, logprobs, lengths, finished)
         placed = jax.tree.map(lambda x, old: sharding.put(x.astype(old.dtype), old.sharding),
                               state.rl.pool.replace(**fields), state.rl.pool)
