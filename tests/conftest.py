@@ -65,6 +65,16 @@ FAMILY_CONFIGS = {
                                    sliding_window_pattern=2, query_pre_attn_scalar=10,
                                    rope_scaling=dict(rope_type="linear", factor=8.0),
                                    rope_local_base_freq=100.0)),
+    # Mixtures of experts: several experts per token, dense and sparse layers mixed.
+    "qwen3_moe": ("qwen3_moe", dict(_FAMILY_BASE, tie_word_embeddings=False, num_experts=5,
+                                    num_experts_per_tok=3, moe_intermediate_size=20,
+                                    norm_topk_prob=True, mlp_only_layers=[1])),
+    "qwen2_moe": ("qwen2_moe", dict(_FAMILY_BASE, num_experts=4, num_experts_per_tok=2,
+                                    moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                                    decoder_sparse_step=2, use_sliding_window=True,
+                                    sliding_window=5, max_window_layers=1)),
+    "mixtral": ("mixtral", dict(_FAMILY_BASE, num_local_experts=4, num_experts_per_tok=2,
+                                intermediate_size=24, sliding_window=5)),
 }
 
 

@@ -83,12 +83,23 @@ class ModelConfig:
     residual_barrier: str = "auto"
     # Positions per LM-head block in the losses (`token_outputs`); 0 = all at once.
     logits_chunk_size: int = 2048
+    # Mixture of experts (Qwen2-MoE, Qwen3-MoE, Mixtral; `jrlhf.models.moe`). 0 experts: every
+    # MLP is dense. A sparse layer's MLP routes each token to `experts_per_token` of
+    # `num_experts` gated MLPs of width `expert_size` (top-k of a softmax router).
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_size: int = 0
+    norm_topk_prob: bool = False  # the k chosen probabilities renormalised to sum to 1
+    dense_layers: tuple[int, ...] = ()  # layers whose MLP stays dense (intermediate_size wide)
+    shared_expert_size: int = 0  # Qwen2-MoE: a sigmoid-gated shared expert beside the routed ones
+    router_aux_loss_coef: float = 0.0  # the checkpoint's load-balancing weight (training default)
 
     def __post_init__(self):
         # JSON round trips give lists; the config must stay hashable (it is a static jit arg).
         object.__setattr__(self, "rope_scaling",
                            tuple(sorted((str(k), v) for k, v in dict(self.rope_scaling).items())))
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        object.__setattr__(self, "dense_layers", tuple(sorted(int(i) for i in self.dense_layers)))
         if self.family not in ("gpt2", "llama"):
             raise ValueError(f"ModelConfig.family must be 'gpt2' or 'llama', got {self.family!r}")
         for name in SIZE_FIELDS:
@@ -125,6 +136,45 @@ class ModelConfig:
         if self.scan_layers and len({self.layer_window(i) for i in range(self.num_layers)}) > 1:
             raise ValueError("scan_layers needs every layer alike, but layer_types mixes "
                              "sliding-window and full attention layers; use scan_layers=False")
+        self._check_experts()
+
+    def _check_experts(self):
+        if self.num_experts < 0:
+            raise ValueError(f"num_experts must be >= 0, got {self.num_experts}")
+        if not self.num_experts:
+            if self.experts_per_token or self.dense_layers or self.shared_expert_size:
+                raise ValueError("experts_per_token, dense_layers and shared_expert_size need "
+                                 "num_experts > 0")
+            return
+        if self.family != "llama":
+            raise ValueError("mixture-of-experts layers need family='llama'")
+        if not 1 <= self.experts_per_token <= self.num_experts:
+            raise ValueError(f"experts_per_token must be in 1..num_experts={self.num_experts}, "
+                             f"got {self.experts_per_token}")
+        if self.expert_size < 1:
+            raise ValueError(f"expert_size must be a positive integer, got {self.expert_size}")
+        if self.shared_expert_size < 0:
+            raise ValueError(f"shared_expert_size must be >= 0, got {self.shared_expert_size}")
+        bad = [i for i in self.dense_layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"dense_layers {bad} are not layers of a {self.num_layers}-layer "
+                             "model")
+        if self.scan_layers and len({self.layer_is_sparse(i)
+                                     for i in range(self.num_layers)}) > 1:
+            raise ValueError("scan_layers needs every layer alike, but dense_layers mixes dense "
+                             "and sparse MLPs; use scan_layers=False")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def layer_is_sparse(self, layer: int) -> bool:
+        """Whether layer `layer`'s MLP is a mixture of experts."""
+        return self.num_experts > 0 and layer not in self.dense_layers
+
+    @property
+    def sparse_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.num_layers) if self.layer_is_sparse(i))
 
     def layer_window(self, layer: int) -> int | None:
         """The sliding window of layer `layer` (None: full causal attention)."""
@@ -143,7 +193,12 @@ class ModelConfig:
 
     @property
     def layer_params(self) -> int:
-        """Parameters of one decoder layer (attention, MLP, norms)."""
+        """Parameters of one (the last) decoder layer: attention, MLP, norms."""
+        return self.layer_param_count(self.num_layers - 1)
+
+    def layer_param_count(self, layer: int, active: bool = False) -> int:
+        """Parameters of decoder layer `layer`; with `active`, those one token uses (a sparse
+        layer's router, k of its experts and the shared expert)."""
         d, f = self.hidden_size, self.intermediate_size
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         attn = d * (q + 2 * kv) + q * d
@@ -156,6 +211,11 @@ class ModelConfig:
         if self.family == "gpt2":
             return attn + 2 * d * f + (f + d if self.mlp_bias else 0) + 4 * d
         mlp = 3 * d * f + (2 * f + d if self.mlp_bias else 0)
+        if self.layer_is_sparse(layer):
+            experts = self.experts_per_token if active else self.num_experts
+            mlp = d * self.num_experts + experts * 3 * d * self.expert_size
+            if self.shared_expert_size:
+                mlp += 3 * d * self.shared_expert_size + d
         return attn + mlp + (4 if self.sandwich_norms else 2) * d
 
     @property
@@ -167,10 +227,19 @@ class ModelConfig:
     @property
     def num_params(self) -> int:
         """Analytic parameter count (embeddings and heads included)."""
+        return self.param_count()
+
+    @property
+    def active_params(self) -> int:
+        """Parameters one token uses: `num_params` with each sparse layer's k experts only."""
+        return self.param_count(active=True)
+
+    def param_count(self, active: bool = False) -> int:
         d = self.hidden_size
         final = 2 * d if self.family == "gpt2" else d
         extra = self.max_position_embeddings * d if self.family == "gpt2" else 0
-        total = self.vocab_size * d + extra + self.num_layers * self.layer_params + final
+        layers = sum(self.layer_param_count(i, active) for i in range(self.num_layers))
+        total = self.vocab_size * d + extra + layers + final
         if self.lm_head and not self.tie_word_embeddings:
             total += self.vocab_size * d
         if self.scalar_head:
@@ -260,8 +329,16 @@ def _first_id(value) -> int | None:
 
 
 # transformers model types and what they turn on beyond the Llama block.
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+MOE = ("qwen2_moe", "qwen3_moe", "mixtral")
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", *MOE)
 GEMMA = ("gemma2", "gemma3_text")
+QWEN = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")  # sliding windows behind use_sliding_window
+# Architectures people ask for that stay refused, and why (one line each).
+REFUSED = {
+    "deepseek_v3": "its multi-head latent attention (kv_lora_rank) and grouped sigmoid routing "
+                   "(topk_method, n_group) are not implemented",
+    "deepseek_v2": "its multi-head latent attention (kv_lora_rank) is not implemented",
+}
 _KNOWN_ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 
 
@@ -307,7 +384,7 @@ def _window_fields(hf, model_type: str) -> dict:
     from use_sliding_window and max_window_layers, Gemma's alternating pattern); Mistral's
     window, when set, covers every layer."""
     window = getattr(hf, "sliding_window", None)
-    if model_type in ("qwen2", "qwen3") and not getattr(hf, "use_sliding_window", False):
+    if model_type in QWEN and not getattr(hf, "use_sliding_window", False):
         window = None
     layer_types = tuple(getattr(hf, "layer_types", None) or ())
     unknown = sorted(set(layer_types) - set(LAYER_TYPES))
@@ -325,6 +402,28 @@ def _refuse(hf, field: str, why: str, ok=lambda v: not v) -> None:
     value = getattr(hf, field, None)
     if not ok(value):
         raise NotImplementedError(f"{hf.model_type} with {field}={value!r} is not supported: {why}")
+
+
+def _expert_fields(hf, model_type: str) -> dict:
+    """The mixture-of-experts fields of a Qwen2-MoE / Qwen3-MoE / Mixtral config (dense: {})."""
+    if model_type not in MOE:
+        return {}
+    experts = getattr(hf, "num_local_experts", None) or getattr(hf, "num_experts", None) or 0
+    if not experts:
+        return {}
+    coef = float(getattr(hf, "router_aux_loss_coef", 0.0) or 0.0)
+    common = dict(num_experts=int(experts), experts_per_token=int(hf.num_experts_per_tok),
+                  router_aux_loss_coef=coef)
+    if model_type == "mixtral":
+        _refuse(hf, "router_jitter_noise", "training-time router noise is not implemented")
+        return dict(common, expert_size=int(hf.intermediate_size), norm_topk_prob=True)
+    step = int(getattr(hf, "decoder_sparse_step", 1) or 1)
+    only = set(getattr(hf, "mlp_only_layers", None) or ())
+    dense = tuple(i for i in range(hf.num_hidden_layers) if i in only or (i + 1) % step)
+    shared = int(getattr(hf, "shared_expert_intermediate_size", 0) or 0)
+    return dict(common, expert_size=int(hf.moe_intermediate_size),
+                norm_topk_prob=bool(getattr(hf, "norm_topk_prob", False)), dense_layers=dense,
+                shared_expert_size=shared if model_type == "qwen2_moe" else 0)
 
 
 def from_hf_config(hf: Any, **overrides) -> ModelConfig:
@@ -374,8 +473,10 @@ def from_hf_config(hf: Any, **overrides) -> ModelConfig:
                 ok=lambda v: v in (None, 1))
         if model_type == "gemma3_text":
             _refuse(hf, "attn_logit_softcapping", "Gemma 3 uses QK-norm, not soft-capping")
-        # Mistral's projections never have biases; Qwen2's q/k/v always do (see below).
-        bias = model_type != "mistral" and bool(getattr(hf, "attention_bias", False))
+        # Mistral's / Mixtral's projections never have biases; Qwen2's q/k/v always do, Qwen2-MoE's
+        # when qkv_bias (see below).
+        bias = model_type not in ("mistral", "mixtral") and bool(getattr(hf, "attention_bias",
+                                                                        False))
         activation = (getattr(hf, "hidden_activation", None) if gemma else None) or hf.hidden_act
         if activation not in _KNOWN_ACTIVATIONS:
             raise NotImplementedError(f"{model_type} with activation {activation!r} is not "
@@ -395,11 +496,12 @@ def from_hf_config(hf: Any, **overrides) -> ModelConfig:
             activation=activation,
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
             # Qwen2 always biases q/k/v and never o; elsewhere attention_bias biases all four.
-            attention_bias=model_type == "qwen2" or bias,
-            output_bias=bias and model_type != "qwen2",
+            attention_bias=(model_type == "qwen2" or bias if model_type != "qwen2_moe"
+                            else bool(getattr(hf, "qkv_bias", False))),
+            output_bias=bias and model_type not in ("qwen2", "qwen2_moe"),
             mlp_bias=model_type == "llama" and bool(getattr(hf, "mlp_bias", False)),
             **_window_fields(hf, model_type),
-            qk_norm=model_type in ("qwen3", "gemma3_text"),
+            qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
             norm_plus_one=gemma,
             sandwich_norms=gemma,
             scale_embeddings=gemma,
@@ -407,8 +509,12 @@ def from_hf_config(hf: Any, **overrides) -> ModelConfig:
             attn_softcap=getattr(hf, "attn_logit_softcapping", None) if gemma else None,
             final_softcap=getattr(hf, "final_logit_softcapping", None) if gemma else None,
             hf_model_type=model_type,
+            **_expert_fields(hf, model_type),
             **ids,
         )
+    elif model_type in REFUSED:
+        raise NotImplementedError(f"model_type {model_type!r} is not supported: "
+                                  f"{REFUSED[model_type]}")
     else:
         hint = (" (the multimodal Gemma 3; its text model is model_type 'gemma3_text')"
                 if model_type == "gemma3" else "")
@@ -466,14 +572,17 @@ def to_hf_config(cfg: ModelConfig):
             "sliding_attention": _rope_parameters(cfg.local_rope_theta or cfg.rope_theta, ())}
     else:
         kwargs["rope_parameters"] = _rope_parameters(cfg.rope_theta, cfg.rope_scaling)
-    if model_type not in ("qwen2", "mistral"):
+    if model_type not in ("qwen2", "mistral", "qwen2_moe", "mixtral"):
         kwargs["attention_bias"] = cfg.attention_bias
+    if model_type == "qwen2_moe":
+        kwargs["qkv_bias"] = cfg.attention_bias
     if model_type == "llama":
         kwargs["mlp_bias"] = cfg.mlp_bias
-    if model_type in ("qwen2", "qwen3"):
+    if model_type in QWEN:
         kwargs["use_sliding_window"] = cfg.sliding_window is not None
         kwargs["max_window_layers"] = 0
-    if model_type not in ("llama", "mistral"):
+    kwargs.update(_hf_expert_fields(cfg))
+    if model_type not in ("llama", "mistral", "mixtral", "qwen3_moe"):
         kwargs["layer_types"] = [
             "full_attention" if cfg.layer_window(i) is None else "sliding_attention"
             for i in range(cfg.num_layers)]
@@ -485,6 +594,23 @@ def to_hf_config(cfg: ModelConfig):
         if model_type == "gemma2":
             kwargs["attn_logit_softcapping"] = cfg.attn_softcap
     return config_class(**kwargs)
+
+
+def _hf_expert_fields(cfg: ModelConfig) -> dict:
+    """The transformers config fields of `cfg`'s experts (the inverse of `_expert_fields`)."""
+    if cfg.hf_model_type not in MOE:
+        return {}
+    common = dict(num_experts_per_tok=max(cfg.experts_per_token, 1),
+                  router_aux_loss_coef=cfg.router_aux_loss_coef)
+    if cfg.hf_model_type == "mixtral":
+        return dict(common, num_local_experts=cfg.num_experts, router_jitter_noise=0.0,
+                    intermediate_size=cfg.expert_size or cfg.intermediate_size)
+    fields = dict(common, num_experts=cfg.num_experts, moe_intermediate_size=cfg.expert_size,
+                  norm_topk_prob=cfg.norm_topk_prob, decoder_sparse_step=1,
+                  mlp_only_layers=list(cfg.dense_layers))
+    if cfg.hf_model_type == "qwen2_moe":
+        fields["shared_expert_intermediate_size"] = cfg.shared_expert_size
+    return fields
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,8 +32,26 @@ _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 _PREFIXES = ("transformer.", "model.")
 
 
-def _layer_entries(cfg: ModelConfig) -> list[tuple[str, str, str]]:
-    """`(our_suffix, hf_suffix, transform)` for one layer; transform is "" or "T" (transpose)."""
+def _sparse_mlp_entries(cfg: ModelConfig) -> list[tuple[str, str, str]]:
+    """A mixture-of-experts MLP's rows. Checkpoints hold one `[F, D]` / `[D, F]` matrix per
+    expert (`{e}` in the name); we stack them `[E, D, F]` / `[E, F, D]` (transform "ET")."""
+    if cfg.hf_model_type == "mixtral":
+        return [("mlp/router/kernel", "block_sparse_moe.gate.weight", "T")] + [
+            (f"mlp/experts/{ours}", f"block_sparse_moe.experts.{{e}}.{theirs}.weight", "ET")
+            for ours, theirs in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2"))]
+    rows = [("mlp/router/kernel", "mlp.gate.weight", "T")]
+    rows += [(f"mlp/experts/{proj}", f"mlp.experts.{{e}}.{proj}.weight", "ET")
+             for proj in ("gate_proj", "up_proj", "down_proj")]
+    if cfg.shared_expert_size:
+        rows += [(f"mlp/shared/{proj}/kernel", f"mlp.shared_expert.{proj}.weight", "T")
+                 for proj in ("gate_proj", "up_proj", "down_proj")]
+        rows.append(("mlp/shared_gate/kernel", "mlp.shared_expert_gate.weight", "T"))
+    return rows
+
+
+def _layer_entries(cfg: ModelConfig, layer: int = 0) -> list[tuple[str, str, str]]:
+    """`(our_suffix, hf_suffix, transform)` for layer `layer`; transform is "" or "T"
+    (transpose), "ET" (per-expert matrices, each transposed, stacked) or GPT-2's "qkv"."""
     if cfg.family == "gpt2":
         rows = [
             ("attn_norm/scale", "ln_1.weight", ""), ("attn_norm/bias", "ln_1.bias", ""),
@@ -61,6 +79,8 @@ def _layer_entries(cfg: ModelConfig) -> list[tuple[str, str, str]]:
     if cfg.qk_norm:
         rows += [("attn/q_norm/scale", "self_attn.q_norm.weight", ""),
                  ("attn/k_norm/scale", "self_attn.k_norm.weight", "")]
+    if cfg.layer_is_sparse(layer):
+        return rows + _sparse_mlp_entries(cfg)
     for proj in ("gate_proj", "up_proj", "down_proj"):
         rows.append((f"mlp/{proj}/kernel", f"mlp.{proj}.weight", "T"))
         if cfg.mlp_bias:
@@ -76,7 +96,7 @@ def hf_name_table(cfg: ModelConfig) -> list[tuple[str, str, str]]:
         table.append(("pos_embed/embedding", "wpe.weight", ""))
     layer = "h" if gpt2 else "layers"
     for i in range(cfg.num_layers):
-        for ours, theirs, tf in _layer_entries(cfg):
+        for ours, theirs, tf in _layer_entries(cfg, i):
             table.append((f"layers/{i}/{ours}", f"{layer}.{i}.{theirs}", tf))
     table.append(("final_norm/scale", "ln_f.weight" if gpt2 else "norm.weight", ""))
     if gpt2:
@@ -97,6 +117,15 @@ def param_shape(cfg: ModelConfig, path: str) -> tuple[int, ...]:
     d, f, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     *_, module, leaf = path.split("/")
+    if module == "experts":  # stacked [E, D, F] (gate, up) or [E, F, D] (down)
+        fe = cfg.expert_size
+        return (cfg.num_experts, *((fe, d) if leaf == "down_proj" else (d, fe)))
+    if module == "router":
+        return (d, cfg.num_experts)
+    if module == "shared_gate":
+        return (d, 1)
+    if "/shared/" in path:
+        f = cfg.shared_expert_size
     if module in ("embed", "pos_embed"):
         return (vocab if module == "embed" else cfg.max_position_embeddings, d)
     if module in ("q_norm", "k_norm"):
@@ -122,6 +151,10 @@ def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             shapes[theirs + ".bias"] = (width,)
             continue
         shape = param_shape(cfg, ours)
+        if tf == "ET":
+            for e in range(shape[0]):
+                shapes[theirs.format(e=e)] = shape[:0:-1]
+            continue
         shapes[theirs] = shape[::-1] if tf == "T" else shape
     return shapes
 
@@ -196,6 +229,10 @@ def params_from_hf_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray], *,
         if ours == "score/kernel" and theirs not in named:
             flat[ours] = np.zeros(param_shape(cfg, ours), np.float32)
             continue
+        if tf == "ET":
+            flat[ours] = np.stack([np.asarray(named[theirs.format(e=e)]).T
+                                   for e in range(cfg.num_experts)])
+            continue
         array = np.asarray(named[theirs])
         flat[ours] = array.T if tf == "T" else array
     return paths.unflatten({k: np.ascontiguousarray(v, dtype=dtype) for k, v in flat.items()})
@@ -214,6 +251,10 @@ def hf_tensors_from_params(cfg: ModelConfig, params: dict, prefix: str | None = 
                 [flat[f"{base}/{p}/kernel"] for p in ("q_proj", "k_proj", "v_proj")], axis=1)
             out[prefix + theirs + ".bias"] = np.concatenate(
                 [flat[f"{base}/{p}/bias"] for p in ("q_proj", "k_proj", "v_proj")])
+            continue
+        if tf == "ET":
+            for e, matrix in enumerate(flat[ours]):
+                out[prefix + theirs.format(e=e)] = matrix.T
             continue
         top_level = theirs.startswith(("lm_head.", "score."))
         out[("" if top_level else prefix) + theirs] = flat[ours].T if tf == "T" else flat[ours]
@@ -318,6 +359,9 @@ HF_CLASSES = {
     "qwen3": ("Qwen3ForCausalLM", "Qwen3ForSequenceClassification"),
     "gemma2": ("Gemma2ForCausalLM", "Gemma2ForSequenceClassification"),
     "gemma3_text": ("Gemma3ForCausalLM", "Gemma3TextForSequenceClassification"),
+    "qwen2_moe": ("Qwen2MoeForCausalLM", "Qwen2MoeForSequenceClassification"),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeForSequenceClassification"),
+    "mixtral": ("MixtralForCausalLM", "MixtralForSequenceClassification"),
 }
 
 REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json")

@@ -23,6 +23,7 @@ from flax import nnx
 
 from jrlhf import quant
 from jrlhf.models import attention as attn
+from jrlhf.models import moe
 from jrlhf.models.config import ModelConfig, rope_frequencies
 
 Params = dict[str, Any]
@@ -250,8 +251,8 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """GPT-2: fc_out(act(fc_in x)). Llama: down(act(gate x) * up x)."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        d, f = cfg.hidden_size, cfg.intermediate_size
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, width: int | None = None):
+        d, f = cfg.hidden_size, width or cfg.intermediate_size
         self.act = ACTIVATIONS[cfg.activation]
         self.gated = cfg.family == "llama"
         if self.gated:
@@ -268,6 +269,48 @@ class MLP(nnx.Module):
         return self.fc_out(self.act(self.fc_in(x)))
 
 
+class Experts(nnx.Module):
+    """E gated MLPs stacked: `gate_proj, up_proj [E, D, F]`, `down_proj [E, F, D]`."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        E, d, f = cfg.num_experts, cfg.hidden_size, cfg.expert_size
+        key = rngs.params()
+        keys = jax.random.split(key, 3)
+        self.gate_proj = nnx.Param(_INIT(keys[0], (E, d, f), jnp.float32))
+        self.up_proj = nnx.Param(_INIT(keys[1], (E, d, f), jnp.float32))
+        self.down_proj = nnx.Param(_INIT(keys[2], (E, f, d), jnp.float32))
+
+
+class SparseMLP(nnx.Module):
+    """A mixture-of-experts MLP (`jrlhf.models.moe`): a softmax router (`router`, no bias) sends
+    each token to its top-k experts, computed dropless with grouped matmuls; Qwen2-MoE adds a
+    shared expert scaled by sigmoid(shared_gate x)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.act = ACTIVATIONS[cfg.activation]
+        self.router = _linear(cfg, cfg.hidden_size, cfg.num_experts, False, rngs)
+        self.experts = Experts(cfg, rngs)
+        if cfg.shared_expert_size:
+            self.shared = MLP(cfg, rngs, width=cfg.shared_expert_size)
+            self.shared_gate = _linear(cfg, cfg.hidden_size, 1, False, rngs)
+
+    def __call__(self, x, experts=None):
+        """`x [B, T, D]` -> `(y [B, T, D], router logits [B·T, E] float32, experts [B·T, k])`;
+        `experts [B·T, k]`: route to these instead of the router's top-k (routing replay)."""
+        cfg = self.cfg
+        B, T, D = x.shape
+        flat = x.reshape(B * T, D)
+        logits = self.router(flat).astype(jnp.float32)
+        routing = moe.route(logits, cfg.experts_per_token, cfg.norm_topk_prob, experts)
+        e = self.experts
+        y = moe.grouped_mlp(flat, routing, e.gate_proj[...], e.up_proj[...], e.down_proj[...],
+                            self.act, jnp.dtype(cfg.dtype))
+        if cfg.shared_expert_size:
+            y = y + jax.nn.sigmoid(self.shared_gate(flat)) * self.shared(flat)
+        return y.reshape(B, T, D).astype(x.dtype), logits, routing.experts
+
+
 class Block(nnx.Module):
     """Pre-norm residual block; with `sandwich_norms` (Gemma 2 / 3) the attention and MLP
     outputs are normalised again before they join the residual stream."""
@@ -276,25 +319,30 @@ class Block(nnx.Module):
         self.attn_norm = make_norm(cfg)
         self.attn = Attention(cfg, rngs, layer)
         self.mlp_norm = make_norm(cfg)
-        self.mlp = MLP(cfg, rngs)
+        self.sparse = cfg.layer_is_sparse(layer)
+        self.mlp = SparseMLP(cfg, rngs) if self.sparse else MLP(cfg, rngs)
         self.sandwich = cfg.sandwich_norms
         if self.sandwich:
             self.attn_post_norm = make_norm(cfg)
             self.mlp_post_norm = make_norm(cfg)
 
     def __call__(self, x, positions, segment_ids=None, cache=None, first_slot=None, slot=None,
-                 query_index=None):
-        """`query_index [B, R]`: the block's output only at those columns (`Attention`)."""
+                 query_index=None, experts=None):
+        """Returns `(x, kv, route)`: `route` is None for a dense MLP, else the router's logits
+        `[B·R, E]` and the chosen experts `[B·R, k]` (`SparseMLP`; `experts` replays given ones).
+        `query_index [B, R]`: the block's output only at those columns (`Attention`)."""
         attn_out, kv = self.attn(self.attn_norm(x), positions, segment_ids, cache, first_slot,
                                  slot, query_index)
         if query_index is not None:
             x = jnp.take_along_axis(x, query_index[:, :, None], axis=1)
-        mlp = self.mlp
-        if self.sandwich:
-            x = x + self.attn_post_norm(attn_out)
-            return x + self.mlp_post_norm(mlp(self.mlp_norm(x))), kv
-        x = x + attn_out
-        return x + mlp(self.mlp_norm(x)), kv
+        x = x + (self.attn_post_norm(attn_out) if self.sandwich else attn_out)
+        route = None
+        if self.sparse:
+            out, logits, chosen = self.mlp(self.mlp_norm(x), experts)
+            route = (logits, chosen)
+        else:
+            out = self.mlp(self.mlp_norm(x))
+        return x + (self.mlp_post_norm(out) if self.sandwich else out), kv, route
 
 
 class Transformer(nnx.Module):
@@ -325,7 +373,8 @@ class Transformer(nnx.Module):
             x = x + self.pos_embed(positions)
         return x
 
-    def __call__(self, input_ids, attention_mask, positions=None, segment_ids=None, read=None):
+    def __call__(self, input_ids, attention_mask, positions=None, segment_ids=None, read=None,
+                 with_router: bool = False):
         """Final hidden states `[B, T, D]` of `input_ids [B, T]`.
 
         `attention_mask [B, T]`: each row one contiguous run of real tokens (any padding side).
@@ -336,43 +385,59 @@ class Transformer(nnx.Module):
         those R positions only (its keys and values still cover all T): all a reward model
         needs from its last token, and 10 of a GPT-style last layer's 12 d² matmuls per token
         saved.
+        `with_router`: return `(hidden, stats)`, `stats` the sparse layers' `moe.RouterStats`
+        stacked `[L_sparse, ...]` over the real tokens (None for a dense model).
         """
-        x, positions, segment_ids, shift = self._aligned_inputs(input_ids, attention_mask,
-                                                                positions, segment_ids)
+        x, positions, segment_ids, shift, real = self._aligned_inputs(
+            input_ids, attention_mask, positions, segment_ids)
         if read is not None:
             if shift is not None:  # the columns of the left-aligned rows
                 read = (read - shift[:, None]) % input_ids.shape[1]
-            return self.final_norm(self._layers_without_cache(x, positions, segment_ids, read))
-        hidden = self.final_norm(self._layers_without_cache(x, positions, segment_ids))
-        return hidden if shift is None else attn.roll_rows(hidden, -shift)
+            x, stats = self._layers_without_cache(x, positions, segment_ids, real, read)
+            hidden = self.final_norm(x)
+        else:
+            x, stats = self._layers_without_cache(x, positions, segment_ids, real)
+            hidden = self.final_norm(x)
+            hidden = hidden if shift is None else attn.roll_rows(hidden, -shift)
+        return (hidden, stats) if with_router else hidden
 
     def _aligned_inputs(self, input_ids, attention_mask, positions, segment_ids):
         """Embeddings, positions and segment ids with every row left-aligned (see
-        `jrlhf.models.attention`), and the per-row shift to undo (None for packed rows)."""
+        `jrlhf.models.attention`), the per-row shift to undo (None for packed rows) and the
+        aligned real-token mask `[B, T]`."""
         if segment_ids is not None:
             if positions is None:
                 positions = positions_from_segments(segment_ids)
-            return self._embed(input_ids, positions), positions, segment_ids, None
+            return (self._embed(input_ids, positions), positions, segment_ids, None,
+                    segment_ids > 0)
         shift = attn.leading_padding(attention_mask)
         input_ids = attn.roll_rows(input_ids, shift)
+        real = attn.roll_rows(attention_mask, shift)
         if positions is None:
-            positions = positions_from_mask(attn.roll_rows(attention_mask, shift))
+            positions = positions_from_mask(real)
         else:
             positions = attn.roll_rows(positions, shift)
-        return self._embed(input_ids, positions), positions, None, shift
+        return self._embed(input_ids, positions), positions, None, shift, real > 0
 
-    def _layers_without_cache(self, x, positions, segment_ids, read=None):
+    def _layers_without_cache(self, x, positions, segment_ids, real, read=None):
         """All layers, unrolled or as one `lax.scan` body (layers alike: `ModelConfig` checks),
         each optionally rematerialised. Each layer runs under its own graphdef: layers differ
-        statically (sliding window, RoPE base). With `read [B, R]` (aligned columns) the last
-        layer runs apart, its queries at those columns only: returns `[B, R, D]`."""
+        statically (sliding window, RoPE base, dense or sparse MLP). With `read [B, R]`
+        (aligned columns) the last layer runs apart, its queries at those columns only.
+        Returns `(x, stats)`: `x [B, T, D]` (`[B, R, D]` with `read`) and the sparse layers'
+        `moe.RouterStats` over the tokens where `real [B, T]` (stacked; None if no layer is
+        sparse)."""
 
         barrier = uses_residual_barrier(self.cfg)
 
         def block(block_def, layer_state, x, query_index=None):
-            out, _ = nnx.merge(block_def, layer_state)(x, positions, segment_ids,
-                                                       query_index=query_index)
-            return gradient_barrier(out) if barrier else out
+            out, _, route = nnx.merge(block_def, layer_state)(x, positions, segment_ids,
+                                                              query_index=query_index)
+            stats = None
+            if route is not None:
+                mask = real if query_index is None else jnp.take_along_axis(real, query_index, 1)
+                stats = moe.router_stats(*route, mask.reshape(-1))
+            return (gradient_barrier(out) if barrier else out), stats
 
         if self.cfg.remat == "full":
             block = jax.checkpoint(block, static_argnums=0)
@@ -382,14 +447,23 @@ class Transformer(nnx.Module):
         split = [nnx.split(layer) for layer in self.layers]
         if read is not None:
             split, (last_def, last_state) = split[:-1], split[-1]
+        stats = []
         if not self.cfg.scan_layers:
             for block_def, state in split:
-                x = block(block_def, state, x)
+                x, layer_stats = block(block_def, state, x)
+                stats.append(layer_stats)
         elif split:
             block_def = split[0][0]
             stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(state for _, state in split))
-            x, _ = jax.lax.scan(lambda h, state: (block(block_def, state, h), None), x, stacked)
-        return x if read is None else block(last_def, last_state, x, read)
+            x, scanned = jax.lax.scan(lambda h, state: block(block_def, state, h), x, stacked)
+            if scanned is not None:
+                stats.extend(jax.tree.map(lambda a, i=i: a[i], scanned)
+                             for i in range(len(split)))
+        if read is not None:
+            x, layer_stats = block(last_def, last_state, x, read)
+            stats.append(layer_stats)
+        stats = [st for st in stats if st is not None]
+        return x, (jax.tree.map(lambda *xs: jnp.stack(xs), *stats) if stats else None)
 
     def prefill(self, input_ids, attention_mask, cache_size: int, cache_dtype=None):
         """Run a left-padded prompt `[B, P]` and build its KV cache of `cache_size` slots.
@@ -397,12 +471,12 @@ class Transformer(nnx.Module):
         Returns `(hidden [B, P, D], cache)`: the prompt sits in slots 0 .. P−1 exactly as laid
         out in `input_ids` (row b real from slot P − len_b), later slots are zero.
         """
-        x, positions, _, shift = self._aligned_inputs(input_ids, attention_mask, None, None)
+        x, positions, _, shift, _ = self._aligned_inputs(input_ids, attention_mask, None, None)
         P = input_ids.shape[1]
         dtype = jnp.dtype(cache_dtype or self.cfg.dtype)
         cache = []
         for layer in self.layers:
-            x, (k, v) = layer(x, positions)
+            x, (k, v), _ = layer(x, positions)
             pad = ((0, 0), (0, cache_size - P), (0, 0), (0, 0))
             cache.append(tuple(jnp.pad(attn.roll_rows(t, -shift).astype(dtype), pad)
                                for t in (k, v)))
@@ -415,7 +489,7 @@ class Transformer(nnx.Module):
         x = self._embed(tokens, positions)
         new_cache = []
         for layer, layer_cache in zip(self.layers, cache):
-            x, layer_cache = layer(x, positions, None, layer_cache, first_slot, slot)
+            x, layer_cache, _ = layer(x, positions, None, layer_cache, first_slot, slot)
             new_cache.append(layer_cache)
         return self.final_norm(x), tuple(new_cache)
 
