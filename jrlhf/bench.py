@@ -37,9 +37,13 @@ def step_kinds() -> tuple[str, ...]:
             *(r.name + ITERATION for r in algorithms.records() if r.rollout is not None))
 
 
-def matmul_params(cfg: ModelConfig) -> int:
-    """Parameters that take part in matmuls per token (no embedding lookup; LM head counted)."""
-    n = cfg.num_params - cfg.vocab_size * cfg.hidden_size
+def matmul_params(cfg: ModelConfig, active: bool = True) -> int:
+    """Parameters that take part in matmuls per token (no embedding lookup; LM head counted).
+
+    `active`: a mixture-of-experts layer counts what one token computes with, its router
+    `[D, E]`, its k routed experts (gate, up `[D, expert_size]`, down `[expert_size, D]`) and
+    the shared expert; otherwise every expert. A dense model gives the same count either way."""
+    n = cfg.param_count(active) - cfg.vocab_size * cfg.hidden_size
     if cfg.family == "gpt2":
         n -= cfg.max_position_embeddings * cfg.hidden_size
     if cfg.lm_head and cfg.tie_word_embeddings:
@@ -49,7 +53,9 @@ def matmul_params(cfg: ModelConfig) -> int:
 
 def model_flops(cfg: ModelConfig, tokens: int, seq_len: int, backward: bool,
                 lm_tokens: int | None = None, read_tokens: int | None = None) -> float:
-    """Analytic FLOPs: (2 or 6)·N·tokens plus attention (2 or 6)·2·L·T·H·Dh per token.
+    """Analytic FLOPs: (2 or 6)·N·tokens plus attention (2 or 6)·2·L·T·H·Dh per token, N the
+    active matmul parameters (`matmul_params`: a mixture of experts counts each token's k
+    experts, not all E, so MFU is on the FLOPs the tokens need).
 
     `lm_tokens`: positions that go through the LM head (default: all `tokens`); the PPO
     update and scoring only compute response positions' logits, the sampler's prefill only the
@@ -63,7 +69,8 @@ def model_flops(cfg: ModelConfig, tokens: int, seq_len: int, backward: bool,
     lm_tokens = tokens if lm_tokens is None else lm_tokens
     flops = mult * ((matmul_params(cfg) - head + attn) * tokens + head * lm_tokens)
     if read_tokens is not None:
-        query_side = cfg.layer_params - cfg.kv_projection_params + attn // cfg.num_layers
+        last = cfg.layer_param_count(cfg.num_layers - 1, active=True)
+        query_side = last - cfg.kv_projection_params + attn // cfg.num_layers
         flops -= mult * query_side * (tokens - read_tokens)
     return flops
 
@@ -181,7 +188,8 @@ def bench_step(work: Workload, kind: str, *, steps: int = 5, warmup: int = 1,
     setup = work.setup(algorithm)
     result = {"step": kind, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
               "devices": jax.device_count(), "mesh": list(c.mesh.shape),
-              "model_params": work.policy_cfg.num_params, "dispatches_per_step": 1}
+              "model_params": work.policy_cfg.num_params,
+              "active_params": work.policy_cfg.active_params, "dispatches_per_step": 1}
     rng = np.random.RandomState(0)
     if kind == GENERATE:
         return _bench_generate(work, setup, result, steps, warmup, rng, long_tail)
@@ -208,11 +216,25 @@ def _generation_flops(cfg: ModelConfig, B: int, P: int, N: int) -> float:
     return model_flops(cfg, B * P, P, False, lm_tokens=B) + model_flops(cfg, B * N, P + N, False)
 
 
+def decode_weight_params(cfg: ModelConfig, rows: int) -> int:
+    """Matmul parameters one decode step of `rows` tokens reads: every dense weight, and in
+    each sparse layer the experts some row is routed to, at most min(E, rows·k) of them (all E
+    once rows·k >= E). A dense model: `matmul_params(cfg)`."""
+    k = cfg.experts_per_token
+    extra = min(cfg.num_experts, rows * k) - k  # experts read beyond one token's k
+    active = matmul_params(cfg)
+    if extra <= 0:
+        return active
+    inactive = matmul_params(cfg, active=False) - active  # E − k experts per sparse layer
+    return active + inactive * extra // (cfg.num_experts - k)
+
+
 def decode_bytes_per_step(cfg: ModelConfig, rows: int, cached_tokens: float,
                           cache_dtype: str = "") -> float:
-    """Bytes one decode step must read from memory: every matmul weight once in the compute
-    dtype (the LM head included), plus the keys and values of `cached_tokens` per row."""
-    weights = matmul_params(cfg) * jnp.dtype(cfg.dtype).itemsize
+    """Bytes one decode step must read from memory: every matmul weight the step uses once in
+    the compute dtype (the LM head included; `decode_weight_params`), plus the keys and values
+    of `cached_tokens` per row."""
+    weights = decode_weight_params(cfg, rows) * jnp.dtype(cfg.dtype).itemsize
     kv_item = jnp.dtype(cache_dtype or cfg.dtype).itemsize
     kv = rows * cached_tokens * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * kv_item
     return weights + kv
@@ -326,9 +348,17 @@ def _finish(result, compiled, times, flops, tokens, samples):
     return result
 
 
+def format_params(r: dict) -> str:
+    """`r["model_params"]` in millions, with `r["active_params"]` beside it where they differ
+    (a mixture of experts): `"30.5M parameters (3.3M active)"`."""
+    total, active = r["model_params"], r.get("active_params", r["model_params"])
+    text = f"{total / 1e6:.1f}M parameters"
+    return text if active == total else f"{text} ({active / 1e6:.1f}M active)"
+
+
 def format_result(r: dict) -> str:
     lines = [f"jrlhf bench: {r['step']} on {r['devices']} x {r['device']} (mesh {r['mesh']}), "
-             f"{r['model_params'] / 1e6:.1f}M parameters"]
+             f"{format_params(r)}"]
     rows = [
         ("step time (median)", f"{r['median_s'] * 1e3:.1f} ms  (min {r['min_s'] * 1e3:.1f}, "
                                f"max {r['max_s'] * 1e3:.1f}, n={r['steps_timed']})"),

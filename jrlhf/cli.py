@@ -97,7 +97,7 @@ def _plan(args) -> int:
     from jrlhf.plan import format_plan, parse_mesh, plan
 
     mesh = parse_mesh(args.mesh)
-    n = mesh.data * mesh.fsdp * mesh.tensor
+    n = mesh.size
     if not args.on_device and not backends_started():
         # Fake CPU devices stand in for the accelerators being planned for.
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -187,9 +187,9 @@ def _add_tool_commands(sub, with_config, algorithm_names: tuple[str, ...]) -> No
 
     p = with_config(sub.add_parser("plan", help="compile a step for a mesh without weights: "
                                                 "per-device memory, FLOPs, collectives"))
-    p.add_argument("--mesh", default="data=1,fsdp=1,tensor=1",
-                   help="the target mesh, data=D,fsdp=F,tensor=T (unnamed axes 1); as many fake "
-                        "CPU devices stand in for its accelerators")
+    p.add_argument("--mesh", default="data=1,fsdp=1,tensor=1,expert=1",
+                   help="the target mesh, data=D,fsdp=F,tensor=T,expert=E (unnamed axes 1); "
+                        "as many fake CPU devices stand in for its accelerators")
     p.add_argument("--step", default="sft", choices=algorithm_names,
                    help="the training step planned (its state, batch and update)")
     p.add_argument("--device", default="h100", help="h100, h200, a100, tpu v4/v5e/v5p/v6e")

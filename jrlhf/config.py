@@ -107,15 +107,28 @@ class LoRAConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh axis sizes: data parallel, fully-sharded data parallel, tensor parallel."""
+    """Device mesh axis sizes: data parallel, fully-sharded data parallel, tensor parallel, and
+    expert parallel (a mixture of experts' experts split over it; the batch too, so dense
+    parameters see it as data parallelism)."""
 
     data: int = bounded(1, ge=1)
     fsdp: int = bounded(1, ge=1)
     tensor: int = bounded(1, ge=1)
+    expert: int = bounded(1, ge=1)
 
     @property
-    def shape(self) -> tuple[int, int, int]:
-        return (self.data, self.fsdp, self.tensor)
+    def shape(self) -> tuple[int, int, int, int]:
+        """Sizes in `jrlhf.sharding.AXES` order: (data, fsdp, expert, tensor)."""
+        return (self.data, self.fsdp, self.expert, self.tensor)
+
+    @property
+    def size(self) -> int:
+        return self.data * self.fsdp * self.expert * self.tensor
+
+    @property
+    def batch_ways(self) -> int:
+        """How many ways a batch is split (data × fsdp × expert)."""
+        return self.data * self.fsdp * self.expert
 
     def __post_init__(self):
         _check_ranges("mesh", self)
@@ -144,9 +157,17 @@ class ModelSection:
     # Store the policy's frozen base quantized (QLoRA-style; needs LoRA and `jrlhf[quant]`):
     # none | int8 | int4 | nf4 (see jrlhf.quant).
     quantize: str = "none"
+    # Mixtures of experts: weight of the load-balancing loss (None: the checkpoint's
+    # router_aux_loss_coef) and of the router z-loss, in every step's loss (jrlhf.models.moe).
+    router_aux_loss_coef: float | None = None
+    router_z_loss_coef: float = bounded(0.0, ge=0)
 
     def __post_init__(self):
         _check_ranges("model", self)
+        coef = self.router_aux_loss_coef
+        if coef is not None and not (math.isfinite(coef) and coef >= 0):
+            raise ValueError(f"model.router_aux_loss_coef={coef!r} is out of range: expected "
+                             ">= 0 (or none: the checkpoint's)")
         if self.quantize not in ("none", "int8", "int4", "nf4"):
             raise ValueError(f"model.quantize must be none, int8, int4 or nf4, got "
                              f"{self.quantize!r}")
@@ -158,10 +179,14 @@ class ModelSection:
 
     def compute(self, cfg: ModelConfig) -> ModelConfig:
         """`cfg` with this section's compute settings (dtype, attention, logits chunking, the
-        residual barrier)."""
+        residual barrier) and router loss weights."""
+        aux = cfg.router_aux_loss_coef if self.router_aux_loss_coef is None else \
+            self.router_aux_loss_coef
         return dataclasses.replace(cfg, dtype=self.dtype, attention=self.attention,
                                    logits_chunk_size=self.logits_chunk_size,
-                                   residual_barrier=self.residual_barrier)
+                                   residual_barrier=self.residual_barrier,
+                                   router_aux_loss_coef=aux,
+                                   router_z_loss_coef=self.router_z_loss_coef)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,12 +265,23 @@ class RolloutConfig:
     # a whole copy of the policy (all-gathered once per iteration): no collective inside the
     # decode loop, none across hosts. For a policy that fits one device.
     host_local: bool = False
+    # Mixtures of experts: record the experts the sampler routed each token to and replay them
+    # in the trainer's forwards ("on": routing replay, R3), only compare them ("measure": the
+    # metric moe/routing_differs), or neither ("off"). The static sampler only, for now.
+    routing_replay: str = "off"
 
     def __post_init__(self):
         _check_ranges("rollout", self)
         if self.max_staleness and not self.slots:
             raise ValueError(f"rollout.max_staleness={self.max_staleness} needs continuous "
                              "batching: set rollout.slots (e.g. the rows an iteration samples)")
+        if self.routing_replay not in ("off", "measure", "on"):
+            raise ValueError(f"rollout.routing_replay must be off, measure or on, got "
+                             f"{self.routing_replay!r}")
+        if self.routing_replay != "off" and self.slots:
+            raise ValueError("rollout.routing_replay records experts in the static sampler only; "
+                             "set rollout.slots=0 (the continuous-batching slots do not record "
+                             "them yet)")
         if self.host_local and not self.slots:
             raise ValueError("rollout.host_local needs continuous batching (its sampling is "
                              "keyed per sequence, so a host's rows do not depend on the split): "
@@ -701,7 +737,8 @@ RESUME_SAFE = ("run.out_dir", "run.log_every", "run.progress", "run.save_every",
                "run.keep_checkpoints", "run.coordinator_address", "run.num_processes",
                "run.process_id", "run.allow_changed", "run.restart_stages", "run.host_memory",
                "run.peer_timeout_s", "run.startup_timeout_s", "run.wandb_project",
-               "run.wandb_entity", "run.wandb_name", "mesh.data", "mesh.fsdp", "mesh.tensor")
+               "run.wandb_entity", "run.wandb_name", "mesh.data", "mesh.fsdp", "mesh.tensor",
+               "mesh.expert")
 
 
 def flatten_dict(data: dict) -> dict[str, Any]:

@@ -50,8 +50,13 @@ def trainable_labels(params, freeze: tuple[str, ...] = (), train_only: tuple[str
 
 
 def decay_mask(params):
-    """Weight decay on matrices only (kernels, embeddings, adapters); not on norms or biases."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """Weight decay on matrices only (kernels, embeddings, adapters, stacked experts); not on
+    norms or biases (a mixture of experts' stacked biases `[E, F]` included)."""
+    def decays(key_path, p):
+        name = str(getattr(key_path[-1], "key", "")) if key_path else ""
+        return p.ndim >= 2 and not name.endswith("_bias")
+
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(cfg: OptimConfig, labels, *, learning_rate: float,

@@ -37,12 +37,12 @@ COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "coll
 
 
 def parse_mesh(text: str) -> MeshConfig:
-    """`"data=2,fsdp=4,tensor=1"` -> MeshConfig (missing axes are 1)."""
+    """`"data=2,fsdp=4,tensor=1,expert=1"` -> MeshConfig (missing axes are 1)."""
     sizes = {}
     for part in filter(None, text.split(",")):
         name, sep, value = part.partition("=")
-        if not sep or name.strip() not in ("data", "fsdp", "tensor") or not value.isdigit():
-            raise ValueError(f"--mesh {text!r}: expected e.g. data=2,fsdp=4,tensor=1")
+        if not sep or name.strip() not in sharding.AXES or not value.isdigit():
+            raise ValueError(f"--mesh {text!r}: expected e.g. data=2,fsdp=4,tensor=1,expert=1")
         sizes[name.strip()] = int(value)
     return MeshConfig(**sizes)
 
@@ -60,26 +60,62 @@ def count_collectives(hlo_text: str) -> dict[str, int]:
     return {op: len(re.findall(rf"\b{op}(-start)?\(", hlo_text)) for op in COLLECTIVES}
 
 
+_DTYPE_BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "s64": 8, "s32": 4, "u32": 4, "s16": 2,
+                "s8": 1, "u8": 1, "pred": 1}
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+    """Bytes of the results of each collective kind in a compiled HLO module's text (one
+    device's program; a tuple-valued collective counts every element)."""
+    pattern = re.compile(rf"= \(?((?:[a-z0-9]+\[[0-9,]*\][^ ]*(?:, )?)+)\)? "
+                         rf"({'|'.join(COLLECTIVES)})(?:-start)?\(")
+    totals: dict[str, int] = {}
+    for shapes, kind in pattern.findall(hlo_text):
+        for dtype, dims in re.findall(r"([a-z0-9]+)\[([0-9,]*)\]", shapes):
+            n = math.prod(int(d) for d in dims.split(",") if d)
+            totals[kind] = totals.get(kind, 0) + n * _DTYPE_BYTES.get(dtype, 4)
+    return totals
+
+
 def flash_attention(cfg: ModelConfig, device: str) -> bool:
     """Whether `cfg`'s attention runs as cuDNN flash attention on the named `device` kind."""
     gpu = any(name in device.lower() for name in ("h100", "h200", "a100"))
     return resolve_implementation(cfg.attention, cfg.dtype, cfg.head_dim,
-                                  on="gpu" if gpu else "tpu") == "cudnn"
+                                  on="gpu" if gpu else "tpu",
+                                  sinks=cfg.attention_sinks) == "cudnn"
+
+
+def mlp_width(cfg: ModelConfig, layer: int) -> int:
+    """Per-token width of decoder layer `layer`'s MLP hidden activations: `intermediate_size`
+    for a dense MLP; for a mixture of experts the k routed experts' and the shared expert's,
+    `experts_per_token · expert_size + shared_expert_size`."""
+    if not cfg.layer_is_sparse(layer):
+        return cfg.intermediate_size
+    return cfg.experts_per_token * cfg.expert_size + cfg.shared_expert_size
 
 
 def layer_activation_bytes(cfg: ModelConfig, tokens: int, seq_len: int, tensor: int = 1,
-                           flash: bool = False) -> int:
-    """Bytes one decoder layer keeps for its backward pass over `tokens` tokens of sequences of
-    `seq_len`: the inputs of its norms and matmuls in the compute dtype (residual, normed input,
-    q/k/v, attention output, gate/up/activation/product of the MLP) and the float32 attention
-    probabilities `[heads, seq_len]` per token (XLA's attention materialises them; a flash
-    kernel keeps one float32 log-sum-exp per head instead). Head and MLP terms are split over
-    `tensor` devices."""
+                           flash: bool = False, layer: int | None = None) -> int:
+    """Bytes decoder layer `layer` (default: the last) keeps for its backward pass over
+    `tokens` tokens of sequences of `seq_len`: the inputs of its norms and matmuls in the
+    compute dtype (residual, normed input, q/k/v, attention output, gate/up/activation/product
+    of the MLP, `mlp_width` wide) and the float32 attention probabilities `[heads, seq_len]`
+    per token (XLA's attention materialises them; a flash kernel keeps one float32
+    log-sum-exp per head instead). Head and MLP terms are split over `tensor` devices.
+
+    A mixture-of-experts layer also keeps, per token, its k dispatched copies into and out of
+    the grouped matmuls (`moe.grouped_mlp`'s `[N·k, D]` inputs and expert outputs, compute
+    dtype), the router's float32 probabilities `[E]`, and the shared expert's output `[D]`
+    (its sigmoid gate's gradient needs it) where there is one."""
     c = np.dtype(cfg.dtype).itemsize
-    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    layer = cfg.num_layers - 1 if layer is None else layer
+    d, f, hd = cfg.hidden_size, mlp_width(cfg, layer), cfg.head_dim
     heads = cfg.num_heads + 2 * cfg.num_kv_heads
     per_token = c * (4 * d + (heads + 2 * cfg.num_heads) * hd // tensor + 4 * f // tensor)
     per_token += 4 * cfg.num_heads * (1 if flash else seq_len) // tensor
+    if cfg.layer_is_sparse(layer):
+        shared = d if cfg.shared_expert_size else 0
+        per_token += c * (2 * cfg.experts_per_token * d + shared) + 4 * cfg.num_experts
     return tokens * per_token
 
 
@@ -87,15 +123,17 @@ def activation_estimate(cfg: ModelConfig, tokens: int, seq_len: int, lm_tokens: 
                         tensor: int = 1, flash: bool = False) -> int:
     """Analytic bytes of a training step's activations on one device (`tokens` of its batch
     shard): every layer's `layer_activation_bytes` (with `remat="full"` only each layer's input,
-    plus one layer recomputed), and the LM head's float32 logits and their gradient on
+    plus the largest layer recomputed), and the LM head's float32 logits and their gradient on
     `lm_tokens` positions — one `cfg.logits_chunk_size` block of them when chunked."""
-    layer = layer_activation_bytes(cfg, tokens, seq_len, tensor, flash)
+    layers = [layer_activation_bytes(cfg, tokens, seq_len, tensor, flash, i)
+              for i in range(cfg.num_layers)]
     if cfg.remat == "full":
-        kept = cfg.num_layers * tokens * cfg.hidden_size * np.dtype(cfg.dtype).itemsize + layer
+        kept = cfg.num_layers * tokens * cfg.hidden_size * np.dtype(cfg.dtype).itemsize
+        kept += max(layers)
     elif cfg.remat == "dots":  # matmul outputs kept, elementwise work recomputed
-        kept = cfg.num_layers * layer * 2 // 3
+        kept = sum(layers) * 2 // 3
     else:
-        kept = cfg.num_layers * layer
+        kept = sum(layers)
     if cfg.logits_chunk_size:
         lm_tokens = min(lm_tokens, cfg.logits_chunk_size)
     head = 2 * 4 * lm_tokens * cfg.vocab_size // tensor if cfg.lm_head else 0
@@ -107,7 +145,7 @@ def step_activations(setup: Setup, config: Config, device: str = "h100") -> int:
     each model pass of its algorithm's `cost` (a separate critic too) on the rows it holds at
     once, split over the mesh's batch axes."""
     c = config
-    ways = c.mesh.data * c.mesh.fsdp
+    ways = c.mesh.batch_ways
     total = 0
     for p in setup.algorithm.cost(setup, config).passes:
         tokens = p.live_rows * p.length // ways
@@ -163,13 +201,13 @@ def plan(config: Config, step: str = "sft", device: str = "h100", *,
     args = mem.argument_size_in_bytes if mem else params_bytes + opt_bytes
     result = {
         "step": step, "mesh": dict(zip(sharding.AXES, config.mesh.shape)),
-        "model_params": policy_cfg.num_params, "quantize": config.model.quantize,
+        "quantize": config.model.quantize, "device": device, "device_memory_bytes": capacity,
+        "model_params": policy_cfg.num_params, "active_params": policy_cfg.active_params,
         "params_bytes_per_device": params_bytes, "optimizer_bytes_per_device": opt_bytes,
         "reference_bytes_per_device": ref_bytes, "argument_bytes_per_device": args,
         "output_bytes_per_device": mem.output_size_in_bytes if mem else 0,
         "xla_flops_per_step": xla_flops(compiled),
         "collectives": count_collectives(compiled.as_text()),
-        "device": device, "device_memory_bytes": capacity,
     }
     xla_temp = mem.temp_size_in_bytes if mem else 0
     if on_device:
@@ -195,8 +233,11 @@ def format_plan(r: dict) -> str:
     mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items())
     flops = r["xla_flops_per_step"]
     estimate = r["memory_basis"] == "estimate"
+    total, active = r["model_params"], r.get("active_params", r["model_params"])
+    params = f"{total / 1e6:.1f}M parameters" + (
+        f" ({active / 1e6:.1f}M active)" if active != total else "")
     lines = [
-        f"jrlhf plan: {r['step']} step, {r['model_params'] / 1e6:.1f}M parameters, mesh {mesh}",
+        f"jrlhf plan: {r['step']} step, {params}, mesh {mesh}",
         f"  memory basis             {r['memory_basis'] if not estimate else 'analytic estimate (compiled on CPU stand-ins)'}",
         f"  parameters / device      {gib(r['params_bytes_per_device'])}"
         + (f"  (frozen base {r['quantize']})" if r.get("quantize", "none") != "none" else ""),

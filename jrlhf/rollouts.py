@@ -75,11 +75,14 @@ def with_rollout_settings(sampler, cfg: ModelConfig, rollout: RolloutConfig, eos
     every sampler of the rollout code reads them from."""
     if rollout.dtype:
         cfg = dataclasses.replace(cfg, dtype=rollout.dtype)
+    # The static sampler records a mixture of experts' routing when it is replayed or compared.
+    record = {"record_experts": True} if (
+        sampler is generate and rollout.routing_replay != "off" and cfg.is_moe) else {}
     return functools.partial(
         sampler, cfg, max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
         top_k=rollout.top_k, top_p=rollout.top_p, eos_token_id=eos_token_id,
         pad_token_id=pad_token_id, num_samples=num_samples,
-        cache_dtype=rollout.kv_cache_dtype or None)
+        cache_dtype=rollout.kv_cache_dtype or None, **record)
 
 
 def make_sampler(cfg: ModelConfig, rollout: RolloutConfig, eos_token_id, pad_token_id, *,
@@ -199,7 +202,8 @@ class RolloutLoop:
             score_rollout, policy_cfg=setup.model_cfg, value_cfg=setup.value_cfg,
             reward_fn=reward.device_fn(), missing_eos_penalty=r.missing_eos_penalty,
             lora_scale=setup.lora_scale, eos_token_id=eos_token_id,
-            with_entropy=spec.with_entropy, with_policy=spec.score_policy))
+            with_entropy=spec.with_entropy, with_policy=spec.score_policy,
+            replay_experts=r.routing_replay == "on"))
 
     def _host_local_sampler(self, r: RolloutConfig, eos_token_id, pad_token_id):
         """`sample(params, prompt_ids, prompt_mask, key, budgets)` of host-local decode

@@ -33,6 +33,9 @@ class Generation(NamedTuple):
     # [B] what each row's logits were divided by (1 when greedy): the trainer's log-probs of
     # these tokens are taken at the same temperature because it travels with the rows.
     temperature: jax.Array
+    # [B, P + N, L_sparse, k] a mixture of experts' experts for every prompt and response token
+    # (`generate(record_experts=True)`; routing replay), else None
+    experts: jax.Array | None = None
 
 
 def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
@@ -94,13 +97,14 @@ def compute_dtype_params(params, dtype):
 @functools.partial(
     jax.jit,
     static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p", "eos_token_id",
-                     "pad_token_id", "num_samples", "cache_dtype", "batch_sharding"),
+                     "pad_token_id", "num_samples", "cache_dtype", "batch_sharding",
+                     "record_experts"),
 )
 def generate(cfg: ModelConfig, params, prompt_ids, prompt_mask, rng, *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              eos_token_id: int | None = None, pad_token_id: int = 0, num_samples: int = 1,
              cache_dtype: str | None = None, batch_sharding=None,
-             budgets=None) -> Generation:
+             budgets=None, record_experts: bool = False) -> Generation:
     """Sample `max_new_tokens` continuations of left-padded prompts.
 
     Args:
@@ -125,21 +129,28 @@ def generate(cfg: ModelConfig, params, prompt_ids, prompt_mask, rng, *, max_new_
         budgets: optional int bounds on new tokens (≤ N), `[B]` one per prompt (its K samples
             share it) or `[B·K]` one per output row: a row stops after its budget as it would
             at EOS. N stays the buffer width and the loop ends when every row is done.
+        record_experts: a mixture of experts records the experts every prompt token (in the
+            prefill) and every sampled token (when it is fed back) was routed to, for routing
+            replay in the trainer (`Generation.experts`, the prompt's columns then the
+            response's, as a rollout row lays them out).
 
     Returns:
         `Generation(tokens [B·K, N], mask [B·K, N], logprobs [B·K, N], steps,
-        temperature [B·K])`.
+        temperature [B·K], experts [B·K, P + N, L_sparse, k] or None)`.
     """
     P = prompt_ids.shape[1]
     N = max_new_tokens
     cfg, params = without_scalar_head(cfg, params)  # sampling reads the LM head alone
     model = tfm.bind(cfg, compute_dtype_params(params, cfg.dtype))
-    hidden, cache = model.prefill(prompt_ids, prompt_mask, P + N, cache_dtype)
+    record = record_experts and cfg.is_moe
+    hidden, cache, *prompt_experts = model.prefill(prompt_ids, prompt_mask, P + N, cache_dtype,
+                                                   with_experts=record)
     logits = model.logits(hidden[:, -1])  # left-padded: every row's prompt ends at column P-1
     lengths = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)
     if num_samples > 1:
         repeat = lambda x: jnp.repeat(x, num_samples, axis=0)  # noqa: E731
-        cache, logits, lengths = jax.tree.map(repeat, (cache, logits, lengths))
+        cache, logits, lengths, prompt_experts = jax.tree.map(
+            repeat, (cache, logits, lengths, prompt_experts))
     B = lengths.shape[0]
     first_slot = P - lengths
     budgets = row_budgets(budgets, B, num_samples, N)
@@ -150,11 +161,11 @@ def generate(cfg: ModelConfig, params, prompt_ids, prompt_mask, rng, *, max_new_
     logits = rows_split(logits)
 
     def cond(carry):
-        t, _, _, _, _, _, done = carry
+        t, _, _, _, _, _, done, _ = carry
         return (t < N) & ~jnp.all(done)
 
     def body(carry):
-        t, cache, logits, tokens, mask, logprobs, done = carry
+        t, cache, logits, tokens, mask, logprobs, done, experts = carry
         token, logprob = _sample(jax.random.fold_in(rng, t), logits, temperature, top_k, top_p)
         alive = ~done
         token = jnp.where(alive, token, pad_token_id).astype(tokens.dtype)
@@ -164,17 +175,28 @@ def generate(cfg: ModelConfig, params, prompt_ids, prompt_mask, rng, *, max_new_
         if eos_token_id is not None:
             done = done | (token == eos_token_id)
         done = done | (t + 1 >= budgets)
-        hidden, cache = model.decode(token[:, None], (lengths + t)[:, None], cache, first_slot,
-                                     P + t)
+        hidden, cache, *chosen = model.decode(token[:, None], (lengths + t)[:, None], cache,
+                                              first_slot, P + t, with_experts=record)
+        if record:  # the experts of the token just sampled, as the trainer will see it
+            experts = experts.at[:, t].set(chosen[0])
         return (t + 1, cache, rows_split(model.logits(hidden[:, 0])), tokens, mask, logprobs,
-                done)
+                done, experts)
 
+    response_experts = None
+    if record:
+        response_experts = rows_split(jnp.zeros(
+            (B, N, len(cfg.sparse_layers), cfg.experts_per_token), jnp.int32))
     init = (
         jnp.int32(0), cache, logits,
         *map(rows_split, (jnp.full((B, N), pad_token_id, prompt_ids.dtype),
                           jnp.zeros((B, N), jnp.int32), jnp.zeros((B, N), jnp.float32),
                           budgets <= 0)),
+        response_experts,
     )
-    steps, _, _, tokens, mask, logprobs, _ = jax.lax.while_loop(cond, body, init)
+    steps, _, _, tokens, mask, logprobs, _, response_experts = jax.lax.while_loop(cond, body,
+                                                                                   init)
+    experts = None
+    if record:
+        experts = jnp.concatenate([prompt_experts[0], response_experts], axis=1)
     return Generation(tokens, mask, logprobs, steps,
-                      rows_split(jnp.full((B,), temperature or 1.0, jnp.float32)))
+                      rows_split(jnp.full((B,), temperature or 1.0, jnp.float32)), experts)

@@ -1,7 +1,9 @@
 """Device meshes and partition rules (regex over parameter paths -> PartitionSpec).
 
 Axes: `data` (pure data parallel), `fsdp` (data parallel with parameters and optimizer state
-sharded), `tensor` (attention heads / MLP hidden split). Batches are split over (data, fsdp).
+sharded), `expert` (a mixture of experts' experts split over it, and the batch: data parallel for
+every other parameter), `tensor` (attention heads / MLP hidden split). Batches are split over
+(data, fsdp, expert).
 Meshes use `AxisType.Auto` deliberately: GSPMD propagates shardings through the model, and
 plain indexing of results keeps working.
 """
@@ -20,8 +22,8 @@ from jax.sharding import PartitionSpec as P
 from jrlhf import paths
 from jrlhf.config import MeshConfig
 
-AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+AXES = ("data", "fsdp", "expert", "tensor")  # `MeshConfig.shape` order; tensor innermost
+BATCH_AXES = ("data", "fsdp", "expert")
 
 # A quantized matrix (`jrlhf.quant.QuantizedArray`) is two arrays of its rank under its path,
 # `.../kernel/values` and `.../kernel/scale`: both follow the matrix's rule (a dimension the
@@ -38,6 +40,16 @@ PARAM_RULES: tuple[tuple[str, P], ...] = (
     (rf".*mlp/(gate_proj|up_proj|fc_in)/kernel{_Q}", P("fsdp", "tensor")),
     (r".*mlp/fc_in/bias", P("tensor")),
     (rf".*mlp/(down_proj|fc_out)/kernel{_Q}", P("tensor", "fsdp")),
+    # Mixtures of experts: stacked experts [E, D, F] / [E, F, D] split over `expert` on E and
+    # like the dense MLP's matrices on D, F; the router [D, E] over fsdp; a shared expert as a
+    # dense MLP.
+    (r".*mlp/experts/(gate_proj|up_proj)", P("expert", "fsdp", "tensor")),
+    (r".*mlp/experts/down_proj", P("expert", "tensor", "fsdp")),
+    (r".*mlp/experts/(gate_bias|up_bias)", P("expert", "tensor")),
+    (r".*mlp/experts/down_bias", P("expert", None)),
+    (r".*mlp/router/kernel", P("fsdp", None)),
+    (rf".*mlp/shared/(gate_proj|up_proj)/kernel{_Q}", P("fsdp", "tensor")),
+    (rf".*mlp/shared/down_proj/kernel{_Q}", P("tensor", "fsdp")),
     (rf"(.*/)?lm_head/kernel{_Q}", P("fsdp", "tensor")),
     (r"(.*/)?score/kernel", P("fsdp", None)),
     (r".*/lora_a", P("fsdp", None)),
@@ -47,22 +59,23 @@ PARAM_RULES: tuple[tuple[str, P], ...] = (
 
 
 def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
-    """A (data, fsdp, tensor) mesh over the first data*fsdp*tensor of `devices` (default: all).
+    """A (data, fsdp, expert, tensor) mesh over the first `cfg.size` of `devices` (default: all).
 
     The mesh size must divide the device count; a mesh smaller than it leaves devices idle
     (with a warning).
     """
     devices = list(jax.devices() if devices is None else devices)
+    sizes = dict(zip(AXES, cfg.shape))
+    named = " x ".join(f"{axis}={n}" for axis, n in sizes.items())
     if any(n < 1 for n in cfg.shape):
-        raise ValueError(f"mesh axis sizes must be >= 1, got data={cfg.data} fsdp={cfg.fsdp} "
-                         f"tensor={cfg.tensor}")
-    size = int(np.prod(cfg.shape))
+        raise ValueError(f"mesh axis sizes must be >= 1, got {named}")
+    size = cfg.size
     if len(devices) % size:
-        raise ValueError(f"mesh data={cfg.data} x fsdp={cfg.fsdp} x tensor={cfg.tensor} = {size} "
-                         f"devices does not divide the {len(devices)} devices available")
+        raise ValueError(f"mesh {named} = {size} devices does not divide the {len(devices)} "
+                         "devices available")
     if size < len(devices):
         warnings.warn(f"mesh uses {size} of {len(devices)} devices", stacklevel=2)
-    return jax.make_mesh(cfg.shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+    return jax.make_mesh(cfg.shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES),
                          devices=devices[:size])
 
 
@@ -94,8 +107,8 @@ def batch_sharding(mesh) -> NamedSharding:
 
 
 def batch_devices(mesh) -> int:
-    """How many ways the batch's leading axis is split (data x fsdp)."""
-    return mesh.shape["data"] * mesh.shape["fsdp"]
+    """How many ways the batch's leading axis is split (data x fsdp x expert)."""
+    return int(np.prod([mesh.shape[axis] for axis in BATCH_AXES]))
 
 
 def check_batch_divisible(batch, mesh, name: str = "batch") -> None:

@@ -75,6 +75,13 @@ FAMILY_CONFIGS = {
                                     sliding_window=5, max_window_layers=1)),
     "mixtral": ("mixtral", dict(_FAMILY_BASE, num_local_experts=4, num_experts_per_tok=2,
                                 intermediate_size=24, sliding_window=5)),
+    # Attention sinks, biased router (top-k logits, then softmax), biased experts with a fused
+    # interleaved gate/up and a clamped SwiGLU, sliding/full layers, YaRN with truncate=False
+    # (GptOssConfig's default rope_parameters).
+    "gpt_oss": ("gpt_oss", dict(_FAMILY_BASE, num_local_experts=4, num_experts_per_tok=2,
+                                intermediate_size=24, sliding_window=5, layer_types=[
+                                    "sliding_attention", "full_attention",
+                                    "sliding_attention"])),
 }
 
 
@@ -100,6 +107,8 @@ def make_hf_model(name: str, seed: int = 0, head: str = "lm"):
                     # Biases below the weights' scale: at 0.02 or more they swamp the residual
                     # stream and every row decodes one repeated token.
                     p.add_((0.1 if "norm" in pname else 0.005) * torch.randn_like(p))
+                elif pname.endswith(".sinks"):  # GPT-OSS's attention sinks, one per head
+                    p.add_(torch.randn_like(p))
     return model
 
 

@@ -22,7 +22,12 @@ GPT2 = ModelConfig(family="gpt2", vocab_size=32, hidden_size=32, num_layers=2, n
                    activation="gelu_new", tie_word_embeddings=True, attention_bias=True,
                    output_bias=True, mlp_bias=True)
 WINDOWED = dataclasses.replace(LLAMA, sliding_window=4)
-CONFIGS = {"llama": LLAMA, "gpt2": GPT2, "sliding_window": WINDOWED}
+# GPT-OSS's pieces: attention sinks in every decode step, sliding and full layers, experts.
+SINKS = dataclasses.replace(
+    WINDOWED, layer_types=("sliding_attention", "full_attention"), attention_sinks=True,
+    attention_bias=True, output_bias=True, num_experts=4, experts_per_token=2, expert_size=16,
+    routing="topk_softmax", router_bias=True, expert_bias=True, swiglu_limit=7.0)
+CONFIGS = {"llama": LLAMA, "gpt2": GPT2, "sliding_window": WINDOWED, "sinks": SINKS}
 
 
 def prompts(G=6, seed=0):

@@ -1,7 +1,8 @@
 """The checkpoints people fine-tune now, against transformers built from tiny configs: Llama 3.x
 RoPE scaling (llama3 / yarn / linear), Llama biases, Mistral / Qwen2 sliding windows, Qwen3,
-Gemma 2 and Gemma 3 (text). Norms and biases are perturbed away from their init so a skipped
-tensor shows; prompts are longer than the sliding windows."""
+Gemma 2 and Gemma 3 (text), the mixtures of experts (Qwen2-MoE, Qwen3-MoE, Mixtral, GPT-OSS).
+Norms and biases are perturbed away from their init so a skipped tensor shows; prompts are
+longer than the sliding windows."""
 
 import jax
 import numpy as np
@@ -85,7 +86,7 @@ def test_rope_frequencies_equal_transformers():
 
     from jrlhf.models.config import rope_frequencies
 
-    for name in ("llama3_rope", "llama_yarn", "llama_linear_biases"):
+    for name in ("llama3_rope", "llama_yarn", "llama_linear_biases", "gpt_oss"):
         model_type, kwargs = FAMILIES[name]
         hf = transformers.AutoConfig.for_model(model_type, **kwargs)
         cfg = models.from_hf_config(hf)
@@ -176,3 +177,79 @@ def test_pipeline_runs_on_a_saved_family_folder(model_type, tmp_path):
         ref = hf(torch.tensor(ids)).logits.numpy()
     np.testing.assert_allclose(models.forward(cfg, params, ids, np.ones_like(ids)), ref,
                                atol=1e-4, rtol=0)
+
+
+def test_gpt_oss_mxfp4_experts_are_dequantized_as_transformers_does(tmp_path):
+    """A GPT-OSS folder as the hub holds it (expert matrices as MXFP4 `*_blocks` / `*_scales`,
+    `quantization_config` in config.json) loads with the weights transformers' own
+    dequantization gives, and runs with its logits; an unpaired or other quantization is
+    refused naming it."""
+    import json
+
+    from safetensors.numpy import load_file, save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from jrlhf import paths
+    from jrlhf.models.hf import WeightsMismatch
+    from test_models import TOL, torch_logits
+
+    config = transformers.GptOssConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+        num_experts_per_tok=2, sliding_window=5, max_position_embeddings=64, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    rng = np.random.RandomState(0)
+    packed = {}
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            for proj in ("gate_up_proj", "down_proj"):
+                weight = getattr(layer.mlp.experts, proj)  # [E, in, out]
+                E, d_in, d_out = weight.shape
+                blocks = rng.randint(0, 256, (E, d_out, d_in // 32, 16)).astype(np.uint8)
+                scales = rng.randint(116, 121, (E, d_out, d_in // 32)).astype(np.uint8)
+                weight.copy_(convert_moe_packed_tensors(torch.tensor(blocks),
+                                                        torch.tensor(scales),
+                                                        dtype=torch.float32))
+                packed[f"model.layers.{i}.mlp.experts.{proj}"] = (blocks, scales)
+    folder = tmp_path / "mxfp4"
+    model.save_pretrained(folder)
+    tensors = load_file(folder / "model.safetensors")
+    for name, (blocks, scales) in packed.items():
+        del tensors[name]
+        tensors[name + "_blocks"], tensors[name + "_scales"] = blocks, scales
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    raw = json.loads((folder / "config.json").read_text())
+    raw["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
+        "lm_head"]}
+    (folder / "config.json").write_text(json.dumps(raw))
+
+    cfg, params = models.load_pretrained(folder)
+    flat = paths.flatten(params)
+    experts = model.model.layers[1].mlp.experts
+    gate_up, down = experts.gate_up_proj.detach().numpy(), experts.down_proj.detach().numpy()
+    np.testing.assert_array_equal(flat["layers/1/mlp/experts/gate_proj"], gate_up[..., ::2])
+    np.testing.assert_array_equal(flat["layers/1/mlp/experts/up_proj"], gate_up[..., 1::2])
+    np.testing.assert_array_equal(flat["layers/1/mlp/experts/down_proj"], down)
+    ids = np.random.RandomState(1).randint(1, cfg.vocab_size, (2, 11))
+    np.testing.assert_allclose(models.forward(cfg, params, ids, np.ones_like(ids)),
+                               torch_logits(model, ids), atol=TOL, rtol=0)
+
+    del tensors["model.layers.0.mlp.experts.down_proj_scales"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(WeightsMismatch, match="'model.layers.0.mlp.experts.down_proj_blocks' "
+                                              "has no scales tensor"):
+        models.load_pretrained(folder)
+    raw["quantization_config"] = {"quant_method": "fp8"}
+    (folder / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(NotImplementedError, match=f"{folder}: gpt_oss with quantization_config"):
+        models.load_pretrained(folder)
+
+
+def test_attention_sinks_never_choose_cudnn():
+    from jrlhf.models.attention import resolve_implementation
+
+    assert resolve_implementation("auto", "bfloat16", 64, on="gpu", sinks=True) == "xla"
+    with pytest.raises(ValueError, match="cannot add attention sinks"):
+        resolve_implementation("cudnn", "bfloat16", 64, on="gpu", sinks=True)

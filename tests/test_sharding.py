@@ -140,6 +140,55 @@ FAMILY_SHAPES = {
 }
 
 
+def moe_config():
+    """A Qwen3-MoE shape: sparse and dense layers, 2 of 4 experts per token, the load-balancing
+    and z losses on."""
+    return dataclasses.replace(_family_config(
+        "qwen3_moe", head_dim=16, tie_word_embeddings=False, num_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=24, mlp_only_layers=[1],
+        norm_topk_prob=True, router_aux_loss_coef=0.01), router_z_loss_coef=0.001)
+
+
+@pytest.fixture(scope="module")
+def moe_one_device():
+    cfg = moe_config()
+    return cfg, {kind: run(kind, None, cfg) for kind in ("sft", "reward", "ppo", "grpo")}
+
+
+def assert_same_step(kind, cfg, mesh, reference=None):
+    """`kind`'s step on `mesh` gives one device's params and metrics (`reference`: one
+    device's `run` result, computed here when None). Returns the metrics."""
+    ref_params, ref_metrics = reference or run(kind, None, cfg)
+    params, metrics = run(kind, mesh, cfg)
+    close(params, ref_params)
+    assert metrics.keys() == ref_metrics.keys()
+    for k in metrics:
+        # A clip fraction counts tokens on either side of a threshold: summation order may
+        # move one token (1/72 of PPO's) across it, which changes no parameter beyond 1e-6.
+        atol = 0.02 if k.endswith("clipfrac") else 1e-6
+        np.testing.assert_allclose(metrics[k], ref_metrics[k], rtol=1e-5, atol=atol,
+                                   err_msg=f"{kind}: {k}")
+    return metrics
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", [dict(data=2, expert=4), dict(fsdp=2, expert=2, tensor=2)],
+                         ids=["data2_expert4", "fsdp2_expert2_tensor2"])
+def test_moe_steps_on_expert_meshes_equal_one_device(shape, moe_one_device):
+    """A Qwen3-MoE-shaped model's sft, reward, ppo and grpo steps with the experts split over
+    an `expert` mesh axis give one device's params and metrics (router losses included)."""
+    cfg, reference = moe_one_device
+    mesh = sharding.make_mesh(MeshConfig(**shape))
+    for kind in ("sft", "reward", "ppo", "grpo"):
+        metrics = assert_same_step(kind, cfg, mesh, reference[kind])
+        assert any("moe/aux_loss" in k for k in metrics), (kind, sorted(metrics))
+    # The experts are stored split: each device holds E / expert of them.
+    state, _ = make_state(init_params(cfg, 0), OPT_EQ)
+    placed = place_state(state, mesh)
+    experts = placed.params["layers"][0]["mlp"]["experts"]["gate_proj"]
+    assert experts.addressable_shards[0].data.shape[0] == cfg.num_experts // shape["expert"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(FAMILY_SHAPES))
 def test_family_steps_on_a_2x2x2_mesh_equal_one_device(family):
@@ -150,13 +199,31 @@ def test_family_steps_on_a_2x2x2_mesh_equal_one_device(family):
                                                       else (False, True))
     mesh = sharding.make_mesh(MeshConfig(2, 2, 2))
     for kind in ("sft", "reward", "ppo", "grpo"):
-        ref_params, ref_metrics = run(kind, None, cfg)
-        params, metrics = run(kind, mesh, cfg)
-        close(params, ref_params)
-        assert metrics.keys() == ref_metrics.keys()
-        for k in metrics:
-            # A clip fraction counts tokens on either side of a threshold: summation order may
-            # move one token (1/72 of PPO's) across it, which changes no parameter beyond 1e-6.
-            atol = 0.02 if k.endswith("clipfrac") else 1e-6
-            np.testing.assert_allclose(metrics[k], ref_metrics[k], rtol=1e-5, atol=atol,
-                                       err_msg=f"{kind}: {k}")
+        assert_same_step(kind, cfg, mesh)
+
+
+@pytest.mark.slow
+def test_expert_parallel_moves_tokens_not_activations(monkeypatch):
+    """On (data 2, expert 4) the compiled MoE sft step dispatches by all-gathering the expert
+    group's tokens and combines by a reduce-scatter (`jrlhf.models.expert_parallel`): its
+    collectives move under a fifth of the bytes of GSPMD's own partitioning of the same grouped
+    matmuls (which all-reduces every (token, expert) pair's activations)."""
+    from jrlhf.models import expert_parallel
+    from jrlhf.plan import collective_bytes
+
+    cfg = moe_config()
+    mesh = sharding.make_mesh(MeshConfig(data=2, expert=4))
+    batch = jax.tree.map(np.asarray, sft_batch(B=16, T=32, vocab=cfg.vocab_size))
+
+    def compiled_bytes():
+        state, labels = make_state(init_params(cfg, 0), OPT_EQ)
+        state = place_state(state, mesh)
+        step = make_sft_step(cfg, labels=labels, state=state, mesh=mesh)
+        return collective_bytes(step.jitted.lower(state, batch).compile().as_text())
+
+    ours = compiled_bytes()
+    monkeypatch.setattr(expert_parallel, "expert_mesh", lambda: None)
+    gspmd = compiled_bytes()
+    print(f"collective bytes per device: expert-parallel {ours}, GSPMD {gspmd}")
+    assert ours.get("reduce-scatter", 0) > 0
+    assert sum(ours.values()) * 5 < sum(gspmd.values())

@@ -26,9 +26,14 @@ Layout contract (how padding is honoured without a dense float mask):
 
 - `softcap` (Gemma 2): attention logits become `softcap · tanh(logits / softcap)` before the
   softmax. `jax.nn.dot_product_attention` has no such option, so soft-capped attention runs as
-  an explicit einsum (`_softcapped_attention`) with a boolean mask: quadratic memory in T on
+  an explicit einsum (`_einsum_attention`) with a boolean mask: quadratic memory in T on
   the cache-free paths, as in transformers' eager Gemma 2 (its sdpa / flash paths refuse
   soft-capping too).
+- `sinks [H]` (GPT-OSS's attention sinks): one learned logit per query head joins every
+  query's softmax denominator, `p_j = exp(l_j) / (Σ_i exp(l_i) + exp(sink))`, and takes no value
+  (the weights of a query sum to less than 1). No fused kernel takes it either: the einsum path
+  again, as transformers' eager GPT-OSS (its sdpa path is refused as well). XLA's own attention
+  materialises the `[B, H, T, S]` logits too, so this costs the XLA path no extra memory order.
 
 Implementations (`model.attention`): "xla" (XLA's fused softmax attention; every platform),
 "cudnn" (cuDNN's flash-attention kernel: CUDA GPUs, bfloat16 / float16 compute), "auto" (cuDNN
@@ -53,17 +58,21 @@ def platform() -> str:
 
 
 def resolve_implementation(name: str, dtype, head_dim: int, on: str | None = None,
-                           softcap: float | None = None) -> str:
+                           softcap: float | None = None, sinks: bool = False) -> str:
     """The implementation `name` means for compute `dtype` and `head_dim` on platform `on`
-    (default: this process's); `softcap`: the model soft-caps attention logits, which only
-    the XLA path does. "auto" never fails; naming one that cannot run is an error."""
+    (default: this process's); `softcap`: the model soft-caps attention logits, `sinks`: it has
+    attention sinks, which only the XLA path does. "auto" never fails; naming one that cannot
+    run is an error."""
     on = on or platform()
     dtype = jnp.dtype(dtype)
     if name == "cudnn" and softcap is not None:
         raise ValueError("model.attention='cudnn' cannot soft-cap attention logits (this model "
                          f"has attn_softcap={softcap}); use 'auto' or 'xla'")
+    if name == "cudnn" and sinks:
+        raise ValueError("model.attention='cudnn' cannot add attention sinks to the softmax "
+                         "(this model has attention_sinks=True); use 'auto' or 'xla'")
     cudnn_ok = (on == "gpu" and dtype in _CUDNN_DTYPES and head_dim % 8 == 0 and head_dim <= 256
-                and softcap is None)
+                and softcap is None and not sinks)
     if name == "auto":
         return "cudnn" if cudnn_ok else "xla"
     if name == "xla":
@@ -109,20 +118,20 @@ def causal_visible(query_cols: jax.Array, num_keys: int, window: int | None = No
 
 def self_attention(q, k, v, *, implementation: str, segment_ids=None,
                    window: int | None = None, scale: float | None = None,
-                   softcap: float | None = None) -> jax.Array:
+                   softcap: float | None = None, sinks=None) -> jax.Array:
     """Causal attention of T left-aligned tokens over themselves. Returns `[B, T, H, Dh]`.
 
     `segment_ids [B, T]` restricts each query to keys of its own segment (packed rows).
-    `scale`: logit scale (default Dh ** -0.5). Padding queries produce finite values that
-    callers mask out.
+    `scale`: logit scale (default Dh ** -0.5). `sinks [H]`: attention sinks (GPT-OSS; see the
+    module docstring). Padding queries produce finite values that callers mask out.
     """
     mask = None
     if segment_ids is not None:
         mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
-    if softcap is not None:
+    if softcap is not None or sinks is not None:
         visible = causal_visible(jnp.arange(q.shape[1]), q.shape[1], window)
         visible = visible[None, None] if mask is None else visible & mask
-        return _softcapped_attention(q, k, v, visible, scale, softcap)
+        return _einsum_attention(q, k, v, visible, scale, softcap, sinks)
     local = None if window is None else (window - 1, 0)
     return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask,
                                         scale=scale, is_causal=True, local_window_size=local,
@@ -130,51 +139,63 @@ def self_attention(q, k, v, *, implementation: str, segment_ids=None,
 
 
 def attention_at(q, k, v, query_index, *, segment_ids=None, window: int | None = None,
-                 scale: float | None = None, softcap: float | None = None) -> jax.Array:
+                 scale: float | None = None, softcap: float | None = None,
+                 sinks=None) -> jax.Array:
     """Causal attention of R queries sitting at columns `query_index [B, R]` of left-aligned
     rows over all T keys of those rows (`q [B, R, H, Dh]`, `k / v [B, T, K, Dh]`). Returns
     `[B, R, H, Dh]`, equal to rows `query_index` of `self_attention` over all T queries.
 
     For R much smaller than T (a reward read at one token per row or per segment): a boolean
-    `[B, 1, R, T]` mask on XLA's attention, linear work per query as in cached decode.
+    `[B, 1, R, T]` mask on XLA's attention, linear work per query as in cached decode. `sinks
+    [H]` as in `self_attention`.
     """
     visible = causal_visible(query_index, k.shape[1], window)
     if segment_ids is not None:
         own = jnp.take_along_axis(segment_ids, query_index, axis=1)
         visible &= own[:, :, None] == segment_ids[:, None, :]
-    if softcap is not None:
-        return _softcapped_attention(q, k, v, visible[:, None], scale, softcap)
+    if softcap is not None or sinks is not None:
+        return _einsum_attention(q, k, v, visible[:, None], scale, softcap, sinks)
     return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype),
                                         mask=visible[:, None], scale=scale, implementation="xla")
 
 
 def cached_attention(q, keys, values, first_slot, slot, *, window: int | None = None,
-                     scale: float | None = None, softcap: float | None = None):
+                     scale: float | None = None, softcap: float | None = None, sinks=None):
     """One decode query per row (`q [B, 1, H, Dh]`, sitting at cache slot `slot`: one number,
     or `[B]`, each row's own) against the cache `keys / values [B, S, K, Dh]`, whose row b is
-    real from `first_slot[b]` to its slot. Returns `[B, 1, H, Dh]`."""
+    real from `first_slot[b]` to its slot; `sinks [H]` as in `self_attention`. Returns
+    `[B, 1, H, Dh]`."""
     slots = jnp.arange(keys.shape[1])[None, :]
     visible = (slots >= first_slot[:, None]) & causal_visible(jnp.reshape(slot, (-1,)),
                                                              keys.shape[1], window)
-    if softcap is not None:
-        return _softcapped_attention(q, keys, values, visible[:, None, None, :], scale, softcap)
+    if softcap is not None or sinks is not None:
+        return _einsum_attention(q, keys, values, visible[:, None, None, :], scale, softcap,
+                                 sinks)
     return jax.nn.dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype),
                                         mask=visible[:, None, None, :], scale=scale,
                                         implementation="xla")
 
 
-def _softcapped_attention(q, k, v, visible, scale, softcap):
-    """Softmax attention with soft-capped logits: `q [B, T, H, Dh]`, `k / v [B, S, K, Dh]`,
-    `visible` boolean, broadcastable to `[B, 1, T, S]`. Logits and softmax in float32 (as
-    transformers' eager Gemma 2). Returns `[B, T, H, Dh]` in q's dtype."""
+def _einsum_attention(q, k, v, visible, scale, softcap, sinks=None):
+    """Softmax attention as explicit einsums, with soft-capped logits (`softcap`) and / or
+    attention sinks (`sinks [H]`, query head h = kv head h // G): `q [B, T, H, Dh]`,
+    `k / v [B, S, K, Dh]`, `visible` boolean, broadcastable to `[B, 1, T, S]`. Logits and
+    softmax in float32 (as transformers' eager Gemma 2 / GPT-OSS). Returns `[B, T, H, Dh]` in
+    q's dtype."""
     B, T, H, Dh = q.shape
     K = k.shape[2]
     scale = Dh ** -0.5 if scale is None else scale
     qg = q.reshape(B, T, K, H // K, Dh)
     logits = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype),
                         preferred_element_type=jnp.float32) * scale
-    logits = softcap * jnp.tanh(logits / softcap)
+    if softcap is not None:
+        logits = softcap * jnp.tanh(logits / softcap)
     logits = jnp.where(visible[:, :, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+    if sinks is None:
+        probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+    else:  # the sink joins the denominator only: [B, K, G, T, 1]
+        sink = sinks.astype(jnp.float32).reshape(1, K, H // K, 1, 1)
+        lse = jnp.logaddexp(jax.nn.logsumexp(logits, axis=-1, keepdims=True), sink)
+        probs = jnp.exp(logits - lse).astype(q.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype))
     return out.reshape(B, T, H, Dh)

@@ -32,7 +32,7 @@ class ModelConfig:
     `family="llama"`: RoPE, RMSNorm, gated MLP, grouped-query attention — and, through the
     fields below, the variants built on it: Mistral / Qwen2 sliding windows, Llama 3.x RoPE
     scaling, Qwen3's per-head QK-norm, Gemma 2 / 3's (1 + w) norms, sandwich norms, scaled
-    embeddings and soft-capping.
+    embeddings and soft-capping, GPT-OSS's attention sinks, and mixtures of experts.
     `lm_head` / `scalar_head` pick the heads: a policy has the LM head, a reward or value model
     has the scalar head, a policy with a shared-backbone critic has both.
     """
@@ -68,6 +68,9 @@ class ModelConfig:
     query_scale: float | None = None  # attention logit scale; None = head_dim ** -0.5
     attn_softcap: float | None = None  # attention logits -> cap · tanh(logits / cap) (Gemma 2)
     final_softcap: float | None = None  # the same on the LM logits (Gemma 2)
+    # GPT-OSS: a learned logit per query head joins each query's softmax denominator (param
+    # `attn/sinks [H]`; `jrlhf.models.attention`).
+    attention_sinks: bool = False
     hf_model_type: str = "llama"
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -83,8 +86,8 @@ class ModelConfig:
     residual_barrier: str = "auto"
     # Positions per LM-head block in the losses (`token_outputs`); 0 = all at once.
     logits_chunk_size: int = 2048
-    # Mixture of experts (Qwen2-MoE, Qwen3-MoE, Mixtral; `jrlhf.models.moe`). 0 experts: every
-    # MLP is dense. A sparse layer's MLP routes each token to `experts_per_token` of
+    # Mixture of experts (Qwen2-MoE, Qwen3-MoE, Mixtral, GPT-OSS; `jrlhf.models.moe`). 0 experts:
+    # every MLP is dense. A sparse layer's MLP routes each token to `experts_per_token` of
     # `num_experts` gated MLPs of width `expert_size` (top-k of a softmax router).
     num_experts: int = 0
     experts_per_token: int = 0
@@ -92,7 +95,17 @@ class ModelConfig:
     norm_topk_prob: bool = False  # the k chosen probabilities renormalised to sum to 1
     dense_layers: tuple[int, ...] = ()  # layers whose MLP stays dense (intermediate_size wide)
     shared_expert_size: int = 0  # Qwen2-MoE: a sigmoid-gated shared expert beside the routed ones
+    # How the router's logits choose and weight the experts (`ROUTINGS`): "softmax_topk" (softmax
+    # over all E, the top k kept: Qwen, Mixtral) | "topk_softmax" (the top k logits, softmax
+    # over those k alone: GPT-OSS).
+    routing: str = "softmax_topk"
+    router_bias: bool = False  # a bias on the router's logits (GPT-OSS)
+    expert_bias: bool = False  # biases on every expert's gate, up and down projections (GPT-OSS)
+    # GPT-OSS's clamped SwiGLU experts (`moe.clamped_swiglu`): None = act(gate) · up.
+    swiglu_limit: float | None = None
+    swiglu_alpha: float = 1.702  # its sigmoid gain (with swiglu_limit only)
     router_aux_loss_coef: float = 0.0  # the checkpoint's load-balancing weight (training default)
+    router_z_loss_coef: float = 0.0  # weight of the router z-loss (training only; not saved)
 
     def __post_init__(self):
         # JSON round trips give lists; the config must stay hashable (it is a static jit arg).
@@ -141,11 +154,24 @@ class ModelConfig:
     def _check_experts(self):
         if self.num_experts < 0:
             raise ValueError(f"num_experts must be >= 0, got {self.num_experts}")
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"routing must be {'|'.join(ROUTINGS)}, got {self.routing!r}")
         if not self.num_experts:
-            if self.experts_per_token or self.dense_layers or self.shared_expert_size:
-                raise ValueError("experts_per_token, dense_layers and shared_expert_size need "
+            expert_only = dict(experts_per_token=self.experts_per_token,
+                               dense_layers=self.dense_layers,
+                               shared_expert_size=self.shared_expert_size,
+                               routing=self.routing != ROUTINGS[0],
+                               router_bias=self.router_bias, expert_bias=self.expert_bias,
+                               swiglu_limit=self.swiglu_limit is not None)
+            if any(expert_only.values()):
+                raise ValueError(f"{', '.join(k for k, v in expert_only.items() if v)} need "
                                  "num_experts > 0")
             return
+        if self.routing == "topk_softmax" and self.norm_topk_prob:
+            raise ValueError("norm_topk_prob renormalises softmax_topk routing; topk_softmax "
+                             "weights already sum to 1: set norm_topk_prob=False")
+        if self.swiglu_limit is not None and not self.swiglu_limit > 0:
+            raise ValueError(f"swiglu_limit must be > 0 (or None), got {self.swiglu_limit}")
         if self.family != "llama":
             raise ValueError("mixture-of-experts layers need family='llama'")
         if not 1 <= self.experts_per_token <= self.num_experts:
@@ -208,12 +234,16 @@ class ModelConfig:
             attn += d
         if self.qk_norm:
             attn += 2 * self.head_dim
+        if self.attention_sinks:
+            attn += self.num_heads
         if self.family == "gpt2":
             return attn + 2 * d * f + (f + d if self.mlp_bias else 0) + 4 * d
         mlp = 3 * d * f + (2 * f + d if self.mlp_bias else 0)
         if self.layer_is_sparse(layer):
             experts = self.experts_per_token if active else self.num_experts
-            mlp = d * self.num_experts + experts * 3 * d * self.expert_size
+            fe = self.expert_size
+            per_expert = 3 * d * fe + (2 * fe + d if self.expert_bias else 0)
+            mlp = (d + int(self.router_bias)) * self.num_experts + experts * per_expert
             if self.shared_expert_size:
                 mlp += 3 * d * self.shared_expert_size + d
         return attn + mlp + (4 if self.sandwich_norms else 2) * d
@@ -248,6 +278,7 @@ class ModelConfig:
 
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
+ROUTINGS = ("softmax_topk", "topk_softmax")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
@@ -329,7 +360,7 @@ def _first_id(value) -> int | None:
 
 
 # transformers model types and what they turn on beyond the Llama block.
-MOE = ("qwen2_moe", "qwen3_moe", "mixtral")
+MOE = ("qwen2_moe", "qwen3_moe", "mixtral", "gpt_oss")
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", *MOE)
 GEMMA = ("gemma2", "gemma3_text")
 QWEN = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")  # sliding windows behind use_sliding_window
@@ -398,6 +429,13 @@ def _window_fields(hf, model_type: str) -> dict:
     return dict(sliding_window=int(window), layer_types=layer_types)
 
 
+def quant_method(quantization_config) -> str | None:
+    """The `quant_method` of a config's `quantization_config` (a dict, or transformers' object)."""
+    if isinstance(quantization_config, dict):
+        return quantization_config.get("quant_method")
+    return getattr(quantization_config, "quant_method", None)
+
+
 def _refuse(hf, field: str, why: str, ok=lambda v: not v) -> None:
     value = getattr(hf, field, None)
     if not ok(value):
@@ -417,6 +455,10 @@ def _expert_fields(hf, model_type: str) -> dict:
     if model_type == "mixtral":
         _refuse(hf, "router_jitter_noise", "training-time router noise is not implemented")
         return dict(common, expert_size=int(hf.intermediate_size), norm_topk_prob=True)
+    if model_type == "gpt_oss":
+        return dict(common, expert_size=int(hf.intermediate_size), routing="topk_softmax",
+                    router_bias=True, expert_bias=True, swiglu_limit=float(hf.swiglu_limit),
+                    swiglu_alpha=float(getattr(hf, "swiglu_alpha", 1.702)))
     step = int(getattr(hf, "decoder_sparse_step", 1) or 1)
     only = set(getattr(hf, "mlp_only_layers", None) or ())
     dense = tuple(i for i in range(hf.num_hidden_layers) if i in only or (i + 1) % step)
@@ -473,6 +515,9 @@ def from_hf_config(hf: Any, **overrides) -> ModelConfig:
                 ok=lambda v: v in (None, 1))
         if model_type == "gemma3_text":
             _refuse(hf, "attn_logit_softcapping", "Gemma 3 uses QK-norm, not soft-capping")
+        if model_type == "gpt_oss":  # MXFP4 experts are dequantized on load (`hf.py`)
+            _refuse(hf, "quantization_config", "only MXFP4 expert weights are dequantized on "
+                    "load", ok=lambda v: not v or quant_method(v) == "mxfp4")
         # Mistral's / Mixtral's projections never have biases; Qwen2's q/k/v always do, Qwen2-MoE's
         # when qkv_bias (see below).
         bias = model_type not in ("mistral", "mixtral") and bool(getattr(hf, "attention_bias",
@@ -508,6 +553,7 @@ def from_hf_config(hf: Any, **overrides) -> ModelConfig:
             query_scale=float(hf.query_pre_attn_scalar) ** -0.5 if gemma else None,
             attn_softcap=getattr(hf, "attn_logit_softcapping", None) if gemma else None,
             final_softcap=getattr(hf, "final_logit_softcapping", None) if gemma else None,
+            attention_sinks=model_type == "gpt_oss",
             hf_model_type=model_type,
             **_expert_fields(hf, model_type),
             **ids,
@@ -605,6 +651,10 @@ def _hf_expert_fields(cfg: ModelConfig) -> dict:
     if cfg.hf_model_type == "mixtral":
         return dict(common, num_local_experts=cfg.num_experts, router_jitter_noise=0.0,
                     intermediate_size=cfg.expert_size or cfg.intermediate_size)
+    if cfg.hf_model_type == "gpt_oss":
+        return dict(common, num_local_experts=cfg.num_experts,
+                    intermediate_size=cfg.expert_size or cfg.intermediate_size,
+                    swiglu_limit=cfg.swiglu_limit, swiglu_alpha=cfg.swiglu_alpha)
     fields = dict(common, num_experts=cfg.num_experts, moe_intermediate_size=cfg.expert_size,
                   norm_topk_prob=cfg.norm_topk_prob, decoder_sparse_step=1,
                   mlp_only_layers=list(cfg.dense_layers))
@@ -655,7 +705,7 @@ def check_hf_sizes(raw: dict, where: str) -> None:
 
 # Fields that say how a model is computed, not what its checkpoint holds.
 _COMPUTE_FIELDS = ("dtype", "scan_layers", "remat", "attention", "residual_barrier",
-                   "logits_chunk_size")
+                   "logits_chunk_size", "router_z_loss_coef")
 
 
 def _same(a, b) -> bool:

@@ -24,6 +24,7 @@ from jrlhf.models.config import (
     check_hf_sizes,
     check_memory,
     from_hf_config,
+    quant_method,
     to_hf_config,
 )
 
@@ -34,7 +35,17 @@ _PREFIXES = ("transformer.", "model.")
 
 def _sparse_mlp_entries(cfg: ModelConfig) -> list[tuple[str, str, str]]:
     """A mixture-of-experts MLP's rows. Checkpoints hold one `[F, D]` / `[D, F]` matrix per
-    expert (`{e}` in the name); we stack them `[E, D, F]` / `[E, F, D]` (transform "ET")."""
+    expert (`{e}` in the name); we stack them `[E, D, F]` / `[E, F, D]` (transform "ET").
+    GPT-OSS's hold them stacked already, gate and up fused with interleaved columns (`[E, D, 2F]`
+    and `[E, 2F]`: gate at 0, 2, 4, ..., up at 1, 3, 5, ...; transform "GU", our path a
+    template `{}` of "gate" / "up")."""
+    if cfg.hf_model_type == "gpt_oss":
+        return [("mlp/router/kernel", "mlp.router.weight", "T"),
+                ("mlp/router/bias", "mlp.router.bias", ""),
+                ("mlp/experts/{}_proj", "mlp.experts.gate_up_proj", "GU"),
+                ("mlp/experts/{}_bias", "mlp.experts.gate_up_proj_bias", "GU"),
+                ("mlp/experts/down_proj", "mlp.experts.down_proj", ""),
+                ("mlp/experts/down_bias", "mlp.experts.down_proj_bias", "")]
     if cfg.hf_model_type == "mixtral":
         return [("mlp/router/kernel", "block_sparse_moe.gate.weight", "T")] + [
             (f"mlp/experts/{ours}", f"block_sparse_moe.experts.{{e}}.{theirs}.weight", "ET")
@@ -51,7 +62,8 @@ def _sparse_mlp_entries(cfg: ModelConfig) -> list[tuple[str, str, str]]:
 
 def _layer_entries(cfg: ModelConfig, layer: int = 0) -> list[tuple[str, str, str]]:
     """`(our_suffix, hf_suffix, transform)` for layer `layer`; transform is "" or "T"
-    (transpose), "ET" (per-expert matrices, each transposed, stacked) or GPT-2's "qkv"."""
+    (transpose), "ET" (per-expert matrices, each transposed, stacked), GPT-OSS's "GU" (gate
+    and up interleaved in one tensor) or GPT-2's "qkv"."""
     if cfg.family == "gpt2":
         rows = [
             ("attn_norm/scale", "ln_1.weight", ""), ("attn_norm/bias", "ln_1.bias", ""),
@@ -79,6 +91,8 @@ def _layer_entries(cfg: ModelConfig, layer: int = 0) -> list[tuple[str, str, str
     if cfg.qk_norm:
         rows += [("attn/q_norm/scale", "self_attn.q_norm.weight", ""),
                  ("attn/k_norm/scale", "self_attn.k_norm.weight", "")]
+    if cfg.attention_sinks:
+        rows.append(("attn/sinks", "self_attn.sinks", ""))
     if cfg.layer_is_sparse(layer):
         return rows + _sparse_mlp_entries(cfg)
     for proj in ("gate_proj", "up_proj", "down_proj"):
@@ -117,11 +131,15 @@ def param_shape(cfg: ModelConfig, path: str) -> tuple[int, ...]:
     d, f, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     *_, module, leaf = path.split("/")
-    if module == "experts":  # stacked [E, D, F] (gate, up) or [E, F, D] (down)
+    if leaf == "sinks":
+        return (cfg.num_heads,)
+    if module == "experts":  # stacked [E, D, F] (gate, up) or [E, F, D] (down), biases [E, .]
         fe = cfg.expert_size
+        if leaf.endswith("_bias"):
+            return (cfg.num_experts, d if leaf == "down_bias" else fe)
         return (cfg.num_experts, *((fe, d) if leaf == "down_proj" else (d, fe)))
     if module == "router":
-        return (d, cfg.num_experts)
+        return (cfg.num_experts,) if leaf == "bias" else (d, cfg.num_experts)
     if module == "shared_gate":
         return (d, 1)
     if "/shared/" in path:
@@ -149,6 +167,10 @@ def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
                         for p in ("q_proj", "k_proj", "v_proj"))
             shapes[theirs + ".weight"] = (cfg.hidden_size, width)
             shapes[theirs + ".bias"] = (width,)
+            continue
+        if tf == "GU":  # gate and up [..., F] fused: [..., 2F]
+            shape = param_shape(cfg, ours.format("gate"))
+            shapes[theirs] = (*shape[:-1], 2 * shape[-1])
             continue
         shape = param_shape(cfg, ours)
         if tf == "ET":
@@ -233,6 +255,10 @@ def params_from_hf_tensors(cfg: ModelConfig, tensors: dict[str, np.ndarray], *,
             flat[ours] = np.stack([np.asarray(named[theirs.format(e=e)]).T
                                    for e in range(cfg.num_experts)])
             continue
+        if tf == "GU":
+            fused = np.asarray(named[theirs])
+            flat[ours.format("gate")], flat[ours.format("up")] = fused[..., ::2], fused[..., 1::2]
+            continue
         array = np.asarray(named[theirs])
         flat[ours] = array.T if tf == "T" else array
     return paths.unflatten({k: np.ascontiguousarray(v, dtype=dtype) for k, v in flat.items()})
@@ -256,9 +282,78 @@ def hf_tensors_from_params(cfg: ModelConfig, params: dict, prefix: str | None = 
             for e, matrix in enumerate(flat[ours]):
                 out[prefix + theirs.format(e=e)] = matrix.T
             continue
+        if tf == "GU":  # interleave: gate, up, gate, up, ... along the last axis
+            gate, up = flat[ours.format("gate")], flat[ours.format("up")]
+            out[prefix + theirs] = np.stack([gate, up], axis=-1).reshape(*gate.shape[:-1], -1)
+            continue
         top_level = theirs.startswith(("lm_head.", "score."))
         out[("" if top_level else prefix) + theirs] = flat[ours].T if tf == "T" else flat[ours]
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+# MXFP4 (the expert matrices of GPT-OSS checkpoints on the hub; transformers'
+# `integrations/mxfp4.py`): a matrix `{name}` is stored as `{name}_blocks [..., R, G, 16]` uint8,
+# two FP4 (E2M1) codes per byte, the low nibble first, and `{name}_scales [..., R, G]` uint8, one
+# power of two 2^(scale − 127) per block of 32 values along the contracted axis. Dequantized it
+# is `{name} [..., G·32, R]` (blocks run along the rows of the matrix the forward multiplies by).
+_FP4_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+                        -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
+_MXFP4 = ("_blocks", "_scales")
+
+
+def dequantize_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """One MXFP4 matrix in float32: `blocks [..., R, G, B]` (uint8), `scales [..., R, G]` (uint8)
+    -> `[..., G·2B, R]`, exactly transformers' `convert_moe_packed_tensors`."""
+    blocks = np.asarray(blocks).astype(np.uint8)
+    exponents = np.asarray(scales).astype(np.int32) - 127
+    values = np.empty((*blocks.shape[:-1], 2 * blocks.shape[-1]), np.float32)
+    values[..., 0::2] = _FP4_VALUES[blocks & 0x0F]
+    values[..., 1::2] = _FP4_VALUES[blocks >> 4]
+    values = np.ldexp(values, exponents[..., None]).astype(np.float32)
+    return values.reshape(*values.shape[:-2], -1).swapaxes(-1, -2)
+
+
+def _mxfp4_pairs(names, source: str) -> dict[str, tuple[str, str]]:
+    """`{matrix name: (blocks name, scales name)}` of the MXFP4 tensors among `names`.
+
+    Raises:
+        WeightsMismatch: a `*_blocks` without its `*_scales` or the other way round.
+    """
+    names = set(names)
+    pairs = {}
+    for name in sorted(names):
+        for suffix, other in (_MXFP4, _MXFP4[::-1]):
+            base = name[:-len(suffix)]
+            if name.endswith(suffix) and base + other not in names:
+                raise WeightsMismatch(f"{source}: MXFP4 tensor {name!r} has no {other[1:]} "
+                                      f"tensor {base + other!r} beside it")
+        if name.endswith(_MXFP4[0]):
+            pairs[name[:-len(_MXFP4[0])]] = (name, name[:-len(_MXFP4[0])] + _MXFP4[1])
+    return pairs
+
+
+def mxfp4_shapes(shapes: dict[str, tuple[int, ...]], source: str = "checkpoint"
+                 ) -> dict[str, tuple[int, ...]]:
+    """`shapes` with each MXFP4 pair replaced by its dequantized matrix's shape."""
+    out = dict(shapes)
+    for name, (blocks, scales) in _mxfp4_pairs(shapes, source).items():
+        *lead, rows, groups, width = out.pop(blocks)
+        if tuple(out.pop(scales)) != (*lead, rows, groups):
+            raise WeightsMismatch(f"{source}: MXFP4 scales {scales!r} have shape "
+                                  f"{list(shapes[scales])}; its blocks {list(shapes[blocks])} "
+                                  f"need {[*lead, rows, groups]}")
+        out[name] = (*lead, groups * 2 * width, rows)
+    return out
+
+
+def dequantize_mxfp4_tensors(tensors: dict[str, np.ndarray], source: str = "checkpoint"
+                             ) -> dict[str, np.ndarray]:
+    """`tensors` with each MXFP4 pair replaced by its float32 matrix (`dequantize_mxfp4`)."""
+    out = dict(tensors)
+    mxfp4_shapes({k: np.shape(v) for k, v in tensors.items()}, source)  # pairs and shapes
+    for name, (blocks, scales) in _mxfp4_pairs(tensors, source).items():
+        out[name] = dequantize_mxfp4(out.pop(blocks), out.pop(scales))
+    return out
 
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -362,6 +457,7 @@ HF_CLASSES = {
     "qwen2_moe": ("Qwen2MoeForCausalLM", "Qwen2MoeForSequenceClassification"),
     "qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeForSequenceClassification"),
     "mixtral": ("MixtralForCausalLM", "MixtralForSequenceClassification"),
+    "gpt_oss": ("GptOssForCausalLM", "GptOssForSequenceClassification"),
 }
 
 REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json")
@@ -417,7 +513,9 @@ def load_pretrained(path: str | os.PathLike, dtype=np.float32, *, lm_head: bool 
 
     Everything is checked before an array is built: the config's sizes, a memory estimate
     against this host's memory, that every shard is inside the folder, and every tensor's
-    name and shape against the config.
+    name and shape against the config. A folder whose config says `quantization_config:
+    {"quant_method": "mxfp4"}` (GPT-OSS on the hub) has its MXFP4 expert matrices dequantized
+    (`dequantize_mxfp4`); any other quantization is refused by `from_hf_config`.
 
     Args:
         path: folder with `config.json` and `*.safetensors` (sharded folders included).
@@ -435,6 +533,9 @@ def load_pretrained(path: str | os.PathLike, dtype=np.float32, *, lm_head: bool 
         raise type(err)(f"{folder}: {err}") from None
     files = safetensors_files(folder)
     all_shapes = safetensors_shapes(files)
+    mxfp4 = quant_method(getattr(hf_config, "quantization_config", None)) == "mxfp4"
+    if mxfp4:  # GPT-OSS on the hub: expert matrices dequantized below
+        all_shapes = mxfp4_shapes(all_shapes, str(folder))
     shapes = {short: all_shapes[name] for short, name in _named(all_shapes).items()}
     arch = " ".join(getattr(hf_config, "architectures", None) or [])
     is_classifier = "score.weight" in shapes or "SequenceClassification" in arch
@@ -448,6 +549,8 @@ def load_pretrained(path: str | os.PathLike, dtype=np.float32, *, lm_head: bool 
     tensors: dict[str, np.ndarray] = {}
     for file in files:
         tensors.update(_load_safetensors_file(file, load_file))
+    if mxfp4:
+        tensors = dequantize_mxfp4_tensors(tensors, str(folder))
     params = params_from_hf_tensors(cfg, tensors, source=str(folder), dtype=np.dtype(dtype))
     return cfg, params
 

@@ -23,7 +23,7 @@ from flax import nnx
 
 from jrlhf import quant
 from jrlhf.models import attention as attn
-from jrlhf.models import moe
+from jrlhf.models import expert_parallel, moe
 from jrlhf.models.config import ModelConfig, rope_frequencies
 
 Params = dict[str, Any]
@@ -198,6 +198,8 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             self.q_norm = make_norm(cfg, cfg.head_dim)
             self.k_norm = make_norm(cfg, cfg.head_dim)
+        if cfg.attention_sinks:  # GPT-OSS: one learned softmax-denominator logit per head [H]
+            self.sinks = nnx.Param(_INIT(rngs.params(), (cfg.num_heads,), jnp.float32))
 
     def __call__(self, x, positions, segment_ids=None, cache=None, first_slot=None, slot=None,
                  query_index=None):
@@ -224,12 +226,15 @@ class Attention(nnx.Module):
             q = apply_rope(q, q_positions, *self.rope)
             k = apply_rope(k, positions, *self.rope)
         options = dict(window=self.window, scale=cfg.query_scale, softcap=cfg.attn_softcap)
+        if cfg.attention_sinks:
+            options["sinks"] = self.sinks[...]
         if query_index is not None:
             out = attn.attention_at(q, k, v, query_index, segment_ids=segment_ids, **options)
             new = (k, v)
         elif cache is None:
             impl = attn.resolve_implementation(cfg.attention, cfg.dtype, cfg.head_dim,
-                                               softcap=cfg.attn_softcap)
+                                               softcap=cfg.attn_softcap,
+                                               sinks=cfg.attention_sinks)
             out = attn.self_attention(q, k, v, implementation=impl, segment_ids=segment_ids,
                                       **options)
             new = (k, v)
@@ -270,7 +275,8 @@ class MLP(nnx.Module):
 
 
 class Experts(nnx.Module):
-    """E gated MLPs stacked: `gate_proj, up_proj [E, D, F]`, `down_proj [E, F, D]`."""
+    """E gated MLPs stacked: `gate_proj, up_proj [E, D, F]`, `down_proj [E, F, D]`; with
+    `cfg.expert_bias` (GPT-OSS) their biases `gate_bias, up_bias [E, F]`, `down_bias [E, D]`."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         E, d, f = cfg.num_experts, cfg.hidden_size, cfg.expert_size
@@ -279,17 +285,28 @@ class Experts(nnx.Module):
         self.gate_proj = nnx.Param(_INIT(keys[0], (E, d, f), jnp.float32))
         self.up_proj = nnx.Param(_INIT(keys[1], (E, d, f), jnp.float32))
         self.down_proj = nnx.Param(_INIT(keys[2], (E, f, d), jnp.float32))
+        if cfg.expert_bias:
+            self.gate_bias = nnx.Param(jnp.zeros((E, f), jnp.float32))
+            self.up_bias = nnx.Param(jnp.zeros((E, f), jnp.float32))
+            self.down_bias = nnx.Param(jnp.zeros((E, d), jnp.float32))
+
+    def biases(self) -> tuple[jax.Array, jax.Array, jax.Array] | None:
+        """`(gate_bias, up_bias, down_bias)`, or None without `expert_bias`."""
+        if not hasattr(self, "gate_bias"):
+            return None
+        return self.gate_bias[...], self.up_bias[...], self.down_bias[...]
 
 
 class SparseMLP(nnx.Module):
-    """A mixture-of-experts MLP (`jrlhf.models.moe`): a softmax router (`router`, no bias) sends
-    each token to its top-k experts, computed dropless with grouped matmuls; Qwen2-MoE adds a
-    shared expert scaled by sigmoid(shared_gate x)."""
+    """A mixture-of-experts MLP (`jrlhf.models.moe`): a router (`router`; a bias with
+    `cfg.router_bias`) sends each token to its top-k experts (`cfg.routing`), computed dropless
+    with grouped matmuls; Qwen2-MoE adds a shared expert scaled by sigmoid(shared_gate x);
+    GPT-OSS's experts have biases and a clamped SwiGLU (`cfg.swiglu_limit`)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         self.act = ACTIVATIONS[cfg.activation]
-        self.router = _linear(cfg, cfg.hidden_size, cfg.num_experts, False, rngs)
+        self.router = _linear(cfg, cfg.hidden_size, cfg.num_experts, cfg.router_bias, rngs)
         self.experts = Experts(cfg, rngs)
         if cfg.shared_expert_size:
             self.shared = MLP(cfg, rngs, width=cfg.shared_expert_size)
@@ -302,10 +319,18 @@ class SparseMLP(nnx.Module):
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
         logits = self.router(flat).astype(jnp.float32)
-        routing = moe.route(logits, cfg.experts_per_token, cfg.norm_topk_prob, experts)
+        if cfg.routing == "topk_softmax":
+            routing = moe.route_topk_softmax(logits, cfg.experts_per_token, experts)
+        else:
+            routing = moe.route(logits, cfg.experts_per_token, cfg.norm_topk_prob, experts)
         e = self.experts
-        y = moe.grouped_mlp(flat, routing, e.gate_proj[...], e.up_proj[...], e.down_proj[...],
-                            self.act, jnp.dtype(cfg.dtype))
+        glu = None
+        if cfg.swiglu_limit is not None:
+            glu = functools.partial(moe.clamped_swiglu, limit=cfg.swiglu_limit,
+                                    alpha=cfg.swiglu_alpha)
+        y = expert_parallel.grouped_mlp(flat, routing, e.gate_proj[...], e.up_proj[...],
+                                        e.down_proj[...], self.act, jnp.dtype(cfg.dtype),
+                                        biases=e.biases(), glu=glu)
         if cfg.shared_expert_size:
             y = y + jax.nn.sigmoid(self.shared_gate(flat)) * self.shared(flat)
         return y.reshape(B, T, D).astype(x.dtype), logits, routing.experts
@@ -374,7 +399,7 @@ class Transformer(nnx.Module):
         return x
 
     def __call__(self, input_ids, attention_mask, positions=None, segment_ids=None, read=None,
-                 with_router: bool = False):
+                 with_router: bool = False, experts=None, replay: bool = True):
         """Final hidden states `[B, T, D]` of `input_ids [B, T]`.
 
         `attention_mask [B, T]`: each row one contiguous run of real tokens (any padding side).
@@ -387,16 +412,24 @@ class Transformer(nnx.Module):
         saved.
         `with_router`: return `(hidden, stats)`, `stats` the sparse layers' `moe.RouterStats`
         stacked `[L_sparse, ...]` over the real tokens (None for a dense model).
+        `experts [B, T, L_sparse, k]`: the experts a sampler chose for each token (in the
+        layout of `input_ids`; `generate(record_experts=True)`). With `replay`, every sparse
+        layer routes each token to those (routing replay; the router's weights over them stay
+        differentiable); without, they are only compared: `stats.differs` counts the tokens
+        whose own top-k set differs from the recorded one.
         """
         x, positions, segment_ids, shift, real = self._aligned_inputs(
             input_ids, attention_mask, positions, segment_ids)
+        if experts is not None and shift is not None:
+            experts = attn.roll_rows(experts, shift)
         if read is not None:
             if shift is not None:  # the columns of the left-aligned rows
                 read = (read - shift[:, None]) % input_ids.shape[1]
             x, stats = self._layers_without_cache(x, positions, segment_ids, real, read)
             hidden = self.final_norm(x)
         else:
-            x, stats = self._layers_without_cache(x, positions, segment_ids, real)
+            x, stats = self._layers_without_cache(x, positions, segment_ids, real,
+                                                  experts=experts, replay=replay)
             hidden = self.final_norm(x)
             hidden = hidden if shift is None else attn.roll_rows(hidden, -shift)
         return (hidden, stats) if with_router else hidden
@@ -419,24 +452,26 @@ class Transformer(nnx.Module):
             positions = attn.roll_rows(positions, shift)
         return self._embed(input_ids, positions), positions, None, shift, real > 0
 
-    def _layers_without_cache(self, x, positions, segment_ids, real, read=None):
+    def _layers_without_cache(self, x, positions, segment_ids, real, read=None, experts=None,
+                              replay: bool = True):
         """All layers, unrolled or as one `lax.scan` body (layers alike: `ModelConfig` checks),
         each optionally rematerialised. Each layer runs under its own graphdef: layers differ
         statically (sliding window, RoPE base, dense or sparse MLP). With `read [B, R]`
         (aligned columns) the last layer runs apart, its queries at those columns only.
         Returns `(x, stats)`: `x [B, T, D]` (`[B, R, D]` with `read`) and the sparse layers'
         `moe.RouterStats` over the tokens where `real [B, T]` (stacked; None if no layer is
-        sparse)."""
+        sparse). `experts [B, T, L_sparse, k]` (aligned): replayed or compared (`__call__`)."""
 
         barrier = uses_residual_barrier(self.cfg)
 
-        def block(block_def, layer_state, x, query_index=None):
-            out, _, route = nnx.merge(block_def, layer_state)(x, positions, segment_ids,
-                                                              query_index=query_index)
+        def block(block_def, layer_state, x, query_index=None, recorded=None):
+            out, _, route = nnx.merge(block_def, layer_state)(
+                x, positions, segment_ids, query_index=query_index,
+                experts=recorded if replay else None)
             stats = None
             if route is not None:
                 mask = real if query_index is None else jnp.take_along_axis(real, query_index, 1)
-                stats = moe.router_stats(*route, mask.reshape(-1))
+                stats = moe.router_stats(*route, mask.reshape(-1), recorded=recorded)
             return (gradient_barrier(out) if barrier else out), stats
 
         if self.cfg.remat == "full":
@@ -447,15 +482,26 @@ class Transformer(nnx.Module):
         split = [nnx.split(layer) for layer in self.layers]
         if read is not None:
             split, (last_def, last_state) = split[:-1], split[-1]
+        # Per layer: the recorded experts `[B·T, k]` of a sparse layer, else None.
+        per_layer = [None] * len(self.layers)
+        if experts is not None:
+            B, T = x.shape[:2]
+            for j, i in enumerate(self.cfg.sparse_layers):
+                per_layer[i] = experts[:, :, j].reshape(B * T, -1)
         stats = []
         if not self.cfg.scan_layers:
-            for block_def, state in split:
-                x, layer_stats = block(block_def, state, x)
+            for (block_def, state), recorded in zip(split, per_layer):
+                x, layer_stats = block(block_def, state, x, recorded=recorded)
                 stats.append(layer_stats)
         elif split:
             block_def = split[0][0]
             stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(state for _, state in split))
-            x, scanned = jax.lax.scan(lambda h, state: block(block_def, state, h), x, stacked)
+            if experts is not None:  # scan_layers: every layer alike, so every layer sparse
+                stacked = (stacked, jnp.stack(per_layer[:len(split)]))
+                scan_body = lambda h, xs: block(block_def, xs[0], h, recorded=xs[1])  # noqa: E731
+            else:
+                scan_body = lambda h, state: block(block_def, state, h)  # noqa: E731
+            x, scanned = jax.lax.scan(scan_body, x, stacked)
             if scanned is not None:
                 stats.extend(jax.tree.map(lambda a, i=i: a[i], scanned)
                              for i in range(len(split)))
@@ -465,33 +511,49 @@ class Transformer(nnx.Module):
         stats = [st for st in stats if st is not None]
         return x, (jax.tree.map(lambda *xs: jnp.stack(xs), *stats) if stats else None)
 
-    def prefill(self, input_ids, attention_mask, cache_size: int, cache_dtype=None):
+    def prefill(self, input_ids, attention_mask, cache_size: int, cache_dtype=None,
+                with_experts: bool = False):
         """Run a left-padded prompt `[B, P]` and build its KV cache of `cache_size` slots.
 
         Returns `(hidden [B, P, D], cache)`: the prompt sits in slots 0 .. P−1 exactly as laid
-        out in `input_ids` (row b real from slot P − len_b), later slots are zero.
+        out in `input_ids` (row b real from slot P − len_b), later slots are zero. With
+        `with_experts`, also the experts each prompt token was routed to, `[B, P, L_sparse, k]`
+        (int32, in the layout of `input_ids`; None for a dense model).
         """
         x, positions, _, shift, _ = self._aligned_inputs(input_ids, attention_mask, None, None)
-        P = input_ids.shape[1]
+        B, P = input_ids.shape
         dtype = jnp.dtype(cache_dtype or self.cfg.dtype)
-        cache = []
+        cache, chosen = [], []
         for layer in self.layers:
-            x, (k, v), _ = layer(x, positions)
+            x, (k, v), route = layer(x, positions)
             pad = ((0, 0), (0, cache_size - P), (0, 0), (0, 0))
             cache.append(tuple(jnp.pad(attn.roll_rows(t, -shift).astype(dtype), pad)
                                for t in (k, v)))
-        return attn.roll_rows(self.final_norm(x), -shift), tuple(cache)
+            if route is not None:
+                chosen.append(route[1].reshape(B, P, -1))
+        hidden = attn.roll_rows(self.final_norm(x), -shift)
+        if not with_experts:
+            return hidden, tuple(cache)
+        experts = attn.roll_rows(jnp.stack(chosen, axis=2), -shift) if chosen else None
+        return hidden, tuple(cache), experts
 
-    def decode(self, tokens, positions, cache: KVCache, first_slot, slot):
+    def decode(self, tokens, positions, cache: KVCache, first_slot, slot,
+               with_experts: bool = False):
         """One token per row (`tokens, positions [B, 1]`) written at cache slot `slot` (a number,
         or `[B]`: one per row); row b attends to slots `first_slot[b] .. slot[b]`. Returns
-        `(hidden [B, 1, D], cache)`."""
+        `(hidden [B, 1, D], cache)`, and with `with_experts` the experts each row's token was
+        routed to, `[B, L_sparse, k]` (None for a dense model)."""
         x = self._embed(tokens, positions)
-        new_cache = []
+        new_cache, chosen = [], []
         for layer, layer_cache in zip(self.layers, cache):
-            x, layer_cache, _ = layer(x, positions, None, layer_cache, first_slot, slot)
+            x, layer_cache, route = layer(x, positions, None, layer_cache, first_slot, slot)
             new_cache.append(layer_cache)
-        return self.final_norm(x), tuple(new_cache)
+            if route is not None:
+                chosen.append(route[1])
+        if not with_experts:
+            return self.final_norm(x), tuple(new_cache)
+        experts = jnp.stack(chosen, axis=1) if chosen else None
+        return self.final_norm(x), tuple(new_cache), experts
 
     def lm_head_weight(self) -> tuple[jax.Array, bool]:
         """The LM head's matrix (possibly a `jrlhf.quant.QuantizedArray`) and whether it is
@@ -600,22 +662,28 @@ class TokenOutputs(NamedTuple):
     logprobs: jax.Array
     entropy: jax.Array | None
     values: jax.Array | None
+    router: moe.RouterStats | None = None  # a mixture of experts' router sums (`with_router`)
 
 
 def token_outputs(cfg: ModelConfig, params: Params, input_ids, attention_mask, *,
                   last: int | None = None, temperature=1.0,
                   with_entropy: bool = False, with_values: bool = False, positions=None,
-                  segment_ids=None) -> TokenOutputs:
+                  segment_ids=None, with_router: bool = False, experts=None,
+                  replay: bool = True) -> TokenOutputs:
     """What every loss needs from the LM head, without `[B, T, V]` logits.
 
     `input_ids, attention_mask [B, T]`. The predicted tokens are `input_ids[:, -n:]` with
     n = `last` (the response of a prompt + response row), or n = T − 1 (every next token) when
     `last` is None. Logits are divided by `temperature` (a number, or `[B]`: one per row); the
     LM head runs `cfg.logits_chunk_size` positions at a time (`chunked_token_logprobs`).
-    `positions` / `segment_ids` as in `Transformer.__call__` (packed rows).
+    `positions` / `segment_ids` as in `Transformer.__call__` (packed rows). `with_router`: also
+    the sparse layers' `moe.RouterStats` over the real tokens (None for a dense model).
+    `experts [B, T, L_sparse, k]`: the sampler's recorded experts, replayed (`replay`) or
+    compared (`Transformer.__call__`).
     """
     model = bind(cfg, params)
-    hidden = model(input_ids, attention_mask, positions, segment_ids)
+    hidden, router = model(input_ids, attention_mask, positions, segment_ids, with_router=True,
+                           experts=experts, replay=replay)
     n = input_ids.shape[1] - 1 if last is None else last
     hidden = hidden[:, -n - 1:-1]
     logprobs, entropy = None, None
@@ -626,7 +694,7 @@ def token_outputs(cfg: ModelConfig, params: Params, input_ids, attention_mask, *
             temperature=temperature, chunk_size=cfg.logits_chunk_size, with_entropy=with_entropy,
             softcap=cfg.final_softcap)
     values = model.scores(hidden) if with_values else None
-    return TokenOutputs(logprobs, entropy, values)
+    return TokenOutputs(logprobs, entropy, values, router if with_router else None)
 
 
 def forward(cfg: ModelConfig, params: Params, input_ids, attention_mask, *, positions=None,
@@ -647,19 +715,24 @@ def _predicting_last(x, last: int | None):
 
 
 def token_scores(cfg, params, input_ids, attention_mask, *, positions=None, segment_ids=None,
-                 last: int | None = None, read=None):
+                 last: int | None = None, read=None, with_router: bool = False):
     """Per-token scalar head `[B, T]` (a value model's values; `last` as in `forward`), or with
     `read [B, R]` (columns of real tokens) the head at those positions only, `[B, R]`, the last
-    layer's queries run there only (`Transformer.__call__`)."""
+    layer's queries run there only (`Transformer.__call__`). `with_router`: `(scores, router
+    stats)` as in `token_outputs`."""
     if read is not None and last is not None:
         raise ValueError("token_scores takes `last` or `read`, not both")
     model = bind(cfg, params)
-    hidden = model(input_ids, attention_mask, positions, segment_ids, read=read)
-    return model.scores(_predicting_last(hidden, last))
+    hidden, router = model(input_ids, attention_mask, positions, segment_ids, read=read,
+                           with_router=True)
+    scores = model.scores(_predicting_last(hidden, last))
+    return (scores, router) if with_router else scores
 
 
-def reward_scores(cfg, params, input_ids, attention_mask):
+def reward_scores(cfg, params, input_ids, attention_mask, with_router: bool = False):
     """A reward model's scalar `[B]`, read at each row's last real token (the last layer runs
-    there only)."""
+    there only); with `with_router`, `(scores, router stats)`."""
     idx = last_token_index(attention_mask)
-    return token_scores(cfg, params, input_ids, attention_mask, read=idx[:, None])[:, 0]
+    scores, router = token_scores(cfg, params, input_ids, attention_mask, read=idx[:, None],
+                                  with_router=True)
+    return (scores[:, 0], router) if with_router else scores[:, 0]

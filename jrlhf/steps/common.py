@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from jrlhf import lora, sharding
+from jrlhf.models import moe
 from jrlhf.optim import stop_frozen_gradients
 
 
@@ -20,6 +21,22 @@ def forward_params(params, labels=None, lora_scale: float = 0.0):
     if lora_scale:
         params = lora.merge_lora(params, lora_scale)
     return params
+
+
+def router_loss(model_cfg, stats, prefix: str = "moe", scale: float = 1.0):
+    """A mixture of experts' router terms for one forward: `router_aux_loss_coef` × the
+    load-balancing loss + `router_z_loss_coef` × the z-loss (each forward's own, as transformers
+    computes them), and the loss values and expert load as metrics under `prefix/`, both times
+    `scale` (1 / micro-batches where the aux values are summed over micro-batches). `stats`:
+    the forward's `moe.RouterStats` (None for a dense model: no term, no metrics).
+    Returns `(term, metrics)`."""
+    if stats is None:
+        return 0.0, {}
+    balance, z = moe.load_balancing_loss(stats), moe.z_loss(stats)
+    term = model_cfg.router_aux_loss_coef * balance + model_cfg.router_z_loss_coef * z
+    metrics = {"aux_loss": balance, "z_loss": z,
+               **{k.split("/")[1]: v for k, v in moe.load_metrics(stats).items()}}
+    return term * scale, {f"{prefix}/{k}": v * scale for k, v in metrics.items()}
 
 
 PACKED = ("segment_ids", "positions")  # packed rows: which example each token is, its position
@@ -211,12 +228,15 @@ def jit_step(step_fn, state=None, mesh=None):
 
     The jitted step also reports `state/finite` (see `with_state_check`), so the loop never
     keeps or saves a non-finite state. With a mesh, in/out shardings are explicit: the state by
-    `state_shardings`, the batch split over (data, fsdp), metrics replicated. Use `place_state`
-    to put a state on the mesh first.
+    `state_shardings`, the batch split over (data, fsdp, expert), metrics replicated. Use
+    `place_state` to put a state on the mesh first. A mesh with an `expert` axis is the abstract
+    mesh the step is traced under (mixtures of experts run expert-parallel:
+    `jrlhf.models.expert_parallel`).
     """
     step_fn = with_state_check(step_fn)
     if mesh is None:
         return jax.jit(step_fn, donate_argnums=0)
+    step_fn = under_expert_mesh(step_fn, mesh)
     state_sh = state_shardings(state, mesh)
     batch_sh = sharding.batch_sharding(mesh)
     jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh),
@@ -230,6 +250,20 @@ def jit_step(step_fn, state=None, mesh=None):
 
     checked.jitted = jitted
     return checked
+
+
+def under_expert_mesh(fn, mesh):
+    """`fn` traced under `mesh`'s abstract mesh when it has an `expert` axis > 1 (what
+    `jrlhf.models.expert_parallel` reads); `fn` itself otherwise."""
+    if mesh is None or mesh.shape.get("expert", 1) == 1:
+        return fn
+
+    @functools.wraps(fn)
+    def traced_under_mesh(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return traced_under_mesh
 
 
 def place_state(state, mesh):

@@ -31,8 +31,9 @@ from jrlhf.models import transformer as tfm
 from jrlhf.models.config import ModelConfig
 from jrlhf.rl import masked_mean
 from jrlhf.steps.common import (accumulate_gradients, check_batch, check_factory_args,
-                                forward_params, jit_step, minibatch_epochs)
-from jrlhf.steps.rollout import RL_BATCH, RL_OPTIONAL, RL_SINGLE_PASS, sampler_mismatch
+                                forward_params, jit_step, minibatch_epochs, router_loss)
+from jrlhf.steps.rollout import (RL_BATCH, RL_OPTIONAL, RL_SINGLE_PASS, recorded_experts,
+                                 sampler_mismatch)
 
 
 def sequence_advantages(scores, group_size: int, estimator: str, scale: bool = True,
@@ -75,8 +76,10 @@ def grpo_loss(params, mb, counts, *, cfg: GRPOConfig, model_cfg: ModelConfig, la
     N = mb["response_mask"].shape[1]
     fp = forward_params(params, labels, lora_scale)
     own = "logprobs" not in mb
+    experts, replay = recorded_experts(mb)
     out = tfm.token_outputs(model_cfg, fp, mb["input_ids"], mb["attention_mask"], last=N,
-                            temperature=mb["temperature"], with_entropy=own)
+                            temperature=mb["temperature"], with_entropy=own,
+                            with_router=model_cfg.is_moe, experts=experts, replay=replay)
     logprobs, weights, measured = out.logprobs, mb.get("tis_weights"), {}
     if own:
         old = jax.lax.stop_gradient(logprobs)
@@ -92,6 +95,9 @@ def grpo_loss(params, mb, counts, *, cfg: GRPOConfig, model_cfg: ModelConfig, la
         ratio_level=cfg.importance_ratio, aggregation=cfg.loss_aggregation, counts=counts,
         token_weights=weights)
     m = dict(m, **measured)
+    # Its mean over micro-batches, like extra_loss's (the metrics are averaged by the caller).
+    term, router = router_loss(model_cfg, out.router, "moe")
+    loss, m = loss + term / cfg.grad_accum_steps, dict(m, **router)
     if extra_loss is not None:
         term, extra = extra_loss(params, mb, logprobs)
         loss = loss + term / cfg.grad_accum_steps
@@ -164,7 +170,8 @@ def grpo_step(state, batch, *, cfg: GRPOConfig, model_cfg: ModelConfig, labels=N
             raise ValueError(f"advantage_fn returned shape {advantages.shape}; the GRPO "
                              f"family's advantages are one per row, ({B},)")
     data = {k: batch[k] for k in ("input_ids", "attention_mask", "response_mask",
-                                  "temperature", "logprobs", "ref_logprobs") if k in batch}
+                                  "temperature", "logprobs", "ref_logprobs", "experts",
+                                  "sampler_experts") if k in batch}
     data["advantages"] = advantages
     if own:  # measured in the update's forward (grpo_loss's sampler_mismatch)
         mismatch = {}

@@ -16,8 +16,9 @@ from jrlhf import losses, rl
 from jrlhf.config import PPOConfig
 from jrlhf.models.config import ModelConfig
 from jrlhf.steps.common import (check_batch, check_factory_args, jit_step, minibatch_epochs,
-                                value_and_grad)
-from jrlhf.steps.rollout import RL_BATCH, RL_OPTIONAL, policy_outputs, sampler_mismatch
+                                router_loss, value_and_grad)
+from jrlhf.steps.rollout import (RL_BATCH, RL_OPTIONAL, policy_outputs, recorded_experts,
+                                 sampler_mismatch)
 
 
 def rollout_scores(moments: rl.RunningMoments, scores, cfg: PPOConfig):
@@ -50,13 +51,20 @@ def rollout_advantages(batch, kl_coef, cfg: PPOConfig, advantage_fn=None):
     return kl, rewards, advantages, returns
 
 
-def ppo_loss(params, mb, *, cfg: PPOConfig, forward, extra_loss=None):
-    """Clipped policy loss + vf_coef · clipped value loss − entropy_coef · entropy, plus
+def ppo_loss(params, mb, *, cfg: PPOConfig, forward, model_cfgs=(None, None), extra_loss=None):
+    """Clipped policy loss + vf_coef · clipped value loss − entropy_coef · entropy (+ mixtures
+    of experts' router terms, `router_loss`, of `model_cfgs = (policy, value model)`), plus
     `extra_loss(params, mb, logprobs) -> (term, metrics)` when given."""
     mask = mb["response_mask"]
-    logprobs, entropy, values = forward(params, mb["input_ids"], mb["attention_mask"],
-                                        mask.shape[1], temperature=mb["temperature"],
-                                        with_entropy=True)
+    routed = any(c is not None and c.is_moe for c in model_cfgs)
+    experts, replay = recorded_experts(mb)
+    options = {"with_router": True} if routed else {}
+    if experts is not None:
+        options.update(experts=experts, replay=replay)
+    outputs = forward(params, mb["input_ids"], mb["attention_mask"], mask.shape[1],
+                      temperature=mb["temperature"], with_entropy=True, **options)
+    logprobs, entropy, values = outputs[:3]
+    routers = outputs[3] if routed else (None, None)
     pg_loss, pg_metrics = losses.ppo_policy_loss(logprobs, mb["logprobs"], mb["advantages"], mask,
                                                  cfg.clip_eps, cfg.loss_aggregation,
                                                  token_weights=mb.get("tis_weights"))
@@ -70,6 +78,10 @@ def ppo_loss(params, mb, *, cfg: PPOConfig, forward, extra_loss=None):
         "ppo/clipfrac_high": pg_metrics["clipfrac_high"], "ppo/approx_kl": pg_metrics["approx_kl"],
         "ppo/entropy": entropy, "value/clipfrac": vf_metrics["clipfrac"],
     }
+    for model_cfg, stats, prefix in zip(model_cfgs, routers, ("ppo/moe", "value/moe")):
+        term, router = router_loss(model_cfg, stats, prefix)
+        loss = loss + term
+        metrics.update(router, **{"ppo/loss": loss})
     if extra_loss is not None:
         term, extra = extra_loss(params, mb, logprobs)
         loss = loss + term
@@ -117,6 +129,7 @@ def ppo_step(state, batch, *, cfg: PPOConfig, policy_cfg: ModelConfig,
     forward = functools.partial(policy_outputs, policy_cfg=policy_cfg, value_cfg=value_cfg,
                                 labels=labels, lora_scale=lora_scale)
     grad_fn = value_and_grad(functools.partial(ppo_loss, cfg=cfg, forward=forward,
+                                               model_cfgs=(policy_cfg, value_cfg),
                                                extra_loss=extra_loss), has_aux=True)
     state, metrics = minibatch_epochs(state, data, grad_fn, epochs=cfg.epochs,
                                       num_minibatches=num_minibatches,

@@ -21,6 +21,7 @@ The logits / value predicting response token t sit at column P - 1 + t.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from jrlhf import lora, losses, rl
@@ -32,17 +33,31 @@ from jrlhf.steps.common import forward_params
 
 RL_BATCH = ("input_ids", "attention_mask", "response_mask", "temperature", "logprobs",
             "ref_logprobs", "scores")
-RL_OPTIONAL = ("sampler_logprobs", "entropy")
+# `experts` / `sampler_experts` [B, T, L_sparse, k]: a mixture of experts' sampled routing,
+# replayed / only compared in the trainer's policy forwards (`rollout.routing_replay`).
+RL_OPTIONAL = ("sampler_logprobs", "entropy", "experts", "sampler_experts")
+
+
+def recorded_experts(batch) -> tuple[jax.Array | None, bool]:
+    """`(experts, replay)` of a rollout (mini)batch: the sampler's recorded experts and whether
+    they are replayed (key `experts`) or only compared (`sampler_experts`)."""
+    if "experts" in batch:
+        return batch["experts"], True
+    return batch.get("sampler_experts"), False
 # A single-pass update's batch: no policy log-probs, the update's own forward gives them.
 RL_SINGLE_PASS = tuple(k for k in RL_BATCH if k != "logprobs")
 
 
 def policy_outputs(params, input_ids, attention_mask, num_response: int, *,
                    policy_cfg: ModelConfig, value_cfg: ModelConfig | None, temperature,
-                   labels=None, lora_scale: float = 0.0, with_entropy: bool = False):
+                   labels=None, lora_scale: float = 0.0, with_entropy: bool = False,
+                   with_router: bool = False, experts=None, replay: bool = True):
     """`(logprobs [B, N], entropy [B, N] | None, values [B, N])` of the response (the last N
     tokens of `input_ids`) under logits / temperature (a number or `[B]`), without
-    materialising the logits.
+    materialising the logits. `with_router`: a fourth item, the `(policy, value model)` router
+    stats of mixtures of experts (`transformer.token_outputs`; None for a dense model).
+    `experts`, `replay`: the sampler's recorded experts of the policy's rows
+    (`recorded_experts`).
 
     `params` is `{"policy": ...}` (value head on the policy's backbone, or no critic at all when
     `policy_cfg.scalar_head` is False: values are then zeros) or `{"policy": ..., "value": ...}`
@@ -52,14 +67,20 @@ def policy_outputs(params, input_ids, attention_mask, num_response: int, *,
     shared = value_cfg is None and policy_cfg.scalar_head
     out = tfm.token_outputs(policy_cfg, fp["policy"], input_ids, attention_mask,
                             last=num_response, temperature=temperature,
-                            with_entropy=with_entropy, with_values=shared)
+                            with_entropy=with_entropy, with_values=shared,
+                            with_router=with_router and policy_cfg.is_moe, experts=experts,
+                            replay=replay)
+    value_router = None
     if shared:
         values = out.values
     elif value_cfg is None:
         values = jnp.zeros(out.logprobs.shape, jnp.float32)
     else:
-        values = tfm.token_scores(value_cfg, fp["value"], input_ids, attention_mask,
-                                  last=num_response)
+        values, value_router = tfm.token_scores(value_cfg, fp["value"], input_ids,
+                                                attention_mask, last=num_response,
+                                                with_router=True)
+    if with_router:
+        return out.logprobs, out.entropy, values, (out.router, value_router)
     return out.logprobs, out.entropy, values
 
 
@@ -98,7 +119,8 @@ def score_rollout(params, ref_params, reward_params, prompt_ids, prompt_mask,
                   response: Generation, *, policy_cfg: ModelConfig,
                   value_cfg: ModelConfig | None, reward_fn, missing_eos_penalty: float = 0.0,
                   lora_scale: float = 0.0, eos_token_id: int | None = None,
-                  with_entropy: bool = False, with_policy: bool = True):
+                  with_entropy: bool = False, with_policy: bool = True,
+                  replay_experts: bool = True):
     """The experience phase: one function giving `ppo_step`'s (or `grpo_step`'s) rollout batch.
 
     `prompt_ids, prompt_mask [B, P]` (left-padded) and `response`, the `sampling.Generation`
@@ -118,6 +140,9 @@ def score_rollout(params, ref_params, reward_params, prompt_ids, prompt_mask,
     `with_policy=False`: no policy forward at all (no `logprobs`, `values` or `entropy`): for
     an update that makes a single pass with the pre-update weights and takes them from its own
     forward (`steps.grpo.single_pass`), so the rollout's tokens go through the policy once.
+    A mixture of experts' `response.experts` (recorded by the sampler) are replayed in the
+    policy's forwards (`replay_experts`; batch key `experts`) or only compared (key
+    `sampler_experts`); the reference scores with its own routing.
 
     Returns `(batch, scores)`; `batch["scores"]` is filled by the caller (after optional
     normalisation), the raw `scores [B]` are returned for metrics.
@@ -127,10 +152,12 @@ def score_rollout(params, ref_params, reward_params, prompt_ids, prompt_mask,
     N = response_ids.shape[1]
     ids = jnp.concatenate([prompt_ids, response_ids], axis=1)
     mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
+    experts, replay = response.experts, replay_experts
     if with_policy:
         logprobs, entropy, values = policy_outputs(
             params, ids, mask, N, policy_cfg=policy_cfg, value_cfg=value_cfg,
-            temperature=temperature, lora_scale=lora_scale, with_entropy=with_entropy)
+            temperature=temperature, lora_scale=lora_scale, with_entropy=with_entropy,
+            experts=experts, replay=replay)
     if ref_params is None:
         ref_params = lora.base_params(params["policy"])
     # The reference's LM head alone is read: with or without a (shared) value head.
@@ -150,4 +177,6 @@ def score_rollout(params, ref_params, reward_params, prompt_ids, prompt_mask,
         batch.update(logprobs=logprobs * m, values=values * m)
     if with_policy and with_entropy:
         batch["entropy"] = entropy * m
+    if experts is not None:
+        batch["experts" if replay else "sampler_experts"] = experts
     return batch, scores
