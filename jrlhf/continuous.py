@@ -49,13 +49,14 @@ _STATIC = ("cfg", "max_new_tokens", "slots", "temperature", "top_k", "top_p", "e
            "pad_token_id", "num_samples", "cache_dtype", "batch_sharding")
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "record_experts"))
 def generate_continuous(cfg: ModelConfig, params, prompt_ids, prompt_mask, rng, *,
                         max_new_tokens: int, slots: int, temperature: float = 1.0,
                         top_k: int = 0, top_p: float = 1.0, eos_token_id: int | None = None,
                         pad_token_id: int = 0, num_samples: int = 1,
                         cache_dtype: str | None = None, budgets=None,
-                        batch_sharding=None, first_sequence=0) -> Generation:
+                        batch_sharding=None, first_sequence=0,
+                        record_experts: bool = False) -> Generation:
     """`sampling.generate`'s output (same fields, rows in prompt order: the K samples of prompt
     b at rows bK .. bK+K−1) from `slots` decode slots refilled as rows end.
 
@@ -65,12 +66,15 @@ def generate_continuous(cfg: ModelConfig, params, prompt_ids, prompt_mask, rng, 
     split that way (`jrlhf.sharding.batch_sharding`; S a multiple of the batch devices).
     `first_sequence`: the global index of row 0 (sequence q is keyed `first_sequence + q`), so
     a host sampling rows lo.. of a larger batch draws what the whole batch's call draws there.
+    `record_experts`: a mixture of experts' routing of every prompt and response token, as
+    `generate` records it (`Generation.experts`).
     """
     generation, _ = _decode_slots(
         cfg, params, prompt_ids, prompt_mask, rng, max_new_tokens=max_new_tokens, slots=slots,
         temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
         pad_token_id=pad_token_id, num_samples=num_samples, cache_dtype=cache_dtype,
-        budgets=budgets, batch_sharding=batch_sharding, first_sequence=first_sequence)
+        budgets=budgets, batch_sharding=batch_sharding, first_sequence=first_sequence,
+        record_experts=record_experts)
     return generation
 
 
@@ -107,7 +111,7 @@ def generate_partial(cfg: ModelConfig, params, prompt_ids, prompt_mask, rng,
 def _decode_slots(cfg, params, prompt_ids, prompt_mask, rng, *, max_new_tokens, slots,
                   temperature, top_k, top_p, eos_token_id, pad_token_id, num_samples,
                   cache_dtype, budgets, batch_sharding, resumed=None, group_real=None,
-                  target_groups=None, first_sequence=0):
+                  target_groups=None, first_sequence=0, record_experts=False):
     """The slots' `lax.while_loop` behind `generate_continuous` and `generate_partial`."""
     G, P = prompt_ids.shape
     N, S, K = max_new_tokens, slots, num_samples
@@ -117,7 +121,12 @@ def _decode_slots(cfg, params, prompt_ids, prompt_mask, rng, *, max_new_tokens, 
                          f"({G} prompts × {K} samples)")
     cfg, params = without_scalar_head(cfg, params)
     model = tfm.bind(cfg, compute_dtype_params(params, cfg.dtype))
-    hidden, store = model.prefill(prompt_ids, prompt_mask, P, cache_dtype)
+    record = record_experts and cfg.is_moe
+    if record and resumed is not None:
+        raise ValueError("routing replay does not record experts across partial rollouts' "
+                         "calls; use rollout.max_staleness=0")
+    hidden, store, *prompt_experts = model.prefill(prompt_ids, prompt_mask, P, cache_dtype,
+                                                   with_experts=record)
     first_logits = model.logits(hidden[:, -1])
     lengths = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)
     budgets = row_budgets(budgets, Q, K, N)
@@ -139,6 +148,9 @@ def _decode_slots(cfg, params, prompt_ids, prompt_mask, rng, *, max_new_tokens, 
         seq, t = jnp.full((S,), Q, jnp.int32), jnp.zeros((S,), jnp.int32)
         outputs = (jnp.full((Q + 1, N), pad_token_id, prompt_ids.dtype),
                    jnp.zeros((Q + 1, N), jnp.int32), jnp.zeros((Q + 1, N), jnp.float32))
+        if record:  # each response token's experts, written when the token is fed back
+            outputs += (jnp.zeros((Q + 1, N, len(cfg.sparse_layers), cfg.experts_per_token),
+                                  jnp.int32),)
         finished = jnp.zeros((Q + 1,), bool)
         group_real, target_groups = jnp.ones((G,), bool), G
     else:
@@ -216,7 +228,7 @@ def _decode_slots(cfg, params, prompt_ids, prompt_mask, rng, *, max_new_tokens, 
         token, logprob = jax.vmap(
             lambda key, row: _sample(key, row[None], temperature, top_k, top_p))(keys, logits)
         token = jnp.where(live, token[:, 0], pad_token_id).astype(prompt_ids.dtype)
-        tokens, mask, logprobs = outputs
+        tokens, mask, logprobs, *experts = outputs
         row = jnp.where(live, seq, Q)  # idle slots write to a discarded row
         col = jnp.minimum(t, N - 1)
         tokens = tokens.at[row, col].set(token)
@@ -229,14 +241,21 @@ def _decode_slots(cfg, params, prompt_ids, prompt_mask, rng, *, max_new_tokens, 
         finished = finished.at[jnp.where(ending, seq, Q)].set(True)
         group_left = group_left.at[jnp.where(ending, seq // K, G)].add(-1)
         prompt = queued // K
-        hidden, cache = model.decode(token[:, None], (lengths[prompt] + col)[:, None], cache,
-                                     P - lengths[prompt], P + col)
+        hidden, cache, *chosen = model.decode(token[:, None], (lengths[prompt] + col)[:, None],
+                                              cache, P - lengths[prompt], P + col,
+                                              with_experts=record)
+        if record:
+            experts = [experts[0].at[row, col].set(chosen[0])]
         slot_state = (slots_split(cache), slots_split(model.logits(hidden[:, 0])), seq, t + live,
                       active & ~ended, head)
-        return slot_state, (tokens, mask, logprobs), finished, group_left, steps + 1
+        return slot_state, (tokens, mask, logprobs, *experts), finished, group_left, steps + 1
 
     slot_state = (slots_split(cache), slots_split(logits), seq, t, seq < Q, started)
-    _, (tokens, mask, logprobs), finished, _, steps = jax.lax.while_loop(
+    _, (tokens, mask, logprobs, *experts), finished, _, steps = jax.lax.while_loop(
         cond, body, (slot_state, outputs, finished, group_left, jnp.int32(0)))
+    if record:  # the prompt's experts (one prefill per prompt) before the response's
+        experts = jnp.concatenate([jnp.repeat(prompt_experts[0], K, axis=0), experts[0][:Q]],
+                                  axis=1)
     return (Generation(tokens[:Q], mask[:Q], logprobs[:Q], steps,
-                       jnp.full((Q,), temperature or 1.0, jnp.float32)), finished[:Q])
+                       jnp.full((Q,), temperature or 1.0, jnp.float32),
+                       experts if record else None), finished[:Q])

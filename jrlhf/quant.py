@@ -44,6 +44,7 @@ GROUP_SIZE = 64  # 4-bit: one scale per 64 values along the contraction axis (QL
 QUANTIZED_RULES: tuple[tuple[str, str], ...] = (
     (r"(.*/)?score/kernel", "keep"),
     (r".*/lora_[ab]", "keep"),
+    (r".*_lora_[ab]", "keep"),
     (r"(.*/)?kernel", "kernel"),
     (r"(.*/)?(pos_)?embed/embedding", "table"),
     (r".*", "keep"),

@@ -77,7 +77,8 @@ def with_rollout_settings(sampler, cfg: ModelConfig, rollout: RolloutConfig, eos
         cfg = dataclasses.replace(cfg, dtype=rollout.dtype)
     # The static sampler records a mixture of experts' routing when it is replayed or compared.
     record = {"record_experts": True} if (
-        sampler is generate and rollout.routing_replay != "off" and cfg.is_moe) else {}
+        sampler in (generate, generate_continuous) and rollout.routing_replay != "off"
+        and cfg.is_moe) else {}
     return functools.partial(
         sampler, cfg, max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
         top_k=rollout.top_k, top_p=rollout.top_p, eos_token_id=eos_token_id,
@@ -227,11 +228,12 @@ class RolloutLoop:
         def per_device(params, ids, mask, key, budgets):
             first = jax.lax.axis_index(sharding.BATCH_AXES) * ids.shape[0] * K
             gen = decode(params, ids, mask, key, budgets=budgets, first_sequence=first)
-            return gen.tokens, gen.mask, gen.logprobs, gen.temperature, gen.steps[None]
+            return (gen.tokens, gen.mask, gen.logprobs, gen.temperature, gen.steps[None],
+                    gen.experts)
 
         decode_rows = jax.jit(jax.shard_map(
             per_device, mesh=mesh, in_specs=(P(), split, split, P(), split),
-            out_specs=(split,) * 5, check_vma=False))
+            out_specs=(split,) * 6, check_vma=False))
 
         def sample(params, prompt_ids, prompt_mask, key, budgets):
             if prompt_ids.shape[0] % devices:
@@ -239,10 +241,10 @@ class RolloutLoop:
                                  f"iteration do not split over the {devices} batch devices "
                                  f"(each device samples whole groups)")
             whole = sharding.put(params, sharding.replicated(mesh))
-            tokens, mask, logprobs, temperature, steps = decode_rows(
+            tokens, mask, logprobs, temperature, steps, experts = decode_rows(
                 whole, *sharding.put((prompt_ids, prompt_mask), rows), key,
                 sharding.put(budgets, rows))
-            return Generation(tokens, mask, logprobs, jnp.max(steps), temperature)
+            return Generation(tokens, mask, logprobs, jnp.max(steps), temperature, experts)
 
         self.decode_rows = decode_rows  # for inspection (tests count its collectives)
         return sample

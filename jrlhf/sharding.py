@@ -52,6 +52,8 @@ PARAM_RULES: tuple[tuple[str, P], ...] = (
     (rf".*mlp/shared/down_proj/kernel{_Q}", P("tensor", "fsdp")),
     (rf"(.*/)?lm_head/kernel{_Q}", P("fsdp", "tensor")),
     (r"(.*/)?score/kernel", P("fsdp", None)),
+    (r".*/experts/\w+_lora_a", P("expert", "fsdp", None)),
+    (r".*/experts/\w+_lora_b", P("expert", None, "tensor")),
     (r".*/lora_a", P("fsdp", None)),
     (r".*/lora_b", P(None, "tensor")),
     (r".*", P()),

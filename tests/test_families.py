@@ -142,6 +142,9 @@ PIPELINE_FAMILIES = {
     "qwen3": dict(tie_word_embeddings=False),
     "gemma3_text": dict(sliding_window=8, sliding_window_pattern=2, query_pre_attn_scalar=16,
                         rope_local_base_freq=100.0, tie_word_embeddings=True),
+    # A mixture of experts: a sparse and a dense layer, 2 of 4 experts per token.
+    "qwen3_moe": dict(tie_word_embeddings=False, num_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=32, mlp_only_layers=[1], norm_topk_prob=True),
 }
 
 
@@ -149,8 +152,8 @@ PIPELINE_FAMILIES = {
 @pytest.mark.parametrize("model_type", sorted(PIPELINE_FAMILIES))
 def test_pipeline_runs_on_a_saved_family_folder(model_type, tmp_path):
     """`jrlhf pipeline --set model.source=<folder>` end to end (SFT, reward model, PPO, export)
-    on a tiny Qwen3 and a tiny Gemma 3 saved by transformers; the exported policy reloads in
-    transformers with our logits."""
+    on a tiny Qwen3, Gemma 3 and Qwen3-MoE saved by transformers; the exported policy reloads
+    in transformers with our logits."""
     from jrlhf.cli import main
     from test_run import TINY
 

@@ -259,3 +259,63 @@ def test_grpo_rollout_and_update_replay_the_sampled_routing(mode):
     _, metrics = make_grpo_step(cfg, GRPOConfig(group_size=K), labels=labels)(state, batch)
     np.testing.assert_allclose(float(metrics["mismatch/gap_max"]), gap, rtol=1e-4, atol=1e-7)
     assert float(metrics["grpo/moe/routing_differs"]) > 0
+
+
+def test_lora_adapts_the_router_and_each_expert():
+    """LoRA targets can address a router (a 2-D kernel) and the stacked experts (one adapter
+    per expert, `gate_proj_lora_a [E, D, r]`): training moves only the adapters, the merged
+    stack is W_e + scale · A_e·B_e for every expert, and the base stays the reference."""
+    from jrlhf import lora
+    from jrlhf.config import LoRAConfig
+
+    cfg = qwen3_moe_cfg()
+    base = models.init_params(cfg, 0)
+    lcfg = LoRAConfig(rank=4, alpha=8.0, targets=(r".*mlp/router/kernel",
+                                                  r".*mlp/experts/(gate_proj|down_proj)"))
+    params = lora.add_lora(base, lcfg, jax.random.key(1))
+    experts = params["layers"][0]["mlp"]["experts"]
+    assert experts["gate_proj_lora_a"].shape == (cfg.num_experts, cfg.hidden_size, 4)
+    assert experts["down_proj_lora_b"].shape == (cfg.num_experts, 4, cfg.hidden_size)
+    assert "up_proj_lora_a" not in experts
+    state, labels = make_state(params, train_only=lora.LORA_TRAINABLE)
+    batch = jax.tree.map(np.asarray, sft_batch(vocab=cfg.vocab_size))
+    new, _ = make_sft_step(cfg, labels=labels, lora_scale=lcfg.scale)(state, batch)
+    for path, value in _flat(new.params).items():
+        moved = np.abs(np.asarray(value) - np.asarray(_flat(params)[path])).max() > 0
+        assert moved == ("lora_b" in path), path  # B starts at 0, so A's gradient is 0 at step 1
+    merged = lora.merge_lora(new.params, lcfg.scale)
+    trained = new.params["layers"][2]["mlp"]["experts"]
+    for e in range(cfg.num_experts):
+        want = (np.asarray(trained["gate_proj"][e]) + lcfg.scale * np.asarray(
+            trained["gate_proj_lora_a"][e]) @ np.asarray(trained["gate_proj_lora_b"][e]))
+        np.testing.assert_allclose(merged["layers"][2]["mlp"]["experts"]["gate_proj"][e], want,
+                                   atol=1e-6)
+    assert _flat(lora.base_params(new.params)).keys() == _flat(base).keys()
+
+
+def test_continuous_slots_record_the_static_samplers_experts():
+    """Greedy decoding through 3 continuous-batching slots records, row for row, the tokens and
+    the experts of every prompt and response token that the static sampler records."""
+    from jrlhf.continuous import generate_continuous
+    from jrlhf.sampling import generate
+
+    cfg = qwen3_moe_cfg(vocab_size=97)
+    params = models.init_params(cfg, 4)
+    rng = np.random.RandomState(1)
+    ids = rng.randint(3, cfg.vocab_size, (4, 6)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[2, :3] = 0
+    ids = np.where(mask > 0, ids, 0)
+    options = dict(max_new_tokens=7, temperature=0.0, pad_token_id=0, num_samples=2,
+                   record_experts=True)
+    static = generate(cfg, params, ids, mask, jax.random.key(0), **options)
+    slots = generate_continuous(cfg, params, ids, mask, jax.random.key(0), slots=3,
+                                budgets=np.array([7, 3, 5, 7]), **options)
+    lengths = np.asarray(slots.mask).sum(1)
+    np.testing.assert_array_equal(np.asarray(slots.tokens)[np.asarray(slots.mask) > 0],
+                                  np.asarray(static.tokens)[np.asarray(slots.mask) > 0])
+    P = ids.shape[1]
+    for row in range(8):  # prompt (real part) and every generated token's experts
+        real = slice(P - int(mask[row // 2].sum()), P + int(lengths[row]))
+        np.testing.assert_array_equal(np.asarray(slots.experts)[row, real],
+                                      np.asarray(static.experts)[row, real], err_msg=str(row))
