@@ -100,7 +100,7 @@ def default_mesh(config: Config):
     """The configured mesh, or None for 1x1x1 (plain jit on the default device). With several
     processes (a pod) 1x1x1 means data parallel over every device of every process: a host
     never trains alone."""
-    if config.mesh.shape == (1, 1, 1):
+    if config.mesh.size == 1:
         if jax.process_count() == 1:
             return None
         return sharding.make_mesh(dataclasses.replace(config.mesh, data=jax.device_count()))

@@ -169,7 +169,8 @@ def test_jrlhf_plan_needs_no_devices_under_jax_platforms_cpu():
         capture_output=True, timeout=600, env={**env, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
-    assert result["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1} and result["step"] == "dpo"
+    assert result["mesh"] == {"data": 2, "fsdp": 4, "expert": 1, "tensor": 1} and \
+        result["step"] == "dpo"
 
 
 def test_every_command_option_has_help():

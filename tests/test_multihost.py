@@ -193,18 +193,19 @@ def write_rankings(path: Path, n: int = 16) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", ["dpo", "grpo"])
-def test_dpo_and_grpo_on_two_processes_equal_one(tmp_path, command):
-    """`jrlhf dpo` / `jrlhf grpo` on their tiny configs, with the default mesh and with an fsdp
-    mesh: 2 processes == 1 process (exports, metrics rows each once). GRPO's host reward on
-    process 1 is slow: the straggler shows in hosts/slowest and hosts/lag."""
+@pytest.mark.parametrize("command, meshes", [("dpo", "fsdp"), ("grpo", "default")])
+def test_dpo_and_grpo_on_two_processes_equal_one(tmp_path, command, meshes):
+    """`jrlhf dpo` with an fsdp mesh, `jrlhf grpo` with the default (data-parallel) mesh: 2
+    processes == 1 process (exports, metrics rows each once); the pipeline test covers both
+    meshes with SFT, reward and PPO. GRPO's host reward on process 1 is slow: the straggler
+    shows in hosts/slowest and hosts/lag."""
     config = str(ROOT / "configs" / f"{command}_tiny.py")
     extra = ["--set", f"data.rankings_path={write_rankings(tmp_path / 'r.jsonl')}"]
     env = {}
     if command == "grpo":
         extra = ["--set", "reward.functions=annotator,tests.multihost_rewards:slow_on_process_1"]
         env = {"JRLHF_TEST_SLOW_SECONDS": "0.5"}
-    for mesh in ([], ["--set", "mesh.fsdp=4"]):
+    for mesh in {"default": [[]], "fsdp": [["--set", "mesh.fsdp=4"]]}[meshes]:
         label = "fsdp" if mesh else "default"
         args = [command, "--config", config, *extra]
         if command == "grpo":
