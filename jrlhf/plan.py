@@ -81,7 +81,7 @@ def flash_attention(cfg: ModelConfig, device: str) -> bool:
     """Whether `cfg`'s attention runs as cuDNN flash attention on the named `device` kind."""
     gpu = any(name in device.lower() for name in ("h100", "h200", "a100"))
     return resolve_implementation(cfg.attention, cfg.dtype, cfg.head_dim,
-                                  on="gpu" if gpu else "tpu",
+                                  on="gpu" if gpu else "tpu", softcap=cfg.attn_softcap,
                                   sinks=cfg.attention_sinks) == "cudnn"
 
 
