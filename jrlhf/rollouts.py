@@ -75,7 +75,8 @@ def with_rollout_settings(sampler, cfg: ModelConfig, rollout: RolloutConfig, eos
     every sampler of the rollout code reads them from."""
     if rollout.dtype:
         cfg = dataclasses.replace(cfg, dtype=rollout.dtype)
-    # The static sampler records a mixture of experts' routing when it is replayed or compared.
+    # The static sampler and the slots record a mixture of experts' routing when it is replayed
+    # or compared (partial rollouts refuse it: `RolloutConfig`).
     record = {"record_experts": True} if (
         sampler in (generate, generate_continuous) and rollout.routing_replay != "off"
         and cfg.is_moe) else {}

@@ -420,18 +420,17 @@ class Transformer(nnx.Module):
         """
         x, positions, segment_ids, shift, real = self._aligned_inputs(
             input_ids, attention_mask, positions, segment_ids)
-        if experts is not None and shift is not None:
-            experts = attn.roll_rows(experts, shift)
-        if read is not None:
-            if shift is not None:  # the columns of the left-aligned rows
+        if shift is not None:  # experts and read columns as the left-aligned rows have them
+            if experts is not None:
+                experts = attn.roll_rows(experts, shift)
+            if read is not None:
                 read = (read - shift[:, None]) % input_ids.shape[1]
-            x, stats = self._layers_without_cache(x, positions, segment_ids, real, read)
-            hidden = self.final_norm(x)
-        else:
-            x, stats = self._layers_without_cache(x, positions, segment_ids, real,
-                                                  experts=experts, replay=replay)
-            hidden = self.final_norm(x)
-            hidden = hidden if shift is None else attn.roll_rows(hidden, -shift)
+        x, stats = self._layers_without_cache(  # a read (reward model) routes itself
+            x, positions, segment_ids, real, read, experts=None if read is not None else experts,
+            replay=replay)
+        hidden = self.final_norm(x)
+        if read is None and shift is not None:
+            hidden = attn.roll_rows(hidden, -shift)
         return (hidden, stats) if with_router else hidden
 
     def _aligned_inputs(self, input_ids, attention_mask, positions, segment_ids):

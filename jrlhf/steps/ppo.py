@@ -81,7 +81,8 @@ def ppo_loss(params, mb, *, cfg: PPOConfig, forward, model_cfgs=(None, None), ex
     for model_cfg, stats, prefix in zip(model_cfgs, routers, ("ppo/moe", "value/moe")):
         term, router = router_loss(model_cfg, stats, prefix)
         loss = loss + term
-        metrics.update(router, **{"ppo/loss": loss})
+        metrics.update(router)
+    metrics["ppo/loss"] = loss
     if extra_loss is not None:
         term, extra = extra_loss(params, mb, logprobs)
         loss = loss + term

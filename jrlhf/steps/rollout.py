@@ -37,6 +37,9 @@ RL_BATCH = ("input_ids", "attention_mask", "response_mask", "temperature", "logp
 # replayed / only compared in the trainer's policy forwards (`rollout.routing_replay`).
 RL_OPTIONAL = ("sampler_logprobs", "entropy", "experts", "sampler_experts")
 
+# A single-pass update's batch: no policy log-probs, the update's own forward gives them.
+RL_SINGLE_PASS = tuple(k for k in RL_BATCH if k != "logprobs")
+
 
 def recorded_experts(batch) -> tuple[jax.Array | None, bool]:
     """`(experts, replay)` of a rollout (mini)batch: the sampler's recorded experts and whether
@@ -44,8 +47,6 @@ def recorded_experts(batch) -> tuple[jax.Array | None, bool]:
     if "experts" in batch:
         return batch["experts"], True
     return batch.get("sampler_experts"), False
-# A single-pass update's batch: no policy log-probs, the update's own forward gives them.
-RL_SINGLE_PASS = tuple(k for k in RL_BATCH if k != "logprobs")
 
 
 def policy_outputs(params, input_ids, attention_mask, num_response: int, *,

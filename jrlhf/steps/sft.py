@@ -37,7 +37,7 @@ def sft_step(state, batch, *, model_cfg: ModelConfig, labels=None, lora_scale: f
     Token-weighted: every response token of the whole batch has the same weight, however the
     tokens fall into micro-batches. Metrics: `sft/loss` (mean NLL per response token, plus a
     mixture of experts' router terms), `sft/tokens`, `sft/grad_norm`; for a mixture of experts
-    `sft/aux_loss`, `sft/z_loss` and the expert load (`router_loss`).
+    `sft/moe/aux_loss`, `sft/moe/z_loss` and the expert load (`router_loss`).
     """
     check_batch(batch, "sft_step", (("input_ids", "attention_mask", "loss_mask"), PACKED))
     mask = batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]
