@@ -56,8 +56,9 @@ def _rl_arrays(rl: RLState) -> dict:
     if rl.kl_coef is not None:
         arrays["kl_coef"] = rl.kl_coef
     if rl.pool is not None:  # partial rollouts: the groups carried to the next iteration
-        arrays["pool"] = {f.name: getattr(rl.pool, f.name)
-                          for f in dataclasses.fields(rl.pool)}
+        # (a field the pool does not carry, e.g. experts without routing replay, is left out)
+        arrays["pool"] = {f.name: getattr(rl.pool, f.name) for f in dataclasses.fields(rl.pool)
+                          if getattr(rl.pool, f.name) is not None}
     return arrays
 
 

@@ -267,7 +267,9 @@ class RolloutConfig:
     host_local: bool = False
     # Mixtures of experts: record the experts the sampler routed each token to and replay them
     # in the trainer's forwards ("on": routing replay, R3), only compare them ("measure": the
-    # metric moe/routing_differs), or neither ("off"). Not with partial rollouts yet.
+    # metric moe/routing_differs), or neither ("off"). With partial rollouts a token's experts
+    # are recorded by the version that samples it and carried in the pool; a resumed row's
+    # prefill replays them.
     routing_replay: str = "off"
 
     def __post_init__(self):
@@ -278,9 +280,6 @@ class RolloutConfig:
         if self.routing_replay not in ("off", "measure", "on"):
             raise ValueError(f"rollout.routing_replay must be off, measure or on, got "
                              f"{self.routing_replay!r}")
-        if self.routing_replay != "off" and self.max_staleness:
-            raise ValueError("rollout.routing_replay does not carry recorded experts across "
-                             "partial rollouts' policy versions yet; use rollout.max_staleness=0")
         if self.host_local and not self.slots:
             raise ValueError("rollout.host_local needs continuous batching (its sampling is "
                              "keyed per sequence, so a host's rows do not depend on the split): "

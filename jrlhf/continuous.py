@@ -43,6 +43,9 @@ class Resumption(NamedTuple):
     logprobs: jax.Array  # [Q, N] their sampler log-probs (0 after)
     lengths: jax.Array  # [Q] int32: tokens generated so far
     finished: jax.Array  # [Q] bool: ended (EOS or budget) in an earlier call, not decoded again
+    # [Q, P + N, L_sparse, k] int32 a mixture of experts' routing recorded so far, laid out as
+    # `Generation.experts` (`record_experts`; None otherwise)
+    experts: jax.Array | None = None
 
 
 _STATIC = ("cfg", "max_new_tokens", "slots", "temperature", "top_k", "top_p", "eos_token_id",
@@ -78,13 +81,14 @@ def generate_continuous(cfg: ModelConfig, params, prompt_ids, prompt_mask, rng, 
     return generation
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "record_experts"))
 def generate_partial(cfg: ModelConfig, params, prompt_ids, prompt_mask, rng,
                      resumed: Resumption, group_real, target_groups, *, max_new_tokens: int,
                      slots: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                      eos_token_id: int | None = None, pad_token_id: int = 0,
                      num_samples: int = 1, cache_dtype: str | None = None, budgets=None,
-                     batch_sharding=None) -> tuple[Generation, jax.Array]:
+                     batch_sharding=None,
+                     record_experts: bool = False) -> tuple[Generation, jax.Array]:
     """One call of a partial rollout: `generate_continuous` over the sequences `resumed` has not
     finished, stopping as soon as `target_groups` real groups (all K rows of a prompt, `group_real
     [G]` true) have ended — counting groups that ended in earlier calls.
@@ -96,16 +100,23 @@ def generate_partial(cfg: ModelConfig, params, prompt_ids, prompt_mask, rng,
     call stops with at most `slots` of them). Then sequences not started, in row order.
     Budgets count every token of a row, earlier calls' included.
 
+    `record_experts` (routing replay; `resumed.experts` then holds what earlier calls
+    recorded): a token's experts are recorded once, by the call that samples it, and kept.
+    A resumed row's prefill replays them — its prompt and earlier tokens are routed as when
+    they were sampled, under these weights — so the trainer, replaying the same experts over
+    the whole row, computes what this call's sampler computed for the tokens it draws. A row
+    that starts in this call takes this call's routing of its prompt.
+
     Returns `(generation, finished [Q] bool)`: every row's tokens so far (earlier calls' as
-    given, `logprobs` the sampler's of whichever call drew them) and which rows have ended.
-    `generation.steps` counts this call's decode steps only.
+    given, `logprobs` the sampler's of whichever call drew them, `experts` likewise) and which
+    rows have ended. `generation.steps` counts this call's decode steps only.
     """
     return _decode_slots(
         cfg, params, prompt_ids, prompt_mask, rng, max_new_tokens=max_new_tokens, slots=slots,
         temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
         pad_token_id=pad_token_id, num_samples=num_samples, cache_dtype=cache_dtype,
         budgets=budgets, batch_sharding=batch_sharding, resumed=resumed,
-        group_real=group_real, target_groups=target_groups)
+        group_real=group_real, target_groups=target_groups, record_experts=record_experts)
 
 
 def _decode_slots(cfg, params, prompt_ids, prompt_mask, rng, *, max_new_tokens, slots,
@@ -122,9 +133,9 @@ def _decode_slots(cfg, params, prompt_ids, prompt_mask, rng, *, max_new_tokens, 
     cfg, params = without_scalar_head(cfg, params)
     model = tfm.bind(cfg, compute_dtype_params(params, cfg.dtype))
     record = record_experts and cfg.is_moe
-    if record and resumed is not None:
-        raise ValueError("routing replay does not record experts across partial rollouts' "
-                         "calls; use rollout.max_staleness=0")
+    if record and resumed is not None and resumed.experts is None:
+        raise ValueError("generate_partial(record_experts=True) needs resumed.experts, the "
+                         "experts recorded so far ([Q, P + N, L_sparse, k]; zeros at first)")
     hidden, store, *prompt_experts = model.prefill(prompt_ids, prompt_mask, P, cache_dtype,
                                                    with_experts=record)
     first_logits = model.logits(hidden[:, -1])
@@ -138,7 +149,7 @@ def _decode_slots(cfg, params, prompt_ids, prompt_mask, rng, *, max_new_tokens, 
         return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, batch_sharding), tree)
 
     def empty_slots():
-        cache = tuple(tuple(jnp.zeros((S, P + N) + k.shape[2:], dtype) for k in layer)
+        cache = tuple(tuple(jnp.zeros((S,) + k.shape[1:3] + (P + N,), dtype) for k in layer)
                       for layer in store)
         return cache, jnp.zeros((S, first_logits.shape[-1]), first_logits.dtype)
 
@@ -173,7 +184,9 @@ def _decode_slots(cfg, params, prompt_ids, prompt_mask, rng, *, max_new_tokens, 
             generated = (jnp.arange(N)[None] < prefix[:, None]) & resuming[:, None]
             mask = jnp.concatenate([prompt_mask[slot_seq // K],
                                     generated.astype(prompt_mask.dtype)], axis=1)
-            h, cache = model.prefill(ids, mask, P + N, cache_dtype)
+            # With replay, routed as when sampled (the trainer replays the same experts).
+            h, cache = model.prefill(ids, mask, P + N, cache_dtype,
+                                     experts=resumed.experts[slot_seq] if record else None)
             last = h[jnp.arange(S), P + jnp.maximum(prefix, 1) - 1]
             return tuple(tuple(x.astype(dtype) for x in layer) for layer in cache), \
                 model.logits(last).astype(first_logits.dtype)
@@ -186,10 +199,13 @@ def _decode_slots(cfg, params, prompt_ids, prompt_mask, rng, *, max_new_tokens, 
                         for x, dt, fill in ((resumed.tokens, prompt_ids.dtype, pad_token_id),
                                             (generated, jnp.int32, 0),
                                             (resumed.logprobs, jnp.float32, 0)))
+        if record:  # the response's experts so far; this call's tokens' are written after
+            response = resumed.experts[:, P:].astype(jnp.int32)
+            outputs += (jnp.concatenate([response, jnp.zeros_like(response[:1])]),)
         finished = jnp.concatenate([resumed.finished, jnp.zeros((1,), bool)])
     group_left = jnp.concatenate([K - jnp.sum(finished[:Q].reshape(G, K), axis=1),
                                   jnp.zeros((1,), jnp.int32)]).astype(jnp.int32)
-    prompt_positions = (jnp.arange(P + N) < P)[None, :, None, None]
+    prompt_positions = (jnp.arange(P + N) < P)[None, None, None, :]  # cache: slots last
 
     def refill(carry):
         """Free slots take the next sequences of the queue: their prompt's cache and
@@ -201,8 +217,8 @@ def _decode_slots(cfg, params, prompt_ids, prompt_mask, rng, *, max_new_tokens, 
         seq = jnp.where(take, order[jnp.minimum(candidate, Q - 1)], seq)
         prompt = seq // K
         where = take[:, None, None, None] & prompt_positions
-        cache = tuple(tuple(jnp.where(where, jnp.pad(s[prompt], ((0, 0), (0, N), (0, 0),
-                                                                 (0, 0))), c)
+        cache = tuple(tuple(jnp.where(where, jnp.pad(s[prompt], ((0, 0), (0, 0), (0, 0),
+                                                                 (0, N))), c)
                             for s, c in zip(layer_store, layer_cache))
                       for layer_store, layer_cache in zip(store, cache))
         logits = jnp.where(take[:, None], first_logits[prompt], logits)
@@ -254,8 +270,11 @@ def _decode_slots(cfg, params, prompt_ids, prompt_mask, rng, *, max_new_tokens, 
     _, (tokens, mask, logprobs, *experts), finished, _, steps = jax.lax.while_loop(
         cond, body, (slot_state, outputs, finished, group_left, jnp.int32(0)))
     if record:  # the prompt's experts (one prefill per prompt) before the response's
-        experts = jnp.concatenate([jnp.repeat(prompt_experts[0], K, axis=0), experts[0][:Q]],
-                                  axis=1)
+        prompt = jnp.repeat(prompt_experts[0], K, axis=0)
+        if resumed is not None:  # rows started earlier keep the routing they were sampled with
+            earlier = (resumed.lengths > 0) | resumed.finished
+            prompt = jnp.where(earlier[:, None, None, None], resumed.experts[:, :P], prompt)
+        experts = jnp.concatenate([prompt, experts[0][:Q]], axis=1)
     return (Generation(tokens[:Q], mask[:Q], logprobs[:Q], steps,
                        jnp.full((Q,), temperature or 1.0, jnp.float32),
                        experts if record else None), finished[:Q])

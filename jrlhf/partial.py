@@ -6,7 +6,8 @@ iteration's queue is the pool's C entries followed by C entries for new prompt b
 batches as keep C groups in flight; the rest empty), the same shape every iteration so the
 sampler (`continuous.generate_partial`) compiles once. The sampler stops once G real groups have
 ended; `settle` picks those to train on (oldest first) and the rest stay in flight
-(`next_pool`). Each generated token carries the iteration (policy version) that drew it.
+(`next_pool`). Each generated token carries the iteration (policy version) that drew it and,
+with routing replay, the experts it was routed to then (`RolloutPool.experts`).
 
 Shapes: K rows per group, N = `rollout.max_new_tokens`, P the prompt width; a group's rows
 are consecutive (group g: rows gK .. gK+K−1), as everywhere in the rollout code.
@@ -75,11 +76,14 @@ def build_queue(pool: RolloutPool, occupied: np.ndarray, new: list, iteration: i
     prompt_mask[~real, -1] = 1
     rows_real = np.repeat(real, K)
     zeros = np.zeros((C * K, N))
+    experts = None
+    if pool.experts is not None:  # new entries' rows have recorded nothing yet
+        experts = np.concatenate([pool.experts, np.zeros_like(pool.experts)]).astype(np.int32)
     resumed = Resumption(
         np.concatenate([pool.tokens, zeros]).astype(np.int32),
         np.concatenate([pool.logprobs, zeros]).astype(np.float32),
         np.where(rows_real, np.concatenate([pool.lengths, zeros[:, 0]]), 0).astype(np.int32),
-        ~rows_real | np.concatenate([pool.finished, np.zeros(C * K, bool)]))
+        ~rows_real | np.concatenate([pool.finished, np.zeros(C * K, bool)]), experts)
     return Queue(np.concatenate([pool.prompt_ids, ids]).astype(np.int32), prompt_mask,
                  np.concatenate([pool.budgets, budgets]).astype(np.int32), real,
                  np.concatenate([pool.born, np.full(C, iteration, np.int32)]),
@@ -115,10 +119,10 @@ def group_rows(groups: np.ndarray, K: int) -> np.ndarray:
 
 
 def next_pool(capacity: int, queue: Queue, settled: Settled, tokens, logprobs, lengths,
-              finished) -> dict[str, np.ndarray]:
+              finished, experts=None) -> dict[str, np.ndarray]:
     """The next pool's fields (`RolloutPool`'s, NumPy) from the sampler's `tokens, logprobs
-    [Q·K, N]`, `lengths, finished [Q·K]`: the carried groups in queue order, then empty entries
-    up to `capacity`."""
+    [Q·K, N]`, `lengths, finished [Q·K]` and (routing replay) `experts [Q·K, P + N, L_sparse,
+    k]`: the carried groups in queue order, then empty entries up to `capacity`."""
     K = len(finished) // len(queue.real)
     carried = settled.carried
     rows = group_rows(carried, K)
@@ -128,6 +132,7 @@ def next_pool(capacity: int, queue: Queue, settled: Settled, tokens, logprobs, l
         out[:len(entries)] = values[entries]
         return out
 
+    fields = {} if experts is None else {"experts": filled(experts, rows, False)}
     return dict(prompt_ids=filled(queue.prompt_ids, carried, True),
                 prompt_mask=filled(queue.prompt_mask, carried, True),
                 budgets=filled(queue.budgets, rows, False), tokens=filled(tokens, rows, False),
@@ -136,4 +141,4 @@ def next_pool(capacity: int, queue: Queue, settled: Settled, tokens, logprobs, l
                 lengths=filled(lengths, rows, False),
                 finished=filled(finished, rows, False),
                 occupied=np.arange(capacity) < len(carried),
-                born=filled(queue.born, carried, True))
+                born=filled(queue.born, carried, True), **fields)

@@ -68,6 +68,12 @@ def decode_texts(tokenizer, tokens, mask) -> list[str]:
     return [tokenizer.decode(t[m > 0], skip_special_tokens=True) for t, m in zip(tokens, mask)]
 
 
+def records_experts(cfg: ModelConfig, rollout: RolloutConfig) -> bool:
+    """Whether the samplers record the experts a mixture of experts routes each token to
+    (`rollout.routing_replay` on or measure)."""
+    return rollout.routing_replay != "off" and cfg.is_moe
+
+
 def with_rollout_settings(sampler, cfg: ModelConfig, rollout: RolloutConfig, eos_token_id,
                           pad_token_id, num_samples: int):
     """`sampler` (`generate`, `generate_continuous` or `generate_partial`) bound to the model
@@ -75,11 +81,9 @@ def with_rollout_settings(sampler, cfg: ModelConfig, rollout: RolloutConfig, eos
     every sampler of the rollout code reads them from."""
     if rollout.dtype:
         cfg = dataclasses.replace(cfg, dtype=rollout.dtype)
-    # The static sampler and the slots record a mixture of experts' routing when it is replayed
-    # or compared (partial rollouts refuse it: `RolloutConfig`).
-    record = {"record_experts": True} if (
-        sampler in (generate, generate_continuous) and rollout.routing_replay != "off"
-        and cfg.is_moe) else {}
+    # Every sampler records a mixture of experts' routing when it is replayed or compared
+    # (partial rollouts carry it across calls in the pool: `RolloutPool.experts`).
+    record = {"record_experts": True} if records_experts(cfg, rollout) else {}
     return functools.partial(
         sampler, cfg, max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
         top_k=rollout.top_k, top_p=rollout.top_p, eos_token_id=eos_token_id,
@@ -263,6 +267,10 @@ class RolloutLoop:
                 f"rollout.max_staleness={r.max_staleness}: carried tokens are drawn by older "
                 f"policy versions, which the update must correct for with their behaviour "
                 f"log-probs: set {spec.tis_cap_key or 'the update’s tis_cap'} (e.g. 2)")
+        if records_experts(setup.model_cfg, r) and setup.state.rl.pool.experts is None:
+            raise ValueError(f"rollout.routing_replay={r.routing_replay} with partial rollouts: "
+                             f"the state's pool carries no recorded experts (build it with "
+                             f"RolloutPool.empty(..., experts=(L_sparse, k)))")
         split = setup.mesh is not None and r.slots % sharding.batch_devices(setup.mesh) == 0
         return functools.partial(
             with_rollout_settings(generate_partial, setup.model_cfg, r, eos_token_id,
@@ -372,13 +380,15 @@ class RolloutLoop:
         (gen, finished), t_gen = _timed(sample, setup.policy_params(state.params), *args)
         tokens, mask, logprobs, finished = (sharding.to_host(x) for x in (
             gen.tokens, gen.mask, gen.logprobs, finished))
+        experts = None if gen.experts is None else sharding.to_host(gen.experts)
         settled = partial.settle(queue, mask, finished, it, G)
         rows = partial.group_rows(settled.chosen, K)
         scored = self._score(
             state, np.repeat(queue.prompt_ids[settled.chosen], K, 0),
             np.repeat(queue.prompt_mask[settled.chosen], K, 0),
             Generation(tokens[rows], mask[rows], logprobs[rows], gen.steps,
-                       sharding.to_host(gen.temperature)[rows]), queue.budgets[rows], t_gen)
+                       sharding.to_host(gen.temperature)[rows],
+                       None if experts is None else experts[rows]), queue.budgets[rows], t_gen)
         scored["generated_tokens"] = int(settled.drawn_now.sum())
         lengths = mask.sum(1).astype(np.int32)
         lag = (it - settled.versions[rows])[mask[rows] > 0]
@@ -391,7 +401,8 @@ class RolloutLoop:
                        in_flight[partial.group_rows(settled.carried, K)].sum()),
                    "partial/slot_utilisation": scored["generated_tokens"] / max(
                        1, r.slots * int(gen.steps))}
-        fields = partial.next_pool(C, queue, settled, tokens, logprobs, lengths, finished)
+        fields = partial.next_pool(C, queue, settled, tokens, logprobs, lengths, finished,
+                                   experts)
         placed = jax.tree.map(lambda x, old: sharding.put(x.astype(old.dtype), old.sharding),
                               state.rl.pool.replace(**fields), state.rl.pool)
         return scored, placed, metrics

@@ -59,14 +59,26 @@ def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.
     return logits
 
 
+def first_argmax(x: jax.Array) -> jax.Array:
+    """`jnp.argmax(x, axis=-1)` (the first index of the maximum) of `x [B, V]`, as two plain
+    reductions: XLA:CPU runs argmax's (value, index) pair reduction unvectorised, 3-4x slower
+    than a max and a min over a [16, 5632] row block (the sampler pays it at every token)."""
+    best = jnp.max(x, axis=-1, keepdims=True)
+    index = jnp.arange(x.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(x == best, index, x.shape[-1]), axis=-1)
+
+
 def _sample(rng, logits, temperature, top_k, top_p):
     """(token [B], logprob [B]) from last-position logits [B, V]."""
     if temperature == 0.0:  # greedy: the log-prob of the argmax under the plain logits
         scaled = logits.astype(jnp.float32)
-        token = jnp.argmax(logits, axis=-1)
+        token = first_argmax(logits)
     else:
         scaled = logits / temperature
-        token = jax.random.categorical(rng, filter_logits(scaled, top_k, top_p), axis=-1)
+        # `jax.random.categorical(rng, filtered)`, token for token (the same Gumbel draws),
+        # with the cheaper argmax.
+        filtered = filter_logits(scaled, top_k, top_p)
+        token = first_argmax(filtered + jax.random.gumbel(rng, filtered.shape, filtered.dtype))
     logprob = jnp.take_along_axis(jax.nn.log_softmax(scaled, -1), token[:, None], -1)[:, 0]
     return token, logprob
 

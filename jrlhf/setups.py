@@ -28,8 +28,8 @@ from jrlhf.rng import stream_key, stream_seed
 from jrlhf.state import RLState, RolloutPool, TrainState
 from jrlhf.steps.common import state_shardings
 
-__all__ = ["Setup", "batch_shapes", "default_mesh", "initial_weights", "make_setup",
-           "reward_model_init", "stream_key", "stream_seed", "with_scalar_head",
+__all__ = ["Setup", "batch_shapes", "check_expert_mesh", "default_mesh", "initial_weights",
+           "make_setup", "reward_model_init", "stream_key", "stream_seed", "with_scalar_head",
            "without_scalar_head"]
 
 
@@ -107,6 +107,18 @@ def default_mesh(config: Config):
     return sharding.make_mesh(config.mesh)
 
 
+def check_expert_mesh(expert: int, *model_cfgs: ModelConfig | None) -> None:
+    """Refuse a `mesh.expert` (size `expert`) that does not divide a mixture of experts'
+    expert count: each device of an expert group holds E / mesh.expert whole experts. Checked
+    from the configs alone, before weights or data, rather than when the first step is traced
+    (`jrlhf.models.expert_parallel`). Dense models (0 experts) and None pass."""
+    for cfg in model_cfgs:
+        E = 0 if cfg is None else cfg.num_experts
+        if E and E % expert:
+            raise ValueError(f"mesh.expert={expert} does not divide the model's {E} experts; "
+                             f"choose a divisor of {E}")
+
+
 def _quantization(config: Config, use_lora: bool) -> str:
     """How the policy's frozen base is stored: `model.quantize`, or "none" where LoRA does not
     apply (the algorithm's `lora=False`). Refused without LoRA: quantized weights cannot train."""
@@ -140,6 +152,8 @@ def make_setup(algorithm: str | Algorithm, config: Config, model_cfg: ModelConfi
     if record.settings:
         config = derive(config, dict(record.settings))
     name = name or record.name
+    expert = config.mesh.expert if mesh is None else mesh.shape.get("expert", 1)
+    check_expert_mesh(expert, model_cfg)  # before any mesh, weights or step is built
     mesh = default_mesh(config) if mesh is None else mesh
     use_lora = config.lora.enabled and record.lora
     quantize = _quantization(config, use_lora)
@@ -168,7 +182,7 @@ def make_setup(algorithm: str | Algorithm, config: Config, model_cfg: ModelConfi
         if record.reference and not use_lora:  # with LoRA the base weights serve
             reference = jax.tree.map(jnp.array, policy)
         rl = None if record.rollout is None else RLState.create(
-            record.kl_coef(config), rollout_pool(record, config))
+            record.kl_coef(config), rollout_pool(record, config, model_cfg))
         state = TrainState.create(tree, tx, stream_key(config.run.seed, name, "state"), rl=rl,
                                   copy=False)
         return state, reference
@@ -185,14 +199,19 @@ def make_setup(algorithm: str | Algorithm, config: Config, model_cfg: ModelConfi
     return dataclasses.replace(setup, step=record.make_step(setup, config))
 
 
-def rollout_pool(record, config: Config) -> RolloutPool | None:
+def rollout_pool(record, config: Config, model_cfg: ModelConfig) -> RolloutPool | None:
     """The empty pool partial rollouts carry groups in (`rollout.max_staleness > 0`), of
-    `partial.pool_groups` entries."""
+    `partial.pool_groups` entries; with routing replay on a mixture of experts, room for every
+    carried row's recorded experts too."""
     if not config.rollout.max_staleness:
         return None
     groups, group_size = record.batch_size(config), record.rollout(config).group_size
+    experts = None
+    if config.rollout.routing_replay != "off" and model_cfg.is_moe:  # rollouts.records_experts
+        experts = (len(model_cfg.sparse_layers), model_cfg.experts_per_token)
     return RolloutPool.empty(pool_groups(groups, group_size, config.rollout.slots), group_size,
-                             config.data.max_prompt_length, config.rollout.max_new_tokens)
+                             config.data.max_prompt_length, config.rollout.max_new_tokens,
+                             experts=experts)
 
 
 def _place(state, reference, mesh):

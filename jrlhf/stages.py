@@ -28,14 +28,14 @@ from jrlhf.algorithms import ANNOTATOR, ANNOTATOR_OR_MODEL, REWARD_MODEL_PATH
 from jrlhf.config import Config, config_json, derive, parse_reward_functions
 from jrlhf.data import Encoder, build_dataset, make_loader
 from jrlhf.models.config import ModelConfig
-from jrlhf.models.sources import load_policy, resolve_source
+from jrlhf.models.sources import load_policy, model_config, resolve_source
 from jrlhf.report import (file_digest, remove_temp_files, sync_folder, write_atomically,
                           write_report)
 from jrlhf.rewards import Reward, import_host_reward
 from jrlhf.rollouts import decode_texts
 from jrlhf.runlock import RunLock
 from jrlhf.rng import stream_seed
-from jrlhf.setups import default_mesh, initial_weights, make_setup
+from jrlhf.setups import check_expert_mesh, default_mesh, initial_weights, make_setup
 from jrlhf.tasks import TASKS
 
 KINDS = ("train", "rank", "evaluate", "export")
@@ -195,6 +195,8 @@ def _open_locked(config: Config, out: Path, lock, *, resume, train, log) -> Run:
             write_atomically(out / "config.json", config_json(config))
     # W&B on process 0 (a missing package is found here); its run starts with the first row.
     wandb_log.open_session(config, out, resume)
+    if config.mesh.expert > 1:  # a bad expert split fails before any weights are read
+        check_expert_mesh(config.mesh.expert, model_config(config.model))
     policy_cfg, params, tokenizer = load_policy(config.model, config.run.seed)
     log(f"[model] {config.model.source}: {policy_cfg.family}, {policy_cfg.num_layers} layers, "
         f"{policy_cfg.num_params / 1e6:.1f}M parameters")

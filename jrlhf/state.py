@@ -28,6 +28,9 @@ class RolloutPool:
     lengths: `[C·K]` int32 tokens generated so far; finished: `[C·K]` bool ended (EOS/budget).
     occupied: `[C]` bool the entry holds a group; born: `[C]` int32 the iteration its prompt
         was taken in (older groups train first).
+    experts: `[C·K, P + N, L_sparse, k]` int32 a mixture of experts' routing of each row's
+        prompt and generated tokens, recorded when each was sampled (`rollout.routing_replay`
+        not "off"; laid out as `Generation.experts`); None otherwise, and then not checkpointed.
     """
 
     prompt_ids: jax.Array
@@ -40,10 +43,12 @@ class RolloutPool:
     finished: jax.Array
     occupied: jax.Array
     born: jax.Array
+    experts: jax.Array | None = None
 
     @classmethod
-    def empty(cls, groups: int, group_size: int, prompt_length: int,
-              max_new_tokens: int) -> "RolloutPool":
+    def empty(cls, groups: int, group_size: int, prompt_length: int, max_new_tokens: int,
+              experts: tuple[int, int] | None = None) -> "RolloutPool":
+        """An empty pool; `experts = (L_sparse, k)`: it carries recorded experts too."""
         rows = groups * group_size
         i32 = functools.partial(jnp.zeros, dtype=jnp.int32)
         return cls(prompt_ids=i32((groups, prompt_length)),
@@ -52,7 +57,9 @@ class RolloutPool:
                    logprobs=jnp.zeros((rows, max_new_tokens), jnp.float32),
                    versions=i32((rows, max_new_tokens)), lengths=i32((rows,)),
                    finished=jnp.zeros((rows,), bool), occupied=jnp.zeros((groups,), bool),
-                   born=i32((groups,)))
+                   born=i32((groups,)),
+                   experts=None if experts is None else i32(
+                       (rows, prompt_length + max_new_tokens, *experts)))
 
 
 @struct.dataclass

@@ -69,8 +69,15 @@ def test_cached_attention_equals_reference(window):
     first, slot = np.array([0, 3, 5]), 6
     s = np.arange(9)[None, :]
     allowed = (s >= first[:, None]) & (s <= slot) & ((s > slot - window) if window else True)
-    out = attention.cached_attention(q, k, v, jnp.asarray(first), slot, window=window)
+    as_cache = lambda x: jnp.transpose(x, (0, 2, 3, 1))  # noqa: E731  [B, K, Dh, S]
+    out = attention.cached_attention(q, as_cache(k), as_cache(v), jnp.asarray(first), slot,
+                                     window=window)
     np.testing.assert_allclose(out, reference_attention(q, k, v, allowed[:, None]), atol=1e-5)
+    # the cache's layout as prefill builds it: rows rolled back to their padding, zero tail
+    entry = attention.cache_entry(k, jnp.asarray([0, 2, 1]), 12, jnp.float32)
+    np.testing.assert_array_equal(entry[:, :, :, :9], as_cache(attention.roll_rows(
+        k, -jnp.asarray([0, 2, 1]))))
+    assert entry.shape == (3, k.shape[2], k.shape[3], 12) and not np.any(entry[..., 9:])
 
 
 def test_roll_rows_round_trip():

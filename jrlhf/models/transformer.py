@@ -27,7 +27,7 @@ from jrlhf.models import expert_parallel, moe
 from jrlhf.models.config import ModelConfig, rope_frequencies
 
 Params = dict[str, Any]
-# One (keys, values) pair per layer, each [B, S, K, Dh] (see `Transformer.prefill`).
+# One (keys, values) pair per layer, each [B, K, Dh, S] (`attention.cache_entry`).
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]
 
 _INIT = nnx.initializers.normal(0.02)
@@ -103,16 +103,25 @@ def uses_residual_barrier(cfg: ModelConfig) -> bool:
 
 class Linear(nnx.Linear):
     """`nnx.Linear` whose kernel may be stored quantized (`jrlhf.quant`): dequantized to the
-    compute dtype where it is used, LoRA adapters beside it applied unmerged."""
+    compute dtype where it is used, LoRA adapters beside it applied unmerged.
+
+    Inputs `[..., in]` are multiplied as one `[rows, in]` matrix. XLA:CPU lays out the weight
+    gradient of a `[B, T, in]` product by transposing the upstream gradient inside the fusion
+    that computes it, a strided loop several times slower than the matmul itself: on the
+    Qwen3-shaped benchmark model's PPO update those fusions were a quarter of the time. The
+    flat product's gradient is a plain matmul (the reshapes are free)."""
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
+        lead = inputs.shape[:-1]
+        x = inputs.reshape(-1, inputs.shape[-1])
         kernel = self.kernel.get_value()
         if not quant.is_quantized(kernel):
-            return super().__call__(inputs)
-        y = quant.matmul(inputs, kernel, jnp.dtype(self.dtype))
-        if self.bias is not None:
-            y = y + self.bias[...].astype(y.dtype)
-        return y
+            y = super().__call__(x)
+        else:
+            y = quant.matmul(x, kernel, jnp.dtype(self.dtype))
+            if self.bias is not None:
+                y = y + self.bias[...].astype(y.dtype)
+        return y.reshape(lead + y.shape[-1:])
 
 
 class Embed(nnx.Embed):
@@ -239,15 +248,7 @@ class Attention(nnx.Module):
                                       **options)
             new = (k, v)
         else:
-            keys, values = cache
-            if jnp.ndim(slot) == 0:
-                start = (0, slot, 0, 0)
-                keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), start)
-                values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), start)
-            else:  # each row writes its own slot
-                rows = jnp.arange(B)
-                keys = keys.at[rows, slot].set(k[:, 0].astype(keys.dtype))
-                values = values.at[rows, slot].set(v[:, 0].astype(values.dtype))
+            keys, values = attn.write_cache(cache[0], k, slot), attn.write_cache(cache[1], v, slot)
             out = attn.cached_attention(q, keys, values, first_slot, slot, **options)
             new = (keys, values)
         return self.o_proj(out.reshape(B, R, cfg.num_heads * cfg.head_dim)), new
@@ -511,23 +512,29 @@ class Transformer(nnx.Module):
         return x, (jax.tree.map(lambda *xs: jnp.stack(xs), *stats) if stats else None)
 
     def prefill(self, input_ids, attention_mask, cache_size: int, cache_dtype=None,
-                with_experts: bool = False):
+                with_experts: bool = False, experts=None):
         """Run a left-padded prompt `[B, P]` and build its KV cache of `cache_size` slots.
 
         Returns `(hidden [B, P, D], cache)`: the prompt sits in slots 0 .. P−1 exactly as laid
         out in `input_ids` (row b real from slot P − len_b), later slots are zero. With
         `with_experts`, also the experts each prompt token was routed to, `[B, P, L_sparse, k]`
-        (int32, in the layout of `input_ids`; None for a dense model).
+        (int32, in the layout of `input_ids`; None for a dense model). `experts [B, P,
+        L_sparse, k]` (that layout too): every sparse layer routes each token to these recorded
+        experts instead of its router's top-k (a partial rollout's resumed row, prefilled as its
+        tokens were routed when sampled).
         """
         x, positions, _, shift, _ = self._aligned_inputs(input_ids, attention_mask, None, None)
         B, P = input_ids.shape
         dtype = jnp.dtype(cache_dtype or self.cfg.dtype)
-        cache, chosen = [], []
+        if experts is not None:
+            experts = attn.roll_rows(experts, shift)  # as the left-aligned rows have them
+        cache, chosen, sparse = [], [], 0
         for layer in self.layers:
-            x, (k, v), route = layer(x, positions)
-            pad = ((0, 0), (0, cache_size - P), (0, 0), (0, 0))
-            cache.append(tuple(jnp.pad(attn.roll_rows(t, -shift).astype(dtype), pad)
-                               for t in (k, v)))
+            recorded = None
+            if experts is not None and layer.sparse:
+                recorded, sparse = experts[:, :, sparse].reshape(B * P, -1), sparse + 1
+            x, (k, v), route = layer(x, positions, experts=recorded)
+            cache.append(tuple(attn.cache_entry(t, shift, cache_size, dtype) for t in (k, v)))
             if route is not None:
                 chosen.append(route[1].reshape(B, P, -1))
         hidden = attn.roll_rows(self.final_norm(x), -shift)

@@ -4,9 +4,12 @@ Batch (P pairs, T tokens): `chosen_ids, chosen_mask, chosen_loss_mask, rejected_
 rejected_mask, rejected_loss_mask` `[P, T]` — `*_mask` is the attention mask, `*_loss_mask` is 1
 on response tokens. Packed (`data.pack`): `input_ids, attention_mask, loss_mask, segment_ids,
 positions` `[P, L]`, one pair per row, prompt + chosen as segment 1 and prompt + rejected as
-segment 2 (`packed_pair_logps`). DPO also takes `ref_chosen_logps, ref_rejected_logps` `[P]` (precompute them
-once with `reference_logps`); without them, a LoRA policy uses its own frozen base weights as
-the reference, inside the step.
+segment 2 (`packed_pair_logps`). DPO also takes `ref_chosen_logps, ref_rejected_logps` `[P]`
+(precompute them once with `reference_logps`); without them, a LoRA policy uses its own frozen
+base weights as the reference, inside the step.
+
+A mixture of experts adds the router terms of the policy's forward over chosen and rejected
+(`common.router_loss`: real tokens only) to both losses; the frozen reference adds none.
 """
 
 from __future__ import annotations
@@ -22,41 +25,50 @@ from jrlhf.config import DPOConfig
 from jrlhf.models import transformer as tfm
 from jrlhf.models.config import ModelConfig
 from jrlhf.steps.common import (PACKED, accumulate_gradients, apply_gradients, check_batch,
-                                check_factory_args, forward_params, jit_step)
+                                check_factory_args, forward_params, jit_step, router_loss)
 
 
-def response_logps(cfg: ModelConfig, params, ids, attention_mask, loss_mask):
-    """Summed log-probs `[B]` of the response tokens and their counts `[B]`."""
-    logprobs = tfm.token_outputs(cfg, params, ids, attention_mask).logprobs
+def response_logps(cfg: ModelConfig, params, ids, attention_mask, loss_mask,
+                   with_router: bool = False):
+    """Summed log-probs `[B]` of the response tokens and their counts `[B]`; with
+    `with_router`, also the forward's router sums over the real tokens (`moe.RouterStats`,
+    None for a dense model)."""
+    out = tfm.token_outputs(cfg, params, ids, attention_mask, with_router=with_router)
     mask = loss_mask[:, 1:] * attention_mask[:, 1:]
-    return rl.masked_sum(logprobs, mask, axis=-1), jnp.sum(mask > 0, axis=-1)
+    sums = rl.masked_sum(out.logprobs, mask, axis=-1), jnp.sum(mask > 0, axis=-1)
+    return (*sums, out.router) if with_router else sums
 
 
-def packed_pair_logps(cfg: ModelConfig, params, batch):
+def packed_pair_logps(cfg: ModelConfig, params, batch, with_router: bool = False):
     """Summed response log-probs and counts of packed pairs: row p of `input_ids,
     attention_mask, loss_mask, segment_ids, positions [P, L]` holds prompt + chosen as segment 1
     and prompt + rejected as segment 2. Returns `((chosen, rejected), (n_chosen, n_rejected))`,
-    each `[P]`."""
+    each `[P]`, and with `with_router` the router sums (`response_logps`)."""
     ids, segments = batch["input_ids"], batch["segment_ids"]
-    logprobs = tfm.token_outputs(cfg, params, ids, batch["attention_mask"],
-                                 positions=batch["positions"], segment_ids=segments).logprobs
+    out = tfm.token_outputs(cfg, params, ids, batch["attention_mask"],
+                            positions=batch["positions"], segment_ids=segments,
+                            with_router=with_router)
     # Token t + 1 is predicted from t only inside one segment.
     mask = batch["loss_mask"][:, 1:] * (segments[:, 1:] == segments[:, :-1])
     target_segments = jnp.where(mask > 0, segments[:, 1:], 0)
-    sums = rl.segment_sums(jnp.where(mask > 0, logprobs, 0.0), target_segments, 2)
+    sums = rl.segment_sums(jnp.where(mask > 0, out.logprobs, 0.0), target_segments, 2)
     counts = rl.segment_sums(mask.astype(jnp.float32), target_segments, 2)
-    return (sums[:, 0], sums[:, 1]), (counts[:, 0], counts[:, 1])
+    pairs = (sums[:, 0], sums[:, 1]), (counts[:, 0], counts[:, 1])
+    return (*pairs, out.router) if with_router else pairs
 
 
-def pair_logps(cfg, params, batch):
+def pair_logps(cfg, params, batch, with_router: bool = False):
     """Policy log-probs of chosen and rejected in one forward over `[2P, T]` (or over the
-    packed `[P, L]` rows, see `packed_pair_logps`)."""
+    packed `[P, L]` rows, see `packed_pair_logps`): `((chosen, rejected), (n_chosen,
+    n_rejected))`, each `[P]`, and with `with_router` the forward's router sums over both
+    sides' real tokens (`moe.RouterStats`; None for a dense model)."""
     if "segment_ids" in batch:
-        return packed_pair_logps(cfg, params, batch)
+        return packed_pair_logps(cfg, params, batch, with_router)
     cat = lambda k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]])  # noqa
-    logps, counts = response_logps(cfg, params, cat("ids"), cat("mask"), cat("loss_mask"))
+    logps, counts, *router = response_logps(cfg, params, cat("ids"), cat("mask"),
+                                            cat("loss_mask"), with_router)
     P = batch["chosen_ids"].shape[0]
-    return (logps[:P], logps[P:]), (counts[:P], counts[P:])
+    return ((logps[:P], logps[P:]), (counts[:P], counts[P:]), *router)
 
 
 def pair_count(batch) -> int:
@@ -88,7 +100,9 @@ def pair_layouts(optional: tuple[str, ...] = ()):
 def dpo_step(state, batch, *, model_cfg: ModelConfig, cfg: DPOConfig, labels=None,
              lora_scale: float = 0.0, grad_accum_steps: int = 1):
     """One optimizer step of DPO / IPO. Metrics: loss, accuracy (implicit chosen reward >
-    rejected), margin, chosen/rejected implicit rewards, grad norm."""
+    rejected), margin, chosen/rejected implicit rewards, grad norm; for a mixture of experts
+    `dpo/moe/aux_loss`, `dpo/moe/z_loss` and the expert load of the policy's forward
+    (`router_loss`, its terms added to the loss; the reference's forward adds nothing)."""
     check_batch(batch, "dpo_step", *pair_layouts(("ref_chosen_logps", "ref_rejected_logps")))
     P = pair_count(batch)
     if "ref_chosen_logps" not in batch:
@@ -101,7 +115,7 @@ def dpo_step(state, batch, *, model_cfg: ModelConfig, cfg: DPOConfig, labels=Non
 
     def loss_fn(params, micro):
         fp = forward_params(params, labels, lora_scale)
-        (chosen, rejected), _ = pair_logps(model_cfg, fp, micro)
+        (chosen, rejected), _, stats = pair_logps(model_cfg, fp, micro, with_router=True)
         pair_losses, m = losses.dpo_loss(chosen, rejected, micro["ref_chosen_logps"],
                                          micro["ref_rejected_logps"], cfg.beta,
                                          cfg.label_smoothing, cfg.loss)
@@ -109,31 +123,38 @@ def dpo_step(state, batch, *, model_cfg: ModelConfig, cfg: DPOConfig, labels=Non
         aux = {"correct": jnp.sum(margin > 0), "margin": jnp.sum(margin),
                "chosen_reward": jnp.sum(m["chosen_rewards"]),
                "rejected_reward": jnp.sum(m["rejected_rewards"])}
-        return jnp.sum(pair_losses) / P, jax.tree.map(lambda x: x.astype(jnp.float32), aux)
+        term, router = router_loss(model_cfg, stats, "dpo/moe", 1.0 / grad_accum_steps)
+        aux = jax.tree.map(lambda x: x.astype(jnp.float32), aux)
+        return jnp.sum(pair_losses) / P + term, (aux, router)
 
-    loss, aux, grads = accumulate_gradients(loss_fn, state.params, batch, grad_accum_steps)
-    return apply_gradients(state, grads), _pair_metrics("dpo", loss, aux, P, grads)
+    loss, (aux, router), grads = accumulate_gradients(loss_fn, state.params, batch,
+                                                      grad_accum_steps)
+    return apply_gradients(state, grads), {**_pair_metrics("dpo", loss, aux, P, grads), **router}
 
 
 def orpo_step(state, batch, *, model_cfg: ModelConfig, cfg: DPOConfig, labels=None,
               lora_scale: float = 0.0, grad_accum_steps: int = 1):
     """One optimizer step of ORPO: SFT on the chosen response plus the odds-ratio term; no
-    reference model. Metrics: loss, nll, log_odds_ratio, accuracy (log odds ratio > 0)."""
+    reference model. Metrics: loss, nll, log_odds_ratio, accuracy (log odds ratio > 0); for a
+    mixture of experts `orpo/moe/...` as `dpo_step` logs them (the router terms in the loss)."""
     check_batch(batch, "orpo_step", *pair_layouts())
     P = pair_count(batch)
 
     def loss_fn(params, micro):
         fp = forward_params(params, labels, lora_scale)
-        (chosen, rejected), (n_c, n_r) = pair_logps(model_cfg, fp, micro)
+        (chosen, rejected), (n_c, n_r), stats = pair_logps(model_cfg, fp, micro,
+                                                           with_router=True)
         mean_c = chosen / jnp.maximum(n_c, 1)
         mean_r = rejected / jnp.maximum(n_r, 1)
         pair_losses, ratio = losses.orpo_loss(mean_c, mean_r, -mean_c, cfg.orpo_lambda)
         aux = {"correct": jnp.sum(ratio > 0).astype(jnp.float32), "margin": jnp.sum(ratio),
                "nll": -jnp.sum(mean_c)}
-        return jnp.sum(pair_losses) / P, aux
+        term, router = router_loss(model_cfg, stats, "orpo/moe", 1.0 / grad_accum_steps)
+        return jnp.sum(pair_losses) / P + term, (aux, router)
 
-    loss, aux, grads = accumulate_gradients(loss_fn, state.params, batch, grad_accum_steps)
-    metrics = _pair_metrics("orpo", loss, aux, P, grads)
+    loss, (aux, router), grads = accumulate_gradients(loss_fn, state.params, batch,
+                                                      grad_accum_steps)
+    metrics = {**_pair_metrics("orpo", loss, aux, P, grads), **router}
     metrics["orpo/log_odds_ratio"] = metrics.pop("orpo/margin")
     return apply_gradients(state, grads), metrics
 
