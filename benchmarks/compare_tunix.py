@@ -44,8 +44,9 @@ What still differs (the two libraries allow no closer match):
 - Sampling: tunix's KV cache is sized to exactly 64 + 64 positions (`kv_cache_size=128`; its
   default 1024 would attend over 1024 cached positions each step). Its rollout seed is fixed
   (the same draws every iteration); jrlhf folds the iteration into its key. A sampled pad id
-  (0, probability ~1/5632 per token) counts as padding on tunix's side only. Both draw with
-  `jax.random.categorical(logits / T)`; jrlhf's sampler also records each token's log-prob (a
+  (0, probability ~1/5632 per token) counts as padding on tunix's side only. Both draw as
+  `jax.random.categorical(logits / T)` does (jrlhf: the same Gumbel draws, its argmax taken as
+  a max and a first-index min, the same tokens); jrlhf's sampler also records each token's log-prob (a
   log-softmax over the vocabulary per step; tunix's runs with `return_logprobs=False`) and runs
   one decode forward more (64: its loop decodes after the last token; tunix 63). jrlhf
   prefills each GRPO prompt once for its 4 samples; tunix prefills all 16 rows.
