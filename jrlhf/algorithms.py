@@ -21,11 +21,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jrlhf import distill
 from jrlhf.config import Config
 from jrlhf.heads import reward_model_init, with_scalar_head, without_scalar_head
 from jrlhf.models.config import ModelConfig
 from jrlhf.rollouts import RolloutLoop, RolloutSpec
-from jrlhf.steps.grpo import make_grpo_step, single_pass
+from jrlhf.steps.distill import make_distill_step, teacher_rescorer
+from jrlhf.steps.distill import single_pass as distill_single_pass
+from jrlhf.steps.grpo import make_grpo_step, prompt_group_size, single_pass
 from jrlhf.steps.ppo import make_ppo_step
 from jrlhf.steps.preference import make_dpo_step, reference_logps
 from jrlhf.steps.reward import make_reward_step
@@ -60,6 +63,8 @@ class ModelPass:
     lm_positions: positions per row through the LM head (None: every position).
     read_positions: positions per row whose final hidden state is read (None: every position;
         a reward model reads one).
+    group_size / prompt_positions: K > 1 rows in a row share their first `prompt_positions`
+        tokens, run once per group (`transformer.token_outputs(group_size=K)`).
     """
 
     cfg: ModelConfig
@@ -68,6 +73,13 @@ class ModelPass:
     live_rows: int
     lm_positions: int | None = None
     read_positions: int | None = None
+    group_size: int = 1
+    prompt_positions: int = 0
+
+    def tokens(self, rows: int) -> int:
+        """Tokens through the backbone for `rows` of its rows (a shared prompt counted once
+        per group)."""
+        return rows * self.length - (rows - rows // self.group_size) * self.prompt_positions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,8 +123,9 @@ class Algorithm:
     example(encoder, source, config) -> the example function of its loader.
     batch_size(config) -> loader rows per step.
     summary_keys: the metrics of its one-line progress summary.
-    driver(setup, config, *, reward, eos_token_id, pad_token_id, prompts) -> what the loop
-        calls each step: `plain_driver`, `reference_driver` or `rollout_driver`.
+    driver(setup, config, *, reward, eos_token_id, pad_token_id, prompts, tokenizer) -> what
+        the loop calls each step: `plain_driver`, `reference_driver`, `rollout_driver` or
+        `distill_driver` (the run's `tokenizer`: to check a teacher's against).
     rollout(config) -> RolloutSpec, for an algorithm that samples (None: it does not).
     reward_source: (rollout) where its command's reward comes from.
     trained_tree(config, cfg, params) -> `(model_cfg, value_cfg, tree)`: the trained weights
@@ -271,12 +284,14 @@ def _rollout_batch(rows: int, config: Config, *, values: bool, logprobs: bool = 
 
 
 def _rollout_cost(setup, config: Config, rows: int, epochs: int, minibatch: int,
-                  accum: int = 1) -> Cost:
+                  accum: int = 1, group_size: int = 1) -> Cost:
     """The policy's backbone on every position and its LM head on the response positions, a
-    separate critic as a backbone, `epochs` times over `rows` rows."""
+    separate critic as a backbone, `epochs` times over `rows` rows; `group_size` K > 1: the
+    policy runs each group's prompt once."""
     P, N = config.data.max_prompt_length, config.rollout.max_new_tokens
     live = (minibatch or rows) // accum
-    passes = [ModelPass(setup.model_cfg, rows * epochs, P + N, live, lm_positions=N)]
+    passes = [ModelPass(setup.model_cfg, rows * epochs, P + N, live, lm_positions=N,
+                        group_size=group_size, prompt_positions=P if group_size > 1 else 0)]
     if setup.value_cfg is not None:
         passes.append(ModelPass(setup.value_cfg, rows * epochs, P + N, live))
     return Cost(tuple(passes), rows,
@@ -450,14 +465,16 @@ def _group_relative(name: str, help: str, settings=()) -> Algorithm:
         batch=lambda s, c: _rollout_batch(_grpo_rows(c), c, values=False,
                                           logprobs=not _grpo_single_pass(c)),
         cost=lambda s, c: _rollout_cost(s, c, _grpo_rows(c), c.grpo.epochs,
-                                        c.grpo.minibatch_size, c.grpo.grad_accum_steps),
+                                        c.grpo.minibatch_size, c.grpo.grad_accum_steps,
+                                        prompt_group_size(c.grpo, _grpo_rows(c))),
         data="prompts", example=lambda enc, src, c: enc.prompt_example,
         batch_size=lambda c: c.grpo.prompts_per_iteration,
         summary_keys=("score/mean", *(f"{e}/{k}" for e in ("grpo", "rloo", "reinforce++")
                                       for k in ("mean_score", "kl", "clipfrac"))),
         driver=rollout_driver, reward_source=ANNOTATOR_OR_MODEL,
         rollout=lambda c: RolloutSpec(
-            group_size=c.grpo.group_size, dynamic_sampling=c.grpo.dynamic_sampling,
+            group_size=c.grpo.group_size, shared_prompt=c.grpo.shared_prompt,
+            dynamic_sampling=c.grpo.dynamic_sampling,
             max_refills=c.grpo.max_refills, update_epochs=c.grpo.epochs,
             # A single-pass update's own forward gives the log-probs and the entropy metric.
             score_policy=not _grpo_single_pass(c), with_entropy=not _grpo_single_pass(c),
@@ -470,3 +487,74 @@ GRPO = register(_group_relative(
 RLOO = register(_group_relative(
     "rloo", "RLOO against reward.model_path (or the task's annotator)",
     settings=(("grpo.estimator", "rloo"),)))
+
+
+def _distill_rows(c: Config) -> int:
+    return c.distill.prompts_per_iteration * c.distill.group_size
+
+
+def _distill_single_pass(c: Config) -> bool:
+    """The update takes its pre-update log-probs from its own forward (`single_pass`)."""
+    return distill_single_pass(c.distill, _distill_rows(c))
+
+
+def _distill_schedule(c: Config) -> Schedule:
+    rows = _distill_rows(c)
+    per_iteration = c.distill.epochs * (rows // (c.distill.minibatch_size or rows))
+    return Schedule(c.distill.learning_rate, c.distill.iterations * per_iteration,
+                    c.distill.iterations)
+
+
+def _distill_batch(setup, c: Config) -> dict:
+    """The rollout batch without the reference's log-probs, with the teacher's
+    (`steps.distill.teacher_rescorer`): `teacher_logprobs [B, N]`, and `teacher_hidden
+    [B, N, D_t]` with the JSD term (D_t read from the teacher's metadata)."""
+    rows, N = _distill_rows(c), c.rollout.max_new_tokens
+    shapes = _rollout_batch(rows, c, values=False, logprobs=not _distill_single_pass(c))
+    shapes = {k: v for k, v in shapes.items() if k != "ref_logprobs"}
+    shapes["teacher_logprobs"] = ((rows, N), F32)
+    if c.distill.jsd_coef:
+        shapes["teacher_hidden"] = ((rows, N, distill.teacher_width(c)), F32)
+    return shapes
+
+
+def _is_abstract(tree) -> bool:
+    return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))
+
+
+def _distill_step(s, c: Config):
+    """The update, with the teacher's LM head bound for the JSD term (abstract for `jrlhf
+    plan`, whose state is)."""
+    return make_distill_step(
+        s.model_cfg, c.distill, labels=s.labels, lora_scale=s.lora_scale,
+        teacher_head=distill.teacher_head(c, abstract=_is_abstract(s.state.params)),
+        state=s.state, mesh=s.mesh)
+
+
+def distill_driver(setup, config: Config, *, tokenizer=None, **inputs) -> Callable:
+    """`rollout_driver`, after refusing a teacher (`distill.teacher_source`) whose vocabulary
+    is not the student's: its size, and every token's text when the run's `tokenizer` is
+    given (`distill.check_vocabularies`: one line)."""
+    teacher_cfg, _ = distill.load_teacher(config)
+    distill.check_vocabularies(setup.model_cfg.vocab_size, teacher_cfg.vocab_size, tokenizer,
+                               None if tokenizer is None else distill.teacher_tokenizer(config))
+    return rollout_driver(setup, config, **inputs)
+
+
+DISTILL = register(Algorithm(
+    name="distill",
+    help="on-policy distillation of distill.teacher_source into model.source (reverse-KL "
+         "advantages on the student's samples)",
+    schedule=_distill_schedule, make_step=_distill_step, batch=_distill_batch,
+    cost=lambda s, c: _rollout_cost(s, c, _distill_rows(c), c.distill.epochs,
+                                    c.distill.minibatch_size, c.distill.grad_accum_steps),
+    data="prompts", example=lambda enc, src, c: enc.prompt_example,
+    batch_size=lambda c: c.distill.prompts_per_iteration,
+    summary_keys=("score/mean", "distill/reverse_kl", "distill/advantage_mean", "distill/jsd",
+                  "distill/clipfrac", "response_length"),
+    driver=distill_driver, reward_source=ANNOTATOR_OR_MODEL,
+    rollout=lambda c: RolloutSpec(
+        group_size=c.distill.group_size, update_epochs=c.distill.epochs,
+        # A single-pass update's own forward gives the student's log-probs; no reference.
+        score_policy=not _distill_single_pass(c), score_reference=False,
+        tis_cap=c.distill.tis_cap, tis_cap_key="distill.tis_cap", rescore=teacher_rescorer)))

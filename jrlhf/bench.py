@@ -166,7 +166,7 @@ def update_flops(setup: Setup, config: Config) -> tuple[float, int, int]:
     its algorithm's `cost`: every model pass forward and backward; the tokens of the first."""
     cost = setup.algorithm.cost(setup, config)
     flops = sum(model_flops(
-        p.cfg, p.rows * p.length, p.length, True,
+        p.cfg, p.tokens(p.rows), p.length, True,
         lm_tokens=None if p.lm_positions is None else p.rows * p.lm_positions,
         read_tokens=None if p.read_positions is None else p.rows * p.read_positions)
         for p in cost.passes)
@@ -314,8 +314,8 @@ def _bench_iteration(work, setup, result, steps, warmup, rng):
     flops = {"generate": model_flops(cfg, B * P, P, False, lm_tokens=B)  # one shared prefill
              + model_flops(cfg, rows * N, P + N, False),
              # policy (unless the update's own forward gives its log-probs) and reference
-             # with LM heads on response positions, then backbones
-             "score": (1 + loop.spec.score_policy)
+             # (unless the update has none) with LM heads on response positions, then backbones
+             "score": (loop.spec.score_reference + loop.spec.score_policy)
              * model_flops(cfg, rows * T, T, False, lm_tokens=rows * N)
              + model_flops(backbone, rows * T, T, False, read_tokens=rows)  # the reward model
              + (setup.value_cfg is not None) * model_flops(backbone, rows * T, T, False),

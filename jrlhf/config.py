@@ -444,6 +444,10 @@ class GRPOConfig:
     minibatch_size: int = bounded(0, ge=0)  # rows per optimizer step; 0 = the whole batch
     # micro-batches per optimizer step (normalised as one batch)
     grad_accum_steps: int = bounded(1, ge=1)
+    # Each prompt runs through the model once for its K samples (the scoring forwards and the
+    # update's forward and backward; `transformer.Transformer.shared_prompt`), and minibatches
+    # hold whole groups. Used when minibatches and micro-batches hold whole groups, else off.
+    shared_prompt: bool = True
     tis_cap: float = 0.0  # truncated importance sampling, as ppo.tis_cap; 0 = off, else >= 1
     # DAPO's dynamic sampling: groups whose scores are all equal (no learning signal) are
     # dropped and replaced by groups of the next prompts, at most max_refills extra sampling
@@ -470,6 +474,51 @@ class GRPOConfig:
         if self.dual_clip and self.dual_clip <= 1.0:
             raise ValueError(f"grpo.dual_clip={self.dual_clip!r} is out of range: expected 0 "
                              "(off) or > 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """On-policy distillation (`jrlhf distill`, `jrlhf.distill`): a policy-gradient update on
+    the student's own samples with the per-token reverse-KL advantage A_t = log p_teacher(y_t)
+    − log q_student(y_t), optionally mixed with a task reward's group advantage and a
+    generalised JSD(β) term over the full vocabularies."""
+
+    # The teacher: any `model.source` (HF folder, .gguf, cached hub id, a run's export folder);
+    # its tokenizer must be the student's. Loaded with the student's compute settings. Empty:
+    # the student's own starting weights (model.source).
+    teacher_source: str = ""
+    clip_eps: float = bounded(0.2, gt=0)  # the ratio against the behaviour log-probs: 1 ± ε
+    tis_cap: float = 0.0  # truncated importance sampling, as grpo.tis_cap; 0 = off, else >= 1
+    # A_t += w · (the row's GRPO group advantage of the task reward); 0 = pure distillation
+    # (the reward is still computed and logged)
+    task_reward_weight: float = bounded(0.0, ge=0)
+    group_size: int = bounded(1, ge=1)  # samples per prompt (the task advantage's groups)
+    jsd_coef: float = bounded(0.0, ge=0)  # weight of the JSD(β) loss term; 0 = off
+    beta: float = bounded(0.5, ge=0, le=1)  # JSD's β (`generalized_jsd`: 0 / 1 are KLs)
+    jsd_temperature: float = bounded(1.0, gt=0)  # both models' logits / it inside the JSD
+    chunk_size: int = bounded(0, ge=0)  # JSD positions per LM-head chunk; 0 = the model's
+    epochs: int = bounded(1, ge=1)
+    minibatch_size: int = bounded(0, ge=0)  # rows per optimizer step; 0 = the whole batch
+    grad_accum_steps: int = bounded(1, ge=1)  # micro-batches per optimizer step
+    # The loop (the distill stage).
+    iterations: int = bounded(20, ge=1)
+    prompts_per_iteration: int = bounded(4, ge=1)  # each sampled group_size times
+    learning_rate: float = bounded(1e-5, gt=0)
+
+    def __post_init__(self):
+        _check_ranges("distill", self)
+        _check_tis_cap("distill", self.tis_cap)
+        if self.task_reward_weight and self.group_size < 2:
+            raise ValueError(f"distill.task_reward_weight={self.task_reward_weight!r} needs "
+                             f"distill.group_size >= 2 (the task advantage is the score minus "
+                             f"its group's mean), got {self.group_size}")
+        rows = self.prompts_per_iteration * self.group_size
+        size = self.minibatch_size or rows
+        if rows % size or size % self.grad_accum_steps:
+            raise ValueError(f"distill: the {rows} rows of an iteration (prompts_per_iteration "
+                             f"x group_size) are not whole minibatches of "
+                             f"distill.minibatch_size={size} rows, each of "
+                             f"distill.grad_accum_steps={self.grad_accum_steps} micro-batches")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -543,6 +592,7 @@ class Config:
     ppo: PPOConfig = PPOConfig()
     dpo: DPOConfig = DPOConfig()
     grpo: GRPOConfig = GRPOConfig()
+    distill: DistillConfig = DistillConfig()
     rollout: RolloutConfig = RolloutConfig()
     iterate: IterateConfig = IterateConfig()
     run: RunConfig = RunConfig()

@@ -148,7 +148,7 @@ def step_activations(setup: Setup, config: Config, device: str = "h100") -> int:
     ways = c.mesh.batch_ways
     total = 0
     for p in setup.algorithm.cost(setup, config).passes:
-        tokens = p.live_rows * p.length // ways
+        tokens = p.tokens(p.live_rows) // ways
         lm_tokens = p.live_rows * (p.length if p.lm_positions is None else p.lm_positions)
         total += activation_estimate(p.cfg, tokens, p.length, lm_tokens // ways, c.mesh.tensor,
                                      flash_attention(p.cfg, device))

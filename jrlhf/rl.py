@@ -113,33 +113,41 @@ def overlong_penalty(lengths, truncated, max_new_tokens, buffer: int, penalty: f
 
 
 def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, gamma: float, lam: float):
-    """Generalised advantage estimation over right-padded response tokens.
+    """Generalised advantage estimation over the response tokens of `mask`.
 
     Args:
         rewards, values: `[B, T]`.
-        mask: `[B, T]`, 1 on response tokens then 0 on right padding. The last valid token is
-            terminal: the value after it is 0.
+        mask: `[B, T]`, 1 on the tokens the policy chose, 0 elsewhere: right padding, and also
+            holes between turns (a multi-turn episode's observation tokens, `jrlhf.envs`).
+            GAE runs over the masked-in tokens alone, as if the others were not there: a
+            token's successor is the next 1 of its row, and the last 1 is terminal (the value
+            after it is 0).
         gamma, lam: discount and GAE lambda.
 
     Returns:
         `(advantages, returns)`, both `[B, T]`, with returns = advantages + values, both 0
-        where `mask` is 0. δ_t = r_t + γ·V_{t+1}·m_{t+1} − V_t;
-        A_t = δ_t + γλ·m_{t+1}·A_{t+1}.
+        where `mask` is 0. With t' the next masked-in token after t (none: V = A = 0 there):
+        δ_t = r_t + γ·V_t' − V_t; A_t = δ_t + γλ·A_t'. On a contiguous mask t' = t + 1.
     """
     mask = (mask > 0).astype(jnp.float32)
     rewards = jnp.where(mask > 0, rewards, 0.0)
     values = jnp.where(mask > 0, values, 0.0)
-    next_values = jnp.pad(values[:, 1:], ((0, 0), (0, 1)))
-    next_mask = jnp.pad(mask[:, 1:], ((0, 0), (0, 1)))
+    T = mask.shape[-1]
+    # t' of every t: the first masked-in column after it (T when there is none).
+    columns = jnp.where(mask > 0, jnp.arange(T), T)
+    after = jnp.pad(jax.lax.cummin(columns, axis=1, reverse=True)[:, 1:], ((0, 0), (0, 1)),
+                    constant_values=T)
+    next_mask = (after < T).astype(jnp.float32)
+    next_values = jnp.take_along_axis(values, jnp.minimum(after, T - 1), axis=1)
     deltas = rewards + gamma * next_values * next_mask - values
 
-    def backward(next_adv, xs):
-        delta, m_next = xs
+    def backward(next_adv, xs):  # next_adv: A of the next masked-in token (0 past the last)
+        delta, m_next, m = xs
         adv = delta + gamma * lam * m_next * next_adv
-        return adv, adv
+        return jnp.where(m > 0, adv, next_adv), adv  # a masked-out token passes A_t' on
 
     _, adv_t = jax.lax.scan(backward, jnp.zeros(rewards.shape[0], jnp.float32),
-                            (deltas.T, next_mask.T), reverse=True)
+                            (deltas.T, next_mask.T, mask.T), reverse=True)
     advantages = adv_t.T * mask
     return advantages, (advantages + values) * mask
 

@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -28,6 +28,7 @@ from jrlhf.models.config import ModelConfig
 from jrlhf.rewards import Reward, check_finite
 from jrlhf.rng import stream_key
 from jrlhf.sampling import Generation, generate
+from jrlhf.steps.common import under_expert_mesh
 from jrlhf.steps.rollout import score_rollout
 
 __all__ = ["Reward", "RolloutLoop", "RolloutSpec", "decode_texts", "make_sampler",
@@ -40,6 +41,8 @@ class RolloutSpec:
     `rollout(config)`).
 
     group_size: samples per prompt, sharing one prefill (GRPO's K; 1 for PPO).
+    shared_prompt: the scoring forwards run each group's prompt once
+        (`transformer.token_outputs(group_size=...)`).
     dynamic_sampling / max_refills: drop groups whose scores are all equal and refill the batch
         from the next prompts, at most `max_refills` rounds.
     with_entropy: the scoring forward computes the policy's per-token entropy.
@@ -50,9 +53,16 @@ class RolloutSpec:
     tis_cap / tis_cap_key: the update's truncated-importance-sampling cap and its config key:
         partial rollouts (`rollout.max_staleness`) need it on, the correction for tokens drawn
         by older policy versions.
+    score_reference: the scoring forward computes the frozen reference's log-probs (False: an
+        update with no reference, e.g. distillation's, whose batch has no `ref_logprobs`).
+    rescore: None, or `rescore(setup, config) -> fn`, called once when the loop is built:
+        `fn(batch) -> batch` then turns each scored batch (its `scores` set, after dynamic
+        sampling) into the one the update takes, e.g. distillation's teacher forward
+        (`steps.distill.teacher_rescorer`); its seconds are logged as `time/rescore`.
     """
 
     group_size: int = 1
+    shared_prompt: bool = False
     dynamic_sampling: bool = False
     max_refills: int = 0
     with_entropy: bool = False
@@ -60,6 +70,8 @@ class RolloutSpec:
     score_policy: bool = True
     tis_cap: float = 0.0
     tis_cap_key: str = ""
+    score_reference: bool = True
+    rescore: Callable[..., Callable] | None = None
 
 
 def decode_texts(tokenizer, tokens, mask) -> list[str]:
@@ -109,10 +121,11 @@ def make_sampler(cfg: ModelConfig, rollout: RolloutConfig, eos_token_id, pad_tok
                               slots=slots,
                               batch_sharding=sharding.batch_sharding(mesh) if split else None)
 
-        return sample
-    return functools.partial(
+        return under_expert_mesh(sample, mesh)
+    # A mixture of experts on an expert axis decodes expert-parallel, as its steps train.
+    return under_expert_mesh(functools.partial(
         with_rollout_settings(generate, cfg, rollout, eos_token_id, pad_token_id, num_samples),
-        batch_sharding=None if mesh is None else sharding.batch_sharding(mesh))
+        batch_sharding=None if mesh is None else sharding.batch_sharding(mesh)), mesh)
 
 
 def sample_batched(cfg: ModelConfig, params, prompt_ids, prompt_mask, key,
@@ -209,7 +222,9 @@ class RolloutLoop:
             reward_fn=reward.device_fn(), missing_eos_penalty=r.missing_eos_penalty,
             lora_scale=setup.lora_scale, eos_token_id=eos_token_id,
             with_entropy=spec.with_entropy, with_policy=spec.score_policy,
-            replay_experts=r.routing_replay == "on"))
+            group_size=self.group if spec.shared_prompt else 1,
+            with_reference=spec.score_reference, replay_experts=r.routing_replay == "on"))
+        self.rescore = None if spec.rescore is None else spec.rescore(setup, config)
 
     def _host_local_sampler(self, r: RolloutConfig, eos_token_id, pad_token_id):
         """`sample(params, prompt_ids, prompt_mask, key, budgets)` of host-local decode
@@ -272,10 +287,10 @@ class RolloutLoop:
                              f"the state's pool carries no recorded experts (build it with "
                              f"RolloutPool.empty(..., experts=(L_sparse, k)))")
         split = setup.mesh is not None and r.slots % sharding.batch_devices(setup.mesh) == 0
-        return functools.partial(
+        return under_expert_mesh(functools.partial(
             with_rollout_settings(generate_partial, setup.model_cfg, r, eos_token_id,
                                   pad_token_id, self.group), slots=r.slots,
-            batch_sharding=sharding.batch_sharding(setup.mesh) if split else None)
+            batch_sharding=sharding.batch_sharding(setup.mesh) if split else None), setup.mesh)
 
     def _prompt_budgets(self, prompts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`(prompt_ids, prompt_mask [G, P], budgets [G·K])` of a prompt batch, whole on every
@@ -491,6 +506,9 @@ class RolloutLoop:
         batch, rounds, dynamic = first["batch"], [first], {}
         if self.spec.dynamic_sampling:
             batch, rounds, dynamic = self._refill_groups(state, first, key)
+        rescored = {}
+        if self.rescore is not None:
+            batch, rescored["time/rescore"] = _timed(self.rescore, batch)
         (state, metrics), t_update = _timed(setup.step, state, batch)
         raw = np.concatenate([r["raw"] for r in rounds])
         lengths = np.concatenate([r["lengths"] for r in rounds])
@@ -508,6 +526,6 @@ class RolloutLoop:
             "tokens_per_s/generate": sum(r["generated_tokens"] for r in rounds) / t_gen,
             "tokens_per_s/score": seq_tokens / t_score,
             "tokens_per_s/update": first["seq_tokens"] * epochs / t_update,
-            **dynamic, **carried,
+            **dynamic, **carried, **rescored,
         })
         return state, metrics

@@ -312,7 +312,7 @@ def run_train(run: Run, stage: Stage, config: Config) -> bool:
     rollout = {}
     if setup.algorithm.rollout is not None:
         rollout = dict(reward=stage_reward(run, stage, config), eos_token_id=run.encoder.eos_id,
-                       pad_token_id=run.encoder.pad_id)
+                       pad_token_id=run.encoder.pad_id, tokenizer=run.tokenizer)
     inputs = {stage.data: data_digest(run.file(stage.data, stage))}
     result = loops.train(setup, config, batches, out_dir=run.out, resume=run.resume,
                          log=run.log, train=run.train, inputs=inputs, **rollout)

@@ -114,6 +114,8 @@ CASES = {
                                          "reward.learning_rate=nan is out of", "reward"),
     "negative learning rate": override("sft.learning_rate=-1e-4", "sft.learning_rate=-0.0001"),
     "zero steps": override("sft.steps=0", "sft.steps=0 is out of range"),
+    "distill beta out of range": override("distill.beta=1.5", "distill.beta=1.5 is out of range",
+                                          "distill"),
     "zero response length": override("data.max_response_length=0",
                                      "data.max_response_length=0"),
     "negative save_every": override("run.save_every=-1", "run.save_every=-1"),

@@ -151,6 +151,7 @@ def group_rollout(params, G=4, K=4, P=4, N=5, seed=0, temperature=1.0, cfg=CFG):
 
     rng = np.random.RandomState(seed)
     ids = rng.randint(3, 64, (G * K, P + N)).astype(np.int32)
+    ids[:, :P] = np.repeat(ids[::K, :P], K, axis=0)  # a group: K samples of one prompt
     attn = np.ones_like(ids)
     resp = np.ones((G * K, N), np.int32)
     resp[1::4, 3:] = 0

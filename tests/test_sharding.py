@@ -187,6 +187,31 @@ def test_moe_steps_on_expert_meshes_equal_one_device(shape, moe_one_device):
     placed = place_state(state, mesh)
     experts = placed.params["layers"][0]["mlp"]["experts"]["gate_proj"]
     assert experts.addressable_shards[0].data.shape[0] == cfg.num_experts // shape["expert"]
+    # The rollout sampler decodes expert-parallel too (traced under the expert mesh), and
+    # samples what one device samples, with the experts it records.
+    from jrlhf.config import RolloutConfig
+    from jrlhf.rollouts import make_sampler
+
+    rollout = RolloutConfig(max_new_tokens=6, temperature=1.0, routing_replay="on")
+    ids = np.random.default_rng(3).integers(3, cfg.vocab_size, (8, 5)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, :2] = 0  # a left-padded prompt
+    key = jax.random.key(7)
+    one = make_sampler(cfg, rollout, None, 0, num_samples=2)(state.params, ids, mask, key)
+    from jrlhf.models import expert_parallel
+
+    traced = []
+    spy = lambda: traced.append(real()) or traced[-1]  # noqa: E731
+    real, expert_parallel.expert_mesh = expert_parallel.expert_mesh, spy
+    try:
+        sampled = make_sampler(cfg, rollout, None, 0, num_samples=2, mesh=mesh)(
+            placed.params, *sharding.put((ids, mask), sharding.batch_sharding(mesh)), key)
+    finally:
+        expert_parallel.expert_mesh = real
+    assert traced and all(m is not None for m in traced)  # traced here, expert-parallel
+    np.testing.assert_array_equal(sampled.tokens, one.tokens)
+    np.testing.assert_array_equal(sampled.experts, one.experts)
+    np.testing.assert_allclose(sampled.logprobs, one.logprobs, atol=1e-5)
 
 
 @pytest.mark.slow

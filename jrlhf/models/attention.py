@@ -231,3 +231,67 @@ def _einsum_attention(q, k, v, visible, scale, softcap, sinks=None):
         probs = jnp.exp(logits - lse).astype(q.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(q.dtype))
     return out.reshape(B, T, H, Dh)
+
+
+def shared_prompt_attention(q, k, v, *, groups: int, prompt_length: int, prompt_real,
+                            prompt_positions, response_positions, implementation: str,
+                            window: int | None = None, scale: float | None = None,
+                            softcap: float | None = None, sinks=None) -> jax.Array:
+    """Attention of grouped rows whose K = B / G rows of a group share one prompt, which is
+    computed once (`transformer.Transformer.shared_prompt`).
+
+    The tokens come flat, `q [1, M, H, Dh]`, `k / v [1, M, K_kv, Dh]`, M = G·P + B·N: first the
+    G left-aligned prompts of P columns (`prompt_real [G, P]` bool, `prompt_positions [G, P]`),
+    then the B right-padded responses of N columns (`response_positions [B, N]`, row b of group
+    b // K). A prompt token attends causally within its prompt (`self_attention`); a response
+    token attends to its group's real prompt tokens and causally to its own row's response,
+    both through `window`. Response-to-response visibility is by column (padding follows the
+    real tokens, so a real query never sees it), response-to-prompt by position. Returns
+    `[1, M, H, Dh]`: per token what `self_attention` gives the same token in its full
+    prompt + response row (up to float32 rounding: the softmax sums the same terms in another
+    order). The prompt's keys are never repeated K times: the response logits against them
+    are one einsum over `[G, K, ...]`, and in the backward pass their gradients add up over
+    the group there.
+    """
+    G, P = groups, prompt_length
+    _, M, H, Dh = q.shape
+    Kv = k.shape[2]
+    N = response_positions.shape[1]
+    B = (M - G * P) // N
+    K, g = B // G, H // Kv
+    scale = Dh ** -0.5 if scale is None else scale
+    qp, kp, vp = (x[0, :G * P].reshape(G, P, *x.shape[2:]) for x in (q, k, v))
+    qr, kr, vr = (x[0, G * P:].reshape(B, N, *x.shape[2:]) for x in (q, k, v))
+    prompt_out = self_attention(qp, kp, vp, implementation=implementation, window=window,
+                                scale=scale, softcap=softcap, sinks=sinks)
+    # Response queries [G, K, N, Kv, g, Dh] against the group's prompt keys and their own row.
+    qg = qr.reshape(G, K, N, Kv, g, Dh)
+    to_prompt = jnp.einsum("gknhqd,gphd->gkhqnp", qg, kp.astype(q.dtype),
+                           preferred_element_type=jnp.float32).reshape(B, Kv, g, N, P)
+    to_own = jnp.einsum("bnhqd,bmhd->bhqnm", qr.reshape(B, N, Kv, g, Dh), kr.astype(q.dtype),
+                        preferred_element_type=jnp.float32)
+    logits = jnp.concatenate([to_prompt, to_own], axis=-1) * scale  # [B, Kv, g, N, P + N]
+    if softcap is not None:
+        logits = softcap * jnp.tanh(logits / softcap)
+    key_positions = jnp.repeat(prompt_positions, K, axis=0)  # [B, P]
+    sees_prompt = (jnp.repeat(prompt_real, K, axis=0)[:, None, :]
+                   & (key_positions[:, None, :] <= response_positions[:, :, None]))
+    if window is not None:
+        sees_prompt &= key_positions[:, None, :] > response_positions[:, :, None] - window
+    sees_own = jnp.broadcast_to(causal_visible(jnp.arange(N), N, window), (B, N, N))
+    visible = jnp.concatenate([sees_prompt, sees_own], axis=-1)[:, None, None]
+    logits = jnp.where(visible, logits, jnp.finfo(jnp.float32).min)
+    if sinks is None:
+        probs = jax.nn.softmax(logits, axis=-1)
+    else:  # the sink joins the denominator only
+        sink = sinks.astype(jnp.float32).reshape(1, Kv, g, 1, 1)
+        probs = jnp.exp(logits - jnp.logaddexp(
+            jax.nn.logsumexp(logits, axis=-1, keepdims=True), sink))
+    probs = probs.astype(q.dtype)
+    from_prompt = jnp.einsum("gkhqnp,gphd->gknhqd", probs[..., :P].reshape(G, K, Kv, g, N, P),
+                             vp.astype(q.dtype)).reshape(B, N, H, Dh)
+    from_own = jnp.einsum("bhqnm,bmhd->bnhqd", probs[..., P:],
+                          vr.astype(q.dtype)).reshape(B, N, H, Dh)
+    response_out = from_prompt + from_own
+    return jnp.concatenate([prompt_out.reshape(G * P, H, Dh),
+                            response_out.reshape(B * N, H, Dh)])[None]

@@ -194,6 +194,18 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float, scaling: tuple 
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
+class SharedPrompt(NamedTuple):
+    """How the flat tokens of `Transformer.shared_prompt` split: `groups` (G) left-aligned
+    prompts of `prompt_length` (P) columns, then the groups' rows' responses. Arrays:
+    `prompt_real [G, P]` bool, `prompt_positions [G, P]`, `response_positions [B, N]`."""
+
+    groups: int
+    prompt_length: int
+    prompt_real: jax.Array
+    prompt_positions: jax.Array
+    response_positions: jax.Array
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, layer: int = 0):
         d, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
@@ -211,9 +223,11 @@ class Attention(nnx.Module):
             self.sinks = nnx.Param(_INIT(rngs.params(), (cfg.num_heads,), jnp.float32))
 
     def __call__(self, x, positions, segment_ids=None, cache=None, first_slot=None, slot=None,
-                 query_index=None):
+                 query_index=None, shared: SharedPrompt | None = None):
         """Without `cache`: causal self-attention over left-aligned rows (see
         `jrlhf.models.attention`); returns the output and this call's `(k, v)` (for a prefill).
+        With `shared`: x is the flat `[1, M, D]` tokens of prompts shared by groups of rows
+        (`Transformer.shared_prompt`; `attn.shared_prompt_attention`).
         With `query_index [B, R]`: queries (and the output) only at those columns, keys and
         values at all T (`attn.attention_at`).
         With `cache = (keys, values)`: x is one token per row, written at cache slot `slot`
@@ -244,8 +258,15 @@ class Attention(nnx.Module):
             impl = attn.resolve_implementation(cfg.attention, cfg.dtype, cfg.head_dim,
                                                softcap=cfg.attn_softcap,
                                                sinks=cfg.attention_sinks)
-            out = attn.self_attention(q, k, v, implementation=impl, segment_ids=segment_ids,
-                                      **options)
+            if shared is not None:
+                out = attn.shared_prompt_attention(
+                    q, k, v, groups=shared.groups, prompt_length=shared.prompt_length,
+                    prompt_real=shared.prompt_real, prompt_positions=shared.prompt_positions,
+                    response_positions=shared.response_positions, implementation=impl,
+                    **options)
+            else:
+                out = attn.self_attention(q, k, v, implementation=impl,
+                                          segment_ids=segment_ids, **options)
             new = (k, v)
         else:
             keys, values = attn.write_cache(cache[0], k, slot), attn.write_cache(cache[1], v, slot)
@@ -353,12 +374,13 @@ class Block(nnx.Module):
             self.mlp_post_norm = make_norm(cfg)
 
     def __call__(self, x, positions, segment_ids=None, cache=None, first_slot=None, slot=None,
-                 query_index=None, experts=None):
+                 query_index=None, experts=None, shared: SharedPrompt | None = None):
         """Returns `(x, kv, route)`: `route` is None for a dense MLP, else the router's logits
         `[B·R, E]` and the chosen experts `[B·R, k]` (`SparseMLP`; `experts` replays given ones).
-        `query_index [B, R]`: the block's output only at those columns (`Attention`)."""
+        `query_index [B, R]`: the block's output only at those columns (`Attention`).
+        `shared`: x holds prompts shared by groups of rows, flat (`Transformer.shared_prompt`)."""
         attn_out, kv = self.attn(self.attn_norm(x), positions, segment_ids, cache, first_slot,
-                                 slot, query_index)
+                                 slot, query_index, shared)
         if query_index is not None:
             x = jnp.take_along_axis(x, query_index[:, :, None], axis=1)
         x = x + (self.attn_post_norm(attn_out) if self.sandwich else attn_out)
@@ -453,21 +475,23 @@ class Transformer(nnx.Module):
         return self._embed(input_ids, positions), positions, None, shift, real > 0
 
     def _layers_without_cache(self, x, positions, segment_ids, real, read=None, experts=None,
-                              replay: bool = True):
+                              replay: bool = True, shared: SharedPrompt | None = None):
         """All layers, unrolled or as one `lax.scan` body (layers alike: `ModelConfig` checks),
         each optionally rematerialised. Each layer runs under its own graphdef: layers differ
         statically (sliding window, RoPE base, dense or sparse MLP). With `read [B, R]`
         (aligned columns) the last layer runs apart, its queries at those columns only.
         Returns `(x, stats)`: `x [B, T, D]` (`[B, R, D]` with `read`) and the sparse layers'
         `moe.RouterStats` over the tokens where `real [B, T]` (stacked; None if no layer is
-        sparse). `experts [B, T, L_sparse, k]` (aligned): replayed or compared (`__call__`)."""
+        sparse). `experts [B, T, L_sparse, k]` (aligned): replayed or compared (`__call__`).
+        `shared`: x is `Transformer.shared_prompt`'s flat `[1, M, D]` tokens (`real [1, M]` then
+        weighs each token's router statistics)."""
 
         barrier = uses_residual_barrier(self.cfg)
 
         def block(block_def, layer_state, x, query_index=None, recorded=None):
             out, _, route = nnx.merge(block_def, layer_state)(
                 x, positions, segment_ids, query_index=query_index,
-                experts=recorded if replay else None)
+                experts=recorded if replay else None, shared=shared)
             stats = None
             if route is not None:
                 mask = real if query_index is None else jnp.take_along_axis(real, query_index, 1)
@@ -510,6 +534,57 @@ class Transformer(nnx.Module):
             stats.append(layer_stats)
         stats = [st for st in stats if st is not None]
         return x, (jax.tree.map(lambda *xs: jnp.stack(xs), *stats) if stats else None)
+
+    def shared_prompt(self, prompt_ids, prompt_mask, response_ids, response_mask,
+                      group_size: int, *, experts=None, replay: bool = True):
+        """Final hidden states `[B, N, D]` predicting each response token (position t holds what
+        `__call__` gives at column P + t − 1 of the full prompt + response row), for B = G·K rows
+        whose K consecutive rows share a prompt, the prompt run through every layer once per
+        group instead of K times (its forward and backward: GRPO's K samples of one prompt).
+
+        `prompt_ids, prompt_mask [G, P]`: each group's prompt (one contiguous run of real tokens;
+        left-padded as sampled). `response_ids, response_mask [B, N]`: each row's response,
+        right-padded (real tokens from column 0). Equal to `__call__` on the rows
+        `concat(prompt, response)` up to float32 rounding (`attn.shared_prompt_attention`).
+        `experts [B, P + N, L_sparse, k]`: recorded routing in the full rows' layout (a group's
+        prompt columns are taken from its first row), replayed or compared as in `__call__`.
+        Returns `(hidden, stats)`; a prompt token's router statistics count K times, as in the
+        full rows.
+        """
+        G, P = prompt_ids.shape
+        B, N = response_ids.shape
+        K = group_size
+        if G * K != B:
+            raise ValueError(f"shared_prompt: {B} response rows are not {G} prompts x "
+                             f"group_size {K}")
+        shift = attn.leading_padding(prompt_mask)
+        prompt_real = attn.roll_rows(prompt_mask, shift) > 0
+        prompt_positions = positions_from_mask(prompt_real)
+        lengths = jnp.sum(prompt_real, axis=1, dtype=jnp.int32)
+        response_positions = (jnp.repeat(lengths, K)[:, None]
+                              + positions_from_mask(response_mask))
+        D = self.cfg.hidden_size
+        x = jnp.concatenate([
+            self._embed(attn.roll_rows(prompt_ids, shift), prompt_positions).reshape(G * P, D),
+            self._embed(response_ids, response_positions).reshape(B * N, D)])[None]
+        positions = jnp.concatenate([prompt_positions.reshape(-1),
+                                     response_positions.reshape(-1)])[None]
+        weights = jnp.concatenate([prompt_real.reshape(-1).astype(jnp.float32) * K,
+                                   (response_mask > 0).reshape(-1).astype(jnp.float32)])[None]
+        if experts is not None:
+            prompt_experts = attn.roll_rows(experts.reshape(G, K, *experts.shape[1:])[:, 0, :P],
+                                            shift)
+            experts = jnp.concatenate([
+                prompt_experts.reshape(G * P, *experts.shape[2:]),
+                experts[:, P:].reshape(B * N, *experts.shape[2:])])[None]
+        layout = SharedPrompt(G, P, prompt_real, prompt_positions, response_positions)
+        x, stats = self._layers_without_cache(x, positions, None, weights, experts=experts,
+                                              replay=replay, shared=layout)
+        hidden = self.final_norm(x[0])
+        prompt_last = hidden[:G * P].reshape(G, P, D)[jnp.arange(G), jnp.maximum(lengths - 1, 0)]
+        response = hidden[G * P:].reshape(B, N, D)
+        return jnp.concatenate([jnp.repeat(prompt_last, K, axis=0)[:, None], response[:, :-1]],
+                               axis=1), stats
 
     def prefill(self, input_ids, attention_mask, cache_size: int, cache_dtype=None,
                 with_experts: bool = False, experts=None):
@@ -675,7 +750,7 @@ def token_outputs(cfg: ModelConfig, params: Params, input_ids, attention_mask, *
                   last: int | None = None, temperature=1.0,
                   with_entropy: bool = False, with_values: bool = False, positions=None,
                   segment_ids=None, with_router: bool = False, experts=None,
-                  replay: bool = True) -> TokenOutputs:
+                  replay: bool = True, group_size: int = 1) -> TokenOutputs:
     """What every loss needs from the LM head, without `[B, T, V]` logits.
 
     `input_ids, attention_mask [B, T]`. The predicted tokens are `input_ids[:, -n:]` with
@@ -686,12 +761,28 @@ def token_outputs(cfg: ModelConfig, params: Params, input_ids, attention_mask, *
     the sparse layers' `moe.RouterStats` over the real tokens (None for a dense model).
     `experts [B, T, L_sparse, k]`: the sampler's recorded experts, replayed (`replay`) or
     compared (`Transformer.__call__`).
+    `group_size` K > 1 (with `last`): the rows come in groups of K consecutive rows whose
+    prompt columns (all but the last n) are the same — a group's K samples of one prompt — and
+    each group's prompt goes through the model once (`Transformer.shared_prompt`; the result
+    equals K = 1's up to float32 rounding). Rows whose prompts differ within a group get wrong
+    outputs: the caller guarantees the layout.
     """
     model = bind(cfg, params)
-    hidden, router = model(input_ids, attention_mask, positions, segment_ids, with_router=True,
-                           experts=experts, replay=replay)
     n = input_ids.shape[1] - 1 if last is None else last
-    hidden = hidden[:, -n - 1:-1]
+    if group_size > 1 and last is not None:
+        if positions is not None or segment_ids is not None:
+            raise ValueError("token_outputs: group_size > 1 takes neither positions nor "
+                             "segment_ids (prompt + response rows only)")
+        B, T = input_ids.shape
+        P = T - n
+        hidden, router = model.shared_prompt(
+            input_ids.reshape(-1, group_size, T)[:, 0, :P],
+            attention_mask.reshape(-1, group_size, T)[:, 0, :P], input_ids[:, P:],
+            attention_mask[:, P:], group_size, experts=experts, replay=replay)
+    else:
+        hidden, router = model(input_ids, attention_mask, positions, segment_ids,
+                               with_router=True, experts=experts, replay=replay)
+        hidden = hidden[:, -n - 1:-1]
     logprobs, entropy = None, None
     if cfg.lm_head:
         weight, transposed = model.lm_head_weight()

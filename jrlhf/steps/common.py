@@ -158,8 +158,10 @@ def apply_gradients(state, grads):
 
 
 def minibatch_epochs(state, data, grad_fn, *, epochs: int, num_minibatches: int, key,
-                     grad_norm_key: str | None = None):
+                     grad_norm_key: str | None = None, group_size: int = 1):
     """`epochs` passes over `data`, each in `num_minibatches` shuffled optimizer steps.
+    `group_size` K > 1: whole groups of K consecutive rows are shuffled, so every minibatch
+    holds whole groups in their order (a grouped forward's layout, `token_outputs`).
 
     One nested `lax.scan` (epochs outside, minibatches inside; a fresh permutation per epoch
     from `key`), so a whole update phase is one compiled loop with no host round trip.
@@ -177,7 +179,11 @@ def minibatch_epochs(state, data, grad_fn, *, epochs: int, num_minibatches: int,
         return apply_gradients(train_state, grads), metrics
 
     def epoch(train_state, epoch_key):
-        perm = jax.random.permutation(epoch_key, B)
+        if group_size > 1:
+            groups = jax.random.permutation(epoch_key, B // group_size)
+            perm = (groups[:, None] * group_size + jnp.arange(group_size)).reshape(-1)
+        else:
+            perm = jax.random.permutation(epoch_key, B)
         shuffled = jax.tree.map(
             lambda x: x[perm].reshape(num_minibatches, mb_size, *x.shape[1:]), data)
         return jax.lax.scan(minibatch_update, train_state, shuffled)

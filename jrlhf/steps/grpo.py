@@ -15,6 +15,11 @@ default) sees each row once, with the weights that sampled it: its own forward's
 (stop-gradient) are the pre-update ones, so its batch may leave `logprobs` out and the rollout
 skips the policy's scoring forward (`score_rollout(with_policy=False)`); the mismatch metrics,
 truncated IS weights and entropy then come from that same forward.
+
+Shared prompts (`grpo.shared_prompt`, on by default): a group's K rows share their prompt
+columns, so the update's forward and backward (and the rollout's scoring forwards) run each
+prompt once per group, not K times (`transformer.Transformer.shared_prompt`); with P prompt and
+N response tokens that is (P + K·N) / (K·(P + N)) of the tokens, 5/8 at P = N, K = 4.
 """
 
 from __future__ import annotations
@@ -63,8 +68,17 @@ def single_pass(cfg: GRPOConfig, rows: int) -> bool:
             and cfg.grad_accum_steps == 1)
 
 
+def prompt_group_size(cfg: GRPOConfig, rows: int) -> int:
+    """K = `grpo.group_size` when the update runs each group's prompt once
+    (`grpo.shared_prompt`, and every minibatch and micro-batch of `rows` rollout rows holds
+    whole groups), else 1."""
+    size = cfg.minibatch_size or rows
+    whole = size % cfg.group_size == 0 and (size // cfg.grad_accum_steps) % cfg.group_size == 0
+    return cfg.group_size if cfg.shared_prompt and whole else 1
+
+
 def grpo_loss(params, mb, counts, *, cfg: GRPOConfig, model_cfg: ModelConfig, labels=None,
-              lora_scale: float = 0.0, extra_loss=None):
+              lora_scale: float = 0.0, extra_loss=None, group_size: int = 1):
     """The GRPO-family loss of one (micro-)batch `mb`, aggregated with `counts`
     (`losses.aggregation_counts` of the optimizer step's whole minibatch), plus
     `extra_loss(params, mb, logprobs) -> (term, metrics)` when given (weighted
@@ -72,14 +86,16 @@ def grpo_loss(params, mb, counts, *, cfg: GRPOConfig, model_cfg: ModelConfig, la
 
     Without `mb["logprobs"]` (a single pass) the pre-update log-probs are this forward's own,
     stop-gradient, and the mismatch metrics / TIS weights (against `mb["sampler_logprobs"]`)
-    and the policy's entropy are computed from it."""
+    and the policy's entropy are computed from it. `group_size` K > 1: `mb`'s rows are whole
+    groups of K rows with one prompt, run once per group (`prompt_group_size`)."""
     N = mb["response_mask"].shape[1]
     fp = forward_params(params, labels, lora_scale)
     own = "logprobs" not in mb
     experts, replay = recorded_experts(mb)
     out = tfm.token_outputs(model_cfg, fp, mb["input_ids"], mb["attention_mask"], last=N,
                             temperature=mb["temperature"], with_entropy=own,
-                            with_router=model_cfg.is_moe, experts=experts, replay=replay)
+                            with_router=model_cfg.is_moe, experts=experts, replay=replay,
+                            group_size=group_size)
     logprobs, weights, measured = out.logprobs, mb.get("tis_weights"), {}
     if own:
         old = jax.lax.stop_gradient(logprobs)
@@ -137,6 +153,11 @@ def grpo_step(state, batch, *, cfg: GRPOConfig, model_cfg: ModelConfig, labels=N
     (`batch["temperature"]`). A single-pass update (`single_pass`) takes a batch without
     `logprobs` and uses its own forward's (see the module docstring); any other refuses it.
     A state with an `RLState` (`state.rl`) has its iteration counter advanced.
+
+    Each group's K rows are K samples of one prompt (the same prompt columns): with
+    `cfg.shared_prompt` the forward runs that prompt once per group and minibatches are whole
+    groups (`prompt_group_size`); the metric `prompt_mismatch` (the share of rows whose prompt
+    differs from their group's first row's) is then logged and must be 0.
     """
     check_batch(batch, f"{cfg.estimator} step", (RL_BATCH, RL_OPTIONAL + ("values",)),
                 (RL_SINGLE_PASS, RL_OPTIONAL + ("values",)))
@@ -181,8 +202,9 @@ def grpo_step(state, batch, *, cfg: GRPOConfig, model_cfg: ModelConfig, labels=N
         mismatch = sampler_mismatch(batch, cfg.tis_cap, "grpo")
         if cfg.tis_cap:
             data["tis_weights"] = mismatch.pop("tis_weights")
+    group = prompt_group_size(cfg, B)
     loss_fn = functools.partial(grpo_loss, cfg=cfg, model_cfg=model_cfg, labels=labels,
-                                lora_scale=lora_scale, extra_loss=extra_loss)
+                                lora_scale=lora_scale, extra_loss=extra_loss, group_size=group)
 
     def grad_fn(params, mb):
         (loss, m), grads = minibatch_gradients(loss_fn, params, mb, cfg.grad_accum_steps)
@@ -192,14 +214,32 @@ def grpo_step(state, batch, *, cfg: GRPOConfig, model_cfg: ModelConfig, labels=N
     state, metrics = minibatch_epochs(
         state, data, grad_fn, epochs=cfg.epochs, num_minibatches=B // size,
         key=jax.random.fold_in(state.rng, state.step),
-        grad_norm_key=f"{cfg.estimator}/grad_norm")
+        grad_norm_key=f"{cfg.estimator}/grad_norm", group_size=group)
     if getattr(state, "rl", None) is not None:  # the rollout iteration this update ends
         state = state.replace(rl=state.rl.replace(iteration=state.rl.iteration + 1))
     metrics.update({f"{cfg.estimator}/mean_score": jnp.mean(batch["scores"]),
                     f"{cfg.estimator}/advantages_std": jnp.std(advantages), **mismatch})
     if "entropy" in batch:
         metrics[f"{cfg.estimator}/entropy"] = masked_mean(batch["entropy"], mask)
+    if group > 1:
+        metrics[f"{cfg.estimator}/prompt_mismatch"] = prompt_mismatch(
+            batch["input_ids"], batch["attention_mask"], mask.shape[1], group)
     return state, metrics
+
+
+def prompt_mismatch(input_ids, attention_mask, num_response: int, group_size: int):
+    """The share of rows `[B, P+N]` whose prompt columns (ids or mask; all but the last
+    `num_response`) differ from their group's first row's: 0 for a rollout's batch, where a
+    shared-prompt forward is exact; anything else means the batch's groups are not K samples
+    of one prompt and `grpo.shared_prompt` must be off."""
+    B, T = input_ids.shape
+    P = T - num_response
+
+    def differs(x):
+        x = x[:, :P].reshape(B // group_size, group_size, P)
+        return jnp.any(x != x[:, :1], axis=-1)
+
+    return jnp.mean((differs(input_ids) | differs(attention_mask)).astype(jnp.float32))
 
 
 def make_grpo_step(model_cfg: ModelConfig, cfg: GRPOConfig, *, labels=None,

@@ -52,13 +52,15 @@ def recorded_experts(batch) -> tuple[jax.Array | None, bool]:
 def policy_outputs(params, input_ids, attention_mask, num_response: int, *,
                    policy_cfg: ModelConfig, value_cfg: ModelConfig | None, temperature,
                    labels=None, lora_scale: float = 0.0, with_entropy: bool = False,
-                   with_router: bool = False, experts=None, replay: bool = True):
+                   with_router: bool = False, experts=None, replay: bool = True,
+                   group_size: int = 1):
     """`(logprobs [B, N], entropy [B, N] | None, values [B, N])` of the response (the last N
     tokens of `input_ids`) under logits / temperature (a number or `[B]`), without
     materialising the logits. `with_router`: a fourth item, the `(policy, value model)` router
     stats of mixtures of experts (`transformer.token_outputs`; None for a dense model).
     `experts`, `replay`: the sampler's recorded experts of the policy's rows
-    (`recorded_experts`).
+    (`recorded_experts`). `group_size` K > 1: the policy runs each group of K consecutive
+    rows' common prompt once (`transformer.token_outputs`; a critic scores the full rows).
 
     `params` is `{"policy": ...}` (value head on the policy's backbone, or no critic at all when
     `policy_cfg.scalar_head` is False: values are then zeros) or `{"policy": ..., "value": ...}`
@@ -70,7 +72,7 @@ def policy_outputs(params, input_ids, attention_mask, num_response: int, *,
                             last=num_response, temperature=temperature,
                             with_entropy=with_entropy, with_values=shared,
                             with_router=with_router and policy_cfg.is_moe, experts=experts,
-                            replay=replay)
+                            replay=replay, group_size=group_size)
     value_router = None
     if shared:
         values = out.values
@@ -121,7 +123,8 @@ def score_rollout(params, ref_params, reward_params, prompt_ids, prompt_mask,
                   value_cfg: ModelConfig | None, reward_fn, missing_eos_penalty: float = 0.0,
                   lora_scale: float = 0.0, eos_token_id: int | None = None,
                   with_entropy: bool = False, with_policy: bool = True,
-                  replay_experts: bool = True):
+                  with_reference: bool = True, replay_experts: bool = True,
+                  group_size: int = 1):
     """The experience phase: one function giving `ppo_step`'s (or `grpo_step`'s) rollout batch.
 
     `prompt_ids, prompt_mask [B, P]` (left-padded) and `response`, the `sampling.Generation`
@@ -141,9 +144,14 @@ def score_rollout(params, ref_params, reward_params, prompt_ids, prompt_mask,
     `with_policy=False`: no policy forward at all (no `logprobs`, `values` or `entropy`): for
     an update that makes a single pass with the pre-update weights and takes them from its own
     forward (`steps.grpo.single_pass`), so the rollout's tokens go through the policy once.
+    `with_reference=False`: no reference forward (no `ref_logprobs`): for an update that has
+    no reference (distillation).
     A mixture of experts' `response.experts` (recorded by the sampler) are replayed in the
     policy's forwards (`replay_experts`; batch key `experts`) or only compared (key
     `sampler_experts`); the reference scores with its own routing.
+    `group_size` K > 1: the rows come in groups of K consecutive rows with one prompt (a
+    rollout's K samples of each), whose prompt the policy and reference forwards run once per
+    group (`transformer.token_outputs`).
 
     Returns `(batch, scores)`; `batch["scores"]` is filled by the caller (after optional
     normalisation), the raw `scores [B]` are returned for metrics.
@@ -158,22 +166,23 @@ def score_rollout(params, ref_params, reward_params, prompt_ids, prompt_mask,
         logprobs, entropy, values = policy_outputs(
             params, ids, mask, N, policy_cfg=policy_cfg, value_cfg=value_cfg,
             temperature=temperature, lora_scale=lora_scale, with_entropy=with_entropy,
-            experts=experts, replay=replay)
-    if ref_params is None:
-        ref_params = lora.base_params(params["policy"])
-    # The reference's LM head alone is read: with or without a (shared) value head.
-    ref_cfg, ref_params = without_scalar_head(policy_cfg, ref_params)
-    ref_logprobs = tfm.token_outputs(ref_cfg, ref_params, ids, mask, last=N,
-                                     temperature=temperature).logprobs
+            experts=experts, replay=replay, group_size=group_size)
+    m = response_mask.astype(jnp.float32)
+    batch = {"input_ids": ids, "attention_mask": mask, "response_mask": response_mask,
+             "temperature": temperature, "sampler_logprobs": response.logprobs * m}
+    if with_reference:
+        if ref_params is None:
+            ref_params = lora.base_params(params["policy"])
+        # The reference's LM head alone is read: with or without a (shared) value head.
+        ref_cfg, ref_params = without_scalar_head(policy_cfg, ref_params)
+        batch["ref_logprobs"] = tfm.token_outputs(ref_cfg, ref_params, ids, mask, last=N,
+                                                  temperature=temperature,
+                                                  group_size=group_size).logprobs * m
     scores = reward_fn(reward_params, prompt_ids, prompt_mask, response_ids, response_mask)
     scores = scores.astype(jnp.float32)
     if eos_token_id is not None and missing_eos_penalty:
         has_eos = jnp.any((response_ids == eos_token_id) & (response_mask > 0), axis=1)
         scores = jnp.where(has_eos, scores, scores - missing_eos_penalty)
-    m = response_mask.astype(jnp.float32)
-    batch = {"input_ids": ids, "attention_mask": mask, "response_mask": response_mask,
-             "temperature": temperature, "ref_logprobs": ref_logprobs * m,
-             "sampler_logprobs": response.logprobs * m}
     if with_policy:
         batch.update(logprobs=logprobs * m, values=values * m)
     if with_policy and with_entropy:

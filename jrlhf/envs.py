@@ -1,0 +1,360 @@
+"""Multi-turn episodes with an environment, token-in token-out (host-side orchestration).
+
+An `Environment` is host Python: `reset(prompt) -> first observation` and
+`step(response) -> (observation, reward, done)`. `run_episodes` plays one episode per prompt:
+each turn the device sampler continues every active episode's exact token ids so far (prompt,
+then the policy's sampled tokens and the observations' tokens of earlier turns, never decoded
+and re-encoded), the new turn's tokens alone are decoded for the environment, and the
+environment's observation is encoded on its own (wrapped in the tokenizer's chat template as a
+tool turn when it has one) and appended. So the trainer sees exactly the ids the sampler
+produced, and each observation exactly as it was encoded.
+
+The batch is `jrlhf.steps.rollout`'s layout (B episodes, P prompt columns, N =
+`max_episode_tokens` response columns):
+  input_ids        [B, P+N]  left-padded prompt, then the episode: policy and observation
+                             tokens in order, right-padded
+  attention_mask   [B, P+N]  1 on prompt, policy and observation tokens
+  response_mask    [B, N]    1 on policy-sampled tokens only (observations and padding 0;
+                             a skipped episode's row is all 0): the mask has holes between turns
+  sampler_logprobs [B, N]    the sampler's log-probs of policy tokens, 0 elsewhere
+  scores           [B]       the episode's summed environment reward (0 when skipped)
+  turns            [B]       policy turns sampled
+The logits predicting response column t sit at column P - 1 + t, as in a one-turn rollout.
+
+Episode ends, each counted in `EpisodeBatch.counts`: the environment said done; a turn used
+its `max_turn_tokens` without EOS (`turn_budget`), or the episode's `max_episode_tokens` ran
+out mid-turn or would be exceeded by an observation (`episode_budget`); `max_turns` policy
+turns sampled (`max_turns`). An environment call that raises (`env_error`), runs past
+`timeout_s` (`env_timeout`) or returns a NaN / infinite reward (`nan_reward`) ends its episode
+with one line naming the environment class and the prompt: `on_error="stop"` raises it
+(`EnvError`), `on_error="skip"` logs it, zeroes the episode's `response_mask` and score and
+counts it (`skipped`).
+
+Environment calls run in their own (daemon) threads: the calls of one turn run concurrently,
+and with `groups > 1` the episodes are split into that many interleaved groups that take turns
+on the device, so one group's environment calls run while the device samples another's.
+A hung call is abandoned (its thread is left to finish on its own), never waited for past
+its deadline.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+OnError = Literal["skip", "stop"]
+COUNT_KEYS = ("episodes", "turns", "done", "turn_budget", "episode_budget", "max_turns",
+              "env_error", "env_timeout", "nan_reward", "skipped")
+# sample_turn(context_ids [B, T] int32 left-padded, context_mask [B, T], budgets [B] int32)
+#   -> (tokens [B, M], mask [B, M], logprobs [B, M]): row b's new tokens, mask 1 on the first
+#   budgets[b] or fewer (up to and including EOS). Rows with budget 0 are finished episodes
+#   kept for fixed shapes: their outputs are ignored.
+SampleTurn = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[Any, Any, Any]]
+
+
+@runtime_checkable
+class Environment(Protocol):
+    """One episode's environment (host Python; one instance per episode, or reused only
+    after `reset`)."""
+
+    def reset(self, prompt: str) -> str:
+        """Start an episode for `prompt` (its text as the model sees it); returns the first
+        observation, encoded as is and appended to the prompt's ids ("" for none)."""
+
+    def step(self, response: str) -> tuple[str, float, bool]:
+        """The policy's turn as text (without its EOS) -> `(observation, reward, done)`. The
+        observation is appended before the next turn unless `done`."""
+
+
+class EnvError(RuntimeError):
+    """An environment call failed, hung or gave a NaN reward under `on_error="stop"`; the
+    message is one line naming the environment and the prompt."""
+
+
+def error_line(env, prompt: str, what: str) -> str:
+    """The one-line report of a failed environment call: environment class, prompt, cause."""
+    short = prompt if len(prompt) <= 80 else prompt[:77] + "..."
+    return " ".join(f"environment {type(env).__name__} on prompt {short!r}: {what}".split())
+
+
+def observation_template(tokenizer, role: str = "tool", eos_text: str | None = None):
+    """`(before, after)`: the text the tokenizer's chat template puts around an observation
+    turn of `role` that follows an assistant turn, from right after the assistant's end-of-turn
+    token (`eos_text`, default the tokenizer's EOS) up to and including the next assistant
+    generation prompt. None when the tokenizer has no chat template.
+
+    Rendered once on placeholder turns; only the suffix is used, so the earlier turns' ids are
+    never re-tokenised. If the template does not end assistant turns with `eos_text`, the
+    suffix starts right after the assistant's text.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    eos_text = tokenizer.eos_token if eos_text is None else eos_text
+    reply, obs = "\x00REPLY\x00", "\x00OBSERVATION\x00"
+    turns = [{"role": "user", "content": "question"}, {"role": "assistant", "content": reply}]
+    try:
+        text = tokenizer.apply_chat_template(turns + [{"role": role, "content": obs}],
+                                             tokenize=False, add_generation_prompt=True)
+        start = text.index(reply) + len(reply)
+    except Exception as err:  # noqa: BLE001 - a template's own error, reported in one line
+        raise ValueError(f"the tokenizer's chat template cannot render a {role!r} turn after "
+                         f"an assistant turn ({type(err).__name__}: {err}); choose another "
+                         f"observation_role, or chat_template=False") from None
+    if eos_text and text.startswith(eos_text, start):
+        start += len(eos_text)
+    before, after = text[start:].split(obs)
+    return before, after
+
+
+def encode_observation(tokenizer, text: str, template=None) -> list[int]:
+    """Token ids of one observation: `text` alone, or wrapped in `template` (`(before,
+    after)` from `observation_template`), encoded without special tokens added."""
+    if template is not None:
+        text = template[0] + text + template[1]
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+
+def left_pad(rows: Sequence[Sequence[int]], width: int, pad_id: int):
+    """`(ids [B, width] int32, mask [B, width] int32)`: each row right-aligned (left-padded)."""
+    ids = np.full((len(rows), width), pad_id, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for b, row in enumerate(rows):
+        if len(row) > width:
+            raise ValueError(f"row {b} has {len(row)} tokens, more than the width {width}")
+        if row:
+            ids[b, width - len(row):] = row
+            mask[b, width - len(row):] = 1
+    return ids, mask
+
+
+def call_soon(fn, *args) -> concurrent.futures.Future:
+    """`fn(*args)` started now in a daemon thread; its result or exception in the future. A
+    daemon thread, so a call that never returns cannot keep the process alive."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run():
+        try:
+            future.set_result(fn(*args))
+        except BaseException as err:  # noqa: BLE001 - handed to the waiting caller
+            future.set_exception(err)
+
+    threading.Thread(target=run, daemon=True, name="jrlhf-env-call").start()
+    return future
+
+
+@dataclasses.dataclass
+class _Episode:
+    """One episode's host state: its exact response tokens so far."""
+
+    env: Any
+    prompt: str
+    prompt_ids: list[int]
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    policy: list[int] = dataclasses.field(default_factory=list)  # 1 policy, 0 observation
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    score: float = 0.0
+    turns: int = 0
+    active: bool = True
+    skipped: bool = False
+    pending: Any = None  # (future, deadline) of the environment call in flight
+
+    def add(self, tokens, policy: int, logprobs=None):
+        self.tokens += [int(t) for t in tokens]
+        self.policy += [policy] * len(tokens)
+        self.logprobs += ([float(x) for x in logprobs] if logprobs is not None
+                          else [0.0] * len(tokens))
+
+
+@dataclasses.dataclass
+class EpisodeBatch:
+    """`batch`: the rollout arrays (module docstring); `counts`: episode ends and skips by
+    cause (`COUNT_KEYS`); `errors`: the one-line reports of skipped episodes."""
+
+    batch: dict[str, np.ndarray]
+    counts: dict[str, int]
+    errors: list[str]
+
+    def metrics(self) -> dict[str, float]:
+        """`counts` as `env/<key>` metrics."""
+        return {f"env/{k}": float(v) for k, v in self.counts.items()}
+
+
+def run_episodes(sample_turn: SampleTurn, envs: Sequence[Environment],
+                 prompt_ids: Sequence[Sequence[int]], tokenizer, *, max_turn_tokens: int,
+                 max_episode_tokens: int, prompts: Sequence[str] | None = None,
+                 max_turns: int | None = None, eos_token_id: int | None = None,
+                 pad_token_id: int | None = None, prompt_width: int | None = None,
+                 timeout_s: float = 30.0, on_error: OnError = "skip",
+                 chat_template: bool = True, observation_role: str = "tool",
+                 groups: int = 1) -> EpisodeBatch:
+    """Play one episode per prompt with `envs[b]` (module docstring), token-in token-out.
+
+    Args:
+        sample_turn: the device sampler (`SampleTurn`): continues left-padded contexts `[G, P +
+            max_episode_tokens]` (fixed shapes: one compilation) by at most `budgets [G]` new
+            tokens each; G = the group's episodes, finished ones with budget 0.
+        envs: one `Environment` per prompt.
+        prompt_ids: each prompt's token ids (chat-formatted already, as the policy sees it).
+        tokenizer: decodes each new turn for the environment and encodes observations.
+        max_turn_tokens, max_episode_tokens: the token budgets of one policy turn and of an
+            episode's whole response region (policy and observation tokens); the latter is N.
+        prompts: the text `reset` receives (default: each prompt's ids decoded).
+        max_turns: at most this many policy turns (None: no bound but the budgets).
+        eos_token_id: ends a policy turn (default the tokenizer's); it stays in the context.
+        pad_token_id: padding (default the tokenizer's, else EOS).
+        prompt_width: P (default the longest prompt, with its first observation).
+        timeout_s: each environment call's limit.
+        on_error: "skip" (count, log one line, zero the episode's mask) or "stop" (`EnvError`).
+        chat_template: wrap observations in the tokenizer's chat template when it has one.
+        observation_role: the template role of an observation turn.
+        groups: split the episodes into this many interleaved groups taking turns on the
+            device, so one group's environment calls overlap another's sampling.
+    """
+    if on_error not in ("skip", "stop"):
+        raise ValueError(f"on_error must be skip|stop, got {on_error!r}")
+    if len(envs) != len(prompt_ids):
+        raise ValueError(f"{len(envs)} environments for {len(prompt_ids)} prompts")
+    eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+    pad = pad_token_id if pad_token_id is not None else (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos)
+    template = (observation_template(tokenizer, observation_role, tokenizer.decode([eos]))
+                if chat_template else None)
+    if prompts is None:
+        prompts = [tokenizer.decode(list(ids)) for ids in prompt_ids]
+    counts = collections.Counter({k: 0 for k in COUNT_KEYS})
+    errors: list[str] = []
+    N = max_episode_tokens
+    episodes = [_Episode(env, text, list(ids)) for env, text, ids in zip(envs, prompts,
+                                                                          prompt_ids)]
+    counts["episodes"] = len(episodes)
+
+    def fail(ep: _Episode, key: str, what: str):
+        line = error_line(ep.env, ep.prompt, what)
+        if on_error == "stop":
+            raise EnvError(line)
+        log.warning(line)
+        counts[key] += 1
+        counts["skipped"] += 1
+        errors.append(line)
+        ep.active, ep.skipped = False, True
+
+    def result(ep: _Episode, call: str, future, deadline):
+        """The value of `ep`'s `call` ("reset" / "step"), or None after `fail`."""
+        try:
+            return future.result(timeout=max(0.0, deadline - time.monotonic()))
+        except concurrent.futures.TimeoutError:
+            fail(ep, "env_timeout", f"{call} gave no answer within timeout_s={timeout_s:g} s")
+        except Exception as err:  # noqa: BLE001 - any failure of user code ends the episode
+            fail(ep, "env_error", f"{call} raised {type(err).__name__}: {err}")
+        return None
+
+    # Resets, all concurrently; the first observations join the prompts.
+    started = [(ep, call_soon(ep.env.reset, ep.prompt), time.monotonic() + timeout_s)
+               for ep in episodes]
+    for ep, future, deadline in started:
+        first = result(ep, "reset", future, deadline)
+        if first:
+            ep.prompt_ids += encode_observation(tokenizer, str(first))
+    P = max(len(ep.prompt_ids) for ep in episodes) if prompt_width is None else prompt_width
+    if any(len(ep.prompt_ids) > P for ep in episodes):
+        raise ValueError(f"a prompt (with its first observation) is longer than prompt_width={P}")
+
+    def finish_step(ep: _Episode):
+        """Collect `ep`'s pending `step` and append its observation (or end the episode)."""
+        future, deadline = ep.pending
+        ep.pending = None
+        out = result(ep, "step", future, deadline)
+        if out is None:
+            return
+        observation, reward, done = out
+        reward = float(reward)
+        if not math.isfinite(reward):
+            fail(ep, "nan_reward", f"step gave the reward {reward}")
+            return
+        ep.score += reward
+        if done:
+            counts["done"] += 1
+            ep.active = False
+            return
+        if max_turns is not None and ep.turns >= max_turns:
+            counts["max_turns"] += 1
+            ep.active = False
+            return
+        obs = encode_observation(tokenizer, str(observation), template)
+        if len(ep.tokens) + len(obs) >= N:  # no room left for the next turn's first token
+            counts["episode_budget"] += 1
+            ep.active = False
+            return
+        ep.add(obs, 0)
+
+    def sample(group: list[_Episode]):
+        """One turn for the group's active episodes; their `step` calls start at once."""
+        rows = [ep.prompt_ids + ep.tokens for ep in group]
+        ids, mask = left_pad([[pad] if not r else r for r in rows], P + N, pad)
+        budgets = np.array([min(max_turn_tokens, N - len(ep.tokens)) if ep.active else 0
+                            for ep in group], np.int32)
+        tokens, tmask, logprobs = (np.asarray(x) for x in sample_turn(ids, mask, budgets))
+        for b, ep in enumerate(group):
+            if not ep.active:
+                continue
+            n = min(int(tmask[b].sum()), int(budgets[b]))
+            turn = tokens[b, :n].tolist()
+            ep.add(turn, 1, logprobs[b, :n])
+            ep.turns += 1
+            counts["turns"] += 1
+            if not turn or turn[-1] != eos:  # cut by a budget before EOS
+                counts["episode_budget" if len(ep.tokens) >= N else "turn_budget"] += 1
+                ep.active = False
+                continue
+            text = tokenizer.decode(turn[:-1])
+            ep.pending = (call_soon(ep.env.step, text), time.monotonic() + timeout_s)
+
+    groups = max(1, min(groups, len(episodes)))
+    parts = [episodes[g::groups] for g in range(groups)]
+    while any(ep.active for ep in episodes):
+        for group in parts:
+            for ep in group:
+                if ep.pending is not None:
+                    finish_step(ep)
+            if any(ep.active for ep in group):
+                sample(group)
+        # the last group's calls are collected at the top of the next round
+
+    return EpisodeBatch(assemble(episodes, P, N, pad), dict(counts), errors)
+
+
+def assemble(episodes: Sequence[_Episode], P: int, N: int, pad_id: int) -> dict[str, np.ndarray]:
+    """The rollout arrays (module docstring) of finished episodes: prompts left-padded to P,
+    responses right-padded to N; a skipped episode keeps its tokens but has mask and score 0."""
+    B = len(episodes)
+    prompt_ids, prompt_mask = left_pad([ep.prompt_ids for ep in episodes], P, pad_id)
+    response = np.full((B, N), pad_id, np.int32)
+    real = np.zeros((B, N), np.int32)
+    response_mask = np.zeros((B, N), np.int32)
+    logprobs = np.zeros((B, N), np.float32)
+    for b, ep in enumerate(episodes):
+        n = len(ep.tokens)
+        response[b, :n] = ep.tokens
+        real[b, :n] = 1
+        if not ep.skipped:
+            response_mask[b, :n] = ep.policy
+            logprobs[b, :n] = np.where(np.asarray(ep.policy) > 0, ep.logprobs, 0.0)
+    return {
+        "input_ids": np.concatenate([prompt_ids, response], 1),
+        "attention_mask": np.concatenate([prompt_mask, real], 1),
+        "response_mask": response_mask,
+        "sampler_logprobs": logprobs,
+        "scores": np.array([0.0 if ep.skipped else ep.score for ep in episodes], np.float32),
+        "turns": np.array([ep.turns for ep in episodes], np.int32),
+    }
