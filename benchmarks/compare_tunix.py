@@ -49,7 +49,9 @@ What still differs (the two libraries allow no closer match):
   a max and a first-index min, the same tokens); jrlhf's sampler also records each token's log-prob (a
   log-softmax over the vocabulary per step; tunix's runs with `return_logprobs=False`) and runs
   one decode forward more (64: its loop decodes after the last token; tunix 63). jrlhf
-  prefills each GRPO prompt once for its 4 samples; tunix prefills all 16 rows.
+  prefills each GRPO prompt once for its 4 samples; tunix prefills all 16 rows. Likewise
+  jrlhf's GRPO update and reference forward run each prompt once per group
+  (`grpo.shared_prompt`, its default): 1,280 backbone tokens where tunix's run 2,048.
 - Weights: random on both sides; tunix's matrices are redrawn N(0, 0.02) (tunix initialises
   its MLP kernels to zero), its critic is a copy of the actor with a new 1-wide head, its
   reference a copy of the actor. The numbers differ from jrlhf's random init; the arithmetic
