@@ -208,7 +208,9 @@ class DataConfig:
     pack_length: int = bounded(0, ge=0)
     shuffle_seed: int = 0
     # The built-in task (used for files left empty above, and as the pipeline's annotator).
-    task: str = "reviews"  # reviews (sentiment annotator) | arithmetic (exact-answer checker)
+    # reviews (sentiment annotator) | arithmetic (exact-answer checker) | calculator (a tool
+    # task: its episodes need env.enabled)
+    task: str = "reviews"
     num_sft_examples: int = bounded(256, ge=1)
     # prompts whose sampled responses the annotator ranks
     num_ranking_prompts: int = bounded(64, ge=1)
@@ -296,6 +298,42 @@ class RolloutConfig:
             if getattr(self, key) not in ("", "float32", "bfloat16", "float16"):
                 raise ValueError(f"rollout.{key} must be '', float32, bfloat16 or float16, "
                                  f"got {getattr(self, key)!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvConfig:
+    """Multi-turn episodes (`jrlhf.envs.run_episodes`): with `enabled`, a rollout loop's
+    sampling phase plays one episode per sampled row against the task's environment
+    (`data.task`'s `environment()`), and its score is the episode's summed environment reward.
+
+    The episode's response region (policy turns and observations) is `max_episode_tokens`
+    wide, each policy turn at most `max_turn_tokens`; `rollout` still gives the sampling
+    settings (temperature, top-k/p, dtype), not the length.
+    """
+
+    enabled: bool = False
+    max_turn_tokens: int = bounded(64, ge=1)  # new tokens per policy turn
+    max_episode_tokens: int = bounded(256, ge=1)  # policy and observation tokens per episode
+    max_turns: int = bounded(4, ge=0)  # policy turns per episode; 0 = only the budgets bound it
+    timeout_s: float = bounded(30.0, gt=0)  # each environment call's limit (seconds)
+    # An environment call that raises, hangs or returns a NaN reward: skip (its episode is
+    # counted and left out of the loss) | stop (the stage ends with its one-line report).
+    on_error: str = "skip"
+    observation_role: str = "tool"  # the chat template's role of an observation turn
+    # Episodes split into this many groups taking turns on the device, so one group's
+    # environment calls run while another samples.
+    groups: int = bounded(1, ge=1)
+
+    def __post_init__(self):
+        _check_ranges("env", self)
+        if self.on_error not in ("skip", "stop"):
+            raise ValueError(f"env.on_error must be skip|stop, got {self.on_error!r}")
+        if self.max_turn_tokens > self.max_episode_tokens:
+            raise ValueError(f"env.max_turn_tokens={self.max_turn_tokens} is out of range: "
+                             f"expected <= env.max_episode_tokens={self.max_episode_tokens}")
+        if not self.observation_role.strip():
+            raise ValueError("env.observation_role is empty: name the chat template's role of "
+                             "an observation turn (e.g. tool)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -594,6 +632,7 @@ class Config:
     grpo: GRPOConfig = GRPOConfig()
     distill: DistillConfig = DistillConfig()
     rollout: RolloutConfig = RolloutConfig()
+    env: EnvConfig = EnvConfig()
     iterate: IterateConfig = IterateConfig()
     run: RunConfig = RunConfig()
 

@@ -167,6 +167,7 @@ class _Episode:
     turns: int = 0
     active: bool = True
     skipped: bool = False
+    end: str = ""  # why it ended: a `COUNT_KEYS` cause ("done", "turn_budget", ...)
     pending: Any = None  # (future, deadline) of the environment call in flight
 
     def add(self, tokens, policy: int, logprobs=None):
@@ -179,11 +180,20 @@ class _Episode:
 @dataclasses.dataclass
 class EpisodeBatch:
     """`batch`: the rollout arrays (module docstring); `counts`: episode ends and skips by
-    cause (`COUNT_KEYS`); `errors`: the one-line reports of skipped episodes."""
+    cause (`COUNT_KEYS`); `errors`: the one-line reports of skipped episodes; `ends`: each
+    episode's own end (its `COUNT_KEYS` cause: "done", "turn_budget", "episode_budget",
+    "max_turns", or the failure that skipped it)."""
 
     batch: dict[str, np.ndarray]
     counts: dict[str, int]
     errors: list[str]
+    ends: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def truncated(self) -> np.ndarray:
+        """`[B]` bool: episodes cut by a token budget (`turn_budget`, `episode_budget`), the
+        multi-turn counterpart of a response cut at `max_new_tokens` without EOS."""
+        return np.array([e in ("turn_budget", "episode_budget") for e in self.ends], bool)
 
     def metrics(self) -> dict[str, float]:
         """`counts` as `env/<key>` metrics."""
@@ -247,7 +257,11 @@ def run_episodes(sample_turn: SampleTurn, envs: Sequence[Environment],
         counts[key] += 1
         counts["skipped"] += 1
         errors.append(line)
-        ep.active, ep.skipped = False, True
+        ep.active, ep.skipped, ep.end = False, True, key
+
+    def end(ep: _Episode, key: str):
+        counts[key] += 1
+        ep.active, ep.end = False, key
 
     def result(ep: _Episode, call: str, future, deadline):
         """The value of `ep`'s `call` ("reset" / "step"), or None after `fail`."""
@@ -284,18 +298,12 @@ def run_episodes(sample_turn: SampleTurn, envs: Sequence[Environment],
             return
         ep.score += reward
         if done:
-            counts["done"] += 1
-            ep.active = False
-            return
+            return end(ep, "done")
         if max_turns is not None and ep.turns >= max_turns:
-            counts["max_turns"] += 1
-            ep.active = False
-            return
+            return end(ep, "max_turns")
         obs = encode_observation(tokenizer, str(observation), template)
         if len(ep.tokens) + len(obs) >= N:  # no room left for the next turn's first token
-            counts["episode_budget"] += 1
-            ep.active = False
-            return
+            return end(ep, "episode_budget")
         ep.add(obs, 0)
 
     def sample(group: list[_Episode]):
@@ -314,8 +322,7 @@ def run_episodes(sample_turn: SampleTurn, envs: Sequence[Environment],
             ep.turns += 1
             counts["turns"] += 1
             if not turn or turn[-1] != eos:  # cut by a budget before EOS
-                counts["episode_budget" if len(ep.tokens) >= N else "turn_budget"] += 1
-                ep.active = False
+                end(ep, "episode_budget" if len(ep.tokens) >= N else "turn_budget")
                 continue
             text = tokenizer.decode(turn[:-1])
             ep.pending = (call_soon(ep.env.step, text), time.monotonic() + timeout_s)
@@ -331,7 +338,8 @@ def run_episodes(sample_turn: SampleTurn, envs: Sequence[Environment],
                 sample(group)
         # the last group's calls are collected at the top of the next round
 
-    return EpisodeBatch(assemble(episodes, P, N, pad), dict(counts), errors)
+    return EpisodeBatch(assemble(episodes, P, N, pad), dict(counts), errors,
+                        [ep.end for ep in episodes])
 
 
 def assemble(episodes: Sequence[_Episode], P: int, N: int, pad_id: int) -> dict[str, np.ndarray]:

@@ -5,6 +5,11 @@ built once from a `Setup`; the PPO/GRPO stages and `jrlhf bench --step ppo_itera
 it, so what bench times is what training runs. It keeps no state of its own: the iteration
 counter (which its sampling key folds in), β and the reward normaliser's moments are the train
 state's `RLState`, advanced by the update step and checkpointed with the params.
+
+With `env.enabled` the sampling phase plays multi-turn episodes instead (`jrlhf.envs`): one
+episode per sampled row against the task's environment, each turn sampled by the loop's own
+sampler; the scoring forwards attend to the observations, which the loss mask leaves out, and
+the score is the episode's summed environment reward.
 """
 
 from __future__ import annotations
@@ -24,12 +29,14 @@ from jax.sharding import PartitionSpec as P
 from jrlhf import partial, rl, sharding
 from jrlhf.config import Config, RolloutConfig
 from jrlhf.continuous import generate_continuous, generate_partial
+from jrlhf.envs import EpisodeBatch, run_episodes
 from jrlhf.models.config import ModelConfig
 from jrlhf.rewards import Reward, check_finite
 from jrlhf.rng import stream_key
 from jrlhf.sampling import Generation, generate
 from jrlhf.steps.common import under_expert_mesh
 from jrlhf.steps.rollout import score_rollout
+from jrlhf.tasks import TASKS
 
 __all__ = ["Reward", "RolloutLoop", "RolloutSpec", "decode_texts", "make_sampler",
            "sample_batched"]
@@ -166,6 +173,12 @@ def gather_rows(name: str, lo: int, local: np.ndarray) -> np.ndarray:
         {start: v for start, v in parts}.items())])
 
 
+def _no_device_reward(_, prompt_ids, *__):
+    """A rollout's device reward when there is none: zeros `[B]` (episodes are scored by their
+    environment)."""
+    return jnp.zeros(prompt_ids.shape[0], jnp.float32)
+
+
 def _timed(fn, *args):
     start = time.perf_counter()
     out = jax.block_until_ready(fn(*args))
@@ -186,11 +199,15 @@ class RolloutLoop:
             own prompt iterator, so a checkpoint's iterator position covers them); None: no
             refills.
         spec: what the loop does (default: the setup's algorithm's `rollout(config)`).
+        tokenizer: the run's (with `env.enabled`: decodes turns, encodes observations).
+        environment: with `env.enabled`, `environment() -> jrlhf.envs.Environment`, a fresh
+            one per episode (default: `data.task`'s `environment`).
     """
 
     def __init__(self, setup, config: Config, reward: Reward, *,
                  eos_token_id: int | None, pad_token_id: int = 0,
-                 more_prompts: Iterator | None = None, spec: RolloutSpec | None = None):
+                 more_prompts: Iterator | None = None, spec: RolloutSpec | None = None,
+                 tokenizer=None, environment: Callable | None = None):
         record = setup.algorithm
         if spec is None:
             if record.rollout is None:
@@ -208,6 +225,10 @@ class RolloutLoop:
             raise ValueError(f"rollout.slots={r.slots} is more than the {rows} rows {record.name} "
                              f"samples per iteration: at most {rows}")
         self.more_prompts = more_prompts
+        self.pad_token_id = pad_token_id
+        self.env = config.env if config.env.enabled else None
+        if self.env is not None:
+            self._episode_settings(config, tokenizer, environment)
         self.host_local = r.host_local and setup.mesh is not None
         if self.host_local:
             self.sample = self._host_local_sampler(r, eos_token_id, pad_token_id)
@@ -217,14 +238,115 @@ class RolloutLoop:
         self.sample_partial = None  # partial rollouts' sampler
         if r.max_staleness:
             self.sample_partial = self._partial_sampler(r, spec, eos_token_id, pad_token_id)
+        # Episodes are scored by their environment (on the host), never on the device.
+        reward_fn = reward.device_fn() if self.env is None else _no_device_reward
         self.score = jax.jit(functools.partial(
             score_rollout, policy_cfg=setup.model_cfg, value_cfg=setup.value_cfg,
-            reward_fn=reward.device_fn(), missing_eos_penalty=r.missing_eos_penalty,
+            reward_fn=reward_fn,
+            missing_eos_penalty=r.missing_eos_penalty if self.env is None else 0.0,
             lora_scale=setup.lora_scale, eos_token_id=eos_token_id,
             with_entropy=spec.with_entropy, with_policy=spec.score_policy,
             group_size=self.group if spec.shared_prompt else 1,
             with_reference=spec.score_reference, replay_experts=r.routing_replay == "on"))
         self.rescore = None if spec.rescore is None else spec.rescore(setup, config)
+
+    def _episode_settings(self, config: Config, tokenizer, environment):
+        """Multi-turn episodes (`env.enabled`): refuse what they cannot do (one line each) and
+        build the turn samplers (`rollout`'s settings, `env.max_turn_tokens` new tokens; one
+        keeping the rows split over the mesh, one for a turn whose rows do not split)."""
+        r, e, setup = config.rollout, config.env, self.setup
+        task = config.data.task
+        with_env = ", ".join(k for k, v in TASKS.items() if hasattr(v, "environment"))
+        if environment is None and not hasattr(TASKS.get(task), "environment"):
+            raise ValueError(f"env.enabled: data.task={task!r} has no environment; tasks with "
+                             f"one: {with_env}")
+        refused = [
+            (tokenizer is None, "needs the run's tokenizer (RolloutLoop(tokenizer=...)) to "
+                                "decode turns and encode observations"),
+            (config.reward.functions or config.reward.model_path,
+             "scores episodes by their environment's reward: leave reward.functions and "
+             "reward.model_path empty"),
+            (r.slots, f"samples turns in static batches (yet): set rollout.slots=0, not "
+                      f"{r.slots}"),
+            (r.overlong == "penalty", "rollout.overlong=penalty is not defined for episodes "
+                                      "(yet): use keep or mask"),
+            (records_experts(setup.model_cfg, r), "does not carry a mixture of experts' "
+                                                  "routing across turns (yet): set "
+                                                  "rollout.routing_replay=off"),
+        ]
+        for bad, why in refused:
+            if bad:
+                raise ValueError(f"env.enabled {why}")
+        self.tokenizer, self.chat_template = tokenizer, config.data.chat_template
+        self.environment = environment or TASKS[task].environment
+        # A turn ends at EOS: the tokenizer's unless the loop was given one.
+        self.turn_eos = tokenizer.eos_token_id if self.eos_token_id is None else \
+            self.eos_token_id
+        turn = dataclasses.replace(r, max_new_tokens=e.max_turn_tokens)
+        self.sample_turn = {split: make_sampler(setup.model_cfg, turn, self.turn_eos,
+                                                self.pad_token_id,
+                                                mesh=setup.mesh if split else None)
+                            for split in (False, True)}
+
+    def _turn_sampler(self, params, key):
+        """`jrlhf.envs.SampleTurn` of the policy `params`: the `call`-th turn sampled with key
+        `fold_in(key, call)`, its rows split over the mesh when they divide (else replicated),
+        the outputs as NumPy on every process."""
+        mesh, calls = self.setup.mesh, itertools.count()
+
+        def sample_turn(ids, mask, budgets):
+            split = mesh is not None and len(ids) % sharding.batch_devices(mesh) == 0
+            args = (ids, mask, budgets)
+            if mesh is not None:
+                args = sharding.put(args, sharding.batch_sharding(mesh) if split
+                                    else sharding.replicated(mesh))
+            ids, mask, budgets = map(jnp.asarray, args)
+            gen = self.sample_turn[split](params, ids, mask, jax.random.fold_in(key, next(calls)),
+                                          budgets=budgets)
+            return tuple(sharding.to_host(x) for x in (gen.tokens, gen.mask, gen.logprobs))
+
+        return sample_turn
+
+    def _play_episodes(self, state, prompts, key) -> dict:
+        """`_sample_and_score` with `env.enabled`: one episode per sampled row (a group's K
+        rows consecutive; `_turn_sampler` samples the turns), then scored with the episode's
+        attention mask; `raw` is the episode's summed environment reward (less
+        `rollout.missing_eos_penalty` when a token budget cut it)."""
+        setup, e, K, mesh = self.setup, self.env, self.group, self.setup.mesh
+        if "max_new_tokens" in prompts and sharding.to_host(prompts["max_new_tokens"]).any():
+            raise ValueError("a prompt batch's own max_new_tokens does not bound episodes: "
+                             "env.max_turn_tokens and env.max_episode_tokens do")
+        prompt_ids, prompt_mask, _ = self._prompt_budgets(prompts)
+        ids, mask = (np.repeat(x, K, axis=0) for x in (prompt_ids, prompt_mask))
+        started = time.perf_counter()
+        episodes = run_episodes(
+            self._turn_sampler(setup.policy_params(state.params), key),
+            [self.environment() for _ in ids],
+            [row[m > 0].tolist() for row, m in zip(ids, mask)], self.tokenizer,
+            max_turn_tokens=e.max_turn_tokens, max_episode_tokens=e.max_episode_tokens,
+            max_turns=e.max_turns or None, eos_token_id=self.turn_eos,
+            pad_token_id=self.pad_token_id, prompt_width=ids.shape[1], timeout_s=e.timeout_s,
+            on_error=e.on_error, chat_template=self.chat_template,
+            observation_role=e.observation_role, groups=e.groups)
+        t_gen = time.perf_counter() - started
+        b, P = episodes.batch, ids.shape[1]
+        heads = np.stack([b["input_ids"][:, :P], b["attention_mask"][:, :P]], 1).reshape(
+            -1, K, 2 * P)
+        if self.spec.shared_prompt and K > 1 and (heads != heads[:, :1]).any():
+            raise ValueError("env.enabled: an environment's first observation differs between "
+                             "the K episodes of one prompt, so a group's prompt columns differ; "
+                             "make reset deterministic or set grpo.shared_prompt=false")
+        # The response region as a `Generation` (mask: the policy's tokens) + its attention.
+        response = (b["input_ids"][:, P:], b["response_mask"], b["sampler_logprobs"],
+                    np.full(len(ids), self.rollout.temperature, np.float32),
+                    b["attention_mask"][:, P:])
+        if mesh is not None:
+            response = sharding.put(response, sharding.batch_sharding(mesh))
+        tokens, policy_mask, logprobs, temperature, attention = response
+        gen = Generation(tokens, policy_mask, logprobs, jnp.int32(e.max_episode_tokens),
+                         temperature)
+        return self._score(state, b["input_ids"][:, :P], b["attention_mask"][:, :P], gen,
+                           None, t_gen, episodes=episodes, attention=attention)
 
     def _host_local_sampler(self, r: RolloutConfig, eos_token_id, pad_token_id):
         """`sample(params, prompt_ids, prompt_mask, key, budgets)` of host-local decode
@@ -314,6 +436,8 @@ class RolloutLoop:
         """Generate and score one prompt batch: the rollout `batch` (its `scores` raw, after
         overlong handling), the reward model's `raw` scores, response `lengths`, `truncated`
         rows, phase seconds and sequence tokens."""
+        if self.env is not None:
+            return self._play_episodes(state, prompts, key)
         setup = self.setup
         prompt_ids, prompt_mask, row_budgets = self._prompt_budgets(prompts)
         # The group's K samples share one prefill of their prompt (generate's num_samples).
@@ -331,21 +455,27 @@ class RolloutLoop:
                             jnp.asarray(prompt_ids), jnp.asarray(prompt_mask), key)
         return self._score(state, ids, mask, gen, row_budgets, t_gen)
 
-    def _score(self, state, ids, mask, gen: Generation, row_budgets, t_gen: float) -> dict:
+    def _score(self, state, ids, mask, gen: Generation, row_budgets, t_gen: float, *,
+               episodes: EpisodeBatch | None = None, attention=None) -> dict:
         """Score generated rows (`ids, mask [B, P]`: each row's prompt, NumPy) — see
-        `_sample_and_score`."""
+        `_sample_and_score`. `episodes`: the rows are these episodes (`_play_episodes`),
+        `attention [B, N]` their response region's attention mask."""
         setup = self.setup
-        N = self.rollout.max_new_tokens
+        N = gen.tokens.shape[1]
         if setup.mesh is not None:
             ids, mask = sharding.put((ids, mask), sharding.batch_sharding(setup.mesh))
         ids, mask = jnp.asarray(ids), jnp.asarray(mask)
         tree = state.params if self.keyed_tree else {"policy": state.params}
         started = time.perf_counter()
         # Dispatched, not awaited: host reward functions run while the device scores.
-        batch, raw = self.score(tree, setup.ref_params, self.reward.device_params(), ids, mask,
-                                gen)
+        reward_params = () if episodes is not None else self.reward.device_params()
+        batch, raw = self.score(tree, setup.ref_params, reward_params, ids, mask, gen,
+                                response_attention=attention)
         prompts, host = None, 0.0
-        if self.reward.on_host:  # each process scores the rows its devices hold
+        if episodes is not None:  # the environment's reward, budget cuts penalised
+            host = episodes.batch["scores"] - np.float32(
+                self.rollout.missing_eos_penalty) * episodes.truncated
+        elif self.reward.on_host:  # each process scores the rows its devices hold
             (local_ids, (lo, _)), local_mask, local_tokens, local_tmask = (
                 sharding.local_rows(ids), *(sharding.local_rows(x)[0]
                                             for x in (mask, gen.tokens, gen.mask)))
@@ -356,12 +486,14 @@ class RolloutLoop:
         t_score = time.perf_counter() - started
         raw = sharding.to_host(raw) + host
         check_finite(self.reward, raw, prompts if prompts and len(prompts) == len(raw) else None)
-        batch, lengths, truncated = self._handle_overlong(batch, jnp.asarray(raw), gen,
-                                                          row_budgets)
+        batch, lengths, truncated = self._handle_overlong(
+            batch, jnp.asarray(raw), gen, row_budgets,
+            None if episodes is None else episodes.truncated)
         return {"batch": batch, "raw": np.asarray(raw), "lengths": lengths,
                 "truncated": truncated, "t_gen": t_gen, "t_score": t_score,
                 "generated_tokens": int(lengths.sum()),
-                "seq_tokens": ids.shape[0] * (ids.shape[1] + N)}
+                "seq_tokens": ids.shape[0] * (ids.shape[1] + N),
+                "env": {} if episodes is None else episodes.metrics()}
 
     def _partial_rollout(self, state, prompts, key) -> tuple[dict, Any, dict]:
         """Partial rollouts (`jrlhf.partial`): one `generate_partial` call over the carried
@@ -422,16 +554,19 @@ class RolloutLoop:
                               state.rl.pool.replace(**fields), state.rl.pool)
         return scored, placed, metrics
 
-    def _handle_overlong(self, batch, raw, gen, row_budgets):
+    def _handle_overlong(self, batch, raw, gen, row_budgets, truncated=None):
         """`(batch with its scores, lengths, truncated)`: a row that used its whole budget
         (`row_budgets [B]`) without ending in EOS is cut; `rollout.overlong` keeps it,
-        penalises it (DAPO, against its budget) or masks it out of the loss."""
+        penalises it (DAPO, against its budget) or masks it out of the loss. Episodes give
+        their own `truncated [B]` (cut by a token budget: `EpisodeBatch.truncated`); their
+        lengths count policy tokens."""
         lengths = sharding.to_host(gen.mask).sum(1)
-        truncated = lengths == row_budgets
-        if self.eos_token_id is not None:
-            last = sharding.to_host(gen.tokens)[np.arange(len(lengths)),
-                                                np.maximum(lengths - 1, 0)]
-            truncated &= last != self.eos_token_id
+        if truncated is None:
+            truncated = lengths == row_budgets
+            if self.eos_token_id is not None:
+                last = sharding.to_host(gen.tokens)[np.arange(len(lengths)),
+                                                    np.maximum(lengths - 1, 0)]
+                truncated &= last != self.eos_token_id
         r = self.rollout
         scores = raw
         if r.overlong == "penalty":
@@ -528,4 +663,7 @@ class RolloutLoop:
             "tokens_per_s/update": first["seq_tokens"] * epochs / t_update,
             **dynamic, **carried, **rescored,
         })
+        for r in rounds:  # episode ends (`env/*`), summed over dynamic sampling's rounds
+            for k, v in r["env"].items():
+                metrics[k] = metrics.get(k, 0.0) + v
         return state, metrics

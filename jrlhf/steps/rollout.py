@@ -3,8 +3,10 @@ forward (`score_rollout`), the sampler-vs-trainer mismatch and a reward model as
 
 Rollout batch (B rows, P prompt columns, N response columns; `input_ids` is prompt + response):
   input_ids       [B, P+N]  left-padded prompt then right-padded response
-  attention_mask  [B, P+N]  1 on real prompt tokens and on response tokens up to EOS
-  response_mask   [B, N]    1 on response tokens up to and including EOS
+  attention_mask  [B, P+N]  1 on real prompt tokens and on response tokens up to EOS (a
+                            multi-turn episode's: its policy and observation tokens)
+  response_mask   [B, N]    1 on response tokens up to and including EOS (an episode's: on
+                            policy tokens only; 0 on observations, which are attended to)
   temperature     [B]       what the sampler divided each row's logits by (`Generation`'s):
                             every log-prob below and the update's own are of logits / it, so
                             the temperature is set once, where the rows are sampled
@@ -109,10 +111,12 @@ def sampler_mismatch(batch, tis_cap: float, section: str) -> dict:
 
 def reward_model_fn(rm_cfg: ModelConfig):
     """A `reward_fn` scoring prompt + response with a reward model (same tokenizer as the
-    policy): the scalar head at each row's last real token."""
-    def reward_fn(rm_params, prompt_ids, prompt_mask, response_ids, response_mask):
+    policy): the scalar head at each row's last real token. `score_rollout` passes the
+    response's attention mask as its `response_mask` (a multi-turn episode's observations
+    included)."""
+    def reward_fn(rm_params, prompt_ids, prompt_mask, response_ids, response_attention):
         ids = jnp.concatenate([prompt_ids, response_ids], axis=1)
-        mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
+        mask = jnp.concatenate([prompt_mask, response_attention], axis=1)
         return tfm.reward_scores(rm_cfg, rm_params, ids, mask)
 
     return reward_fn
@@ -124,7 +128,7 @@ def score_rollout(params, ref_params, reward_params, prompt_ids, prompt_mask,
                   lora_scale: float = 0.0, eos_token_id: int | None = None,
                   with_entropy: bool = False, with_policy: bool = True,
                   with_reference: bool = True, replay_experts: bool = True,
-                  group_size: int = 1):
+                  group_size: int = 1, response_attention=None):
     """The experience phase: one function giving `ppo_step`'s (or `grpo_step`'s) rollout batch.
 
     `prompt_ids, prompt_mask [B, P]` (left-padded) and `response`, the `sampling.Generation`
@@ -152,6 +156,10 @@ def score_rollout(params, ref_params, reward_params, prompt_ids, prompt_mask,
     `group_size` K > 1: the rows come in groups of K consecutive rows with one prompt (a
     rollout's K samples of each), whose prompt the policy and reference forwards run once per
     group (`transformer.token_outputs`).
+    `response_attention [B, N]`: the response region's attention mask when it differs from
+    `response.mask`: a multi-turn episode (`jrlhf.envs`) attends to its observation tokens,
+    which its mask leaves out of the loss. The forwards and `reward_fn` see it; the log-probs,
+    the loss mask and the EOS check stay on `response.mask`. Default: `response.mask`.
 
     Returns `(batch, scores)`; `batch["scores"]` is filled by the caller (after optional
     normalisation), the raw `scores [B]` are returned for metrics.
@@ -159,8 +167,10 @@ def score_rollout(params, ref_params, reward_params, prompt_ids, prompt_mask,
     response_ids, response_mask, temperature = (response.tokens, response.mask,
                                                 response.temperature)
     N = response_ids.shape[1]
+    if response_attention is None:
+        response_attention = response_mask
     ids = jnp.concatenate([prompt_ids, response_ids], axis=1)
-    mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
+    mask = jnp.concatenate([prompt_mask, response_attention], axis=1)
     experts, replay = response.experts, replay_experts
     if with_policy:
         logprobs, entropy, values = policy_outputs(
@@ -178,7 +188,7 @@ def score_rollout(params, ref_params, reward_params, prompt_ids, prompt_mask,
         batch["ref_logprobs"] = tfm.token_outputs(ref_cfg, ref_params, ids, mask, last=N,
                                                   temperature=temperature,
                                                   group_size=group_size).logprobs * m
-    scores = reward_fn(reward_params, prompt_ids, prompt_mask, response_ids, response_mask)
+    scores = reward_fn(reward_params, prompt_ids, prompt_mask, response_ids, response_attention)
     scores = scores.astype(jnp.float32)
     if eos_token_id is not None and missing_eos_penalty:
         has_eos = jnp.any((response_ids == eos_token_id) & (response_mask > 0), axis=1)

@@ -172,6 +172,12 @@ class CalculatorEnv:
             return f"<result>error: {err}</result>", 0.0, False
 
 
+def environment() -> CalculatorEnv:
+    """A fresh environment for one episode (the `jrlhf.tasks.TASKS` interface of a task with
+    tools: `env.enabled` rollouts build one per sampled row)."""
+    return CalculatorEnv()
+
+
 def trace(question: str, answer: int) -> dict:
     """A synthetic tool trace of `question`: `{"question", "call", "result", "answer"}`, the
     texts of the user turn, the policy's call, the tool's observation and the final answer."""

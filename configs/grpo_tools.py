@@ -1,0 +1,43 @@
+"""GRPO on multi-turn episodes with a tool: the calculator task on the embedded
+SmolLM2-135M-Instruct (derived from `configs/grpo_math.py`).
+
+Each sampled row is an episode (`env.enabled`, `jrlhf.envs`): the policy may write
+`<calc>37 * 48 + 12</calc>`, the environment (`jrlhf.tasks.calculator`) answers
+`<result>1788</result>` as a tool turn of the chat template, and a turn without a call is the
+final answer (reward 1 when its last number is right). The policy first learns the call format
+from synthetic tool traces (the task's `sft.jsonl`, two chat rows per trace), then GRPO runs
+from that policy. Two commands, one run folder:
+
+    jrlhf sft --config configs/grpo_tools.py
+    jrlhf grpo --config configs/grpo_tools.py --set model.source=runs/grpo_tools/sft/export
+
+The first exports its policy (LoRA merged) to `runs/grpo_tools/sft/export`; the second starts
+from it (its reference too). The `grpo/eval` stage at the end still samples one turn per prompt
+(no tool results), so its accuracy is not yet the tool task's.
+"""
+
+from pathlib import Path
+
+from jrlhf.config import derive, load_config
+
+
+def get_config():
+    return derive(load_config(Path(__file__).with_name("grpo_math.py")), {
+        "data.task": "calculator",
+        # The question with its instruction, and the trace's second row (question, call and
+        # tool result), fit the prompt; a call or an answer fits the response.
+        "data.max_prompt_length": 128,
+        "data.max_response_length": 32,
+        "data.num_sft_examples": 256,
+        "sft.steps": 60,
+        "sft.batch_size": 8,
+        "sft.learning_rate": 3e-4,
+        "env.enabled": True,
+        "env.max_turn_tokens": 32,
+        "env.max_episode_tokens": 96,
+        "env.max_turns": 3,
+        "env.groups": 2,
+        # The episode's response region: what `jrlhf plan` / `bench` size the rollout with.
+        "rollout.max_new_tokens": 96,
+        "run.out_dir": "runs/grpo_tools",
+    })

@@ -1,0 +1,211 @@
+"""Multi-turn episodes through the training loop (`env.enabled`): a GRPO `RolloutLoop`
+iteration whose sampling phase plays episodes against an environment (`jrlhf.envs`). The
+update's batch attends to observations it never trains on, the reference log-probs are the
+reference's forward over the episode rows, the environment's reward is the score, episode ends
+are logged; a (2, 2, 2) mesh gives one device's iteration; bad `env` settings are one line."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from jrlhf import sharding
+from jrlhf.config import (Config, DataConfig, EnvConfig, GRPOConfig, MeshConfig, RolloutConfig,
+                          RunConfig, apply_overrides, load_config)
+from jrlhf.envs import Environment
+from jrlhf.models import ModelConfig, init_params
+from jrlhf.models import transformer as tfm
+from jrlhf.tasks import TASKS, calculator
+
+WORDS = ["<pad>", "<eos>", "the", "film", "was", "good", "bad", "what"]
+PAD, EOS = 0, 1
+OBSERVATION = "the film"
+K, G, P = 4, 4, 4  # samples per prompt, prompts per iteration, prompt columns
+CONFIG = Config(grpo=GRPOConfig(group_size=K, prompts_per_iteration=G, kl_coef=0.1),
+                rollout=RolloutConfig(temperature=1.0),
+                env=EnvConfig(enabled=True, max_turn_tokens=5, max_episode_tokens=16,
+                              max_turns=3, groups=2),
+                data=DataConfig(chat_template=False), run=RunConfig(progress=False))
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer():
+    """Eight whole words, EOS among them: a random tiny model ends a turn within five tokens
+    about half the time, so a batch holds two-turn episodes and budget cuts."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece()  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+
+
+MODEL = ModelConfig(family="llama", vocab_size=len(WORDS), hidden_size=32, num_layers=2,
+                    num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=64)
+
+
+class TwoTurnEnv:
+    """The first turn is answered with `OBSERVATION` (reward 0.5), the second ends the episode
+    (reward 1); records what it returned."""
+
+    def __init__(self):
+        self.rewards = []
+
+    def reset(self, prompt):
+        return ""
+
+    def step(self, response):
+        done = len(self.rewards) == 1
+        self.rewards.append(1.0 if done else 0.5)
+        return ("" if done else OBSERVATION), self.rewards[-1], done
+
+
+def prompts():
+    rng = np.random.RandomState(0)
+    ids = rng.randint(2, len(WORDS), (G, P)).astype(np.int32)
+    mask = np.ones((G, P), np.int32)
+    ids[1, :2], mask[1, :2] = PAD, 0  # a left-padded prompt
+    # As the stage's prompt batches carry it: 0 = no bound of the prompt's own.
+    return {"input_ids": ids, "attention_mask": mask, "max_new_tokens": np.zeros(G, np.int32)}
+
+
+def iteration(tok, mesh_config=None, settings=()):
+    """One GRPO iteration on episodes: `(update's batch, metrics, environments, new params)`."""
+    from jrlhf.rollouts import Reward, RolloutLoop
+    from jrlhf.setups import make_setup
+
+    config = CONFIG if mesh_config is None else dataclasses.replace(CONFIG, mesh=mesh_config)
+    config = apply_overrides(config, list(settings))
+    setup = make_setup("grpo", config, MODEL, init_params(MODEL, 0))
+    seen, update, envs = [], setup.step, []
+
+    def step(state, batch):
+        seen.append({k: sharding.to_host(v) for k, v in batch.items()})
+        return update(state, batch)
+
+    def environment():
+        envs.append(TwoTurnEnv())
+        return envs[-1]
+
+    loop = RolloutLoop(dataclasses.replace(setup, step=step), config,
+                       Reward(fn=lambda *a: 0.0), eos_token_id=EOS, pad_token_id=PAD,
+                       tokenizer=tok, environment=environment)
+    state, metrics = loop(setup.state, prompts())
+    return seen[0], metrics, envs, jax.tree.map(sharding.to_host, state.params)
+
+
+@pytest.fixture(scope="module")
+def one_device(word_tokenizer):
+    return iteration(word_tokenizer)
+
+
+def test_a_grpo_iteration_trains_on_episodes(one_device, word_tokenizer):
+    batch, metrics, envs, _ = one_device
+    B, N = G * K, CONFIG.env.max_episode_tokens
+    ids, attention, mask = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+    assert ids.shape == (B, P + N) and mask.shape == (B, N)
+    # Observation tokens: attended to, never trained on; they are the observation's encoding.
+    holes = (attention[:, P:] > 0) & (mask == 0)
+    observation = word_tokenizer(OBSERVATION, add_special_tokens=False)["input_ids"]
+    assert holes.sum() > 0 and np.all(mask <= attention[:, P:])
+    np.testing.assert_array_equal(ids[:, P:][holes].reshape(-1, len(observation)),
+                                  np.tile(observation, (holes.sum() // len(observation), 1)))
+    # A group's rows share their prompt columns (grpo.shared_prompt holds).
+    np.testing.assert_array_equal(ids[:, :P], np.repeat(prompts()["input_ids"], K, 0))
+    assert metrics["grpo/prompt_mismatch"] == 0
+    # The reference's (the initial policy's) forward over the episode rows, on policy tokens.
+    ref = tfm.token_outputs(MODEL, init_params(MODEL, 0), ids, attention, last=N,
+                            temperature=CONFIG.rollout.temperature).logprobs
+    np.testing.assert_allclose(batch["ref_logprobs"], np.asarray(ref) * mask, atol=2e-5)
+    np.testing.assert_allclose(batch["sampler_logprobs"], np.asarray(ref) * mask, atol=2e-5)
+    # The score is the episode's summed environment reward.
+    np.testing.assert_allclose(batch["scores"], [sum(e.rewards) for e in envs])
+    ends = {k: metrics[f"env/{k}"] for k in ("done", "turn_budget", "episode_budget",
+                                             "max_turns", "skipped")}
+    assert metrics["env/episodes"] == B == sum(ends.values()) and ends["skipped"] == 0
+    assert ends["done"] == sum(len(e.rewards) == 2 for e in envs) > 0
+    assert ends["turn_budget"] > 0  # some first turns ran out of tokens
+    assert metrics["env/turns"] >= sum(len(e.rewards) for e in envs) + ends["turn_budget"]
+    assert metrics["truncated_share"] == (ends["turn_budget"] + ends["episode_budget"]) / B
+    assert np.isfinite(metrics["grpo/policy_loss"]) and metrics["score/max"] == 1.5
+
+
+def test_an_episode_iteration_on_a_2x2x2_mesh_equals_one_device(one_device, word_tokenizer):
+    batch, metrics, _, params = one_device
+    m_batch, m_metrics, _, m_params = iteration(word_tokenizer, MeshConfig(2, 2, 2))
+    for key in ("input_ids", "attention_mask", "response_mask", "scores"):
+        np.testing.assert_array_equal(m_batch[key], batch[key], err_msg=key)
+    for key in ("ref_logprobs", "sampler_logprobs"):
+        np.testing.assert_allclose(m_batch[key], batch[key], atol=1e-5, err_msg=key)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), m_params, params)
+    for key in ("grpo/policy_loss", "grpo/kl", "env/done", "env/turns"):
+        np.testing.assert_allclose(m_metrics[key], metrics[key], rtol=1e-4, atol=1e-6)
+
+
+def test_budget_cuts_are_the_truncated_episodes(one_device, word_tokenizer):
+    """`rollout.overlong=mask` and `missing_eos_penalty` act on the episodes a token budget
+    cut (the runner's end reasons), not on rows without an EOS token."""
+    batch, _, envs, _ = one_device
+    masked, metrics, m_envs, _ = iteration(word_tokenizer, settings=(
+        "rollout.overlong=mask", "rollout.missing_eos_penalty=0.25"))
+    np.testing.assert_array_equal(masked["input_ids"], batch["input_ids"])  # same episodes
+    cut = np.array([len(e.rewards) < 2 for e in m_envs])  # TwoTurnEnv never ends otherwise
+    assert 0 < cut.sum() < len(cut) and metrics["truncated_share"] == cut.mean()
+    np.testing.assert_array_equal(masked["response_mask"],
+                                  batch["response_mask"] * ~cut[:, None])
+    np.testing.assert_allclose(masked["scores"],
+                               [sum(e.rewards) for e in m_envs] - 0.25 * cut)
+
+
+@pytest.mark.parametrize("setting,message", [
+    ("env.on_error=ignore", r"env\.on_error must be skip\|stop, got 'ignore'"),
+    ("env.max_turn_tokens=0", r"env\.max_turn_tokens=0 is out of range: expected >= 1"),
+    ("env.max_turn_tokens=300", r"env\.max_turn_tokens=300 is out of range: expected <= "
+                                r"env\.max_episode_tokens=256"),
+    ("env.max_turns=-1", r"env\.max_turns=-1 is out of range"),
+    ("env.timeout_s=0", r"env\.timeout_s=0\.0 is out of range: expected > 0"),
+    ("env.timeout_s=nan", r"env\.timeout_s=nan is out of range"),
+    ("env.groups=0", r"env\.groups=0 is out of range"),
+    ("env.observation_role= ", r"env\.observation_role is empty"),
+    ("env.enabled=maybe", r"--set env\.enabled='maybe': expected bool"),
+])
+def test_bad_env_settings_are_one_line_errors(setting, message):
+    with pytest.raises(ValueError, match=message) as err:
+        apply_overrides(Config(), [setting])
+    assert "\n" not in str(err.value)
+
+
+def test_episodes_refuse_what_they_cannot_do_in_one_line(word_tokenizer):
+    from jrlhf.rollouts import Reward, RolloutLoop
+    from jrlhf.setups import make_setup
+
+    setup = make_setup("grpo", CONFIG, MODEL, init_params(MODEL, 0))
+    reward = Reward(fn=lambda *a: 0.0)
+    cases = [
+        ({"data.task": "arithmetic"}, {}, r"data\.task='arithmetic' has no environment; tasks "
+                                          r"with one: calculator"),
+        ({}, {"tokenizer": None}, r"needs the run's tokenizer"),
+        ({"reward.functions": "annotator"}, {}, r"leave reward\.functions and "
+                                               r"reward\.model_path empty"),
+        ({"rollout.slots": 4}, {}, r"set rollout\.slots=0, not 4"),
+        ({"rollout.overlong": "penalty"}, {}, r"rollout\.overlong=penalty is not defined"),
+    ]
+    for settings, kwargs, message in cases:
+        config = apply_overrides(CONFIG, [f"{k}={v}" for k, v in settings.items()])
+        kwargs = {"tokenizer": word_tokenizer, "environment": TwoTurnEnv, **kwargs}
+        if "data.task" in settings:
+            kwargs.pop("environment")
+        with pytest.raises(ValueError, match=message) as err:
+            RolloutLoop(setup, config, reward, eos_token_id=EOS, **kwargs)
+        assert "\n" not in str(err.value)
+
+
+def test_the_calculator_task_and_its_config():
+    """`calculator` is a task with an environment; configs/grpo_tools.py plays it."""
+    assert isinstance(TASKS["calculator"].environment(), Environment)
+    assert TASKS["calculator"] is calculator
+    config = load_config("configs/grpo_tools.py")
+    assert config.env.enabled and config.data.task == "calculator"
+    assert config.rollout.max_new_tokens == config.env.max_episode_tokens  # plan / bench sizes
