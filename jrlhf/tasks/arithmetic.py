@@ -72,16 +72,23 @@ def final_number(response: str) -> int | None:
         return None
 
 
+def final_answer_scores(prompts: list[str], responses: list[str], answer_fn,
+                        what: str) -> list[float]:
+    """1 for each response whose last number is `answer_fn(prompt)`, else 0; a prompt without
+    an answer is an error naming it (`what`: the kind of problem it should hold)."""
+    scores = []
+    for prompt, response in zip(prompts, responses):
+        answer = answer_fn(prompt)
+        if answer is None:
+            raise ValueError(f"no {what} in prompt {prompt!r}")
+        scores.append(float(final_number(response) == answer))
+    return scores
+
+
 def score_texts(prompts: list[str], responses: list[str]) -> list[float]:
     """The checker as a host reward (`jrlhf.rewards.Reward.host`): 1 for a response whose last
     number is the prompt's answer, else 0."""
-    scores = []
-    for prompt, response in zip(prompts, responses):
-        answer = answer_of(prompt)
-        if answer is None:
-            raise ValueError(f"no arithmetic problem in prompt {prompt!r}")
-        scores.append(float(final_number(response) == answer))
-    return scores
+    return final_answer_scores(prompts, responses, answer_of, "arithmetic problem")
 
 
 def worked_answer(question: str, answer: int) -> str:
@@ -93,32 +100,42 @@ def worked_answer(question: str, answer: int) -> str:
     return f"{a} {op} {b} = {answer}. The answer is {answer}."
 
 
-def write_task_files(folder: str | Path, *, num_sft: int, num_prompts: int, num_eval: int,
-                     seed: int = 0) -> dict[str, Path]:
-    """SFT demonstrations (worked answers), training prompts and held-out evaluation prompts
-    as JSONL; no evaluation problem appears in the training files."""
+def write_problem_files(folder: str | Path, problem_fn, sft_of, *, num_sft: int,
+                        num_prompts: int, num_eval: int, seed: int = 0) -> dict[str, Path]:
+    """A generated task's files as JSONL (`sft`, `prompts`, `eval_prompts`): `num_eval`
+    distinct held-out questions drawn first from `problem_fn(rng) -> (question, answer)`,
+    then `num_sft` training problems turned into SFT rows by `sft_of(question, answer) ->
+    [row, ...]` and `num_prompts` training prompts; no held-out question appears in the
+    training files."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     held_out: dict[str, int] = {}
     while len(held_out) < num_eval:
-        question, answer = problem(rng)
+        question, answer = problem_fn(rng)
         held_out[question] = answer
 
     def train_problem():
         while True:
-            question, answer = problem(rng)
+            question, answer = problem_fn(rng)
             if question not in held_out:
                 return question, answer
 
-    sft = [train_problem() for _ in range(num_sft)]
     rows = {
-        "sft": [{"prompt": q, "response": worked_answer(q, a)} for q, a in sft],
+        "sft": [r for _ in range(num_sft) for r in sft_of(*train_problem())],
         "prompts": [{"prompt": train_problem()[0]} for _ in range(num_prompts)],
         "eval_prompts": [{"prompt": q} for q in held_out],
     }
-    files = {"sft": folder / "sft.jsonl", "prompts": folder / "prompts.jsonl",
-             "eval_prompts": folder / "eval_prompts.jsonl"}
+    files = {k: folder / f"{k}.jsonl" for k in rows}
     for key, path in files.items():
         path.write_text("".join(json.dumps(r) + "\n" for r in rows[key]))
     return files
+
+
+def write_task_files(folder: str | Path, *, num_sft: int, num_prompts: int, num_eval: int,
+                     seed: int = 0) -> dict[str, Path]:
+    """SFT demonstrations (worked answers), training prompts and held-out evaluation prompts
+    as JSONL (`write_problem_files`)."""
+    return write_problem_files(
+        folder, problem, lambda q, a: [{"prompt": q, "response": worked_answer(q, a)}],
+        num_sft=num_sft, num_prompts=num_prompts, num_eval=num_eval, seed=seed)

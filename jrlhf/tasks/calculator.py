@@ -16,13 +16,12 @@ exactly as `jrlhf.envs.run_episodes` lays the episode out (the template's tool t
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from fractions import Fraction
 from pathlib import Path
 
-from jrlhf.tasks.arithmetic import final_number
+from jrlhf.tasks.arithmetic import final_answer_scores, final_number, write_problem_files
 
 CALL = re.compile(r"<calc>(.*?)</calc>", re.DOTALL)
 QUESTION = re.compile(r"What is ([0-9+\-*/() ]+)\?")
@@ -133,13 +132,7 @@ def answer_of(prompt: str) -> int | None:
 def score_texts(prompts: list[str], responses: list[str]) -> list[float]:
     """A final answer's check as a host reward (the `jrlhf.tasks.TASKS` interface, for one-turn
     evaluation): 1 when the response's last number is the question's answer, else 0."""
-    scores = []
-    for prompt, response in zip(prompts, responses):
-        answer = answer_of(prompt)
-        if answer is None:
-            raise ValueError(f"no calculator question in prompt {prompt!r}")
-        scores.append(float(final_number(response) == answer))
-    return scores
+    return final_answer_scores(prompts, responses, answer_of, "calculator question")
 
 
 class CalculatorEnv:
@@ -201,27 +194,7 @@ def sft_rows(t: dict, role: str = "tool") -> list[dict]:
 def write_task_files(folder: str | Path, *, num_sft: int, num_prompts: int, num_eval: int,
                      seed: int = 0) -> dict[str, Path]:
     """SFT rows of `num_sft` synthetic traces (two rows each), training prompts and held-out
-    evaluation prompts as JSONL; no evaluation question appears in the training files."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    held_out: dict[str, int] = {}
-    while len(held_out) < num_eval:
-        question, answer = problem(rng)
-        held_out[question] = answer
-
-    def train_problem():
-        while True:
-            question, answer = problem(rng)
-            if question not in held_out:
-                return question, answer
-
-    rows = {
-        "sft": [r for _ in range(num_sft) for r in sft_rows(trace(*train_problem()))],
-        "prompts": [{"prompt": train_problem()[0]} for _ in range(num_prompts)],
-        "eval_prompts": [{"prompt": q} for q in held_out],
-    }
-    files = {k: folder / f"{k}.jsonl" for k in rows}
-    for key, path in files.items():
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows[key]))
-    return files
+    evaluation prompts as JSONL (`arithmetic.write_problem_files`)."""
+    return write_problem_files(folder, problem, lambda q, a: sft_rows(trace(q, a)),
+                               num_sft=num_sft, num_prompts=num_prompts, num_eval=num_eval,
+                               seed=seed)
