@@ -214,7 +214,10 @@ def grpo_step(state, batch, *, cfg: GRPOConfig, model_cfg: ModelConfig, labels=N
     state, metrics = minibatch_epochs(
         state, data, grad_fn, epochs=cfg.epochs, num_minibatches=B // size,
         key=jax.random.fold_in(state.rng, state.step),
-        grad_norm_key=f"{cfg.estimator}/grad_norm", group_size=group)
+        grad_norm_key=f"{cfg.estimator}/grad_norm",
+        # Whole groups per minibatch whenever they fit, micro-batched or not: the same
+        # minibatches with and without grad_accum_steps.
+        group_size=cfg.group_size if cfg.shared_prompt and size % cfg.group_size == 0 else 1)
     if getattr(state, "rl", None) is not None:  # the rollout iteration this update ends
         state = state.replace(rl=state.rl.replace(iteration=state.rl.iteration + 1))
     metrics.update({f"{cfg.estimator}/mean_score": jnp.mean(batch["scores"]),
