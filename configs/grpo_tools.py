@@ -12,8 +12,9 @@ from that policy. Two commands, one run folder:
     jrlhf grpo --config configs/grpo_tools.py --set model.source=runs/grpo_tools/sft/export
 
 The first exports its policy (LoRA merged) to `runs/grpo_tools/sft/export`; the second starts
-from it (its reference too). The `grpo/eval` stage at the end still samples one turn per prompt
-(no tool results), so its accuracy is not yet the tool task's.
+from it (its reference too). The `grpo/eval` stage at the end plays one episode per held-out
+problem with the starting policy and with the trained one (`rollouts.play_batched`): its
+scores are the tool task's accuracy before and after GRPO.
 """
 
 from pathlib import Path

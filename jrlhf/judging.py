@@ -26,7 +26,7 @@ from jrlhf.report import (EVALUATION_MARKER, IncompleteEvaluation, evaluation_fi
                           write_atomically, write_evaluation)
 from jrlhf.rewards import Reward
 from jrlhf.rng import stream_key
-from jrlhf.rollouts import decode_texts, sample_batched
+from jrlhf.rollouts import decode_texts, play_batched, sample_batched, task_environment
 from jrlhf.tasks import TASKS
 
 if TYPE_CHECKING:  # the runner's types; stages imports this module
@@ -102,11 +102,15 @@ def run_rank(run: Run, stage: Stage, config: Config) -> bool:
     return True
 
 
-def sequence_kl(cfg, params, ref_cfg, ref_params, ids, mask, tokens, tmask, temperature):
+def sequence_kl(cfg, params, ref_cfg, ref_params, ids, mask, tokens, tmask, temperature,
+                attention=None):
     """Mean over rows of the summed per-token log-ratio log π(y) − log π_ref(y) of sampled
-    responses `tokens [B, N]` (mask `tmask`) after prompts `ids [B, P]`."""
+    responses `tokens [B, N]` (mask `tmask`) after prompts `ids [B, P]`. `attention [B, N]`:
+    the response region's attention mask when it differs from `tmask` (an episode's
+    observation tokens: attended to, not the policy's, so not summed)."""
     full = np.concatenate([np.asarray(ids), np.asarray(tokens)], 1)
-    fmask = np.concatenate([np.asarray(mask), np.asarray(tmask)], 1)
+    fmask = np.concatenate([np.asarray(mask), np.asarray(
+        tmask if attention is None else attention)], 1)
     tokens, tmask = np.asarray(tokens), np.asarray(tmask)
     mesh = sharding.mesh_of(params)
     if mesh is not None:  # the rows split over the mesh the weights lie on
@@ -127,22 +131,33 @@ _token_outputs = jax.jit(models.token_outputs, static_argnames=("cfg", "last", "
 def run_evaluate(run: Run, stage: Stage, config: Config) -> bool:
     """Annotator score of each policy in `stage.compare` on held-out prompts, KL of each to
     `stage.start`, pairwise judgements and a Bradley-Terry / Elo leaderboard."""
-    judge = annotator_reward(run, config)
     out = run.out / stage.folder
     prompts, ids, mask = encode_prompts(run.encoder, run.file(stage.data, stage))
     key = stream_key(config.run.seed, stage.name, "sample")
     ref_cfg, ref_params = run.weights(stage.start, stage)
-    texts, row_scores, scores, kls = {}, {}, {}, {}
+    texts, row_scores, scores, kls, ends = {}, {}, {}, {}, {}
+    play = episode_player(run, config) if config.env.enabled else None
+    judge = None if play else annotator_reward(run, config)
     for name in stage.compare:
         cfg, params = run.weights(name, stage)
-        tokens, tmask = sample_batched(cfg, params, ids, mask, key, config.rollout,
-                                       eos_token_id=run.encoder.eos_id,
-                                       pad_token_id=run.encoder.pad_id)
-        texts[name] = decode_texts(run.tokenizer, tokens, tmask)
-        row_scores[name] = judge.host_scores(prompts, texts[name])
+        attention = None
+        if play:  # an episode per prompt, scored by its environment (the summed reward)
+            episodes = play(cfg, params, ids, mask, key)
+            tokens = episodes.batch["input_ids"][:, ids.shape[1]:]
+            tmask = episodes.batch["response_mask"]
+            attention = episodes.batch["attention_mask"][:, ids.shape[1]:]
+            texts[name] = decode_texts(run.tokenizer, tokens, attention)  # with observations
+            row_scores[name] = episodes.batch["scores"]
+            ends[name] = episodes.counts
+        else:
+            tokens, tmask = sample_batched(cfg, params, ids, mask, key, config.rollout,
+                                           eos_token_id=run.encoder.eos_id,
+                                           pad_token_id=run.encoder.pad_id)
+            texts[name] = decode_texts(run.tokenizer, tokens, tmask)
+            row_scores[name] = judge.host_scores(prompts, texts[name])
         scores[name] = float(np.mean(row_scores[name]))
         kls[name] = sequence_kl(cfg, params, ref_cfg, ref_params, ids, mask, tokens, tmask,
-                                config.rollout.temperature)
+                                config.rollout.temperature, attention)
     names = list(stage.compare)
     games = [(a, b, _judged(row_scores[a][i], row_scores[b][i])) for i in range(len(prompts))
              for x, a in enumerate(names) for b in names[x + 1:]]
@@ -162,10 +177,31 @@ def run_evaluate(run: Run, stage: Stage, config: Config) -> bool:
         wandb_log.log_table(run.out, f"{stage.name}/samples", samples)
     distributed.barrier("evaluate")
     run.results[stage.name] = {"scores": scores, "kls": kls, "board": board}
-    run.log(f"[{stage.name}] held-out annotator scores ({len(prompts)} prompts): "
+    if ends:
+        run.results[stage.name]["episode_ends"] = ends
+    what = "episode rewards" if play else "annotator scores"
+    run.log(f"[{stage.name}] held-out {what} ({len(prompts)} prompts): "
             + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()) + "\n"
+            + "".join(f"[{stage.name}] {k} episodes end: " + ", ".join(
+                f"{c} {n}" for c, n in v.items() if n and c != "episodes") + "\n"
+                for k, v in ends.items())
             + elo.format_leaderboard(board))
     return True
+
+
+def episode_player(run: Run, config: Config):
+    """`play(cfg, params, ids, mask, key) -> jrlhf.envs.EpisodeBatch`: one episode per
+    held-out prompt against `data.task`'s environment, with the `env` budgets and the rollout's
+    sampling settings (`rollouts.play_batched`)."""
+    environment = task_environment(config)
+
+    def play(cfg, params, ids, mask, key):
+        return play_batched(cfg, params, ids, mask, key, config.rollout, config.env,
+                            tokenizer=run.tokenizer, environment=environment,
+                            eos_token_id=run.encoder.eos_id, pad_token_id=run.encoder.pad_id,
+                            chat_template=config.data.chat_template)
+
+    return play
 
 
 def _judged(score_a: float, score_b: float) -> str:

@@ -14,6 +14,7 @@ the score is the episode's summed environment reward.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import itertools
@@ -27,7 +28,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jrlhf import partial, rl, sharding
-from jrlhf.config import Config, RolloutConfig
+from jrlhf.config import Config, EnvConfig, RolloutConfig
 from jrlhf.continuous import generate_continuous, generate_partial
 from jrlhf.envs import EpisodeBatch, run_episodes
 from jrlhf.models.config import ModelConfig
@@ -39,7 +40,7 @@ from jrlhf.steps.rollout import score_rollout
 from jrlhf.tasks import TASKS
 
 __all__ = ["Reward", "RolloutLoop", "RolloutSpec", "decode_texts", "make_sampler",
-           "sample_batched"]
+           "play_batched", "sample_batched"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +162,87 @@ def sample_batched(cfg: ModelConfig, params, prompt_ids, prompt_mask, key,
     return np.concatenate(tokens), np.concatenate(masks)
 
 
+def task_environment(config: Config) -> Callable:
+    """`data.task`'s environment factory (a fresh `jrlhf.envs.Environment` per call); a task
+    without one is refused in one line."""
+    task = TASKS.get(config.data.task)
+    if not hasattr(task, "environment"):
+        with_env = ", ".join(k for k, v in TASKS.items() if hasattr(v, "environment"))
+        raise ValueError(f"env.enabled: data.task={config.data.task!r} has no environment; "
+                         f"tasks with one: {with_env}")
+    return task.environment
+
+
+def turn_samplers(cfg: ModelConfig, rollout: RolloutConfig, env: EnvConfig, eos_token_id,
+                  pad_token_id, mesh=None) -> dict:
+    """The samplers of an episode's policy turns (`jrlhf.envs.run_episodes`): `rollout`'s
+    settings with `env.max_turn_tokens` new tokens, keyed by whether a turn's rows split over
+    `mesh` (True) or are replicated on it (False)."""
+    turn = dataclasses.replace(rollout, max_new_tokens=env.max_turn_tokens)
+    return {split: make_sampler(cfg, turn, eos_token_id, pad_token_id,
+                                mesh=mesh if split else None) for split in (False, True)}
+
+
+def turn_sampler(samplers: dict, params, key, mesh=None):
+    """`jrlhf.envs.SampleTurn` of the policy `params` (`samplers` from `turn_samplers`): the
+    `call`-th turn sampled with key `fold_in(key, call)`, its rows split over `mesh` when they
+    divide (else replicated), the outputs as NumPy on every process."""
+    calls = itertools.count()
+
+    def sample_turn(ids, mask, budgets):
+        split = mesh is not None and len(ids) % sharding.batch_devices(mesh) == 0
+        args = (ids, mask, budgets)
+        if mesh is not None:
+            args = sharding.put(args, sharding.batch_sharding(mesh) if split
+                                else sharding.replicated(mesh))
+        ids, mask, budgets = map(jnp.asarray, args)
+        gen = samplers[split](params, ids, mask, jax.random.fold_in(key, next(calls)),
+                              budgets=budgets)
+        return tuple(sharding.to_host(x) for x in (gen.tokens, gen.mask, gen.logprobs))
+
+    return sample_turn
+
+
+def play_episodes(sample_turn, environment: Callable, prompt_ids, prompt_mask, tokenizer,
+                  env: EnvConfig, *, eos_token_id, pad_token_id, chat_template: bool
+                  ) -> EpisodeBatch:
+    """One episode per row of the left-padded `prompt_ids, prompt_mask [B, P]` (NumPy), each
+    against a fresh `environment()`, its turns sampled by `sample_turn` (`turn_sampler`), with
+    the `env` budgets and settings (`jrlhf.envs.run_episodes`): the rollout loop's sampling
+    phase and the evaluation's."""
+    return run_episodes(
+        sample_turn, [environment() for _ in prompt_ids],
+        [row[m > 0].tolist() for row, m in zip(prompt_ids, prompt_mask)], tokenizer,
+        max_turn_tokens=env.max_turn_tokens, max_episode_tokens=env.max_episode_tokens,
+        max_turns=env.max_turns or None, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+        prompt_width=prompt_ids.shape[1], timeout_s=env.timeout_s, on_error=env.on_error,
+        chat_template=chat_template, observation_role=env.observation_role, groups=env.groups)
+
+
+def play_batched(cfg: ModelConfig, params, prompt_ids, prompt_mask, key,
+                 rollout: RolloutConfig, env: EnvConfig, *, tokenizer, environment: Callable,
+                 eos_token_id: int | None, pad_token_id: int = 0,
+                 chat_template: bool = True) -> EpisodeBatch:
+    """`sample_batched` for episodes: one episode per prompt row, `rollout.eval_batch_size`
+    prompts at a time (chunk `i` with key `fold_in(key, i)`), the chunks' batches concatenated
+    and their end counts summed. On a mesh (the mesh `params` lie on) each turn's rows split
+    over it when they divide; every process plays every episode (same prompts on each)."""
+    mesh = sharding.mesh_of(params)
+    eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+    samplers = turn_samplers(cfg, rollout, env, eos, pad_token_id, mesh)
+    parts = []
+    for start in range(0, len(prompt_ids), rollout.eval_batch_size):
+        rows = slice(start, start + rollout.eval_batch_size)
+        parts.append(play_episodes(
+            turn_sampler(samplers, params, jax.random.fold_in(key, start), mesh), environment,
+            np.asarray(prompt_ids[rows]), np.asarray(prompt_mask[rows]), tokenizer, env,
+            eos_token_id=eos, pad_token_id=pad_token_id, chat_template=chat_template))
+    return EpisodeBatch(
+        {k: np.concatenate([p.batch[k] for p in parts]) for k in parts[0].batch},
+        dict(sum((collections.Counter(p.counts) for p in parts), collections.Counter())),
+        [line for p in parts for line in p.errors], [end for p in parts for end in p.ends])
+
+
 def gather_rows(name: str, lo: int, local: np.ndarray) -> np.ndarray:
     """The whole `[B]` vector from each process's rows `lo..lo+len(local)-1` (one process:
     `local` itself)."""
@@ -255,11 +337,8 @@ class RolloutLoop:
         build the turn samplers (`rollout`'s settings, `env.max_turn_tokens` new tokens; one
         keeping the rows split over the mesh, one for a turn whose rows do not split)."""
         r, e, setup = config.rollout, config.env, self.setup
-        task = config.data.task
-        with_env = ", ".join(k for k, v in TASKS.items() if hasattr(v, "environment"))
-        if environment is None and not hasattr(TASKS.get(task), "environment"):
-            raise ValueError(f"env.enabled: data.task={task!r} has no environment; tasks with "
-                             f"one: {with_env}")
+        if environment is None:
+            environment = task_environment(config)
         refused = [
             (tokenizer is None, "needs the run's tokenizer (RolloutLoop(tokenizer=...)) to "
                                 "decode turns and encode observations"),
@@ -278,38 +357,16 @@ class RolloutLoop:
             if bad:
                 raise ValueError(f"env.enabled {why}")
         self.tokenizer, self.chat_template = tokenizer, config.data.chat_template
-        self.environment = environment or TASKS[task].environment
+        self.environment = environment
         # A turn ends at EOS: the tokenizer's unless the loop was given one.
         self.turn_eos = tokenizer.eos_token_id if self.eos_token_id is None else \
             self.eos_token_id
-        turn = dataclasses.replace(r, max_new_tokens=e.max_turn_tokens)
-        self.sample_turn = {split: make_sampler(setup.model_cfg, turn, self.turn_eos,
-                                                self.pad_token_id,
-                                                mesh=setup.mesh if split else None)
-                            for split in (False, True)}
-
-    def _turn_sampler(self, params, key):
-        """`jrlhf.envs.SampleTurn` of the policy `params`: the `call`-th turn sampled with key
-        `fold_in(key, call)`, its rows split over the mesh when they divide (else replicated),
-        the outputs as NumPy on every process."""
-        mesh, calls = self.setup.mesh, itertools.count()
-
-        def sample_turn(ids, mask, budgets):
-            split = mesh is not None and len(ids) % sharding.batch_devices(mesh) == 0
-            args = (ids, mask, budgets)
-            if mesh is not None:
-                args = sharding.put(args, sharding.batch_sharding(mesh) if split
-                                    else sharding.replicated(mesh))
-            ids, mask, budgets = map(jnp.asarray, args)
-            gen = self.sample_turn[split](params, ids, mask, jax.random.fold_in(key, next(calls)),
-                                          budgets=budgets)
-            return tuple(sharding.to_host(x) for x in (gen.tokens, gen.mask, gen.logprobs))
-
-        return sample_turn
+        self.turn_samplers = turn_samplers(setup.model_cfg, r, e, self.turn_eos,
+                                           self.pad_token_id, setup.mesh)
 
     def _play_episodes(self, state, prompts, key) -> dict:
         """`_sample_and_score` with `env.enabled`: one episode per sampled row (a group's K
-        rows consecutive; `_turn_sampler` samples the turns), then scored with the episode's
+        rows consecutive; `turn_sampler` samples the turns), then scored with the episode's
         attention mask; `raw` is the episode's summed environment reward (less
         `rollout.missing_eos_penalty` when a token budget cut it)."""
         setup, e, K, mesh = self.setup, self.env, self.group, self.setup.mesh
@@ -319,15 +376,10 @@ class RolloutLoop:
         prompt_ids, prompt_mask, _ = self._prompt_budgets(prompts)
         ids, mask = (np.repeat(x, K, axis=0) for x in (prompt_ids, prompt_mask))
         started = time.perf_counter()
-        episodes = run_episodes(
-            self._turn_sampler(setup.policy_params(state.params), key),
-            [self.environment() for _ in ids],
-            [row[m > 0].tolist() for row, m in zip(ids, mask)], self.tokenizer,
-            max_turn_tokens=e.max_turn_tokens, max_episode_tokens=e.max_episode_tokens,
-            max_turns=e.max_turns or None, eos_token_id=self.turn_eos,
-            pad_token_id=self.pad_token_id, prompt_width=ids.shape[1], timeout_s=e.timeout_s,
-            on_error=e.on_error, chat_template=self.chat_template,
-            observation_role=e.observation_role, groups=e.groups)
+        episodes = play_episodes(
+            turn_sampler(self.turn_samplers, setup.policy_params(state.params), key, mesh),
+            self.environment, ids, mask, self.tokenizer, e, eos_token_id=self.turn_eos,
+            pad_token_id=self.pad_token_id, chat_template=self.chat_template)
         t_gen = time.perf_counter() - started
         b, P = episodes.batch, ids.shape[1]
         heads = np.stack([b["input_ids"][:, :P], b["attention_mask"][:, :P]], 1).reshape(

@@ -71,14 +71,25 @@ def prompts():
     return {"input_ids": ids, "attention_mask": mask, "max_new_tokens": np.zeros(G, np.int32)}
 
 
-def iteration(tok, mesh_config=None, settings=()):
-    """One GRPO iteration on episodes: `(update's batch, metrics, environments, new params)`."""
+# PPO plays one episode per prompt: G·K prompts, so its batch has GRPO's rows.
+PPO_SETTINGS = (f"ppo.prompts_per_iteration={G * K}", "ppo.epochs=2", "ppo.minibatch_size=8")
+
+
+def ppo_prompts():
+    """`prompts()` with each prompt repeated K times (PPO's batch of G·K episodes)."""
+    return {k: np.repeat(v, K, axis=0) for k, v in prompts().items()}
+
+
+def iteration(tok, mesh_config=None, settings=(), algorithm="grpo"):
+    """One iteration of `algorithm` on episodes: `(update's batch, metrics, environments, new
+    params)`."""
     from jrlhf.rollouts import Reward, RolloutLoop
     from jrlhf.setups import make_setup
 
     config = CONFIG if mesh_config is None else dataclasses.replace(CONFIG, mesh=mesh_config)
-    config = apply_overrides(config, list(settings))
-    setup = make_setup("grpo", config, MODEL, init_params(MODEL, 0))
+    config = apply_overrides(config, list(settings) + list(
+        PPO_SETTINGS if algorithm == "ppo" else ()))
+    setup = make_setup(algorithm, config, MODEL, init_params(MODEL, 0))
     seen, update, envs = [], setup.step, []
 
     def step(state, batch):
@@ -92,7 +103,7 @@ def iteration(tok, mesh_config=None, settings=()):
     loop = RolloutLoop(dataclasses.replace(setup, step=step), config,
                        Reward(fn=lambda *a: 0.0), eos_token_id=EOS, pad_token_id=PAD,
                        tokenizer=tok, environment=environment)
-    state, metrics = loop(setup.state, prompts())
+    state, metrics = loop(setup.state, ppo_prompts() if algorithm == "ppo" else prompts())
     return seen[0], metrics, envs, jax.tree.map(sharding.to_host, state.params)
 
 
@@ -157,6 +168,103 @@ def test_budget_cuts_are_the_truncated_episodes(one_device, word_tokenizer):
                                   batch["response_mask"] * ~cut[:, None])
     np.testing.assert_allclose(masked["scores"],
                                [sum(e.rewards) for e in m_envs] - 0.25 * cut)
+
+
+@pytest.fixture(scope="module")
+def ppo_one_device(word_tokenizer):
+    return iteration(word_tokenizer, algorithm="ppo")
+
+
+def test_a_ppo_iteration_trains_on_episodes(ppo_one_device, word_tokenizer):
+    """PPO on episodes: the policy's and the critic's scoring forwards attend to the
+    observations; values, log-probs and the KL live on the policy's tokens only; the score is
+    the summed environment reward; the update changes the weights."""
+    from jrlhf.steps.rollout import policy_outputs
+
+    batch, metrics, envs, params = ppo_one_device
+    B, N = G * K, CONFIG.env.max_episode_tokens
+    ids, attention, mask = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+    assert ids.shape == (B, P + N) and ((attention[:, P:] > 0) & (mask == 0)).sum() > 0
+    np.testing.assert_array_equal(ids[:, :P], ppo_prompts()["input_ids"])
+    from jrlhf.setups import make_setup
+    setup = make_setup("ppo", apply_overrides(CONFIG, list(PPO_SETTINGS)), MODEL,
+                       init_params(MODEL, 0))
+    logprobs, _, values = policy_outputs(setup.state.params, ids, attention, N,
+                                         policy_cfg=setup.model_cfg, value_cfg=setup.value_cfg,
+                                         temperature=batch["temperature"])
+    np.testing.assert_allclose(batch["logprobs"], np.asarray(logprobs) * mask, atol=2e-5)
+    np.testing.assert_allclose(batch["values"], np.asarray(values) * mask, atol=2e-5)
+    np.testing.assert_allclose(batch["sampler_logprobs"], batch["logprobs"], atol=2e-5)
+    assert np.all(batch["values"][mask == 0] == 0)  # (a fresh critic's head is zero)
+    np.testing.assert_allclose(batch["scores"], [sum(e.rewards) for e in envs])
+    assert metrics["env/episodes"] == B and metrics["env/done"] > 0
+    for key in ("ppo/policy_loss", "value/loss", "ppo/approx_kl"):
+        assert np.isfinite(metrics[key]), key
+    changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), params,
+                           jax.tree.map(sharding.to_host, setup.state.params))
+    assert any(jax.tree.leaves(changed))
+
+
+def test_a_ppo_episode_iteration_on_a_2x2x2_mesh_equals_one_device(ppo_one_device,
+                                                                    word_tokenizer):
+    batch, metrics, _, params = ppo_one_device
+    m_batch, m_metrics, _, m_params = iteration(word_tokenizer, MeshConfig(2, 2, 2),
+                                                algorithm="ppo")
+    for key in ("input_ids", "attention_mask", "response_mask", "scores"):
+        np.testing.assert_array_equal(m_batch[key], batch[key], err_msg=key)
+    for key in ("ref_logprobs", "logprobs", "values"):
+        np.testing.assert_allclose(m_batch[key], batch[key], atol=1e-5, err_msg=key)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), m_params, params)
+    for key in ("ppo/policy_loss", "value/loss", "env/done", "env/turns"):
+        np.testing.assert_allclose(m_metrics[key], metrics[key], rtol=1e-4, atol=1e-6)
+
+
+def test_evaluation_plays_episodes_in_chunks(word_tokenizer):
+    """`rollouts.play_batched` (the evaluation stage's episodes): chunk i of
+    `rollout.eval_batch_size` prompts is `play_episodes` with key `fold_in(key, start)`, the
+    scores are the environments' summed rewards, the end counts add up; `judging.sequence_kl`
+    with the episode's attention sums log π − log π_ref over the policy's tokens of forwards
+    that attend to the observations."""
+    from jrlhf import judging
+    from jrlhf.models import token_outputs
+    from jrlhf.rollouts import play_batched, play_episodes, turn_sampler, turn_samplers
+
+    config = apply_overrides(CONFIG, ["rollout.eval_batch_size=3"])
+    params, ref = init_params(MODEL, 0), init_params(MODEL, 1)
+    ids, mask = (ppo_prompts()[k][:7] for k in ("input_ids", "attention_mask"))
+    envs = []
+
+    def environment():
+        envs.append(TwoTurnEnv())
+        return envs[-1]
+
+    key = jax.random.key(3)
+    episodes = play_batched(MODEL, params, ids, mask, key, config.rollout, config.env,
+                            tokenizer=word_tokenizer, environment=environment,
+                            eos_token_id=EOS, pad_token_id=PAD, chat_template=False)
+    b = episodes.batch
+    assert b["input_ids"].shape == (7, P + config.env.max_episode_tokens)
+    np.testing.assert_allclose(b["scores"], [sum(e.rewards) for e in envs])
+    assert episodes.counts["episodes"] == 7 == len(episodes.ends)
+    samplers = turn_samplers(MODEL, config.rollout, config.env, EOS, PAD)
+    for start in (0, 3, 6):
+        alone = play_episodes(turn_sampler(samplers, params, jax.random.fold_in(key, start)),
+                              TwoTurnEnv, ids[start:start + 3], mask[start:start + 3],
+                              word_tokenizer, config.env, eos_token_id=EOS, pad_token_id=PAD,
+                              chat_template=False)
+        for k, v in alone.batch.items():
+            np.testing.assert_array_equal(b[k][start:start + 3], v, err_msg=f"{k} @ {start}")
+    tokens, tmask = b["input_ids"][:, P:], b["response_mask"]
+    attention = b["attention_mask"][:, P:]
+    assert ((attention > 0) & (tmask == 0)).any()  # observations to attend to
+    kl = judging.sequence_kl(MODEL, params, MODEL, ref, ids, mask, tokens, tmask, 1.0,
+                             attention)
+    lp, lp_ref = (np.asarray(token_outputs(MODEL, p, b["input_ids"], b["attention_mask"],
+                                           last=tokens.shape[1], temperature=1.0).logprobs)
+                  for p in (params, ref))
+    np.testing.assert_allclose(kl, np.mean(np.sum((lp - lp_ref) * tmask, 1)), rtol=1e-5)
+    assert abs(judging.sequence_kl(MODEL, params, MODEL, ref, ids, mask, tokens, tmask,
+                                   1.0) - kl) > 1e-5  # without the observations: another KL
 
 
 @pytest.mark.parametrize("setting,message", [
