@@ -219,14 +219,15 @@ def reference_driver(setup, config: Config, **_) -> Callable:
 
 
 def rollout_driver(setup, config: Config, *, reward=None, eos_token_id=None, pad_token_id=0,
-                   prompts=None, tokenizer=None, **_) -> Callable:
+                   prompts=None, tokenizer=None, environment=None, **_) -> Callable:
     """A `RolloutLoop` (generate → score → update) against `reward`, refilling dynamic-sampling
     batches from `prompts` (the stage's own batches); the run's `tokenizer` plays multi-turn
-    episodes (`env.enabled`)."""
+    episodes (`env.enabled`) against `environment()` (default: `data.task`'s)."""
     if reward is None:
         raise ValueError(f"the {setup.name} stage needs a reward")
     return RolloutLoop(setup, config, reward, eos_token_id=eos_token_id,
-                       pad_token_id=pad_token_id, more_prompts=prompts, tokenizer=tokenizer)
+                       pad_token_id=pad_token_id, more_prompts=prompts, tokenizer=tokenizer,
+                       environment=environment)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,9 +9,11 @@ token ids are never the pad/EOS id, so every sequence has its full length.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
+import random
 import time
 
 import jax
@@ -19,12 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jrlhf.config import Config
+from jrlhf.data import Encoder
 from jrlhf.hardware import device_bandwidth, device_peak, memory, xla_flops
 from jrlhf.models.config import ModelConfig
 from jrlhf.models.sources import load_policy
 from jrlhf import algorithms
 from jrlhf.rollouts import Reward, RolloutLoop, make_sampler
 from jrlhf.setups import Setup, batch_shapes, initial_weights, make_setup
+from jrlhf.tasks import TASKS
 
 GENERATE = "generate"  # the sampler alone, on the PPO setup's policy and prompts
 ITERATION = "_iteration"  # `<algorithm>_iteration`: a whole rollout iteration (3 dispatches)
@@ -119,11 +123,13 @@ class Workload:
     config: Config
     policy_cfg: ModelConfig
     params: dict
+    tokenizer: object = None  # only for multi-turn episodes (`env.enabled`)
 
     @classmethod
     def from_config(cls, config: Config):
-        policy_cfg, params, _ = load_policy(config.model, config.run.seed, tokenizer=False)
-        return cls(config, policy_cfg, params)
+        policy_cfg, params, tokenizer = load_policy(config.model, config.run.seed,
+                                                    tokenizer=config.env.enabled)
+        return cls(config, policy_cfg, params, tokenizer)
 
     def setup(self, algorithm: str) -> Setup:
         """The setup training builds for `algorithm` from these weights."""
@@ -211,6 +217,22 @@ def _prompts(work: Workload, rng, rows: int):
     return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
 
 
+def _task_prompts(work: Workload, rng, rows: int):
+    """`rows` problems of `data.task` (its `problem(random.Random)`), encoded as the training
+    stage encodes prompts (chat template, left-padded to `data.max_prompt_length`): episodes
+    need prompts their environment understands."""
+    d = work.config.data
+    task = TASKS[d.task]
+    if not hasattr(task, "problem"):
+        raise ValueError(f"jrlhf bench on episodes (env.enabled) draws prompts from the task's "
+                         f"problem generator; data.task={d.task!r} has none")
+    encoder = Encoder(work.tokenizer, d.max_prompt_length, d.max_response_length,
+                      d.chat_template)
+    draw = random.Random(int(rng.randint(2**31)))
+    examples = [encoder.prompt_example({"prompt": task.problem(draw)[0]}) for _ in range(rows)]
+    return {k: np.stack([e[k] for e in examples]) for k in ("input_ids", "attention_mask")}
+
+
 def _generation_flops(cfg: ModelConfig, B: int, P: int, N: int) -> float:
     """Prefill of B·P tokens with one LM-head position per row, then B·N single-token steps."""
     return model_flops(cfg, B * P, P, False, lm_tokens=B) + model_flops(cfg, B * N, P + N, False)
@@ -295,17 +317,23 @@ def _bench_iteration(work, setup, result, steps, warmup, rng):
     prompts, `group_size` samples each), split into its three dispatches."""
     c = work.config
     rm_cfg, rm_params = initial_weights(algorithms.REWARD, c, work.policy_cfg, work.params)
+    episodes = c.env.enabled
     loop = RolloutLoop(setup, c, Reward.from_model(rm_cfg, jax.tree.map(jnp.asarray, rm_params)),
-                       eos_token_id=None, pad_token_id=0)
-    prompts = _prompts(work, rng, setup.algorithm.batch_size(c))
+                       eos_token_id=None, pad_token_id=0, tokenizer=work.tokenizer)
+    n = setup.algorithm.batch_size(c)
+    prompts = _task_prompts(work, rng, n) if episodes else _prompts(work, rng, n)
     state = setup.state
     for _ in range(warmup):
         state, _ = loop(state, prompts)
     phases = {"generate": [], "score": [], "update": []}
+    ends = collections.Counter()
     for _ in range(steps):
         state, metrics = loop(state, prompts)
         for name in phases:
             phases[name].append(metrics[f"time/{name}"])
+        ends.update({k[len("env/"):]: v for k, v in metrics.items() if k.startswith("env/")})
+    if episodes:  # the generate phase played episodes: host environment calls included
+        result["episodes"] = {k: v / steps for k, v in ends.items()}
     B, P = prompts["input_ids"].shape
     rows, N, E = B * loop.group, c.rollout.max_new_tokens, loop.spec.update_epochs
     T = P + N
@@ -391,6 +419,12 @@ def format_result(r: dict) -> str:
                                          f"{r['decode_steps']} decode steps{tail})"))
     for name, p in (r.get("phases") or {}).items():
         rows.append((f"  {name}", f"{p['median_s'] * 1e3:.1f} ms, {p['tokens_per_s']:,.0f} tok/s"))
+    if r.get("episodes"):
+        e = r["episodes"]
+        ends = ", ".join(f"{k} {v:g}" for k, v in e.items() if v and k not in ("episodes", "turns"))
+        rows.append(("episodes / step", f"{e.get('episodes', 0):g}, {e.get('turns', 0):g} policy "
+                                        f"turns (ends: {ends}; generate includes the "
+                                        f"environment calls)"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(lines + [f"  {k:<{width}}  {v}" for k, v in rows])
 

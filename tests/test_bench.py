@@ -203,3 +203,19 @@ def test_the_long_tail_workload_is_the_one_benchmark_md_describes():
     assert long_tail.simulate_slots(budgets, 64) == 308
     assert long_tail.simulate_slots(budgets, 32) == 486
     assert long_tail.simulate_slots([5, 9, 2], 8) == 9
+
+
+@pytest.mark.slow
+def test_bench_plays_episodes_on_an_episode_config():
+    """`env.enabled`: the iteration's prompts are the task's problems (encoded as training
+    encodes them) and its generate phase plays episodes against the task's environment."""
+    config = derive(load_config(ROOT / "configs" / "tiny.py"), {
+        "data.task": "calculator", "env.enabled": True, "env.max_turn_tokens": 4,
+        "env.max_episode_tokens": 12, "env.max_turns": 2, "rollout.max_new_tokens": 12,
+        "data.max_prompt_length": 48, "grpo.group_size": 2, "grpo.prompts_per_iteration": 2})
+    r = bench.bench_step(bench.Workload.from_config(config), "grpo_iteration", steps=2,
+                         warmup=0)
+    assert r["episodes"]["episodes"] == 4  # per timed step: every sampled row an episode
+    assert r["episodes"]["turns"] >= 4 and r["episodes"]["skipped"] == 0
+    assert set(r["phases"]) == {"generate", "score", "update"}
+    assert "episodes / step" in bench.format_result(r)

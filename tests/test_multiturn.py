@@ -267,6 +267,89 @@ def test_evaluation_plays_episodes_in_chunks(word_tokenizer):
                                    1.0) - kl) > 1e-5  # without the observations: another KL
 
 
+class PromptStream:
+    """G word prompts per batch from a seeded stream whose position checkpoints resume."""
+
+    def __init__(self):
+        self.i = 0
+
+    def __next__(self):
+        self.i += 1
+        rng = np.random.RandomState(self.i)
+        ids = rng.randint(2, len(WORDS), (G, P)).astype(np.int32)
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+    def get_state(self):
+        return {"i": self.i}
+
+    def set_state(self, saved):
+        self.i = saved["i"]
+
+
+class Preempted(BaseException):
+    """What a kill is to the run: nothing below the test catches it."""
+
+
+class PreemptingTokenizer:
+    """The word tokenizer, raising `Preempted` on its `at`-th `decode` (None: never): the
+    episode runner decodes each finished turn, so that is mid-episode."""
+
+    def __init__(self, tokenizer, at=None):
+        self.tokenizer, self.at, self.decodes = tokenizer, at, 0
+
+    def decode(self, *args, **kwargs):
+        self.decodes += 1
+        if self.decodes == self.at:
+            raise Preempted
+        return self.tokenizer.decode(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        return self.tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+@pytest.mark.slow
+def test_preempted_mid_episode_and_resumed_equals_uninterrupted(tmp_path, word_tokenizer):
+    """A run killed in the middle of an iteration's episodes (a turn sampled, its environment
+    call not made) resumes from its last checkpoint and replays that iteration's episodes:
+    weights, RL state and every untimed metric equal an uninterrupted run's."""
+    from jrlhf.checkpoint import Checkpointer
+    from jrlhf.loops import train
+    from jrlhf.report import read_metrics
+    from jrlhf.rollouts import Reward
+    from jrlhf.setups import make_setup
+
+    def run(out, tokenizer, resume=False):
+        config = apply_overrides(CONFIG, [f"run.out_dir={out}", "grpo.iterations=3",
+                                          "run.save_every=1"])
+        return train(make_setup("grpo", config, MODEL, init_params(MODEL, 0)), config,
+                     PromptStream(), reward=Reward(fn=lambda *a: 0.0), eos_token_id=EOS,
+                     pad_token_id=PAD, tokenizer=tokenizer, environment=TwoTurnEnv,
+                     out_dir=out, resume=resume, log=None)
+
+    counting = PreemptingTokenizer(word_tokenizer)
+    full = run(tmp_path / "a", counting)
+    with pytest.raises(Preempted):
+        run(tmp_path / "b", PreemptingTokenizer(word_tokenizer, at=counting.decodes * 2 // 3))
+    checkpoints = Checkpointer(tmp_path / "b" / "grpo" / "checkpoints")
+    assert 1 <= checkpoints.latest_step() < 3  # killed inside iteration 2 or 3
+    checkpoints.close()
+    replaying = PreemptingTokenizer(word_tokenizer)
+    resumed = run(tmp_path / "b", replaying, resume=True)
+    assert 0 < replaying.decodes < counting.decodes  # it resumed; it did not start over
+    jax.tree.map(np.testing.assert_array_equal, resumed.state.params, full.state.params)
+    jax.tree.map(np.testing.assert_array_equal, resumed.state.rl, full.state.rl)
+
+    def untimed(path):
+        return [{k: v for k, v in row.items() if not k.startswith(("time/", "tokens_per"))}
+                for row in read_metrics(path / "metrics.jsonl")]
+
+    assert untimed(tmp_path / "b") == untimed(tmp_path / "a")
+    assert len(untimed(tmp_path / "a")) == 3
+
+
 @pytest.mark.parametrize("setting,message", [
     ("env.on_error=ignore", r"env\.on_error must be skip\|stop, got 'ignore'"),
     ("env.max_turn_tokens=0", r"env\.max_turn_tokens=0 is out of range: expected >= 1"),
