@@ -30,7 +30,10 @@ def get_config():
         "data.max_prompt_length": 128,
         "data.max_response_length": 32,
         "data.num_sft_examples": 256,
-        "sft.steps": 60,
+        # A short SFT: the policy half-learns the call format (held-out 32.8%), so GRPO has
+        # something to learn (95.3% after 8 iterations). 60 steps reach 100% by SFT alone, and
+        # then every group scores all 1s: no GRPO signal.
+        "sft.steps": 8,
         "sft.batch_size": 8,
         "sft.learning_rate": 3e-4,
         "env.enabled": True,
@@ -38,6 +41,7 @@ def get_config():
         "env.max_episode_tokens": 96,
         "env.max_turns": 3,
         "env.groups": 2,
+        "grpo.iterations": 8,
         # The episode's response region: what `jrlhf plan` / `bench` size the rollout with.
         "rollout.max_new_tokens": 96,
         "run.out_dir": "runs/grpo_tools",

@@ -182,9 +182,11 @@ def run_evaluate(run: Run, stage: Stage, config: Config) -> bool:
     what = "episode rewards" if play else "annotator scores"
     run.log(f"[{stage.name}] held-out {what} ({len(prompts)} prompts): "
             + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()) + "\n"
-            + "".join(f"[{stage.name}] {k} episodes end: " + ", ".join(
-                f"{c} {n}" for c, n in v.items() if n and c != "episodes") + "\n"
-                for k, v in ends.items())
+            + "".join(f"[{stage.name}] {k}: {v['episodes']} episodes, {v['turns']} policy "
+                      f"turns; ended by " + ", ".join(
+                          f"{c} {n}" for c, n in v.items()
+                          if n and c not in ("episodes", "turns")) + "\n"
+                      for k, v in ends.items())
             + elo.format_leaderboard(board))
     return True
 

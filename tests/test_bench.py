@@ -213,7 +213,7 @@ def test_bench_plays_episodes_on_an_episode_config():
         "data.task": "calculator", "env.enabled": True, "env.max_turn_tokens": 4,
         "env.max_episode_tokens": 12, "env.max_turns": 2, "rollout.max_new_tokens": 12,
         "data.max_prompt_length": 48, "grpo.group_size": 2, "grpo.prompts_per_iteration": 2})
-    r = bench.bench_step(bench.Workload.from_config(config), "grpo_iteration", steps=2,
+    r = bench.bench_step(bench.Workload.from_config(config), "grpo_iteration", steps=1,
                          warmup=0)
     assert r["episodes"]["episodes"] == 4  # per timed step: every sampled row an episode
     assert r["episodes"]["turns"] >= 4 and r["episodes"]["skipped"] == 0

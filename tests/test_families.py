@@ -137,9 +137,10 @@ def test_cli_refuses_an_unsupported_model_folder_in_one_line(tmp_path, capsys):
 
 
 # A saved folder's extra fields per family (transformers fills in the rest): Gemma 3 with a
-# sliding window shorter than the pipeline's prompts and a local:global pattern of 1:1.
+# sliding window shorter than the pipeline's prompts and a local:global pattern of 1:1. (Dense
+# Qwen3 is Qwen3-MoE's attention with untied heads: its folder's pipeline, ~45 s, adds nothing
+# the MoE one does not run; its parity is tested above.)
 PIPELINE_FAMILIES = {
-    "qwen3": dict(tie_word_embeddings=False),
     "gemma3_text": dict(sliding_window=8, sliding_window_pattern=2, query_pre_attn_scalar=16,
                         rope_local_base_freq=100.0, tie_word_embeddings=True),
     # A mixture of experts: a sparse and a dense layer, 2 of 4 experts per token.
