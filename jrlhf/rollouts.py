@@ -177,7 +177,9 @@ def turn_samplers(cfg: ModelConfig, rollout: RolloutConfig, env: EnvConfig, eos_
                   pad_token_id, mesh=None) -> dict:
     """The samplers of an episode's policy turns (`jrlhf.envs.run_episodes`): `rollout`'s
     settings with `env.max_turn_tokens` new tokens, keyed by whether a turn's rows split over
-    `mesh` (True) or are replicated on it (False)."""
+    `mesh` (True) or are replicated on it (False). With `rollout.slots` a turn decodes through
+    that many continuous-batching slots (fewer when it has fewer rows): a row that ends its turn
+    early frees its slot for another row of the turn."""
     turn = dataclasses.replace(rollout, max_new_tokens=env.max_turn_tokens)
     return {split: make_sampler(cfg, turn, eos_token_id, pad_token_id,
                                 mesh=mesh if split else None) for split in (False, True)}
@@ -345,8 +347,9 @@ class RolloutLoop:
             (config.reward.functions or config.reward.model_path,
              "scores episodes by their environment's reward: leave reward.functions and "
              "reward.model_path empty"),
-            (r.slots, f"samples turns in static batches (yet): set rollout.slots=0, not "
-                      f"{r.slots}"),
+            (r.max_staleness, f"plays each episode within one iteration (yet): set "
+                              f"rollout.max_staleness=0, not {r.max_staleness}"),
+            (r.host_local, "samples turns on the mesh (yet): set rollout.host_local=false"),
             (r.overlong == "penalty", "rollout.overlong=penalty is not defined for episodes "
                                       "(yet): use keep or mask"),
             (records_experts(setup.model_cfg, r), "does not carry a mixture of experts' "

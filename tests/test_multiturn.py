@@ -80,7 +80,7 @@ def ppo_prompts():
     return {k: np.repeat(v, K, axis=0) for k, v in prompts().items()}
 
 
-def iteration(tok, mesh_config=None, settings=(), algorithm="grpo"):
+def iteration(tok, mesh_config=None, settings=(), algorithm="grpo", params=None):
     """One iteration of `algorithm` on episodes: `(update's batch, metrics, environments, new
     params)`."""
     from jrlhf.rollouts import Reward, RolloutLoop
@@ -89,7 +89,8 @@ def iteration(tok, mesh_config=None, settings=(), algorithm="grpo"):
     config = CONFIG if mesh_config is None else dataclasses.replace(CONFIG, mesh=mesh_config)
     config = apply_overrides(config, list(settings) + list(
         PPO_SETTINGS if algorithm == "ppo" else ()))
-    setup = make_setup(algorithm, config, MODEL, init_params(MODEL, 0))
+    setup = make_setup(algorithm, config, MODEL,
+                       init_params(MODEL, 0) if params is None else params)
     seen, update, envs = [], setup.step, []
 
     def step(state, batch):
@@ -153,6 +154,26 @@ def test_an_episode_iteration_on_a_2x2x2_mesh_equals_one_device(one_device, word
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), m_params, params)
     for key in ("grpo/policy_loss", "grpo/kl", "env/done", "env/turns"):
         np.testing.assert_allclose(m_metrics[key], metrics[key], rtol=1e-4, atol=1e-6)
+
+
+def test_greedy_episodes_through_the_slots_equal_static_turns(word_tokenizer):
+    """`rollout.slots`: each turn decodes through continuous-batching slots (3 for 16 rows: a
+    row that ends early frees its slot); greedy episodes are the static turns' token for
+    token, so the update's batch is the same."""
+    greedy = ("rollout.top_k=1",)  # argmax whatever the key
+    # EOS takes the place of "good" (its head column, a little larger): the argmax then ends
+    # some turns early, so episodes have one, two or a budget's worth of turns.
+    params = init_params(MODEL, 0)
+    head = params["lm_head"]["kernel"]
+    params["lm_head"]["kernel"] = head.at[:, EOS].set(head[:, WORDS.index("good")] * 1.05)
+    static, s_metrics, _, _ = iteration(word_tokenizer, settings=greedy, params=params)
+    slots, metrics, _, _ = iteration(word_tokenizer, settings=greedy + ("rollout.slots=3",),
+                                     params=params)
+    for key in ("input_ids", "attention_mask", "response_mask", "scores"):
+        np.testing.assert_array_equal(slots[key], static[key], err_msg=key)
+    np.testing.assert_allclose(slots["sampler_logprobs"], static["sampler_logprobs"], atol=1e-5)
+    assert metrics["env/turns"] == s_metrics["env/turns"] > 16
+    assert metrics["env/done"] > 0 and metrics["env/turn_budget"] > 0
 
 
 def test_budget_cuts_are_the_truncated_episodes(one_device, word_tokenizer):
@@ -380,7 +401,9 @@ def test_episodes_refuse_what_they_cannot_do_in_one_line(word_tokenizer):
         ({}, {"tokenizer": None}, r"needs the run's tokenizer"),
         ({"reward.functions": "annotator"}, {}, r"leave reward\.functions and "
                                                r"reward\.model_path empty"),
-        ({"rollout.slots": 4}, {}, r"set rollout\.slots=0, not 4"),
+        ({"rollout.slots": 4, "rollout.max_staleness": 1, "grpo.tis_cap": 2},
+         {}, r"set rollout\.max_staleness=0, not 1"),
+        ({"rollout.host_local": "true"}, {}, r"set rollout\.host_local=false"),
         ({"rollout.overlong": "penalty"}, {}, r"rollout\.overlong=penalty is not defined"),
     ]
     for settings, kwargs, message in cases:
