@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jrlhf.config import Config
-from jrlhf.data import Encoder
 from jrlhf.hardware import device_bandwidth, device_peak, memory, xla_flops
 from jrlhf.models.config import ModelConfig
 from jrlhf.models.sources import load_policy
@@ -221,6 +220,8 @@ def _task_prompts(work: Workload, rng, rows: int):
     """`rows` problems of `data.task` (its `problem(random.Random)`), encoded as the training
     stage encodes prompts (chat template, left-padded to `data.max_prompt_length`): episodes
     need prompts their environment understands."""
+    from jrlhf.data.pipeline import Encoder  # data's readers (TFDS, grain) only when needed
+
     d = work.config.data
     task = TASKS[d.task]
     if not hasattr(task, "problem"):
