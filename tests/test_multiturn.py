@@ -403,7 +403,8 @@ def test_episodes_refuse_what_they_cannot_do_in_one_line(word_tokenizer):
                                                r"reward\.model_path empty"),
         ({"rollout.slots": 4, "rollout.max_staleness": 1, "grpo.tis_cap": 2},
          {}, r"set rollout\.max_staleness=0, not 1"),
-        ({"rollout.host_local": "true"}, {}, r"set rollout\.host_local=false"),
+        ({"rollout.slots": 4, "rollout.host_local": "true"}, {},
+         r"set rollout\.host_local=false"),
         ({"rollout.overlong": "penalty"}, {}, r"rollout\.overlong=penalty is not defined"),
     ]
     for settings, kwargs, message in cases:
