@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jrlhf.config import Config
+from jrlhf.envs import ended_by
 from jrlhf.hardware import device_bandwidth, device_peak, memory, xla_flops
 from jrlhf.models.config import ModelConfig
 from jrlhf.models.sources import load_policy
@@ -422,9 +423,8 @@ def format_result(r: dict) -> str:
         rows.append((f"  {name}", f"{p['median_s'] * 1e3:.1f} ms, {p['tokens_per_s']:,.0f} tok/s"))
     if r.get("episodes"):
         e = r["episodes"]
-        ends = ", ".join(f"{k} {v:g}" for k, v in e.items() if v and k not in ("episodes", "turns"))
         rows.append(("episodes / step", f"{e.get('episodes', 0):g}, {e.get('turns', 0):g} policy "
-                                        f"turns (ends: {ends}; generate includes the "
+                                        f"turns (ends: {ended_by(e)}; generate includes the "
                                         f"environment calls)"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(lines + [f"  {k:<{width}}  {v}" for k, v in rows])

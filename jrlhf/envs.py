@@ -177,6 +177,13 @@ class _Episode:
                           else [0.0] * len(tokens))
 
 
+def ended_by(counts: dict) -> str:
+    """How episodes ended, for a log line: the non-zero end and skip counts of `counts`
+    (`COUNT_KEYS`, or `env/`-less metric names), e.g. "done 62, turn_budget 1"."""
+    return ", ".join(f"{k} {v:g}" for k, v in counts.items()
+                     if v and k not in ("episodes", "turns"))
+
+
 @dataclasses.dataclass
 class EpisodeBatch:
     """`batch`: the rollout arrays (module docstring); `counts`: episode ends and skips by

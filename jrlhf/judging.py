@@ -22,6 +22,7 @@ import numpy as np
 from jrlhf import distributed, elo, models, sharding, wandb_log
 from jrlhf.config import Config
 from jrlhf.data import Encoder, load_rows, ranks_from_scores
+from jrlhf.envs import ended_by
 from jrlhf.report import (EVALUATION_MARKER, IncompleteEvaluation, evaluation_files,
                           write_atomically, write_evaluation)
 from jrlhf.rewards import Reward
@@ -183,9 +184,7 @@ def run_evaluate(run: Run, stage: Stage, config: Config) -> bool:
     run.log(f"[{stage.name}] held-out {what} ({len(prompts)} prompts): "
             + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()) + "\n"
             + "".join(f"[{stage.name}] {k}: {v['episodes']} episodes, {v['turns']} policy "
-                      f"turns; ended by " + ", ".join(
-                          f"{c} {n}" for c, n in v.items()
-                          if n and c not in ("episodes", "turns")) + "\n"
+                      f"turns; ended by {ended_by(v)}\n"
                       for k, v in ends.items())
             + elo.format_leaderboard(board))
     return True
