@@ -141,9 +141,9 @@ def sample_batched(cfg: ModelConfig, params, prompt_ids, prompt_mask, key,
                    num_samples: int = 1):
     """`(tokens [B·K, N], mask [B·K, N])` as NumPy: K = `num_samples` responses per prompt row
     from one shared prefill (rows bK .. bK+K−1 are prompt b's), sampled `rollout.eval_batch_size`
-    prompts at a time (the chunk from prompt `s` with key `fold_in(key, s)`). When `params` lie on a mesh the
-    prompts are split over it too and the samples gathered back (every process gets all; each
-    process must call this with the same prompts)."""
+    prompts at a time (the chunk from prompt `s` with key `fold_in(key, s)`). When `params` lie
+    on a mesh the prompts are split over it too and the samples gathered back (every process
+    gets all; each process must call this with the same prompts)."""
     mesh = sharding.mesh_of(params)
     tokens, masks = [], []
     for start in range(0, len(prompt_ids), rollout.eval_batch_size):
@@ -227,8 +227,9 @@ def play_batched(cfg: ModelConfig, params, prompt_ids, prompt_mask, key,
                  chat_template: bool = True) -> EpisodeBatch:
     """`sample_batched` for episodes: one episode per prompt row, `rollout.eval_batch_size`
     prompts at a time (the chunk from prompt `s` with key `fold_in(key, s)`), the chunks'
-    batches concatenated and their end counts summed. On a mesh (the mesh `params` lie on) each turn's rows split
-    over it when they divide; every process plays every episode (same prompts on each)."""
+    batches concatenated and their end counts summed. On a mesh (the mesh `params` lie on)
+    each turn's rows split over it when they divide; every process plays every episode (same
+    prompts on each)."""
     mesh = sharding.mesh_of(params)
     eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
     samplers = turn_samplers(cfg, rollout, env, eos, pad_token_id, mesh)
