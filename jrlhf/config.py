@@ -320,9 +320,16 @@ class EnvConfig:
     # counted and left out of the loss) | stop (the stage ends with its one-line report).
     on_error: str = "skip"
     observation_role: str = "tool"  # the chat template's role of an observation turn
-    # Episodes split into this many groups taking turns on the device, so one group's
-    # environment calls run while another samples.
+    # Without rollout.slots: episodes split into this many groups taking turns on the device,
+    # so one group's environment calls run while another samples a whole turn.
     groups: int = bounded(1, ge=1)
+    # With rollout.slots (turns in decode slots that persist across device calls): decode steps
+    # per device call. A turn that ends waits at most this many steps for its environment call
+    # to start, a ready episode as many for a free slot; fewer: more host round trips.
+    slot_steps: int = bounded(8, ge=1)
+    # Each environment step answers after a random 0..simulated_latency_s seconds more (a slow
+    # tool's latency, to measure how much of it the rollout hides); 0 = off.
+    simulated_latency_s: float = bounded(0.0, ge=0)
 
     def __post_init__(self):
         _check_ranges("env", self)

@@ -278,3 +278,143 @@ def _decode_slots(cfg, params, prompt_ids, prompt_mask, rng, *, max_new_tokens, 
     return (Generation(tokens[:Q], mask[:Q], logprobs[:Q], steps,
                        jnp.full((Q,), temperature or 1.0, jnp.float32),
                        experts if record else None), finished[:Q])
+
+
+# ----------------------------------------------------------------------------------------------
+# Episode turns in slots that persist across device calls (`jrlhf.envs.run_episodes` with
+# `rollout.slots`): the host enters a row when its context is ready (prompt, then earlier turns
+# and observations), a call decodes a few steps, and a row whose turn ended leaves its slot for
+# the host (which starts its environment call at once) while the other slots go on decoding.
+
+
+class TurnSlots(NamedTuple):
+    """The decode slots of episode turns between device calls (S slots; context width W, at
+    most M = `max_new_tokens` tokens per turn). Slot s's cache holds its context left-padded in
+    positions 0..W−1 and its turn's tokens from W on."""
+
+    cache: tuple  # per layer, the KV cache arrays `[S, ..., W + M]` (positions last)
+    logits: jax.Array  # [S, V] float32: the logits of the slot's next token
+    lengths: jax.Array  # [S] int32: real context tokens
+    episode: jax.Array  # [S] int32: the episode it decodes (its key's first index)
+    turn: jax.Array  # [S] int32: which of the episode's turns (its key's second index)
+    t: jax.Array  # [S] int32: tokens sampled in this turn
+    budget: jax.Array  # [S] int32: at most this many tokens in this turn
+    active: jax.Array  # [S] bool: decoding (False: free, or its turn ended)
+    tokens: jax.Array  # [S, M] this turn's tokens, pad_token_id after
+    mask: jax.Array  # [S, M] int32: 1 on sampled tokens (up to and including EOS)
+    logprobs: jax.Array  # [S, M] float32: their sampler log-probs, 0 elsewhere
+
+
+def _slot_model(cfg, params):
+    cfg, params = without_scalar_head(cfg, params)
+    return tfm.bind(cfg, compute_dtype_params(params, cfg.dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "slots", "width", "max_new_tokens",
+                                             "cache_dtype", "pad_token_id", "batch_sharding"))
+def empty_turn_slots(cfg: ModelConfig, params, *, slots: int, width: int, max_new_tokens: int,
+                     cache_dtype: str | None = None, pad_token_id: int = 0,
+                     batch_sharding=None) -> TurnSlots:
+    """`slots` free slots for contexts of `width` tokens and turns of `max_new_tokens`."""
+    model = _slot_model(cfg, params)
+    S, M = slots, max_new_tokens
+    ids = jnp.zeros((1, width), jnp.int32)
+    logits, cache = jax.eval_shape(lambda: (lambda h, c: (model.logits(h[:, -1]), c))(
+        *model.prefill(ids, ids, width, cache_dtype)))
+    vocab = logits.shape[-1]
+    zeros = functools.partial(jnp.zeros, (S,), jnp.int32)
+    state = TurnSlots(
+        tuple(tuple(jnp.zeros((S,) + c.shape[1:-1] + (width + M,), c.dtype) for c in layer)
+              for layer in cache),
+        jnp.zeros((S, vocab), jnp.float32), zeros(), zeros(), zeros(), zeros(), zeros(),
+        jnp.zeros((S,), bool), jnp.full((S, M), pad_token_id, jnp.int32),
+        jnp.zeros((S, M), jnp.int32), jnp.zeros((S, M), jnp.float32))
+    if batch_sharding is not None:
+        state = jax.lax.with_sharding_constraint(state, batch_sharding)
+    return state
+
+
+@functools.partial(jax.jit, donate_argnames=("slots",), static_argnames=(
+    "cfg", "steps", "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id",
+    "cache_dtype", "batch_sharding"))
+def advance_turn_slots(cfg: ModelConfig, params, slots: TurnSlots, enter_ids, enter_mask,
+                       enter_slot, enter_count, episode, turn, budget, rng, *, steps: int,
+                       temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                       eos_token_id: int | None = None, pad_token_id: int = 0,
+                       cache_dtype: str | None = None, batch_sharding=None) -> TurnSlots:
+    """Enter new turns into free slots, then decode at most `steps` steps (fewer when every
+    slot is idle). A slot whose turn ends (EOS, or its budget) stops decoding and keeps its
+    tokens for the host to read (`active` False, `mask` its tokens) until a row enters it.
+
+    Entries (fixed shapes, `[E, ...]`, the first `enter_count` real): `enter_ids, enter_mask
+    [E, W]` left-padded contexts, `enter_slot [E]` the (free) slot each enters, `episode,
+    turn [E]` its key, `budget [E]` (1..M) its token bound. Each entry is prefilled on its own
+    (`[1, W]`: the work is the entries', not the slots'). Token t of turn `turn` of episode
+    `episode` is sampled with key `fold_in(fold_in(fold_in(rng, episode), turn), t)`, so a
+    turn's tokens depend only on its context and key, never on which slot or call decodes it,
+    nor on the rows beside it (row-wise numerics at these fixed shapes).
+    """
+    model = _slot_model(cfg, params)
+    S, M = slots.tokens.shape
+    W = enter_ids.shape[1]
+
+    def constrain(tree):
+        if batch_sharding is None:
+            return tree
+        return jax.lax.with_sharding_constraint(tree, batch_sharding)
+
+    def enter(i, state: TurnSlots) -> TurnSlots:
+        ids = jax.lax.dynamic_slice_in_dim(enter_ids, i, 1)
+        mask = jax.lax.dynamic_slice_in_dim(enter_mask, i, 1)
+        hidden, cache = model.prefill(ids, mask, W, cache_dtype)
+        logits = model.logits(hidden[:, -1]).astype(jnp.float32)
+        s = enter_slot[i]
+
+        def put(whole, row):
+            return jax.lax.dynamic_update_slice_in_dim(whole, row.astype(whole.dtype), s, 0)
+
+        cache = tuple(tuple(put(c, jnp.pad(r.astype(c.dtype), [(0, 0)] * (r.ndim - 1) +
+                                           [(0, M)])) for c, r in zip(layer, rows))
+                      for layer, rows in zip(state.cache, cache))
+        return state._replace(
+            cache=cache, logits=put(state.logits, logits),
+            lengths=state.lengths.at[s].set(jnp.sum(mask).astype(jnp.int32)),
+            episode=state.episode.at[s].set(episode[i]), turn=state.turn.at[s].set(turn[i]),
+            t=state.t.at[s].set(0), budget=state.budget.at[s].set(budget[i]),
+            active=state.active.at[s].set(True),
+            tokens=state.tokens.at[s].set(pad_token_id), mask=state.mask.at[s].set(0),
+            logprobs=state.logprobs.at[s].set(0.0))
+
+    slots = constrain(jax.lax.fori_loop(0, enter_count, enter, slots))
+
+    def cond(carry):
+        state, step = carry
+        return (step < steps) & jnp.any(state.active)
+
+    def body(carry):
+        state, step = carry
+        live = state.active & (state.t < state.budget)
+        keys = jax.vmap(lambda e, n, t: jax.random.fold_in(jax.random.fold_in(
+            jax.random.fold_in(rng, e), n), t))(state.episode, state.turn, state.t)
+        token, logprob = jax.vmap(
+            lambda key, row: _sample(key, row[None], temperature, top_k, top_p))(keys,
+                                                                              state.logits)
+        token = jnp.where(live, token[:, 0], pad_token_id).astype(jnp.int32)
+        col = jnp.minimum(state.t, M - 1)
+        rows = jnp.arange(S)
+        write = jnp.where(live, col, M)  # out of range: dropped
+        tokens = state.tokens.at[rows, write].set(token, mode="drop")
+        mask = state.mask.at[rows, write].set(1, mode="drop")
+        logprobs = state.logprobs.at[rows, write].set(logprob[:, 0], mode="drop")
+        ended = ~live | (state.t + 1 >= state.budget)
+        if eos_token_id is not None:
+            ended = ended | (token == eos_token_id)
+        hidden, cache = model.decode(token[:, None], (state.lengths + col)[:, None],
+                                     state.cache, W - state.lengths, W + col)
+        state = TurnSlots(cache, model.logits(hidden[:, 0]).astype(jnp.float32),
+                          state.lengths, state.episode, state.turn, state.t + live,
+                          state.budget, state.active & ~ended, tokens, mask, logprobs)
+        return constrain(state), step + 1
+
+    slots, _ = jax.lax.while_loop(cond, body, (slots, jnp.int32(0)))
+    return slots

@@ -30,11 +30,13 @@ with one line naming the environment class and the prompt: `on_error="stop"` rai
 (`EnvError`), `on_error="skip"` logs it, zeroes the episode's `response_mask` and score and
 counts it (`skipped`).
 
-Environment calls run in their own (daemon) threads: the calls of one turn run concurrently,
-and with `groups > 1` the episodes are split into that many interleaved groups that take turns
-on the device, so one group's environment calls run while the device samples another's.
-A hung call is abandoned (its thread is left to finish on its own), never waited for past
-its deadline.
+Environment calls run in their own (daemon) threads, concurrently. With a whole-turn sampler
+(`SampleTurn`) and `groups > 1` the episodes are split into that many interleaved groups that
+take turns on the device, so one group's environment calls run while the device samples
+another's. With a `TurnDecoder` (decode slots that persist across device calls) a turn's call
+starts as soon as that turn ends, while the other slots decode, and the episode's next turn
+enters a free slot as soon as the answer is back. A hung call is abandoned (its thread is left
+to finish on its own), never waited for past its deadline.
 """
 
 from __future__ import annotations
@@ -44,10 +46,11 @@ import concurrent.futures
 import dataclasses
 import logging
 import math
+import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -61,6 +64,34 @@ COUNT_KEYS = ("episodes", "turns", "done", "turn_budget", "episode_budget", "max
 #   budgets[b] or fewer (up to and including EOS). Rows with budget 0 are finished episodes
 #   kept for fixed shapes: their outputs are ignored.
 SampleTurn = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[Any, Any, Any]]
+
+
+class Entry(NamedTuple):
+    """A turn entering a decode slot (`TurnDecoder.advance`)."""
+
+    slot: int
+    context: list[int]  # the episode's exact ids so far: prompt, turns and observations
+    budget: int  # at most this many new tokens (1..max_turn_tokens)
+    episode: int  # the episode's index in the batch and ...
+    turn: int  # ... its turn's (from 0): the turn's sampling key
+
+
+@runtime_checkable
+class TurnDecoder(Protocol):
+    """Device decode slots that persist across calls (`rollout.slots`): a turn enters a free
+    slot when its context is ready and leaves it when it ends, while the other slots go on."""
+
+    def open(self, episodes: int, width: int) -> int:
+        """Fresh slots for a batch of `episodes` episodes whose contexts are at most `width`
+        tokens (P + max_episode_tokens); returns how many slots, S."""
+
+    def advance(self, entering: Sequence[Entry]) -> dict[int, tuple[list[int], list[float]]]:
+        """Enter `entering` into their (free) slots and decode a few steps; returns the turns
+        that ended in this call: `{slot: (tokens up to and including EOS, log-probs)}`."""
+
+    def agree(self, flags: np.ndarray) -> np.ndarray:
+        """`flags` as the first process has them (every process calls it: a timing-based
+        choice made there, so that every process feeds the device the same rows)."""
 
 
 @runtime_checkable
@@ -85,7 +116,23 @@ class EnvError(RuntimeError):
 def error_line(env, prompt: str, what: str) -> str:
     """The one-line report of a failed environment call: environment class, prompt, cause."""
     short = prompt if len(prompt) <= 80 else prompt[:77] + "..."
-    return " ".join(f"environment {type(env).__name__} on prompt {short!r}: {what}".split())
+    name = type(getattr(env, "wrapped", env)).__name__
+    return " ".join(f"environment {name} on prompt {short!r}: {what}".split())
+
+
+class Delayed:
+    """`wrapped` whose `step` answers after a random 0..`latency_s` seconds more: a slow tool,
+    simulated (`env.simulated_latency_s`), to measure how much tool latency a rollout hides."""
+
+    def __init__(self, wrapped: Environment, latency_s: float, rng: random.Random):
+        self.wrapped, self.latency_s, self.rng = wrapped, latency_s, rng
+
+    def reset(self, prompt: str) -> str:
+        return self.wrapped.reset(prompt)
+
+    def step(self, response: str) -> tuple[str, float, bool]:
+        time.sleep(self.rng.uniform(0.0, self.latency_s))
+        return self.wrapped.step(response)
 
 
 def observation_template(tokenizer, role: str = "tool", eos_text: str | None = None):
@@ -189,12 +236,14 @@ class EpisodeBatch:
     """`batch`: the rollout arrays (module docstring); `counts`: episode ends and skips by
     cause (`COUNT_KEYS`); `errors`: the one-line reports of skipped episodes; `ends`: each
     episode's own end (its `COUNT_KEYS` cause: "done", "turn_budget", "episode_budget",
-    "max_turns", or the failure that skipped it)."""
+    "max_turns", or the failure that skipped it); `wait_s`: seconds the host waited on
+    environment calls with nothing for the device to decode."""
 
     batch: dict[str, np.ndarray]
     counts: dict[str, int]
     errors: list[str]
     ends: list[str] = dataclasses.field(default_factory=list)
+    wait_s: float = 0.0  # seconds the host sat blocked on environment calls
 
     @property
     def truncated(self) -> np.ndarray:
@@ -207,7 +256,7 @@ class EpisodeBatch:
         return {f"env/{k}": float(v) for k, v in self.counts.items()}
 
 
-def run_episodes(sample_turn: SampleTurn, envs: Sequence[Environment],
+def run_episodes(sampler: SampleTurn | TurnDecoder, envs: Sequence[Environment],
                  prompt_ids: Sequence[Sequence[int]], tokenizer, *, max_turn_tokens: int,
                  max_episode_tokens: int, prompts: Sequence[str] | None = None,
                  max_turns: int | None = None, eos_token_id: int | None = None,
@@ -218,9 +267,15 @@ def run_episodes(sample_turn: SampleTurn, envs: Sequence[Environment],
     """Play one episode per prompt with `envs[b]` (module docstring), token-in token-out.
 
     Args:
-        sample_turn: the device sampler (`SampleTurn`): continues left-padded contexts `[G, P +
-            max_episode_tokens]` (fixed shapes: one compilation) by at most `budgets [G]` new
-            tokens each; G = the group's episodes, finished ones with budget 0.
+        sampler: the device sampler. A `SampleTurn` samples one turn of a group of episodes
+            per call: it continues left-padded contexts `[G, P + max_episode_tokens]` (fixed
+            shapes: one compilation) by at most `budgets [G]` new tokens each; G = the group's
+            episodes, finished ones with budget 0. A `TurnDecoder` keeps decode slots across
+            calls instead: an episode's turn enters a free slot as soon as its observation is
+            back (its environment call started the moment its previous turn ended, while the
+            other slots went on decoding); the host waits only when no slot decodes and no
+            episode is ready. Turn b.k is keyed by (episode b, turn k), so the batch does not
+            depend on when environments answer.
         envs: one `Environment` per prompt.
         prompt_ids: each prompt's token ids (chat-formatted already, as the policy sees it).
         tokenizer: decodes each new turn for the environment and encodes observations.
@@ -235,13 +290,18 @@ def run_episodes(sample_turn: SampleTurn, envs: Sequence[Environment],
         on_error: "skip" (count, log one line, zero the episode's mask) or "stop" (`EnvError`).
         chat_template: wrap observations in the tokenizer's chat template when it has one.
         observation_role: the template role of an observation turn.
-        groups: split the episodes into this many interleaved groups taking turns on the
-            device, so one group's environment calls overlap another's sampling.
+        groups: with a `SampleTurn`, split the episodes into this many interleaved groups
+            taking turns on the device, so one group's environment calls overlap another's
+            sampling (a `TurnDecoder` overlaps them row by row: 1 only).
     """
     if on_error not in ("skip", "stop"):
         raise ValueError(f"on_error must be skip|stop, got {on_error!r}")
     if len(envs) != len(prompt_ids):
         raise ValueError(f"{len(envs)} environments for {len(prompt_ids)} prompts")
+    slotted = isinstance(sampler, TurnDecoder)
+    if slotted and groups != 1:
+        raise ValueError(f"groups={groups}: decode slots overlap environment calls row by row; "
+                         f"groups apply to whole-turn sampling only (set 1)")
     eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
     pad = pad_token_id if pad_token_id is not None else (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos)
@@ -251,6 +311,7 @@ def run_episodes(sample_turn: SampleTurn, envs: Sequence[Environment],
         prompts = [tokenizer.decode(list(ids)) for ids in prompt_ids]
     counts = collections.Counter({k: 0 for k in COUNT_KEYS})
     errors: list[str] = []
+    waited = [0.0]  # seconds spent blocked on environment calls (the device idle meanwhile)
     N = max_episode_tokens
     episodes = [_Episode(env, text, list(ids)) for env, text, ids in zip(envs, prompts,
                                                                           prompt_ids)]
@@ -272,12 +333,15 @@ def run_episodes(sample_turn: SampleTurn, envs: Sequence[Environment],
 
     def result(ep: _Episode, call: str, future, deadline):
         """The value of `ep`'s `call` ("reset" / "step"), or None after `fail`."""
+        started = time.monotonic()
         try:
-            return future.result(timeout=max(0.0, deadline - time.monotonic()))
+            return future.result(timeout=max(0.0, deadline - started))
         except concurrent.futures.TimeoutError:
             fail(ep, "env_timeout", f"{call} gave no answer within timeout_s={timeout_s:g} s")
         except Exception as err:  # noqa: BLE001 - any failure of user code ends the episode
             fail(ep, "env_error", f"{call} raised {type(err).__name__}: {err}")
+        finally:
+            waited[0] += time.monotonic() - started
         return None
 
     # Resets, all concurrently; the first observations join the prompts.
@@ -313,40 +377,92 @@ def run_episodes(sample_turn: SampleTurn, envs: Sequence[Environment],
             return end(ep, "episode_budget")
         ep.add(obs, 0)
 
+    def budget(ep: _Episode) -> int:
+        return min(max_turn_tokens, N - len(ep.tokens))
+
+    def take_turn(ep: _Episode, turn: list[int], logprobs):
+        """Record `ep`'s sampled turn; start its `step` call at once, or end the episode."""
+        ep.add(turn, 1, logprobs)
+        ep.turns += 1
+        counts["turns"] += 1
+        if not turn or turn[-1] != eos:  # cut by a budget before EOS
+            end(ep, "episode_budget" if len(ep.tokens) >= N else "turn_budget")
+            return
+        text = tokenizer.decode(turn[:-1])
+        ep.pending = (call_soon(ep.env.step, text), time.monotonic() + timeout_s)
+
     def sample(group: list[_Episode]):
         """One turn for the group's active episodes; their `step` calls start at once."""
         rows = [ep.prompt_ids + ep.tokens for ep in group]
         ids, mask = left_pad([[pad] if not r else r for r in rows], P + N, pad)
-        budgets = np.array([min(max_turn_tokens, N - len(ep.tokens)) if ep.active else 0
-                            for ep in group], np.int32)
-        tokens, tmask, logprobs = (np.asarray(x) for x in sample_turn(ids, mask, budgets))
+        budgets = np.array([budget(ep) if ep.active else 0 for ep in group], np.int32)
+        tokens, tmask, logprobs = (np.asarray(x) for x in sampler(ids, mask, budgets))
         for b, ep in enumerate(group):
-            if not ep.active:
-                continue
-            n = min(int(tmask[b].sum()), int(budgets[b]))
-            turn = tokens[b, :n].tolist()
-            ep.add(turn, 1, logprobs[b, :n])
-            ep.turns += 1
-            counts["turns"] += 1
-            if not turn or turn[-1] != eos:  # cut by a budget before EOS
-                end(ep, "episode_budget" if len(ep.tokens) >= N else "turn_budget")
-                continue
-            text = tokenizer.decode(turn[:-1])
-            ep.pending = (call_soon(ep.env.step, text), time.monotonic() + timeout_s)
+            if ep.active:
+                n = min(int(tmask[b].sum()), int(budgets[b]))
+                take_turn(ep, tokens[b, :n].tolist(), logprobs[b, :n])
 
-    groups = max(1, min(groups, len(episodes)))
-    parts = [episodes[g::groups] for g in range(groups)]
-    while any(ep.active for ep in episodes):
-        for group in parts:
-            for ep in group:
-                if ep.pending is not None:
-                    finish_step(ep)
-            if any(ep.active for ep in group):
-                sample(group)
-        # the last group's calls are collected at the top of the next round
+    def wait_for_one(waiting: list[_Episode]):
+        """Block until one of `waiting`'s calls answers or the earliest deadline passes."""
+        started = time.monotonic()
+        concurrent.futures.wait([ep.pending[0] for ep in waiting],
+                                timeout=max(0.0, min(ep.pending[1] for ep in waiting) - started),
+                                return_when=concurrent.futures.FIRST_COMPLETED)
+        waited[0] += time.monotonic() - started
+
+    def play_in_slots(decoder: TurnDecoder):
+        """Ready-first: each round collects the environment answers that are in (the first
+        process decides which, `decoder.agree`), enters ready episodes into free slots in
+        episode order, and runs one device call; turns that ended start their calls."""
+        free = list(range(decoder.open(len(episodes), P + N)))
+        decoding: dict[int, int] = {}  # slot -> episode
+        ready = [b for b, ep in enumerate(episodes) if ep.active]
+        while True:
+            waiting = [b for b, ep in enumerate(episodes) if ep.pending is not None]
+            if waiting:
+                if not decoding and not ready:  # the device would idle: wait for an answer
+                    wait_for_one([episodes[b] for b in waiting])
+                now = time.monotonic()
+                answered = decoder.agree(np.array(
+                    [episodes[b].pending[0].done() or now >= episodes[b].pending[1]
+                     for b in waiting]))
+                for b, collect in zip(waiting, answered):
+                    if collect:
+                        finish_step(episodes[b])
+                        if episodes[b].active:
+                            ready.append(b)
+                ready.sort()
+            if not decoding and not ready:
+                if waiting:
+                    continue
+                return
+            entering = []
+            while free and ready:
+                b, slot = ready.pop(0), free.pop(0)
+                decoding[slot] = b
+                ep = episodes[b]
+                entering.append(Entry(slot, ep.prompt_ids + ep.tokens, budget(ep), b, ep.turns))
+            for slot, (turn, logprobs) in sorted(decoder.advance(entering).items()):
+                take_turn(episodes[decoding.pop(slot)], list(turn), logprobs)
+                free.append(slot)
+            free.sort()
+
+    if slotted:
+        play_in_slots(sampler)
+    else:
+        groups = max(1, min(groups, len(episodes)))
+        parts = [episodes[g::groups] for g in range(groups)]
+        while any(ep.active for ep in episodes):
+            for group in parts:
+                for ep in group:
+                    if ep.pending is not None:
+                        finish_step(ep)
+                if any(ep.active for ep in group):
+                    sample(group)
+            # the last group's calls are collected at the top of the next round
 
     return EpisodeBatch(assemble(episodes, P, N, pad), dict(counts), errors,
-                        [ep.end for ep in episodes])
+                        [ep.end for ep in episodes], waited[0])
 
 
 def assemble(episodes: Sequence[_Episode], P: int, N: int, pad_id: int) -> dict[str, np.ndarray]:

@@ -18,6 +18,7 @@ import collections
 import dataclasses
 import functools
 import itertools
+import random
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -29,8 +30,10 @@ from jax.sharding import PartitionSpec as P
 
 from jrlhf import partial, rl, sharding
 from jrlhf.config import Config, EnvConfig, RolloutConfig
-from jrlhf.continuous import generate_continuous, generate_partial
-from jrlhf.envs import EpisodeBatch, run_episodes
+from jrlhf.continuous import (advance_turn_slots, empty_turn_slots, generate_continuous,
+                              generate_partial)
+from jrlhf.distributed import gather_floats
+from jrlhf.envs import Delayed, EpisodeBatch, left_pad, run_episodes
 from jrlhf.models.config import ModelConfig
 from jrlhf.rewards import Reward, check_finite
 from jrlhf.rng import stream_key
@@ -94,21 +97,27 @@ def records_experts(cfg: ModelConfig, rollout: RolloutConfig) -> bool:
     return rollout.routing_replay != "off" and cfg.is_moe
 
 
+def sampling_settings(cfg: ModelConfig, rollout: RolloutConfig, eos_token_id, pad_token_id
+                      ) -> tuple[ModelConfig, dict]:
+    """`(cfg, settings)`: the model computing in `rollout.dtype` when set, and the rollout's
+    sampling keyword arguments: the one place every sampler of the rollout code reads them
+    from."""
+    if rollout.dtype:
+        cfg = dataclasses.replace(cfg, dtype=rollout.dtype)
+    return cfg, dict(max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
+                     top_k=rollout.top_k, top_p=rollout.top_p, eos_token_id=eos_token_id,
+                     pad_token_id=pad_token_id, cache_dtype=rollout.kv_cache_dtype or None)
+
+
 def with_rollout_settings(sampler, cfg: ModelConfig, rollout: RolloutConfig, eos_token_id,
                           pad_token_id, num_samples: int):
     """`sampler` (`generate`, `generate_continuous` or `generate_partial`) bound to the model
-    (computing in `rollout.dtype` when set) and the rollout's sampling settings: the one place
-    every sampler of the rollout code reads them from."""
-    if rollout.dtype:
-        cfg = dataclasses.replace(cfg, dtype=rollout.dtype)
+    and the rollout's `sampling_settings`."""
+    cfg, settings = sampling_settings(cfg, rollout, eos_token_id, pad_token_id)
     # Every sampler records a mixture of experts' routing when it is replayed or compared
     # (partial rollouts carry it across calls in the pool: `RolloutPool.experts`).
     record = {"record_experts": True} if records_experts(cfg, rollout) else {}
-    return functools.partial(
-        sampler, cfg, max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
-        top_k=rollout.top_k, top_p=rollout.top_p, eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id, num_samples=num_samples,
-        cache_dtype=rollout.kv_cache_dtype or None, **record)
+    return functools.partial(sampler, cfg, num_samples=num_samples, **settings, **record)
 
 
 def make_sampler(cfg: ModelConfig, rollout: RolloutConfig, eos_token_id, pad_token_id, *,
@@ -176,19 +185,26 @@ def task_environment(config: Config) -> Callable:
 def turn_samplers(cfg: ModelConfig, rollout: RolloutConfig, env: EnvConfig, eos_token_id,
                   pad_token_id, mesh=None) -> dict:
     """The samplers of an episode's policy turns (`jrlhf.envs.run_episodes`): `rollout`'s
-    settings with `env.max_turn_tokens` new tokens, keyed by whether a turn's rows split over
-    `mesh` (True) or are replicated on it (False). With `rollout.slots` a turn decodes through
-    that many continuous-batching slots (fewer when it has fewer rows): a row that ends its turn
-    early frees its slot for another row of the turn."""
+    settings with `env.max_turn_tokens` new tokens. Whole-turn samplers keyed by whether a
+    turn's rows split over `mesh` (True) or are replicated on it (False); with `rollout.slots`,
+    `{"slots": ...}`, the maker of a `SlotTurnDecoder` (turns in slots that persist across
+    device calls, `env.slot_steps` decode steps per call)."""
     turn = dataclasses.replace(rollout, max_new_tokens=env.max_turn_tokens)
+    if rollout.slots:
+        model_cfg, settings = sampling_settings(cfg, turn, eos_token_id, pad_token_id)
+        return {"slots": functools.partial(SlotTurnDecoder, model_cfg, settings,
+                                           slots=rollout.slots, steps=env.slot_steps)}
     return {split: make_sampler(cfg, turn, eos_token_id, pad_token_id,
                                 mesh=mesh if split else None) for split in (False, True)}
 
 
 def turn_sampler(samplers: dict, params, key, mesh=None):
-    """`jrlhf.envs.SampleTurn` of the policy `params` (`samplers` from `turn_samplers`): the
-    `call`-th turn sampled with key `fold_in(key, call)`, its rows split over `mesh` when they
-    divide (else replicated), the outputs as NumPy on every process."""
+    """The turn sampler of the policy `params` (`samplers` from `turn_samplers`): with slots a
+    `SlotTurnDecoder` keyed by `key`; else a `jrlhf.envs.SampleTurn` whose `call`-th turn is
+    sampled with key `fold_in(key, call)`, its rows split over `mesh` when they divide (else
+    replicated), the outputs as NumPy on every process."""
+    if "slots" in samplers:
+        return samplers["slots"](params, key, mesh=mesh)
     calls = itertools.count()
 
     def sample_turn(ids, mask, budgets):
@@ -205,15 +221,73 @@ def turn_sampler(samplers: dict, params, key, mesh=None):
     return sample_turn
 
 
+class SlotTurnDecoder:
+    """`jrlhf.envs.TurnDecoder` on the device (`continuous.advance_turn_slots`): at most
+    `slots` slots (fewer for fewer episodes), `steps` decode steps per call, episode b's turn
+    k keyed `fold_in(fold_in(key, b), k)`. On a mesh the slots split over its batch axes when
+    they divide (else every device decodes them all), and `agree` takes the first process's
+    flags, so every process enters the same rows."""
+
+    def __init__(self, cfg: ModelConfig, settings: dict, params, key, *, slots: int,
+                 steps: int, mesh=None):
+        self.cfg, self.settings, self.params, self.key = cfg, dict(settings), params, key
+        self.max_slots, self.steps, self.mesh = slots, steps, mesh
+        self.max_new_tokens = self.settings.pop("max_new_tokens")
+        self.advance_fn = under_expert_mesh(advance_turn_slots, mesh)
+
+    def open(self, episodes: int, width: int) -> int:
+        mesh, S = self.mesh, min(self.max_slots, episodes)
+        split = mesh is not None and S % sharding.batch_devices(mesh) == 0
+        self.split = sharding.batch_sharding(mesh) if split else None
+        self.width, self.busy = width, set()
+        self.state = under_expert_mesh(empty_turn_slots, mesh)(
+            self.cfg, self.params, slots=S, width=width, max_new_tokens=self.max_new_tokens,
+            cache_dtype=self.settings["cache_dtype"],
+            pad_token_id=self.settings["pad_token_id"], batch_sharding=self.split)
+        return S
+
+    def advance(self, entering):
+        S, pad = len(self.state.active), self.settings["pad_token_id"]
+        ids, mask = left_pad([e.context for e in entering] + [[]] * (S - len(entering)),
+                             self.width, pad)
+        rows = [np.array([getattr(e, name) for e in entering] + [0] * (S - len(entering)),
+                         np.int32) for name in ("slot", "episode", "turn", "budget")]
+        args = (ids, mask, *rows)
+        if self.mesh is not None:
+            args = sharding.put(args, sharding.replicated(self.mesh))
+        ids, mask, slot, episode, turn, budget = args
+        self.state = self.advance_fn(
+            self.cfg, self.params, self.state, ids, mask, slot, np.int32(len(entering)),
+            episode, turn, budget, self.key, steps=self.steps, batch_sharding=self.split,
+            **self.settings)
+        self.busy |= {e.slot for e in entering}
+        active, tokens, tmask, logprobs = (sharding.to_host(x) for x in (
+            self.state.active, self.state.tokens, self.state.mask, self.state.logprobs))
+        ended = {s for s in self.busy if not active[s]}
+        self.busy -= ended
+        return {s: (tokens[s, :tmask[s].sum()].tolist(), logprobs[s, :tmask[s].sum()])
+                for s in ended}
+
+    def agree(self, flags):
+        if jax.process_count() == 1:
+            return flags
+        return gather_floats(np.asarray(flags, np.float32))[0] > 0
+
+
 def play_episodes(sample_turn, environment: Callable, prompt_ids, prompt_mask, tokenizer,
                   env: EnvConfig, *, eos_token_id, pad_token_id, chat_template: bool
                   ) -> EpisodeBatch:
     """One episode per row of the left-padded `prompt_ids, prompt_mask [B, P]` (NumPy), each
     against a fresh `environment()`, its turns sampled by `sample_turn` (`turn_sampler`), with
     the `env` budgets and settings (`jrlhf.envs.run_episodes`): the rollout loop's sampling
-    phase and the evaluation's."""
+    phase and the evaluation's. With `env.simulated_latency_s` every step answers that much
+    later at most (`jrlhf.envs.Delayed`, random delays: the batch must not depend on them)."""
+    envs = [environment() for _ in prompt_ids]
+    if env.simulated_latency_s:
+        delays = random.Random()  # unseeded on purpose: the batch must not depend on it
+        envs = [Delayed(e, env.simulated_latency_s, delays) for e in envs]
     return run_episodes(
-        sample_turn, [environment() for _ in prompt_ids],
+        sample_turn, envs,
         [row[m > 0].tolist() for row, m in zip(prompt_ids, prompt_mask)], tokenizer,
         max_turn_tokens=env.max_turn_tokens, max_episode_tokens=env.max_episode_tokens,
         max_turns=env.max_turns or None, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
@@ -243,7 +317,8 @@ def play_batched(cfg: ModelConfig, params, prompt_ids, prompt_mask, key,
     return EpisodeBatch(
         {k: np.concatenate([p.batch[k] for p in parts]) for k in parts[0].batch},
         dict(sum((collections.Counter(p.counts) for p in parts), collections.Counter())),
-        [line for p in parts for line in p.errors], [end for p in parts for end in p.ends])
+        [line for p in parts for line in p.errors], [end for p in parts for end in p.ends],
+        sum(p.wait_s for p in parts))
 
 
 def gather_rows(name: str, lo: int, local: np.ndarray) -> np.ndarray:
@@ -351,6 +426,9 @@ class RolloutLoop:
             (r.max_staleness, f"plays each episode within one iteration (yet): set "
                               f"rollout.max_staleness=0, not {r.max_staleness}"),
             (r.host_local, "samples turns on the mesh (yet): set rollout.host_local=false"),
+            (r.slots and e.groups > 1,
+             f"with rollout.slots overlaps environment calls row by row (decode slots): set "
+             f"env.groups=1, not {e.groups}"),
             (r.overlong == "penalty", "rollout.overlong=penalty is not defined for episodes "
                                       "(yet): use keep or mask"),
             (records_experts(setup.model_cfg, r), "does not carry a mixture of experts' "
@@ -549,7 +627,8 @@ class RolloutLoop:
                 "truncated": truncated, "t_gen": t_gen, "t_score": t_score,
                 "generated_tokens": int(lengths.sum()),
                 "seq_tokens": ids.shape[0] * (ids.shape[1] + N),
-                "env": {} if episodes is None else episodes.metrics()}
+                "env": {} if episodes is None else {**episodes.metrics(),
+                                                    "time/env_wait": episodes.wait_s}}
 
     def _partial_rollout(self, state, prompts, key) -> tuple[dict, Any, dict]:
         """Partial rollouts (`jrlhf.partial`): one `generate_partial` call over the carried
@@ -719,7 +798,9 @@ class RolloutLoop:
             "tokens_per_s/update": first["seq_tokens"] * epochs / t_update,
             **dynamic, **carried, **rescored,
         })
-        for r in rounds:  # episode ends (`env/*`), summed over dynamic sampling's rounds
+        # Episode ends (`env/*`) and the host's wait on environments, summed over dynamic
+        # sampling's rounds.
+        for r in rounds:
             for k, v in r["env"].items():
                 metrics[k] = metrics.get(k, 0.0) + v
         return state, metrics

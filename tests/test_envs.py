@@ -339,6 +339,80 @@ def test_environment_calls_run_concurrently_and_overlap_sampling(tiny_tokenizer)
     assert contexts == [[3], [4]]  # one episode per group, each sampled once
 
 
+class ScriptedDecoder:
+    """A `TurnDecoder` playing fixed turns, one token per busy slot per call (each call taking
+    50 ms): episode b's k-th turn is `turns[b][k]` (cut to its budget). Records each call's
+    entries and counts calls."""
+
+    def __init__(self, turns, slots):
+        self.turns, self.slots, self.calls, self.entries = turns, slots, 0, []
+
+    def open(self, episodes, width):
+        self.busy = {}  # slot -> [turn tokens left, tokens so far, episode]
+        return self.slots
+
+    def advance(self, entering):
+        # The device's time: environment calls started after the last call answer meanwhile.
+        time.sleep(0.05)
+        self.calls += 1
+        for e in entering:
+            assert e.slot not in self.busy
+            self.entries.append((self.calls, e.episode, e.turn, e.context))
+            self.busy[e.slot] = [list(self.turns[e.episode][e.turn][:e.budget]), [], e.episode]
+        ended = {}
+        for slot, (left, done, b) in list(self.busy.items()):
+            done.append(left.pop(0))
+            if not left:
+                ended[slot] = (done, [-0.5] * len(done))
+                del self.busy[slot]
+        return ended
+
+    def agree(self, flags):
+        return flags
+
+
+def test_turns_in_slots_start_environment_calls_while_other_rows_decode(tiny_tokenizer):
+    """With a `TurnDecoder`: an episode whose turn ends early has its environment answered
+    and its next turn decoding while a long turn of another episode is still decoding; the
+    batch is what whole-turn sampling gives (same ids, masks, scores)."""
+    tok, eos = tiny_tokenizer, tiny_tokenizer.eos_token_id
+    turns = [[[5, eos], [6, 7, eos]], [[5, 5, 5, 5, 5, 5, eos]], [[6, eos], [7, eos]]]
+    decoder = ScriptedDecoder(turns, slots=2)
+
+    class Records(ScriptedEnv):
+        def step(self, response):
+            self.calls_then = getattr(self, "calls_then", []) + [decoder.calls]
+            return super().step(response)
+
+    def envs():
+        return [Records([("obs", 0.5, False), ("", 1.0, True)]), Records([("", 1.0, True)]),
+                Records([("obs", 0.5, False), ("", 1.0, True)])]
+
+    slotted, static = envs(), envs()
+    out = run_episodes(decoder, slotted, [[3], [4], [3, 4]], tok, max_turn_tokens=8,
+                       max_episode_tokens=24, timeout_s=5.0)
+    # Episode 1's long turn decodes in calls 1..7; episode 0's first turn ends in call 2, its
+    # step runs then, and its second turn enters at call 3; episode 2 takes the slot next.
+    assert slotted[0].calls_then[0] == 2 and slotted[1].calls_then == [7]
+    entered = {(b, k): call for call, b, k, _ in decoder.entries}
+    assert entered[(0, 1)] == 3 < 7 and entered[(2, 0)] == 6
+    reference = run_episodes(ScriptedSampler([t + [[]] for t in turns], width=8), static,
+                             [[3], [4], [3, 4]], tok, max_turn_tokens=8, max_episode_tokens=24,
+                             timeout_s=5.0)
+    for key in ("input_ids", "attention_mask", "response_mask", "scores", "turns"):
+        np.testing.assert_array_equal(out.batch[key], reference.batch[key], err_msg=key)
+    assert out.counts == reference.counts and out.counts["done"] == 3
+    # The contexts entered are the exact ids so far: prompt, turn, observation.
+    obs = encode_observation(tok, "obs")
+    assert [c for _, b, k, c in decoder.entries if (b, k) == (0, 1)] == [[3, 5, eos] + obs]
+
+
+def test_turns_in_slots_refuse_groups(tiny_tokenizer):
+    with pytest.raises(ValueError, match="groups=2: decode slots overlap"):
+        run_episodes(ScriptedDecoder([[[5]]], 1), [ScriptedEnv([])], [[3]], tiny_tokenizer,
+                     max_turn_tokens=4, max_episode_tokens=8, groups=2)
+
+
 @pytest.mark.parametrize("expression,value", [
     ("12*7", 84), ("2 + 3 * 4", 14), ("(2 + 3) * 4", 20), ("-3 + 5", 2), ("10 - 2 - 3", 5),
     ("8 / 4 / 2", 1), ("7 / 2", "7/2"), ("-(4 - 10) * -2", -12), ("37 * 48 + 12", 1788)])

@@ -355,15 +355,19 @@ def test_host_local_decode_on_two_processes_equals_one(tmp_path):
 @pytest.mark.slow
 def test_moe_episodes_on_an_expert_mesh_on_two_processes_equal_one(tmp_path):
     """A mixture of experts on an expert axis (data 2 x expert 2: the experts split over the
-    two processes) playing multi-turn episodes of the calculator task (every process plays
-    every episode; each turn's rows split over the mesh): 2 processes x 2 devices == 1 process
-    x 4 devices — weights, every metric, the evaluation's episodes byte for byte."""
+    two processes) playing multi-turn episodes of the calculator task in 4 decode slots split
+    over the mesh (every process plays every episode; random tool delays of its own on each
+    process, so the first process decides which answered episodes enter the slots): 2
+    processes x 2 devices == 1 process x 4 devices — weights, every metric, the evaluation's
+    episodes byte for byte."""
     args = ["grpo", "--config", str(ROOT / "configs" / "grpo_moe_tiny.py"),
             "--set", "mesh.data=2", "--set", "mesh.expert=2", "--set", "grpo.iterations=2",
             # Episodes do not carry routing across turns (yet): no replay.
             "--set", "rollout.routing_replay=off",
             "--set", "data.task=calculator", "--set", "env.enabled=true",
             "--set", "env.max_turn_tokens=4", "--set", "env.max_episode_tokens=12",
+            "--set", "rollout.slots=4", "--set", "env.groups=1", "--set", "env.slot_steps=2",
+            "--set", "env.simulated_latency_s=0.05",
             "--set", "rollout.max_new_tokens=12", "--set", "data.max_prompt_length=48",
             "--set", "data.num_eval_prompts=4"]
     two = jrlhf(2, args, tmp_path / "two")

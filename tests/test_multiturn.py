@@ -167,13 +167,75 @@ def test_greedy_episodes_through_the_slots_equal_static_turns(word_tokenizer):
     head = params["lm_head"]["kernel"]
     params["lm_head"]["kernel"] = head.at[:, EOS].set(head[:, WORDS.index("good")] * 1.05)
     static, s_metrics, _, _ = iteration(word_tokenizer, settings=greedy, params=params)
-    slots, metrics, _, _ = iteration(word_tokenizer, settings=greedy + ("rollout.slots=3",),
-                                     params=params)
+    slots, metrics, _, _ = iteration(word_tokenizer, settings=greedy + (
+        "rollout.slots=3", "env.groups=1"), params=params)
     for key in ("input_ids", "attention_mask", "response_mask", "scores"):
         np.testing.assert_array_equal(slots[key], static[key], err_msg=key)
     np.testing.assert_allclose(slots["sampler_logprobs"], static["sampler_logprobs"], atol=1e-5)
     assert metrics["env/turns"] == s_metrics["env/turns"] > 16
     assert metrics["env/done"] > 0 and metrics["env/turn_budget"] > 0
+
+
+class Recorded:
+    """A `TurnDecoder` that records each call's entering (episode, turn) pairs."""
+
+    def __init__(self, decoder):
+        self.decoder, self.calls = decoder, []
+
+    def open(self, episodes, width):
+        return self.decoder.open(episodes, width)
+
+    def advance(self, entering):
+        self.calls.append([(e.episode, e.turn) for e in entering])
+        return self.decoder.advance(entering)
+
+    def agree(self, flags):
+        return self.decoder.agree(flags)
+
+
+def slot_episodes(tok, params, settings, latency_s=0.0, mesh=None):
+    """16 episodes of `TwoTurnEnv` through `rollout.slots` decode slots (`SlotTurnDecoder`):
+    `(EpisodeBatch, recorded calls)`; with `latency_s`, each step answers after a random
+    0..latency_s seconds."""
+    from jrlhf.rollouts import play_episodes, turn_sampler, turn_samplers
+
+    config = apply_overrides(CONFIG, ["env.groups=1", *settings,
+                                      f"env.simulated_latency_s={latency_s}"])
+    decoder = Recorded(turn_sampler(
+        turn_samplers(MODEL, config.rollout, config.env, EOS, PAD, mesh), params,
+        jax.random.key(7), mesh))
+    ids, mask = (ppo_prompts()[k] for k in ("input_ids", "attention_mask"))
+    out = play_episodes(decoder, TwoTurnEnv, ids, mask, tok, config.env, eos_token_id=EOS,
+                        pad_token_id=PAD, chat_template=False)
+    return out, decoder.calls
+
+
+def test_slot_episodes_do_not_depend_on_when_environments_answer(word_tokenizer):
+    """Turns in slots that persist across device calls: a turn enters a free slot as soon as
+    its observation is back, so random environment delays reorder what each call decodes, yet
+    the episodes are the same bytes (keys per episode and turn, row-wise numerics); with
+    fewer slots too, and with the slots split over a (2, 2, 2) mesh."""
+    params = init_params(MODEL, 0)
+    settings = ("rollout.slots=4", "env.slot_steps=2")
+    quiet, quiet_calls = slot_episodes(word_tokenizer, params, settings)
+    late, late_calls = slot_episodes(word_tokenizer, params, settings, latency_s=0.03)
+    few, _ = slot_episodes(word_tokenizer, params, ("rollout.slots=3", "env.slot_steps=5"))
+    mesh = sharding.make_mesh(MeshConfig(2, 2, 2))
+    meshed, _ = slot_episodes(word_tokenizer, sharding.put(params, sharding.replicated(mesh)),
+                              settings, mesh=mesh)
+    assert late_calls != quiet_calls  # the delays did change the schedule
+    for other in (late, few, meshed):
+        for key in ("input_ids", "attention_mask", "response_mask", "scores", "turns"):
+            np.testing.assert_array_equal(other.batch[key], quiet.batch[key], err_msg=key)
+        np.testing.assert_allclose(other.batch["sampler_logprobs"],
+                                   quiet.batch["sampler_logprobs"], atol=1e-5)
+        assert other.counts == quiet.counts
+    assert quiet.counts["done"] > 0 and quiet.counts["turn_budget"] > 0
+    # Second turns entered while other episodes' first turns were still decoding.
+    first_entry = {pair: i for i, call in enumerate(quiet_calls) for pair in call}
+    second = [i for (b, turn), i in first_entry.items() if turn == 1]
+    assert second and min(second) < max(i for (b, turn), i in first_entry.items() if turn == 0)
+    assert late.wait_s > 0
 
 
 def test_budget_cuts_are_the_truncated_episodes(one_device, word_tokenizer):
