@@ -328,14 +328,16 @@ def _bench_iteration(work, setup, result, steps, warmup, rng):
     for _ in range(warmup):
         state, _ = loop(state, prompts)
     phases = {"generate": [], "score": [], "update": []}
-    ends = collections.Counter()
+    ends, env_wait = collections.Counter(), []
     for _ in range(steps):
         state, metrics = loop(state, prompts)
         for name in phases:
             phases[name].append(metrics[f"time/{name}"])
         ends.update({k[len("env/"):]: v for k, v in metrics.items() if k.startswith("env/")})
+        env_wait.append(metrics.get("time/env_wait", 0.0))
     if episodes:  # the generate phase played episodes: host environment calls included
         result["episodes"] = {k: v / steps for k, v in ends.items()}
+        result["env_wait_s"] = float(np.median(env_wait))
     B, P = prompts["input_ids"].shape
     rows, N, E = B * loop.group, c.rollout.max_new_tokens, loop.spec.update_epochs
     T = P + N
@@ -425,7 +427,8 @@ def format_result(r: dict) -> str:
         e = r["episodes"]
         rows.append(("episodes / step", f"{e.get('episodes', 0):g}, {e.get('turns', 0):g} policy "
                                         f"turns (ends: {ended_by(e)}; generate includes the "
-                                        f"environment calls)"))
+                                        f"environment calls, {r.get('env_wait_s', 0):.1f} s "
+                                        f"of it blocked on them)"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(lines + [f"  {k:<{width}}  {v}" for k, v in rows])
 

@@ -218,4 +218,5 @@ def test_bench_plays_episodes_on_an_episode_config():
     assert r["episodes"]["episodes"] == 4  # per timed step: every sampled row an episode
     assert r["episodes"]["turns"] >= 4 and r["episodes"]["skipped"] == 0
     assert set(r["phases"]) == {"generate", "score", "update"}
+    assert 0 <= r["env_wait_s"] <= r["phases"]["generate"]["median_s"]
     assert "episodes / step" in bench.format_result(r)
