@@ -21,10 +21,8 @@ install: $(STAMP)
 run: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/jrlhf pipeline --config configs/default.py --resume
 
-# worksteal: a worker that runs out of tests takes queued ones from the other, so the long
-# multi-process tests do not leave one worker idle at the end.
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist worksteal --durations=15
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --durations=15
 
 # The fast tier for the edit-test loop (under 5 minutes on 2 cores): everything but the tests
 # marked slow (end-to-end CLI, subprocess, multi-process and pipeline runs, and the longest
