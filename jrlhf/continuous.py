@@ -29,10 +29,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jrlhf.heads import without_scalar_head
-from jrlhf.models import transformer as tfm
 from jrlhf.models.config import ModelConfig
-from jrlhf.sampling import Generation, _sample, compute_dtype_params, row_budgets
+from jrlhf.sampling import Generation, _sample, row_budgets, sampling_model, split_rows
 
 
 class Resumption(NamedTuple):
@@ -130,8 +128,7 @@ def _decode_slots(cfg, params, prompt_ids, prompt_mask, rng, *, max_new_tokens, 
     if not 1 <= S <= Q:
         raise ValueError(f"slots={S}: expected 1 to the {Q} sequences to sample "
                          f"({G} prompts × {K} samples)")
-    cfg, params = without_scalar_head(cfg, params)
-    model = tfm.bind(cfg, compute_dtype_params(params, cfg.dtype))
+    model = sampling_model(cfg, params)
     record = record_experts and cfg.is_moe
     if record and resumed is not None and resumed.experts is None:
         raise ValueError("generate_partial(record_experts=True) needs resumed.experts, the "
@@ -143,10 +140,7 @@ def _decode_slots(cfg, params, prompt_ids, prompt_mask, rng, *, max_new_tokens, 
     budgets = row_budgets(budgets, Q, K, N)
     dtype = store[0][0].dtype
 
-    def slots_split(tree):
-        if batch_sharding is None:
-            return tree
-        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, batch_sharding), tree)
+    slots_split = functools.partial(split_rows, batch_sharding=batch_sharding)
 
     def empty_slots():
         cache = tuple(tuple(jnp.zeros((S,) + k.shape[1:3] + (P + N,), dtype) for k in layer)
@@ -305,22 +299,20 @@ class TurnSlots(NamedTuple):
     logprobs: jax.Array  # [S, M] float32: their sampler log-probs, 0 elsewhere
 
 
-def _slot_model(cfg, params):
-    cfg, params = without_scalar_head(cfg, params)
-    return tfm.bind(cfg, compute_dtype_params(params, cfg.dtype))
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "slots", "width", "max_new_tokens",
                                              "cache_dtype", "pad_token_id", "batch_sharding"))
 def empty_turn_slots(cfg: ModelConfig, params, *, slots: int, width: int, max_new_tokens: int,
                      cache_dtype: str | None = None, pad_token_id: int = 0,
                      batch_sharding=None) -> TurnSlots:
     """`slots` free slots for contexts of `width` tokens and turns of `max_new_tokens`."""
-    model = _slot_model(cfg, params)
+    model = sampling_model(cfg, params)
     S, M = slots, max_new_tokens
-    ids = jnp.zeros((1, width), jnp.int32)
-    logits, cache = jax.eval_shape(lambda: (lambda h, c: (model.logits(h[:, -1]), c))(
-        *model.prefill(ids, ids, width, cache_dtype)))
+
+    def prefill_one(ids):
+        hidden, cache = model.prefill(ids, ids, width, cache_dtype)
+        return model.logits(hidden[:, -1]), cache
+
+    logits, cache = jax.eval_shape(prefill_one, jnp.zeros((1, width), jnp.int32))
     vocab = logits.shape[-1]
     zeros = functools.partial(jnp.zeros, (S,), jnp.int32)
     state = TurnSlots(
@@ -329,9 +321,7 @@ def empty_turn_slots(cfg: ModelConfig, params, *, slots: int, width: int, max_ne
         jnp.zeros((S, vocab), jnp.float32), zeros(), zeros(), zeros(), zeros(), zeros(),
         jnp.zeros((S,), bool), jnp.full((S, M), pad_token_id, jnp.int32),
         jnp.zeros((S, M), jnp.int32), jnp.zeros((S, M), jnp.float32))
-    if batch_sharding is not None:
-        state = jax.lax.with_sharding_constraint(state, batch_sharding)
-    return state
+    return split_rows(state, batch_sharding)
 
 
 @functools.partial(jax.jit, donate_argnames=("slots",), static_argnames=(
@@ -354,14 +344,11 @@ def advance_turn_slots(cfg: ModelConfig, params, slots: TurnSlots, enter_ids, en
     turn's tokens depend only on its context and key, never on which slot or call decodes it,
     nor on the rows beside it (row-wise numerics at these fixed shapes).
     """
-    model = _slot_model(cfg, params)
+    model = sampling_model(cfg, params)
     S, M = slots.tokens.shape
     W = enter_ids.shape[1]
 
-    def constrain(tree):
-        if batch_sharding is None:
-            return tree
-        return jax.lax.with_sharding_constraint(tree, batch_sharding)
+    constrain = functools.partial(split_rows, batch_sharding=batch_sharding)
 
     def enter(i, state: TurnSlots) -> TurnSlots:
         ids = jax.lax.dynamic_slice_in_dim(enter_ids, i, 1)

@@ -265,8 +265,8 @@ class SlotTurnDecoder:
             self.state.active, self.state.tokens, self.state.mask, self.state.logprobs))
         ended = {s for s in self.busy if not active[s]}
         self.busy -= ended
-        return {s: (tokens[s, :tmask[s].sum()].tolist(), logprobs[s, :tmask[s].sum()])
-                for s in ended}
+        lengths = tmask.sum(1)
+        return {s: (tokens[s, :lengths[s]].tolist(), logprobs[s, :lengths[s]]) for s in ended}
 
     def agree(self, flags):
         if jax.process_count() == 1:

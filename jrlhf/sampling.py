@@ -106,6 +106,21 @@ def compute_dtype_params(params, dtype):
         lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
 
 
+def sampling_model(cfg: ModelConfig, params) -> tfm.Transformer:
+    """The model a sampler runs: the LM head alone (a scalar head dropped), the weights cast to
+    `cfg.dtype`."""
+    cfg, params = without_scalar_head(cfg, params)
+    return tfm.bind(cfg, compute_dtype_params(params, cfg.dtype))
+
+
+def split_rows(tree, batch_sharding):
+    """`tree`'s arrays constrained to `batch_sharding` (their leading, row axis split over the
+    mesh's batch axes); `tree` itself when it is None (one device, or replicated rows)."""
+    if batch_sharding is None:
+        return tree
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, batch_sharding), tree)
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p", "eos_token_id",
@@ -152,8 +167,7 @@ def generate(cfg: ModelConfig, params, prompt_ids, prompt_mask, rng, *, max_new_
     """
     P = prompt_ids.shape[1]
     N = max_new_tokens
-    cfg, params = without_scalar_head(cfg, params)  # sampling reads the LM head alone
-    model = tfm.bind(cfg, compute_dtype_params(params, cfg.dtype))
+    model = sampling_model(cfg, params)
     record = record_experts and cfg.is_moe
     hidden, cache, *prompt_experts = model.prefill(prompt_ids, prompt_mask, P + N, cache_dtype,
                                                    with_experts=record)
@@ -167,9 +181,7 @@ def generate(cfg: ModelConfig, params, prompt_ids, prompt_mask, rng, *, max_new_
     first_slot = P - lengths
     budgets = row_budgets(budgets, B, num_samples, N)
 
-    def rows_split(x):
-        return x if batch_sharding is None else jax.lax.with_sharding_constraint(x, batch_sharding)
-
+    rows_split = functools.partial(split_rows, batch_sharding=batch_sharding)
     logits = rows_split(logits)
 
     def cond(carry):
